@@ -1,0 +1,110 @@
+"""Settings: embedded defaults, then an optional YAML file (``MODELCD_CONFIG``), then
+``MODELCD_*`` environment variables, then explicit overrides (CLI flags). Invalid settings
+fail at start with the setting's name and the fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from modelcd.errors import ConfigError
+
+ENV_PREFIX = "MODELCD_"
+
+
+class Settings(BaseModel):
+    """Everything the control plane can be told. Field names are the YAML keys; the
+    environment variable of a field is ``MODELCD_`` + its upper-cased name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    home: Path = Field(Path(".modelcd"), description="data folder: database, artifacts, bundles, logs")
+    url: str = Field("http://127.0.0.1:8600", description="where the CLI finds the service")
+    token: str | None = Field(None, description="API token; generated into $MODELCD_HOME/token when unset")
+    host: str = "127.0.0.1"
+    port: int = Field(8600, ge=1, le=65535)
+    router_host: str = "127.0.0.1"
+    router_port: int = Field(8700, ge=1, le=65535)
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite in home")
+    artifact_store: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = "modelcd"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    max_artifact_bytes: int = Field(2 * 1024**3, gt=0)
+    runner_workers: int = Field(2, ge=1, le=64)
+    keep_deployments: int = Field(2, ge=1, le=20, description="deployments kept warm per endpoint")
+    health_timeout_s: float = Field(60.0, gt=0)
+    scoring_workers: int = Field(2, ge=1, le=64)
+    target: Literal["process"] = "process"
+    python: str | None = Field(None, description="interpreter for scoring bundles; default: this one")
+
+    @field_validator("url", "s3_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home.resolve() / 'modelcd.db'}"
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.router_host}:{self.router_port}"
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, str]:
+    known = Settings.model_fields
+    out: dict[str, str] = {}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and key != "MODELCD_CONFIG":
+            name = key[len(ENV_PREFIX):].lower()
+            if name in known:
+                out[name] = value
+    return out
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"MODELCD_CONFIG: cannot read {path}: {e.strerror}; point it at a YAML file",
+                          field="MODELCD_CONFIG") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"MODELCD_CONFIG: {path} is not valid YAML: {e}", field="MODELCD_CONFIG") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"MODELCD_CONFIG: {path} must hold a mapping of setting: value",
+                          field="MODELCD_CONFIG")
+    return data
+
+
+def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Merge defaults, YAML file, environment and overrides; raise ConfigError naming the
+    first bad setting (as its environment variable) and what it accepts."""
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if env.get("MODELCD_CONFIG"):
+        for k, v in _from_file(Path(env["MODELCD_CONFIG"])).items():
+            values[k], sources[k] = v, f"{k} in {env['MODELCD_CONFIG']}"
+    for k, v in _from_env(env).items():
+        values[k], sources[k] = v, ENV_PREFIX + k.upper()
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k], sources[k] = v, f"--{k.replace('_', '-')}"
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        where = sources.get(name, ENV_PREFIX + name.upper())
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(Settings.model_fields))
+            raise ConfigError(f"{where}: unknown setting {name!r}; known settings: {known}", field=name) from None
+        raise ConfigError(f"{where}: {err['msg']} (got {err.get('input')!r})", field=name) from None
