@@ -1,0 +1,90 @@
+"""Database access: one engine, short transactions, writes serialised.
+
+On SQLite (the embedded default) the file runs in WAL mode, and every write transaction
+starts with ``BEGIN IMMEDIATE`` so concurrent writers queue on the busy timeout instead
+of failing on a lock upgrade. PostgreSQL uses its own transactions unchanged."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from modelcd.store import schema
+
+
+def now() -> str:
+    """Current UTC time, ISO-8601 with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def new_id(prefix: str) -> str:
+    """A short random id with a readable prefix, e.g. ``r-3f9a1c2b7d10``."""
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+class Database:
+    """The store: ``read()`` and ``write()`` yield a connection inside a transaction that
+    commits on success and rolls back on error."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            self._sqlite_pragmas()
+        schema.metadata.create_all(self.engine)
+
+    def _sqlite_pragmas(self) -> None:
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(self.engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("immediate") else "BEGIN")
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn.info["immediate"] = True
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                conn.info.pop("immediate", None)
+
+    def next_counter(self, conn: Connection, key: str) -> int:
+        """Increment and return a named counter inside the caller's write transaction."""
+        row = conn.execute(select(schema.meta.c.value).where(schema.meta.c.key == key)).first()
+        if row is None:
+            if self.is_sqlite:
+                conn.execute(sqlite_insert(schema.meta).values(key=key, value=1))
+            else:
+                conn.execute(schema.meta.insert().values(key=key, value=1))
+            return 1
+        value = int(row[0]) + 1
+        conn.execute(update(schema.meta).where(schema.meta.c.key == key).values(value=value))
+        return value
+
+    def dispose(self) -> None:
+        self.engine.dispose()

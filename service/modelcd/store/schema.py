@@ -1,0 +1,165 @@
+"""Tables. SQLAlchemy Core, portable between SQLite (default) and PostgreSQL.
+
+Timestamps are ISO-8601 UTC strings; JSON columns hold plain JSON values."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+models = Table(
+    "models", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("description", Text, nullable=False, default=""),
+    Column("created_at", String(32), nullable=False),
+)
+
+versions = Table(
+    "versions", metadata,
+    Column("model", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("digest", String(64), nullable=False),
+    Column("flavor", String(16), nullable=False),
+    Column("model_file", String(512)),
+    Column("entry_script", String(512)),
+    Column("requirements", JSON, nullable=False),
+    Column("sample", JSON),
+    Column("expected", JSON),
+    Column("metrics", JSON, nullable=False),
+    Column("tags", JSON, nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("source", String(16), nullable=False),
+    Column("external_ref", String(1024)),
+    Column("artifact_uri", String(1024), nullable=False),
+    Column("size_bytes", Integer, nullable=False, default=0),
+    Column("created_at", String(32), nullable=False),
+    ForeignKeyConstraint(["model"], ["models.name"]),
+)
+
+policies = Table(
+    "policies", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("revision", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
+releases = Table(
+    "releases", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("environment", String(32), nullable=False),
+    Column("policy_name", String(64), nullable=False),
+    Column("policy", JSON, nullable=False),  # snapshot of the policy revision used
+    Column("env_index", Integer, nullable=False, default=0),  # position in policy.environments
+    Column("trigger", String(16), nullable=False),  # auto | manual | rollback
+    Column("phase", String(16), nullable=False),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("error", Text),
+    Column("deployment_id", String(32)),
+    Column("bundle", String(1024)),
+    Column("previous_traffic", JSON),  # endpoint split before this release promoted
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    Column("finished_at", String(32)),
+)
+Index("ix_releases_phase", releases.c.phase)
+Index("ix_releases_endpoint", releases.c.model, releases.c.environment)
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("release_id", String(32)),
+    Column("type", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("model", String(64)),
+    Column("version", Integer),
+    Column("environment", String(32)),
+    Column("error", Text),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("created_at", String(32), nullable=False),
+    Column("started_at", String(32)),
+    Column("finished_at", String(32)),
+)
+Index("ix_jobs_release", jobs.c.release_id)
+
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("release_id", String(32)),
+    Column("job_id", String(32)),
+    Column("ts", String(32), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("message", Text, nullable=False, default=""),
+)
+Index("ix_events_job", events.c.job_id)
+Index("ix_events_release", events.c.release_id)
+
+job_logs = Table(
+    "job_logs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), nullable=False),
+    Column("ts", String(32), nullable=False),
+    Column("line", Text, nullable=False),
+)
+Index("ix_job_logs_job", job_logs.c.job_id, job_logs.c.id)
+
+endpoints = Table(
+    "endpoints", metadata,
+    Column("model", String(64), primary_key=True),
+    Column("environment", String(32), primary_key=True),
+    Column("traffic", JSON, nullable=False),  # {deployment_id: weight}
+    Column("previous_traffic", JSON),  # the split before the last switch (for rollback)
+    Column("updated_at", String(32), nullable=False),
+)
+
+deployments = Table(
+    "deployments", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("environment", String(32), nullable=False),
+    Column("target", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("url", String(256)),
+    Column("pid", Integer),
+    Column("port", Integer),
+    Column("bundle", String(1024)),
+    Column("log_path", String(1024)),
+    Column("release_id", String(32)),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+Index("ix_deployments_endpoint", deployments.c.model, deployments.c.environment, deployments.c.state)
+
+outbox = Table(
+    "outbox", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("processed_at", String(32)),
+    Column("error", Text),
+)
+Index("ix_outbox_pending", outbox.c.processed_at)
+
+meta = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Integer, nullable=False),
+    UniqueConstraint("key"),
+)
