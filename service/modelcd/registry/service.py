@@ -1,0 +1,213 @@
+"""Registering versions: validate, store the files, and record the version together with
+its ``model_version.registered`` outbox event in one transaction. Native registration and
+every external source take this one path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import func, select
+
+from modelcd.domain import Flavor, ModelVersion, Source
+from modelcd.errors import InvalidInput, NotFound
+from modelcd.registry.archive import safe_extract, tree_digest
+from modelcd.registry.artifacts import ArtifactStore
+from modelcd.registry.metadata import detect_flavor, parse_expected, parse_sample, read_requirements
+from modelcd.registry.names import validate_description, validate_model_name, validate_tags
+from modelcd.store import schema
+from modelcd.store.db import Database, now
+
+REGISTERED = "model_version.registered"
+
+
+class RegisterMetadata(BaseModel):
+    """What a caller may say about a version besides its files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flavor: str | None = None
+    requirements: str | None = Field(None, description="requirements.txt text; default: from the files")
+    sample: Any | None = None
+    expected: Any | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+    description: str = ""
+    source: Source = Source.NATIVE
+    external_ref: str | None = None
+
+
+def parse_metadata(raw: str | bytes | dict[str, Any] | None) -> RegisterMetadata:
+    """Parse the JSON metadata part of a registration; errors name the field."""
+    if raw is None or raw == "" or raw == b"":
+        return RegisterMetadata()
+    if isinstance(raw, str | bytes):
+        try:
+            raw = json.loads(raw)
+        except ValueError as e:
+            raise InvalidInput(f"metadata: not valid JSON ({e}); send a JSON object", field="metadata") from e
+    if not isinstance(raw, dict):
+        raise InvalidInput("metadata: must be a JSON object", field="metadata")
+    try:
+        return RegisterMetadata(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "metadata"
+        hint = "; known fields: " + ", ".join(RegisterMetadata.model_fields) if err["type"] == "extra_forbidden" else ""
+        raise InvalidInput(f"metadata.{loc}: {err['msg']}{hint}", field=loc) from None
+
+
+def version_from_row(row: Any) -> ModelVersion:
+    m = row._mapping
+    return ModelVersion(
+        model=m["model"], version=m["version"], digest=m["digest"], flavor=Flavor(m["flavor"]),
+        model_file=m["model_file"], entry_script=m["entry_script"], requirements=tuple(m["requirements"]),
+        sample=m["sample"], expected=m["expected"], metrics=dict(m["metrics"]), tags=dict(m["tags"]),
+        description=m["description"], source=Source(m["source"]), external_ref=m["external_ref"],
+        artifact_uri=m["artifact_uri"], size_bytes=m["size_bytes"], created_at=m["created_at"],
+    )
+
+
+def version_to_dict(v: ModelVersion) -> dict[str, Any]:
+    return {
+        "model": v.model, "version": v.version, "digest": v.digest, "flavor": str(v.flavor),
+        "model_file": v.model_file, "entry_script": v.entry_script, "requirements": list(v.requirements),
+        "sample": v.sample, "expected": v.expected, "metrics": v.metrics, "tags": v.tags,
+        "description": v.description, "source": str(v.source), "external_ref": v.external_ref,
+        "artifact_uri": v.artifact_uri, "size_bytes": v.size_bytes, "created_at": v.created_at,
+    }
+
+
+class Registry:
+    """Models and their immutable, numbered versions."""
+
+    def __init__(self, db: Database, store: ArtifactStore, home: Path, max_bytes: int) -> None:
+        self.db = db
+        self.store = store
+        self.home = home
+        self.max_bytes = max_bytes
+
+    def register(self, name: str, archive: IO[bytes], meta: RegisterMetadata) -> ModelVersion:
+        """Validate and record a new version from a tar.gz of its files. Either the version and
+        its outbox event are both committed, or nothing of the request remains."""
+        validate_model_name(name)
+        validate_tags(meta.tags)
+        validate_description(meta.description)
+        tmp_root = self.home / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=tmp_root, prefix="register-"))
+        try:
+            files = work / "files"
+            result = safe_extract(archive, files, self.max_bytes)
+            digest = tree_digest(files)
+            flavor, model_file, entry_script = detect_flavor(files, meta.flavor)
+            requirements = read_requirements(files, meta.requirements)
+            sample = parse_sample(meta.sample) if meta.sample is not None else None
+            expected = parse_expected(meta.expected, sample) if meta.expected is not None else None
+            uri = self.store.put_tree(f"{name}/{digest}", files)
+            try:
+                version = self._record(name, digest, flavor, model_file, entry_script, requirements,
+                                       sample, expected, meta, uri, result.size_bytes)
+            except Exception:
+                if not self._uri_referenced(uri):
+                    self.store.delete(uri)
+                raise
+            self._cache_files(digest, files)
+            return version
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _record(self, name: str, digest: str, flavor: Flavor, model_file: str | None,
+                entry_script: str | None, requirements: tuple[str, ...], sample: Any, expected: Any,
+                meta: RegisterMetadata, uri: str, size: int) -> ModelVersion:
+        ts = now()
+        with self.db.write() as conn:
+            exists = conn.execute(select(schema.models.c.name).where(schema.models.c.name == name)).first()
+            if exists is None:
+                conn.execute(schema.models.insert().values(name=name, description="", created_at=ts))
+            last = conn.execute(select(func.max(schema.versions.c.version))
+                                .where(schema.versions.c.model == name)).scalar()
+            number = int(last or 0) + 1
+            conn.execute(schema.versions.insert().values(
+                model=name, version=number, digest=digest, flavor=str(flavor), model_file=model_file,
+                entry_script=entry_script, requirements=list(requirements), sample=sample, expected=expected,
+                metrics=meta.metrics, tags=meta.tags, description=meta.description, source=str(meta.source),
+                external_ref=meta.external_ref, artifact_uri=uri, size_bytes=size, created_at=ts))
+            conn.execute(schema.outbox.insert().values(
+                kind=REGISTERED, created_at=ts,
+                payload={"model": name, "version": number, "source": str(meta.source), "tags": meta.tags}))
+        return self.get_version(name, number)
+
+    def _uri_referenced(self, uri: str) -> bool:
+        with self.db.read() as conn:
+            return conn.execute(select(schema.versions.c.version)
+                                .where(schema.versions.c.artifact_uri == uri)).first() is not None
+
+    def _cache_files(self, digest: str, files: Path) -> None:
+        dest = self.files_dir(digest)
+        if dest.exists():
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+        shutil.rmtree(tmp)
+        shutil.copytree(files, tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def files_dir(self, digest: str) -> Path:
+        return self.home / "files" / digest
+
+    def materialize(self, version: ModelVersion) -> Path:
+        """The version's files on local disk (fetched from the artifact store once per digest)."""
+        dest = self.files_dir(version.digest)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
+            try:
+                self.store.get_tree(version.artifact_uri, tmp)
+                if tree_digest(tmp) != version.digest:
+                    raise InvalidInput(f"artifact {version.artifact_uri} does not match digest {version.digest}")
+                tmp.rename(dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    def get_version(self, name: str, number: int) -> ModelVersion:
+        with self.db.read() as conn:
+            row = conn.execute(select(schema.versions).where(
+                schema.versions.c.model == name, schema.versions.c.version == number)).first()
+        if row is None:
+            raise NotFound(f"model {name!r} has no version {number}; list them with `modelcd versions {name}`",
+                           field="version")
+        return version_from_row(row)
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        self.get_model(name)
+        with self.db.read() as conn:
+            rows = conn.execute(select(schema.versions).where(schema.versions.c.model == name)
+                                .order_by(schema.versions.c.version))
+            return [version_from_row(r) for r in rows]
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        with self.db.read() as conn:
+            row = conn.execute(select(schema.models).where(schema.models.c.name == name)).first()
+            if row is None:
+                raise NotFound(f"model {name!r} not found; list models with `modelcd models`", field="name")
+            latest = conn.execute(select(func.max(schema.versions.c.version))
+                                  .where(schema.versions.c.model == name)).scalar()
+        return {**dict(row._mapping), "latest_version": latest}
+
+    def list_models(self) -> list[dict[str, Any]]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(schema.models, func.max(schema.versions.c.version).label("latest_version"),
+                       func.count(schema.versions.c.version).label("versions"))
+                .select_from(schema.models.outerjoin(schema.versions, schema.versions.c.model == schema.models.c.name))
+                .group_by(schema.models.c.name).order_by(schema.models.c.name))
+            return [dict(r._mapping) for r in rows]

@@ -1,0 +1,174 @@
+"""Release records: create (superseding older queued ones), read, advance phase by phase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+
+from modelcd.errors import Conflict, NotFound
+from modelcd.jobs.service import Jobs
+from modelcd.releases.machine import Phase, check_transition
+from modelcd.store import schema
+from modelcd.store.db import Database, new_id, now
+
+
+@dataclass(frozen=True)
+class Release:
+    """One attempt to take one model version to one environment under one policy revision."""
+
+    id: str
+    model: str
+    version: int
+    environment: str
+    policy_name: str
+    policy: dict[str, Any]
+    env_index: int
+    trigger: str
+    phase: Phase
+    cancel_requested: bool
+    error: str | None
+    deployment_id: str | None
+    bundle: str | None
+    previous_traffic: dict[str, int] | None
+    created_at: str
+    updated_at: str
+    finished_at: str | None
+
+    @property
+    def env_spec(self) -> dict[str, Any]:
+        return dict(self.policy["environments"][self.env_index])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["phase"] = str(self.phase)
+        return d
+
+
+def _release(row: Any) -> Release:
+    m = dict(row._mapping)
+    m["phase"] = Phase(m["phase"])
+    m["cancel_requested"] = bool(m["cancel_requested"])
+    return Release(**m)
+
+
+class Releases:
+    """Persisted release state machines."""
+
+    def __init__(self, db: Database, jobs: Jobs) -> None:
+        self.db = db
+        self.jobs = jobs
+
+    def create_in(self, conn: Any, *, model: str, version: int, environment: str, policy_name: str,
+                  policy: dict[str, Any], env_index: int, trigger: str) -> str:
+        """Insert a queued release inside the caller's transaction. Older queued releases of the
+        same endpoint are superseded: only the newest waiting version matters."""
+        rid = new_id("r")
+        ts = now()
+        older = conn.execute(select(schema.releases.c.id).where(
+            schema.releases.c.model == model, schema.releases.c.environment == environment,
+            schema.releases.c.phase == str(Phase.QUEUED))).all()
+        for (old_id,) in older:
+            conn.execute(update(schema.releases).where(schema.releases.c.id == old_id).values(
+                phase=str(Phase.SUPERSEDED), updated_at=ts, finished_at=ts,
+                error=f"superseded by {model} v{version} ({rid})"))
+            conn.execute(schema.events.insert().values(
+                release_id=old_id, ts=ts, kind="release.superseded", message=f"superseded by release {rid}"))
+        conn.execute(schema.releases.insert().values(
+            id=rid, model=model, version=version, environment=environment, policy_name=policy_name,
+            policy=policy, env_index=env_index, trigger=trigger, phase=str(Phase.QUEUED),
+            cancel_requested=False, created_at=ts, updated_at=ts))
+        conn.execute(schema.events.insert().values(
+            release_id=rid, ts=ts, kind="release.queued",
+            message=f"{model} v{version} → {environment} ({trigger}, policy {policy_name})"))
+        return rid
+
+    def get(self, release_id: str) -> Release:
+        with self.db.read() as conn:
+            row = conn.execute(select(schema.releases).where(schema.releases.c.id == release_id)).first()
+        if row is None:
+            raise NotFound(f"release {release_id} not found; list them with `modelcd releases list`",
+                           field="release_id")
+        return _release(row)
+
+    def list(self, *, model: str | None = None, environment: str | None = None, phase: str | None = None,
+             limit: int = 100) -> list[Release]:
+        q = select(schema.releases).order_by(schema.releases.c.created_at.desc()).limit(limit)
+        if model:
+            q = q.where(schema.releases.c.model == model)
+        if environment:
+            q = q.where(schema.releases.c.environment == environment)
+        if phase:
+            q = q.where(schema.releases.c.phase == phase)
+        with self.db.read() as conn:
+            return [_release(r) for r in conn.execute(q)]
+
+    def in_phases(self, phases: set[Phase]) -> list[Release]:
+        q = (select(schema.releases).where(schema.releases.c.phase.in_([str(p) for p in phases]))
+             .order_by(schema.releases.c.created_at))
+        with self.db.read() as conn:
+            return [_release(r) for r in conn.execute(q)]
+
+    def claim(self, release_id: str) -> bool:
+        """Atomically move a queued release to building, unless its endpoint is busy."""
+        ts = now()
+        with self.db.write() as conn:
+            row = conn.execute(select(schema.releases).where(schema.releases.c.id == release_id)).first()
+            if row is None or row._mapping["phase"] != str(Phase.QUEUED):
+                return False
+            r = row._mapping
+            busy = conn.execute(select(schema.releases.c.id).where(
+                schema.releases.c.model == r["model"], schema.releases.c.environment == r["environment"],
+                schema.releases.c.phase.in_([str(p) for p in Phase if p.active]))).first()
+            if busy is not None:
+                return False
+            conn.execute(update(schema.releases).where(schema.releases.c.id == release_id)
+                         .values(phase=str(Phase.BUILDING), updated_at=ts))
+            conn.execute(schema.events.insert().values(
+                release_id=release_id, ts=ts, kind=f"release.{Phase.BUILDING}", message="started"))
+        return True
+
+    def advance(self, release_id: str, to: Phase, message: str = "", **values: Any) -> Release:
+        """Move a release to ``to`` (refusing an illegal move), store ``values``, write an event."""
+        ts = now()
+        with self.db.write() as conn:
+            row = conn.execute(select(schema.releases).where(schema.releases.c.id == release_id)).first()
+            if row is None:
+                raise NotFound(f"release {release_id} not found", field="release_id")
+            check_transition(Phase(row._mapping["phase"]), to)
+            values.update(phase=str(to), updated_at=ts)
+            if to.terminal:
+                values["finished_at"] = ts
+            if values.get("error"):
+                values["error"] = self.jobs.redact(values["error"])
+            conn.execute(update(schema.releases).where(schema.releases.c.id == release_id).values(**values))
+            conn.execute(schema.events.insert().values(
+                release_id=release_id, ts=ts, kind=f"release.{to}", message=self.jobs.redact(message)))
+        return self.get(release_id)
+
+    def update(self, release_id: str, **values: Any) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(schema.releases).where(schema.releases.c.id == release_id)
+                         .values(updated_at=now(), **values))
+
+    def request_cancel(self, release_id: str) -> Release:
+        """Stop a release: queued ones end at once; running ones roll back at the next check."""
+        rel = self.get(release_id)
+        if rel.phase.terminal:
+            raise Conflict(f"release {release_id} already {rel.phase}; nothing to stop")
+        if rel.phase is Phase.PROMOTING:
+            raise Conflict(f"release {release_id} is promoting; traffic is moving and cannot be stopped now. "
+                           f"Use `modelcd rollback {rel.model} --env {rel.environment}` afterwards")
+        with self.db.write() as conn:
+            conn.execute(update(schema.releases).where(schema.releases.c.id == release_id)
+                         .values(cancel_requested=True, updated_at=now()))
+            conn.execute(schema.events.insert().values(
+                release_id=release_id, ts=now(), kind="release.stop_requested", message="stop requested"))
+        if rel.phase is Phase.QUEUED:
+            try:
+                self.advance(release_id, Phase.CANCELLED, "stopped before it started")
+            except Conflict:
+                pass  # the runner claimed it meanwhile; it sees cancel_requested
+        self.jobs.cancel_event(release_id).set()
+        return self.get(release_id)

@@ -1,0 +1,174 @@
+"""Endpoint traffic: the split of each (model, environment) over its deployments, and the
+routing table the router applies. The database is the source of truth; the router gets a
+fresh, complete table after every committed change and must read it back."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from modelcd.domain import Deployment, DeploymentState
+from modelcd.errors import NotFound, RouterError
+from modelcd.releases.deployments import LIVE_STATES, Deployments, deployment_from_row
+from modelcd.routing.base import Backend, EndpointRoute, Router, RoutingTable
+from modelcd.store import schema
+from modelcd.store.db import Database, now
+from modelcd.targets.base import Target
+
+GENERATION_KEY = "router_generation"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    model: str
+    environment: str
+    traffic: dict[str, int]  # deployment id → weight
+    previous_traffic: dict[str, int] | None
+    uri: str
+    versions: dict[int, int]  # version → weight, for people
+    updated_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "environment": self.environment, "uri": self.uri,
+            "scoring_uri": f"{self.uri}/score",
+            "traffic": {str(v): w for v, w in self.versions.items()}, "deployments": self.traffic,
+            "previous_traffic": self.previous_traffic, "updated_at": self.updated_at,
+        }
+
+
+def endpoint_key(model: str, environment: str) -> str:
+    return f"{model}/{environment}"
+
+
+def build_table(conn: Connection, generation: int) -> RoutingTable:
+    """The complete routing table from the committed state: every endpoint with its serving
+    deployments (weight > 0) and its warm standbys (weight 0)."""
+    live = [deployment_from_row(r) for r in conn.execute(
+        select(schema.deployments).where(schema.deployments.c.state.in_(LIVE_STATES)))]
+    by_id = {d.id: d for d in live}
+    routes: dict[str, EndpointRoute] = {}
+    for row in conn.execute(select(schema.endpoints)):
+        m = row._mapping
+        traffic: dict[str, int] = dict(m["traffic"])
+        backends = []
+        for d in live:
+            if (d.model, d.environment) != (m["model"], m["environment"]) or not d.url:
+                continue
+            if d.state is DeploymentState.READY and d.id not in traffic:
+                continue  # under smoke test: reached on its own URI only
+            backends.append(Backend(id=d.id, version=d.version, url=d.url, weight=int(traffic.get(d.id, 0))))
+        missing = [i for i in traffic if i not in by_id and traffic[i] > 0]
+        if missing:
+            raise RouterError(f"endpoint {m['model']}/{m['environment']} sends traffic to deployments "
+                              f"that are not live: {', '.join(missing)}")
+        routes[endpoint_key(m["model"], m["environment"])] = EndpointRoute(backends=tuple(backends))
+    return RoutingTable(generation=generation, endpoints=routes)
+
+
+class Traffic:
+    """Reads and changes endpoint traffic; keeps the router in step with the store."""
+
+    def __init__(self, db: Database, router: Router, deployments: Deployments) -> None:
+        self.db = db
+        self.router = router
+        self.deployments = deployments
+        self._lock = threading.Lock()  # table builds and applies happen in generation order
+
+    def get(self, model: str, environment: str) -> Endpoint:
+        with self.db.read() as conn:
+            row = conn.execute(select(schema.endpoints).where(
+                schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)).first()
+            if row is None:
+                raise NotFound(f"no endpoint for {model} in {environment}; nothing was promoted there yet",
+                               field="environment")
+            return self._endpoint(conn, row)
+
+    def list(self) -> list[Endpoint]:
+        with self.db.read() as conn:
+            return [self._endpoint(conn, r) for r in conn.execute(
+                select(schema.endpoints).order_by(schema.endpoints.c.model, schema.endpoints.c.environment))]
+
+    def _endpoint(self, conn: Connection, row: Any) -> Endpoint:
+        m = row._mapping
+        traffic = dict(m["traffic"])
+        versions: dict[int, int] = {}
+        for dep_id, weight in traffic.items():
+            r = conn.execute(select(schema.deployments.c.version).where(schema.deployments.c.id == dep_id)).first()
+            if r is not None:
+                versions[int(r[0])] = versions.get(int(r[0]), 0) + int(weight)
+        return Endpoint(model=m["model"], environment=m["environment"], traffic=traffic,
+                        previous_traffic=m["previous_traffic"],
+                        uri=self.router.endpoint_uri(m["model"], m["environment"]),
+                        versions=versions, updated_at=m["updated_at"])
+
+    def current(self, model: str, environment: str) -> dict[str, int]:
+        try:
+            return self.get(model, environment).traffic
+        except NotFound:
+            return {}
+
+    def switch(self, model: str, environment: str, traffic: dict[str, int],
+               log: Callable[[str], None] = lambda _: None) -> int:
+        """Commit the endpoint's new split (the old one becomes ``previous_traffic``; serving
+        deployments that lose all traffic go to standby), then apply the whole table to the
+        router and verify it. Returns the applied generation. Raises RouterError if the
+        router did not take it; the store then still holds the new split, so callers restore."""
+        with self._lock:
+            ts = now()
+            with self.db.write() as conn:
+                row = conn.execute(select(schema.endpoints).where(
+                    schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)).first()
+                old = dict(row._mapping["traffic"]) if row is not None else {}
+                if row is None:
+                    conn.execute(schema.endpoints.insert().values(
+                        model=model, environment=environment, traffic=traffic, previous_traffic=None, updated_at=ts))
+                elif old != traffic:
+                    conn.execute(schema.endpoints.update().where(
+                        schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)
+                        .values(traffic=traffic, previous_traffic=old, updated_at=ts))
+                for dep_id, weight in traffic.items():
+                    if weight > 0:
+                        self.deployments.update(dep_id, conn, state=DeploymentState.SERVING)
+                for dep_id in old:
+                    if traffic.get(dep_id, 0) == 0:
+                        self.deployments.update(dep_id, conn, state=DeploymentState.STANDBY)
+                generation = self.db.next_counter(conn, GENERATION_KEY)
+                table = build_table(conn, generation)
+            applied = self.router.apply(table)
+            log(f"router applied generation {applied}: {endpoint_key(model, environment)} → {traffic}")
+            return applied
+
+    def sync_router(self) -> int:
+        """Apply the table from the store as it is (after a restart or a deployment change)."""
+        with self._lock:
+            with self.db.write() as conn:
+                generation = self.db.next_counter(conn, GENERATION_KEY)
+                table = build_table(conn, generation)
+            return self.router.apply(table)
+
+    def retire(self, model: str, environment: str, keep: int, target: Target,
+               log: Callable[[str], None] = lambda _: None) -> list[Deployment]:
+        """Stop live deployments of the endpoint beyond the ``keep`` newest (serving ones
+        always kept); they leave the routing table before their processes stop."""
+        live = self.deployments.list(model=model, environment=environment, live_only=True)
+        live = [d for d in live if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY)]
+        serving = [d for d in live if d.state is DeploymentState.SERVING]
+        standby = sorted((d for d in live if d.state is DeploymentState.STANDBY),
+                         key=lambda d: d.created_at, reverse=True)
+        room = max(keep - len(serving), 0)
+        retired = standby[room:]
+        if not retired:
+            return []
+        with self.db.write() as conn:
+            for d in retired:
+                self.deployments.update(d.id, conn, state=DeploymentState.STOPPED)
+        self.sync_router()
+        for d in retired:
+            log(f"retiring deployment {d.id} (v{d.version}, pid {d.pid}): beyond keep_deployments={keep}")
+            target.delete(target.handle(d))
+        return retired
