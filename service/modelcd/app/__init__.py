@@ -1,0 +1,58 @@
+"""Flask app factory: ``create_app(ctx, token)`` builds the HTTP side; each part registers
+itself. Domain errors become ``{code, message, field}`` JSON with their HTTP status."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from modelcd.context import Context
+from modelcd.errors import ModelcdError
+
+
+def create_app(ctx: Context, token: str) -> Flask:
+    app = Flask("modelcd")
+    app.config["MAX_CONTENT_LENGTH"] = ctx.settings.max_artifact_bytes
+    app.extensions["modelcd"] = ctx
+    app.extensions["modelcd_token"] = token
+    app.extensions["modelcd_metrics"] = {}
+
+    from modelcd.app import api, ops
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(ops.bp)
+
+    @app.errorhandler(ModelcdError)
+    def _domain_error(e: ModelcdError) -> tuple[Response, int]:
+        return jsonify(e.to_dict()), int(e.http_status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException) -> tuple[Response, int]:
+        code = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}.get(e.code or 500, "http_error")
+        message = e.description or e.name
+        if e.code == 413:
+            message = (f"request body over the limit of {ctx.settings.max_artifact_bytes} bytes; "
+                       "raise MODELCD_MAX_ARTIFACT_BYTES or send a smaller artifact")
+        return jsonify({"code": code, "message": message, "field": None}), e.code or 500
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception) -> tuple[Response, int]:
+        app.logger.exception("unhandled error")
+        return jsonify({"code": "internal_error", "message": f"internal error ({type(e).__name__})",
+                        "field": None}), 500
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _count(resp: Response) -> Response:
+        metrics: dict[Any, float] = app.extensions["modelcd_metrics"]
+        key = (request.method, resp.status_code)
+        metrics[key] = metrics.get(key, 0) + 1
+        return resp
+
+    return app

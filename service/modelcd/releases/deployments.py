@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -10,6 +11,7 @@ from modelcd.domain import Deployment, DeploymentState
 from modelcd.errors import NotFound
 from modelcd.store import schema
 from modelcd.store.db import Database, new_id, now
+from modelcd.targets.base import RunningDeployment
 
 LIVE_STATES = [str(s) for s in DeploymentState if s.live]
 
@@ -76,3 +78,9 @@ class Deployments:
             q = q.where(schema.deployments.c.state.in_(LIVE_STATES))
         with self.db.read() as conn:
             return [deployment_from_row(r) for r in conn.execute(q)]
+
+
+def handle_of(d: Deployment, home: Path) -> RunningDeployment:
+    """The target's handle for a recorded deployment (what ``Target.delete`` and ``is_alive`` take)."""
+    return RunningDeployment(deployment_id=d.id, target=d.target, url=d.url or "", pid=d.pid or 0,
+                             port=d.port or 0, log_path=home / "deployments" / f"{d.id}.log")

@@ -7,13 +7,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, select
 
 from modelcd.domain import Deployment, DeploymentState
-from modelcd.errors import NotFound, RouterError
-from modelcd.releases.deployments import LIVE_STATES, Deployments, deployment_from_row
+from modelcd.errors import NotFound
+from modelcd.releases.deployments import LIVE_STATES, Deployments, deployment_from_row, handle_of
 from modelcd.routing.base import Backend, EndpointRoute, Router, RoutingTable
 from modelcd.store import schema
 from modelcd.store.db import Database, now
@@ -47,10 +48,10 @@ def endpoint_key(model: str, environment: str) -> str:
 
 def build_table(conn: Connection, generation: int) -> RoutingTable:
     """The complete routing table from the committed state: every endpoint with its serving
-    deployments (weight > 0) and its warm standbys (weight 0)."""
+    deployments (weight > 0) and its warm standbys (weight 0). A deployment that is no longer
+    live is left out: its endpoint answers 503 rather than routing to a dead process."""
     live = [deployment_from_row(r) for r in conn.execute(
         select(schema.deployments).where(schema.deployments.c.state.in_(LIVE_STATES)))]
-    by_id = {d.id: d for d in live}
     routes: dict[str, EndpointRoute] = {}
     for row in conn.execute(select(schema.endpoints)):
         m = row._mapping
@@ -62,10 +63,6 @@ def build_table(conn: Connection, generation: int) -> RoutingTable:
             if d.state is DeploymentState.READY and d.id not in traffic:
                 continue  # under smoke test: reached on its own URI only
             backends.append(Backend(id=d.id, version=d.version, url=d.url, weight=int(traffic.get(d.id, 0))))
-        missing = [i for i in traffic if i not in by_id and traffic[i] > 0]
-        if missing:
-            raise RouterError(f"endpoint {m['model']}/{m['environment']} sends traffic to deployments "
-                              f"that are not live: {', '.join(missing)}")
         routes[endpoint_key(m["model"], m["environment"])] = EndpointRoute(backends=tuple(backends))
     return RoutingTable(generation=generation, endpoints=routes)
 
@@ -151,7 +148,7 @@ class Traffic:
                 table = build_table(conn, generation)
             return self.router.apply(table)
 
-    def retire(self, model: str, environment: str, keep: int, target: Target,
+    def retire(self, model: str, environment: str, keep: int, target: Target, home: Path,
                log: Callable[[str], None] = lambda _: None) -> list[Deployment]:
         """Stop live deployments of the endpoint beyond the ``keep`` newest (serving ones
         always kept); they leave the routing table before their processes stop."""
@@ -170,5 +167,5 @@ class Traffic:
         self.sync_router()
         for d in retired:
             log(f"retiring deployment {d.id} (v{d.version}, pid {d.pid}): beyond keep_deployments={keep}")
-            target.delete(target.handle(d))
+            target.delete(handle_of(d, home))
         return retired

@@ -1,0 +1,5 @@
+"""``python -m modelcd`` runs the CLI."""
+
+from modelcd.cli import main
+
+main()

@@ -1,0 +1,222 @@
+"""REST API under ``/api/v1``. Reads are open; every write needs ``Authorization: Bearer``.
+Handlers parse, call the domain, and return JSON."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from modelcd.auth import token_matches
+from modelcd.context import Context
+from modelcd.errors import InvalidInput, Unauthorized
+from modelcd.registry.service import parse_metadata, version_to_dict
+from modelcd.releases.deployments import deployment_to_dict
+from modelcd.releases.manual import rollback_endpoint, start_release
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+def _ctx() -> Context:
+    return current_app.extensions["modelcd"]
+
+
+def write(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Require the API token."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not token_matches(current_app.extensions["modelcd_token"], request.headers.get("Authorization")):
+            raise Unauthorized("missing or wrong API token: send `Authorization: Bearer <token>` "
+                               "(the token is in $MODELCD_HOME/token or MODELCD_TOKEN)")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object", field="body")
+    return body
+
+
+def _int(value: Any, field: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{field} must be an integer (got {value!r})", field=field) from None
+    if number < 1:
+        raise InvalidInput(f"{field} must be 1 or more (got {number})", field=field)
+    return number
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    from modelcd.app.openapi import document
+
+    return jsonify(document())
+
+
+# models and versions
+@bp.get("/models")
+def list_models() -> Response:
+    return jsonify({"models": _ctx().registry.list_models()})
+
+
+@bp.get("/models/<name>")
+def get_model(name: str) -> Response:
+    return jsonify(_ctx().registry.get_model(name))
+
+
+@bp.get("/models/<name>/versions")
+def list_versions(name: str) -> Response:
+    return jsonify({"versions": [version_to_dict(v) for v in _ctx().registry.list_versions(name)]})
+
+
+@bp.get("/models/<name>/versions/<int:number>")
+def get_version(name: str, number: int) -> Response:
+    return jsonify(version_to_dict(_ctx().registry.get_version(name, number)))
+
+
+@bp.post("/models/<name>/versions")
+@write
+def register_version(name: str) -> tuple[Response, int]:
+    upload = request.files.get("artifact")
+    if upload is None:
+        raise InvalidInput("missing the `artifact` part: send multipart/form-data with a tar.gz of the model's "
+                           "files as `artifact` and optional JSON `metadata`", field="artifact")
+    meta = parse_metadata(request.form.get("metadata"))
+    ctx = _ctx()
+    version = ctx.registry.register(name, upload.stream, meta)
+    ctx.wake.set()
+    return jsonify(version_to_dict(version)), 201
+
+
+# releases and jobs
+@bp.get("/releases")
+def list_releases() -> Response:
+    args = request.args
+    rels = _ctx().releases.list(model=args.get("model"), environment=args.get("environment"),
+                                phase=args.get("phase"), limit=min(int(args.get("limit", 100)), 1000))
+    return jsonify({"releases": [r.to_dict() for r in rels]})
+
+
+@bp.get("/releases/<release_id>")
+def get_release(release_id: str) -> Response:
+    ctx = _ctx()
+    rel = ctx.releases.get(release_id)
+    jobs = sorted(ctx.jobs.list(release_id=release_id), key=lambda j: j.created_at)
+    return jsonify({**rel.to_dict(), "jobs": [j.to_dict() for j in jobs],
+                    "events": ctx.jobs.events(release_id=release_id)})
+
+
+@bp.post("/releases")
+@write
+def create_release() -> tuple[Response, int]:
+    body = _json_body()
+    for key in ("model", "version", "environment"):
+        if key not in body:
+            raise InvalidInput(f"missing `{key}`: send {{model, version, environment}}", field=key)
+    rid = start_release(_ctx(), str(body["model"]), _int(body["version"], "version"), str(body["environment"]))
+    return jsonify(_ctx().releases.get(rid).to_dict()), 202
+
+
+@bp.post("/releases/<release_id>/stop")
+@write
+def stop_release(release_id: str) -> tuple[Response, int]:
+    return jsonify(_ctx().releases.request_cancel(release_id).to_dict()), 202
+
+
+@bp.get("/jobs")
+def list_jobs() -> Response:
+    args = request.args
+    jobs = _ctx().jobs.list(release_id=args.get("release_id"), state=args.get("state"),
+                            limit=min(int(args.get("limit", 100)), 1000))
+    return jsonify({"jobs": [j.to_dict() for j in jobs]})
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    ctx = _ctx()
+    return jsonify({**ctx.jobs.get(job_id).to_dict(), "events": ctx.jobs.events(job_id=job_id)})
+
+
+@bp.get("/jobs/<job_id>/logs")
+def job_logs(job_id: str) -> Response:
+    ctx = _ctx()
+    ctx.jobs.get(job_id)
+    return jsonify({"logs": ctx.jobs.logs(job_id, after=int(request.args.get("after", 0)))})
+
+
+@bp.post("/jobs/<job_id>/stop")
+@write
+def stop_job(job_id: str) -> tuple[Response, int]:
+    ctx = _ctx()
+    job = ctx.jobs.get(job_id)
+    if job.release_id:
+        ctx.releases.request_cancel(job.release_id)
+    return jsonify(ctx.jobs.request_cancel(job_id).to_dict()), 202
+
+
+# endpoints and deployments
+@bp.get("/endpoints")
+def list_endpoints() -> Response:
+    return jsonify({"endpoints": [e.to_dict() for e in _ctx().traffic.list()]})
+
+
+@bp.get("/endpoints/<model>/<environment>")
+def get_endpoint(model: str, environment: str) -> Response:
+    return jsonify(_ctx().traffic.get(model, environment).to_dict())
+
+
+@bp.post("/endpoints/<model>/<environment>/promote")
+@write
+def promote(model: str, environment: str) -> tuple[Response, int]:
+    body = _json_body()
+    rid = start_release(_ctx(), model, _int(body.get("version"), "version"), environment)
+    return jsonify(_ctx().releases.get(rid).to_dict()), 202
+
+
+@bp.post("/endpoints/<model>/<environment>/rollback")
+@write
+def rollback(model: str, environment: str) -> Response:
+    return jsonify(rollback_endpoint(_ctx(), model, environment))
+
+
+@bp.get("/deployments")
+def list_deployments() -> Response:
+    args = request.args
+    deps = _ctx().deployments.list(model=args.get("model"), environment=args.get("environment"),
+                                   live_only=args.get("live") in ("1", "true"))
+    return jsonify({"deployments": [deployment_to_dict(d) for d in deps]})
+
+
+# policies
+@bp.get("/policies")
+def list_policies() -> Response:
+    return jsonify({"policies": _ctx().policies.list()})
+
+
+@bp.get("/policies/<name>")
+def get_policy(name: str) -> Response:
+    return jsonify(_ctx().policies.get(name))
+
+
+@bp.put("/policies")
+@write
+def put_policy() -> tuple[Response, int]:
+    text = request.get_data(as_text=True)
+    if not text.strip():
+        raise InvalidInput("send the policy YAML as the request body", field="body")
+    policy, revision = _ctx().policies.put(text, "request body")
+    return jsonify({"name": policy.name, "revision": revision, "policy": policy.to_dict()}), 200
+
+
+@bp.delete("/policies/<name>")
+@write
+def delete_policy(name: str) -> tuple[Response, int]:
+    _ctx().policies.delete(name)
+    return jsonify({"deleted": name}), 200

@@ -1,0 +1,79 @@
+"""The OpenAPI 3.1 document of ``/api/v1``, built from one table of operations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import modelcd
+
+# (method, path, summary, write?, request body kind)
+OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
+    ("get", "/models", "List models", False, None),
+    ("get", "/models/{name}", "Show a model", False, None),
+    ("get", "/models/{name}/versions", "List a model's versions", False, None),
+    ("post", "/models/{name}/versions", "Register a version (multipart: artifact tar.gz + metadata JSON)", True,
+     "multipart"),
+    ("get", "/models/{name}/versions/{version}", "Show a version", False, None),
+    ("get", "/releases", "List releases (filters: model, environment, phase)", False, None),
+    ("post", "/releases", "Start a release of {model, version, environment}", True, "json"),
+    ("get", "/releases/{release_id}", "Show a release with its jobs and events", False, None),
+    ("post", "/releases/{release_id}/stop", "Stop a release (rolls back; production untouched)", True, None),
+    ("get", "/jobs", "List jobs", False, None),
+    ("get", "/jobs/{job_id}", "Show a job with its events", False, None),
+    ("get", "/jobs/{job_id}/logs", "A job's log lines (after=<id> to follow)", False, None),
+    ("post", "/jobs/{job_id}/stop", "Stop a job (and its release)", True, None),
+    ("get", "/endpoints", "List endpoints with their traffic", False, None),
+    ("get", "/endpoints/{model}/{environment}", "Show an endpoint: uri and traffic {version: weight}", False, None),
+    ("post", "/endpoints/{model}/{environment}/promote", "Release {version} to this endpoint", True, "json"),
+    ("post", "/endpoints/{model}/{environment}/rollback", "Back to the previous version", True, None),
+    ("get", "/deployments", "List deployments", False, None),
+    ("get", "/policies", "List release policies", False, None),
+    ("put", "/policies", "Create or replace a release policy (YAML body)", True, "yaml"),
+    ("get", "/policies/{name}", "Show a release policy", False, None),
+    ("delete", "/policies/{name}", "Delete a release policy", True, None),
+    ("get", "/openapi.json", "This document", False, None),
+]
+
+ERROR = {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                                         "field": {"type": ["string", "null"]}}, "required": ["code", "message"]}
+
+BODIES: dict[str, dict[str, Any]] = {
+    "multipart": {"multipart/form-data": {"schema": {"type": "object", "required": ["artifact"], "properties": {
+        "artifact": {"type": "string", "format": "binary", "description": "tar.gz of the model's files"},
+        "metadata": {"type": "string", "description": "JSON: flavor, requirements, sample, expected, metrics, "
+                                                      "tags, description"}}}}},
+    "json": {"application/json": {"schema": {"type": "object"}}},
+    "yaml": {"application/yaml": {"schema": {"type": "string"}}},
+}
+
+
+def _operation(method: str, path: str, summary: str, write: bool, body: str | None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "operationId": f"{method}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+        "parameters": [{"name": p.strip("{}"), "in": "path", "required": True,
+                        "schema": {"type": "integer" if p == "{version}" else "string"}}
+                       for p in path.split("/") if p.startswith("{")],
+        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "4XX": {"description": "Bad request", "content": {"application/json": {"schema": ERROR}}}},
+    }
+    if write:
+        op["security"] = [{"bearer": []}]
+        op["responses"]["401"] = {"description": "Missing or wrong token",
+                                  "content": {"application/json": {"schema": ERROR}}}
+    if body:
+        op["requestBody"] = {"required": True, "content": BODIES[body]}
+    return op
+
+
+def document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, summary, write, body in OPERATIONS:
+        paths.setdefault(path, {})[method] = _operation(method, path, summary, write, body)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "modelcd API", "version": modelcd.__version__},
+        "servers": [{"url": "/api/v1"}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }

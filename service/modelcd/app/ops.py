@@ -1,0 +1,61 @@
+"""Health, readiness and Prometheus metrics of the control plane."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+from sqlalchemy import func, select, text
+
+from modelcd.context import Context
+from modelcd.store import schema
+
+bp = Blueprint("ops", __name__)
+
+
+def _ctx() -> Context:
+    return current_app.extensions["modelcd"]
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    ctx = _ctx()
+    checks: dict[str, str] = {}
+    try:
+        with ctx.db.read() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as e:
+        checks["database"] = f"error: {type(e).__name__}"
+    try:
+        ctx.router.read()
+        checks["router"] = "ok"
+    except Exception as e:
+        checks["router"] = f"error: {type(e).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    ctx = _ctx()
+    lines = ["# HELP modelcd_http_requests_total API requests by method and status",
+             "# TYPE modelcd_http_requests_total counter"]
+    for (method, status), n in sorted(current_app.extensions["modelcd_metrics"].items()):
+        lines.append(f'modelcd_http_requests_total{{method="{method}",status="{status}"}} {int(n)}')
+    with ctx.db.read() as conn:
+        phases = conn.execute(select(schema.releases.c.phase, func.count()).group_by(schema.releases.c.phase)).all()
+        states = conn.execute(select(schema.deployments.c.state, func.count())
+                              .group_by(schema.deployments.c.state)).all()
+        pending = conn.execute(select(func.count()).select_from(schema.outbox)
+                               .where(schema.outbox.c.processed_at.is_(None))).scalar()
+    lines += ["# HELP modelcd_releases releases by phase", "# TYPE modelcd_releases gauge"]
+    lines += [f'modelcd_releases{{phase="{p}"}} {n}' for p, n in phases]
+    lines += ["# HELP modelcd_deployments deployments by state", "# TYPE modelcd_deployments gauge"]
+    lines += [f'modelcd_deployments{{state="{s}"}} {n}' for s, n in states]
+    lines += ["# HELP modelcd_outbox_pending outbox events not yet dispatched", "# TYPE modelcd_outbox_pending gauge",
+              f"modelcd_outbox_pending {pending}"]
+    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")

@@ -1,0 +1,428 @@
+"""The ``modelcd`` command line: parse, call the service's REST API, print. ``--json`` on
+every listing and show command prints the API's JSON as is."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from modelcd.client import TERMINAL_PHASES, Client
+from modelcd.config import Settings, load_settings
+from modelcd.errors import ModelcdError
+
+
+class Obj:
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = load_settings()
+            except ModelcdError as e:
+                raise click.ClickException(e.message) from None
+        return self._settings
+
+    @property
+    def client(self) -> Client:
+        return Client(self.settings)
+
+
+pass_obj = click.make_pass_decorator(Obj, ensure=True)
+
+
+def _out(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        click.echo("  ".join(str(r.get(c, "") if r.get(c) is not None else "").ljust(widths[c]) for c in cols))
+
+
+def _fail(e: ModelcdError) -> click.ClickException:
+    where = f" [{e.field}]" if e.field else ""
+    return click.ClickException(f"{e.message}{where}")
+
+
+class Group(click.Group):
+    """Turns modelcd errors into one clean line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ModelcdError as e:
+            raise _fail(e) from None
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="modelcd")
+def main() -> None:
+    """modelcd: continuous deployment for machine-learning models."""
+
+
+@main.command()
+@click.option("--host", help="address to listen on (MODELCD_HOST, default 127.0.0.1)")
+@click.option("--port", type=int, help="port to listen on (MODELCD_PORT, default 8600)")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the control plane: API, dispatcher, runner, data-plane supervisor."""
+    from modelcd.serve import serve as run
+
+    try:
+        settings = load_settings({"host": host, "port": port})
+        run(settings, click.echo)
+    except ModelcdError as e:
+        raise _fail(e) from None
+
+
+def _read_json_file(path: str | None, field: str) -> Any:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {path}: {e.strerror}", param_hint=f"--{field}") from None
+    except ValueError as e:
+        raise click.BadParameter(f"{path} is not valid JSON: {e}", param_hint=f"--{field}") from None
+
+
+def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for t in tags:
+        if "=" not in t:
+            raise click.BadOptionUsage("tag", f"--tag {t!r}: expected KEY=VALUE, e.g. --tag stage=candidate")
+        k, v = t.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _progress(rel: dict[str, Any]) -> None:
+    line = f"  {time.strftime('%H:%M:%S')}  release {rel['id']}: {rel['phase']}"
+    if rel.get("error") and rel["phase"] in TERMINAL_PHASES:
+        line += f" — {rel['error']}"
+    click.echo(line)
+
+
+def _wait(client: Client, release_id: str) -> dict[str, Any]:
+    rel = client.wait_release(release_id, _progress)
+    if rel["phase"] != "succeeded":
+        raise click.ClickException(f"release {release_id} {rel['phase']}: {rel.get('error') or ''} "
+                                   f"(see `modelcd releases show {release_id}`)")
+    return rel
+
+
+@main.command()
+@click.argument("name")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--flavor", help="sklearn, onnx or custom (detected when omitted)")
+@click.option("--requirements", "requirements", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="requirements.txt (default: the one among the files)")
+@click.option("--sample", type=click.Path(exists=True, dir_okay=False), help="JSON input sample")
+@click.option("--expected", type=click.Path(exists=True, dir_okay=False), help="JSON expected output")
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable")
+@click.option("--description", default="", help="free text")
+@click.option("--wait", is_flag=True, help="wait for the release; exit non-zero if it fails")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def register(obj: Obj, name: str, path: Path, flavor: str | None, requirements: Path | None, sample: str | None,
+             expected: str | None, tags: tuple[str, ...], description: str, wait: bool, as_json: bool) -> None:
+    """Register PATH (a file or a folder) as a new version of model NAME."""
+    meta: dict[str, Any] = {"tags": _parse_tags(tags), "description": description}
+    if flavor:
+        meta["flavor"] = flavor
+    if requirements:
+        meta["requirements"] = requirements.read_text()
+    if sample:
+        meta["sample"] = _read_json_file(sample, "sample")
+    if expected:
+        meta["expected"] = _read_json_file(expected, "expected")
+    client = obj.client
+    version = client.register(name, path, meta)
+    if as_json and not wait:
+        _out(version)
+        return
+    click.echo(f"registered {name} v{version['version']} ({version['flavor']}, digest {version['digest'][:12]})")
+    if not wait:
+        return
+    rel = client.find_release(name, version["version"])
+    if rel is None:
+        click.echo("no release started (the matching policy has auto: false); promote it by hand")
+        return
+    rel = _wait(client, rel["id"])
+    ep = client.get(f"/api/v1/endpoints/{name}/{rel['environment']}")
+    click.echo(f"{name} v{version['version']} serves {rel['environment']}: {ep['scoring_uri']}")
+    if as_json:
+        _out({"version": version, "release": rel, "endpoint": ep})
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def models(obj: Obj, as_json: bool) -> None:
+    """List models."""
+    data = obj.client.get("/api/v1/models")
+    _out(data) if as_json else _table(data["models"], ["name", "latest_version", "versions", "created_at"])
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def versions(obj: Obj, name: str, as_json: bool) -> None:
+    """List the versions of model NAME."""
+    data = obj.client.get(f"/api/v1/models/{name}/versions")
+    rows = [{**v, "digest": v["digest"][:12]} for v in data["versions"]]
+    _out(data) if as_json else _table(rows, ["version", "flavor", "digest", "source", "created_at"])
+
+
+@main.group()
+def releases() -> None:
+    """Releases: list, show, stop."""
+
+
+@releases.command("list")
+@click.option("--model")
+@click.option("--env", "environment")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def releases_list(obj: Obj, model: str | None, environment: str | None, as_json: bool) -> None:
+    data = obj.client.get("/api/v1/releases", params={"model": model, "environment": environment})
+    cols = ["id", "model", "version", "environment", "phase", "trigger", "created_at"]
+    _out(data) if as_json else _table(data["releases"], cols)
+
+
+@releases.command("show")
+@click.argument("release_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
+    rel = obj.client.get(f"/api/v1/releases/{release_id}")
+    if as_json:
+        _out(rel)
+        return
+    click.echo(f"release {rel['id']}: {rel['model']} v{rel['version']} → {rel['environment']}  [{rel['phase']}]")
+    if rel.get("error"):
+        click.echo(f"error: {rel['error']}")
+    _table(rel["jobs"], ["id", "type", "state", "started_at", "finished_at", "error"])
+    click.echo("events:")
+    for ev in rel["events"]:
+        click.echo(f"  {ev['ts']}  {ev['kind']:<24} {ev['message']}")
+
+
+@releases.command("stop")
+@click.argument("release_id")
+@pass_obj
+def releases_stop(obj: Obj, release_id: str) -> None:
+    rel = obj.client.post(f"/api/v1/releases/{release_id}/stop")
+    click.echo(f"stop requested for release {release_id} ({rel['phase']})")
+
+
+@main.group()
+def jobs() -> None:
+    """Jobs: list, show (with events), logs, stop."""
+
+
+@jobs.command("list")
+@click.option("--release", "release_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def jobs_list(obj: Obj, release_id: str | None, as_json: bool) -> None:
+    data = obj.client.get("/api/v1/jobs", params={"release_id": release_id})
+    _out(data) if as_json else _table(data["jobs"], ["id", "type", "state", "release_id", "model", "version",
+                                                       "created_at"])
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def jobs_show(obj: Obj, job_id: str, as_json: bool) -> None:
+    job = obj.client.get(f"/api/v1/jobs/{job_id}")
+    if as_json:
+        _out(job)
+        return
+    click.echo(f"job {job['id']} ({job['type']}): {job['state']}" + (f" — {job['error']}" if job["error"] else ""))
+    for ev in job["events"]:
+        click.echo(f"  {ev['ts']}  {ev['kind']:<20} {ev['message']}")
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
+@pass_obj
+def jobs_logs(obj: Obj, job_id: str, follow: bool) -> None:
+    client, after = obj.client, 0
+    while True:
+        for line in client.get(f"/api/v1/jobs/{job_id}/logs", params={"after": after})["logs"]:
+            click.echo(line["line"])
+            after = line["id"]
+        if not follow or client.get(f"/api/v1/jobs/{job_id}")["state"] in ("succeeded", "failed", "cancelled"):
+            return
+        time.sleep(0.5)
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@pass_obj
+def jobs_stop(obj: Obj, job_id: str) -> None:
+    obj.client.post(f"/api/v1/jobs/{job_id}/stop")
+    click.echo(f"stop requested for job {job_id}")
+
+
+@main.group()
+def endpoints() -> None:
+    """Endpoints: stable scoring URIs and their traffic."""
+
+
+@endpoints.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def endpoints_list(obj: Obj, as_json: bool) -> None:
+    data = obj.client.get("/api/v1/endpoints")
+    rows = [{**e, "traffic": json.dumps(e["traffic"])} for e in data["endpoints"]]
+    _out(data) if as_json else _table(rows, ["model", "environment", "traffic", "scoring_uri"])
+
+
+@endpoints.command("show")
+@click.argument("name")
+@click.option("--env", "environment", required=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def endpoints_show(obj: Obj, name: str, environment: str, as_json: bool) -> None:
+    ep = obj.client.get(f"/api/v1/endpoints/{name}/{environment}")
+    if as_json:
+        _out(ep)
+        return
+    click.echo(f"uri:      {ep['uri']}\nscoring:  {ep['scoring_uri']}\ntraffic:  {json.dumps(ep['traffic'])}")
+
+
+@main.command()
+@click.option("--model")
+@click.option("--env", "environment")
+@click.option("--live", is_flag=True, help="only live deployments")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def deployments(obj: Obj, model: str | None, environment: str | None, live: bool, as_json: bool) -> None:
+    """List deployments."""
+    data = obj.client.get("/api/v1/deployments", params={"model": model, "environment": environment,
+                                                          "live": "1" if live else None})
+    _out(data) if as_json else _table(data["deployments"], ["id", "model", "version", "environment", "state",
+                                                             "url", "pid"])
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--env", "environment", default="production", show_default=True)
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@pass_obj
+def promote(obj: Obj, name: str, version: int, environment: str, wait: bool) -> None:
+    """Release VERSION of NAME to an environment (build, deploy, smoke, then traffic)."""
+    client = obj.client
+    rel = client.post(f"/api/v1/endpoints/{name}/{environment}/promote", json={"version": version})
+    click.echo(f"release {rel['id']} queued: {name} v{version} → {environment}")
+    if wait:
+        _wait(client, rel["id"])
+        click.echo(json.dumps(client.get(f"/api/v1/endpoints/{name}/{environment}")["traffic"]))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--env", "environment", default="production", show_default=True)
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@pass_obj
+def rollback(obj: Obj, name: str, environment: str, wait: bool) -> None:
+    """Send NAME's endpoint in ENV back to its previous version."""
+    client = obj.client
+    result = client.post(f"/api/v1/endpoints/{name}/{environment}/rollback")
+    if result["release_id"]:
+        click.echo(f"previous deployment was retired; release {result['release_id']} redeploys it")
+        if wait:
+            _wait(client, result["release_id"])
+    ep = client.get(f"/api/v1/endpoints/{name}/{environment}")
+    click.echo(f"{name}/{environment} traffic: {json.dumps(ep['traffic'])}")
+
+
+@main.group()
+def policies() -> None:
+    """Release policies: list, show, apply, validate, delete."""
+
+
+@policies.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def policies_list(obj: Obj, as_json: bool) -> None:
+    data = obj.client.get("/api/v1/policies")
+    _out(data) if as_json else _table(data["policies"], ["name", "revision", "updated_at"])
+
+
+@policies.command("show")
+@click.argument("name")
+@pass_obj
+def policies_show(obj: Obj, name: str) -> None:
+    _out(obj.client.get(f"/api/v1/policies/{name}"))
+
+
+@policies.command("validate")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def policies_validate(file: Path) -> None:
+    """Check a policy file locally; errors give the YAML path and line."""
+    from modelcd.releases.policy import parse_policy
+
+    try:
+        policy = parse_policy(file.read_text(), str(file))
+    except ModelcdError as e:
+        raise click.ClickException(e.message) from None
+    click.echo(f"{file}: policy {policy.name} is valid (revision {policy.revision})")
+
+
+@policies.command("apply")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_obj
+def policies_apply(obj: Obj, file: Path) -> None:
+    result = obj.client.request("PUT", "/api/v1/policies", data=file.read_text().encode(),
+                                headers={"Content-Type": "application/yaml"})
+    click.echo(f"policy {result['name']} stored (revision {result['revision']})")
+
+
+@policies.command("delete")
+@click.argument("name")
+@pass_obj
+def policies_delete(obj: Obj, name: str) -> None:
+    obj.client.request("DELETE", f"/api/v1/policies/{name}")
+    click.echo(f"policy {name} deleted")
+
+
+@main.command()
+@pass_obj
+def shutdown(obj: Obj) -> None:
+    """Stop this home's data plane: the router and every process deployment."""
+    from modelcd.lifecycle import stop_data_plane
+
+    for line in stop_data_plane(obj.settings):
+        click.echo(line)
+
+
+@main.command()
+@click.option("--exit", "exit_after", is_flag=True, help="stop everything after the tour")
+@pass_obj
+def quickstart(obj: Obj, exit_after: bool) -> None:
+    """Start the service, release two versions of a small sklearn model, show the switch."""
+    from modelcd.quickstart import run
+
+    sys.exit(run(obj.settings, exit_after))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The work of each release phase, for the local runner. Each function is safe to run again
+after a crash (keyed by the release and what it recorded), returns the values to store on
+the release, and raises a StageFailed subtype or Cancelled."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelcd.build.bundle import build_bundle
+from modelcd.context import Context
+from modelcd.domain import Bundle, DeploymentState
+from modelcd.errors import BuildError, Cancelled, DeployError, RouterError, StageFailed
+from modelcd.releases.deployments import handle_of
+from modelcd.releases.machine import Phase
+from modelcd.releases.policy import Policy, Runner, Strategy
+from modelcd.releases.service import Release
+from modelcd.stages.smoke import SmokeChecks, run_smoke
+from modelcd.targets.base import DeploySpec
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One stage of one release: what a stage function gets."""
+
+    ctx: Context
+    release: Release
+    log: Log
+    cancel: threading.Event
+
+    @property
+    def policy(self) -> Policy:
+        return Policy.from_dict(self.release.policy)
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set() or self.ctx.releases.get(self.release.id).cancel_requested:
+            raise Cancelled("stopped by a person")
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """The bundle the build stage wrote at ``path``."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "bundle.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DeployError(f"bundle {path} is missing or damaged ({e}); the build stage must run again") from e
+    return Bundle(path=path, python=Path(meta["python"]), env_key=meta["env_key"], reused_env=True)
+
+
+def check_supported(run: StageRun) -> None:
+    """Refuse, with the fix, what the local runner cannot do yet."""
+    policy, env = run.policy, run.release.env_spec
+    if policy.runner != Runner.LOCAL:
+        raise StageFailed(f"policy {policy.name}: runner {policy.runner} is not available yet; use runner: local",
+                          field="runner")
+    if env["strategy"] == Strategy.CANARY:
+        raise StageFailed(f"policy {policy.name}: strategy canary is not supported by the local runner yet; "
+                          "use blue-green", field="strategy")
+    if env["target"] != "process":
+        raise StageFailed(f"policy {policy.name}: target {env['target']} is not available yet; use target: process",
+                          field="target")
+
+
+def build(run: StageRun) -> dict[str, Any]:
+    check_supported(run)
+    rel = run.release
+    version = run.ctx.registry.get_version(rel.model, rel.version)
+    run.log(f"building {rel.model} v{rel.version} ({version.flavor}, digest {version.digest12})")
+    files = run.ctx.registry.materialize(version)
+    run.check_cancel()
+    bundle = build_bundle(run.ctx.home, version, files, run.log, run.cancel, python=run.ctx.settings.python)
+    return {"bundle": str(bundle.path)}
+
+
+def deploy(run: StageRun) -> dict[str, Any]:
+    rel, ctx = run.release, run.ctx
+    target = ctx.target(rel.env_spec["target"])
+    for d in ctx.deployments.list(model=rel.model, environment=rel.environment, version=rel.version, live_only=True):
+        if d.bundle == rel.bundle and target.adopt(d) is not None:
+            run.log(f"reusing live deployment {d.id} of v{d.version} at {d.url}")
+            return {"deployment_id": d.id}
+    if rel.deployment_id:  # started before a restart: adopt it or start afresh
+        rec = ctx.deployments.get(rel.deployment_id)
+        if rec.state in (DeploymentState.STARTING, DeploymentState.READY) and target.adopt(rec) is not None:
+            run.log(f"adopted deployment {rec.id} (pid {rec.pid}) started before the restart")
+            return {"deployment_id": rec.id}
+        target.delete(handle_of(rec, ctx.home))
+        ctx.deployments.update(rec.id, state=DeploymentState.FAILED)
+    if not rel.bundle:
+        raise BuildError("release has no bundle; the build stage did not finish")
+    bundle = load_bundle(rel.bundle)
+    dep = ctx.deployments.create(model=rel.model, version=rel.version, environment=rel.environment,
+                                 target=target.name, release_id=rel.id, bundle=rel.bundle)
+    ctx.releases.update(rel.id, deployment_id=dep.id)  # recorded before starting: findable after a crash
+    spec = DeploySpec(deployment_id=dep.id, model=rel.model, version=rel.version, environment=rel.environment,
+                      bundle=bundle, workers=int(rel.env_spec.get("scoring_workers") or ctx.settings.scoring_workers),
+                      health_timeout_s=ctx.settings.health_timeout_s)
+    try:
+        rd = target.create(spec, run.log, run.cancel)
+    except BaseException:
+        ctx.deployments.update(dep.id, state=DeploymentState.FAILED)
+        raise
+    ctx.deployments.update(dep.id, state=DeploymentState.READY, url=rd.url, pid=rd.pid, port=rd.port,
+                           log_path=str(rd.log_path))
+    run.log(f"deployment {dep.id} ready at {rd.url} (pid {rd.pid})")
+    return {"deployment_id": dep.id}
+
+
+def smoke(run: StageRun) -> dict[str, Any]:
+    rel, ctx = run.release, run.ctx
+    dep = ctx.deployments.get(rel.deployment_id or "")
+    version = ctx.registry.get_version(rel.model, rel.version)
+    checks = SmokeChecks.from_policy(run.policy.smoke)
+    report = run_smoke(dep.url or "", version.sample, version.expected, checks, None, run.log, run.cancel)
+    report.raise_for_outcome()
+    run.log(f"smoke checks passed against {dep.url}")
+    return {}
+
+
+def promote(run: StageRun) -> dict[str, Any]:
+    rel, ctx = run.release, run.ctx
+    dep_id = rel.deployment_id or ""
+    current = ctx.traffic.current(rel.model, rel.environment)
+    previous = rel.previous_traffic if rel.previous_traffic is not None else current
+    ctx.releases.update(rel.id, previous_traffic=previous)
+    wanted = {dep_id: 100}
+    if current == wanted:
+        run.log(f"{rel.model}/{rel.environment} already sends all traffic to {dep_id}")
+        ctx.traffic.sync_router()
+    else:
+        try:
+            ctx.traffic.switch(rel.model, rel.environment, wanted, run.log)
+        except RouterError as e:
+            run.log(f"router refused the switch: {e.message}; restoring {previous}")
+            _restore(run, previous)
+            raise StageFailed(f"traffic switch failed: {e.message}") from e
+    keep = 1 if rel.env_spec["strategy"] == Strategy.RECREATE else run.policy.retention.keep_deployments
+    ctx.traffic.retire(rel.model, rel.environment, keep, ctx.target(rel.env_spec["target"]), ctx.home, run.log)
+    _queue_next_environment(run)
+    return {}
+
+
+def _restore(run: StageRun, previous: dict[str, int]) -> None:
+    rel, ctx = run.release, run.ctx
+    try:
+        ctx.traffic.switch(rel.model, rel.environment, previous, run.log)
+    except RouterError as e:
+        run.log(f"could not restore traffic yet ({e.message}); the router gets the stored table on its next sync")
+
+
+def _queue_next_environment(run: StageRun) -> None:
+    rel, ctx = run.release, run.ctx
+    envs = rel.policy["environments"]
+    if rel.trigger != "auto" or rel.env_index + 1 >= len(envs):
+        return
+    nxt = envs[rel.env_index + 1]["name"]
+    with ctx.db.write() as conn:
+        rid = ctx.releases.create_in(conn, model=rel.model, version=rel.version, environment=nxt,
+                                     policy_name=rel.policy_name, policy=rel.policy, env_index=rel.env_index + 1,
+                                     trigger="auto")
+    run.log(f"queued release {rid}: v{rel.version} → {nxt}")
+    ctx.wake.set()
+
+
+def rollback(run: StageRun) -> dict[str, Any]:
+    """Undo what this release started: traffic back to where it was, its own deployment stopped."""
+    rel, ctx = run.release, run.ctx
+    dep_id = rel.deployment_id
+    current = ctx.traffic.current(rel.model, rel.environment)
+    if dep_id and current.get(dep_id, 0) > 0 and rel.previous_traffic is not None and current != rel.previous_traffic:
+        run.log(f"restoring traffic of {rel.model}/{rel.environment} to {rel.previous_traffic}")
+        ctx.traffic.switch(rel.model, rel.environment, rel.previous_traffic, run.log)
+    if dep_id:
+        dep = ctx.deployments.get(dep_id)
+        serving = ctx.traffic.current(rel.model, rel.environment).get(dep_id, 0) > 0
+        if dep.release_id == rel.id and not serving and dep.state is not DeploymentState.STOPPED:
+            target = ctx.target(dep.target)
+            rd = handle_of(dep, ctx.home)
+            if dep.pid:
+                tail = target.logs(rd, tail=20)
+                if tail.strip():
+                    run.log("last lines of the deployment's log:\n" + tail)
+            target.delete(rd)
+            ctx.deployments.update(dep_id, state=DeploymentState.STOPPED)
+            run.log(f"stopped deployment {dep_id}; production untouched")
+    run.log("rollback complete")
+    return {}
+
+
+STAGES: dict[Phase, Callable[[StageRun], dict[str, Any]]] = {
+    Phase.BUILDING: build,
+    Phase.DEPLOYING: deploy,
+    Phase.SMOKE_TESTING: smoke,
+    Phase.PROMOTING: promote,
+    Phase.ROLLING_BACK: rollback,
+}

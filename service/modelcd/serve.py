@@ -1,0 +1,98 @@
+"""``modelcd serve``: the control plane in one process — API, outbox dispatcher, local
+runner, and the supervisor of the data plane (router process, deployments)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from modelcd.app import create_app
+from modelcd.auth import ensure_token
+from modelcd.config import Settings
+from modelcd.context import Context, build_context
+from modelcd.errors import ConfigError
+from modelcd.releases.reconcile import reconcile
+from modelcd.releases.runner import LocalRunner
+
+log = logging.getLogger("modelcd.serve")
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"MODELCD_PORT: port {port} on {host} is already in use (another `modelcd "
+                                  "serve`?); stop it or choose another port with --port / MODELCD_PORT",
+                                  field="port") from e
+            raise ConfigError(f"MODELCD_HOST: cannot listen on {host}:{port}: {e.strerror}", field="host") from e
+
+
+class Supervisor(threading.Thread):
+    """Keeps the data plane up: restarts a dead router; re-adopts or restarts deployments."""
+
+    def __init__(self, ctx: Context, every_s: float = 1.0, reconcile_every: int = 10) -> None:
+        super().__init__(name="supervisor", daemon=True)
+        self.ctx = ctx
+        self.every_s = every_s
+        self.reconcile_every = reconcile_every
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        ticks = 0
+        while not self.stopped.wait(self.every_s):
+            ticks += 1
+            try:
+                if self.ctx.router.supervise():
+                    log.warning("router was down; restarted it")
+                if ticks % self.reconcile_every == 0:
+                    reconcile(self.ctx, log.warning)
+            except Exception:
+                log.exception("supervisor")
+
+
+def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
+    """Run until SIGTERM/SIGINT. The data plane keeps running after this returns."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_port(settings.host, settings.port)
+    token, created = ensure_token(settings)
+    ctx = build_context(settings)
+    ctx.redact.add(token)
+    if created:
+        echo(f"API token (shown once; also in {settings.home / 'token'}, mode 0600): {token}")
+    report = reconcile(ctx, echo)
+    echo(f"data plane: router {settings.router_url} (generation synced: {report.router_synced}); "
+         f"deployments adopted {len(report.adopted)}, restarted {len(report.restarted)}, failed {len(report.failed)}")
+    runner = LocalRunner(ctx)
+    runner.start()
+    supervisor = Supervisor(ctx)
+    supervisor.start()
+
+    from waitress import create_server
+
+    app = create_app(ctx, token)
+    server = create_server(app, host=settings.host, port=settings.port, threads=8, ident="modelcd")
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    echo(f"modelcd serving on http://{settings.host}:{settings.port} (home {settings.home.resolve()})")
+    sys.stdout.flush()
+    try:
+        server.run()
+    except (SystemExit, KeyboardInterrupt):
+        pass
+    finally:
+        supervisor.stopped.set()
+        runner.stop()
+        server.close()
+        echo("modelcd control plane stopped; the router and deployments keep serving")
