@@ -1,0 +1,217 @@
+"""Shared fixtures: a real `modelcd serve` on loopback with its own home and ports, and
+small sklearn models trained on scikit-learn's bundled iris data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from modelcd.client import Client
+from modelcd.config import load_settings
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def iris_model(folder: Path, c: float = 1.0, expected_offset: int = 0) -> dict[str, Any]:
+    """A LogisticRegression on iris in ``folder``; returns registration metadata."""
+    import joblib
+    import sklearn
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    model = LogisticRegression(C=c, max_iter=500).fit(x, y)
+    folder.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, folder / "model.joblib")
+    (folder / "requirements.txt").write_text(f"scikit-learn=={sklearn.__version__}\n")
+    rows = x[[0, 60, 120]].tolist()
+    expected = [int(p) + expected_offset for p in model.predict(rows)]
+    return {"sample": {"data": rows}, "expected": expected, "tags": {"C": str(c)}}
+
+
+def custom_model(folder: Path, body: str) -> dict[str, Any]:
+    """An Azure-ML style entry script model (score.py with init/run)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "score.py").write_text(body)
+    (folder / "requirements.txt").write_text("")
+    return {"flavor": "custom", "sample": {"data": [[1.0, 2.0]]}}
+
+
+@dataclass
+class Service:
+    """A `modelcd serve` subprocess with its own home and ports."""
+
+    home: Path
+    port: int
+    router_port: int
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
+
+    @property
+    def settings(self) -> Any:
+        return load_settings(environ=self.env)
+
+    @property
+    def client(self) -> Client:
+        return Client(self.settings)
+
+    def start(self) -> None:
+        log = self.home / f"serve-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=self.env,
+                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                     start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"modelcd serve exited:\n{log.read_text()}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"modelcd serve not ready:\n{log.read_text()}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def api(self, method: str, path: str, **kw: Any) -> requests.Response:
+        headers = kw.pop("headers", {"Authorization": f"Bearer {TOKEN}"})
+        return requests.request(method, f"{self.url}/api/v1{path}", headers=headers, timeout=60, **kw)
+
+    def register(self, name: str, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        return self.client.register(name, folder, meta)
+
+    def wait_release_for(self, name: str, version: int, timeout_s: float = 300) -> dict[str, Any]:
+        rel = self.client.find_release(name, version)
+        assert rel is not None, f"no release for {name} v{version}"
+        return self.client.wait_release(rel["id"], timeout_s=timeout_s)
+
+    def release_detail(self, release_id: str) -> dict[str, Any]:
+        return self.api("GET", f"/releases/{release_id}").json()
+
+    def job_log(self, release_id: str) -> str:
+        lines = []
+        for job in self.release_detail(release_id)["jobs"]:
+            logs = self.api("GET", f"/jobs/{job['id']}/logs").json()["logs"]
+            lines += [f"[{job['type']}] {entry['line']}" for entry in logs]
+        return "\n".join(lines)
+
+    def endpoint(self, name: str, env: str = "production") -> dict[str, Any]:
+        return self.api("GET", f"/endpoints/{name}/{env}").json()
+
+    def shutdown_data_plane(self) -> None:
+        from modelcd.lifecycle import stop_data_plane
+
+        for _ in stop_data_plane(self.settings):
+            pass
+
+
+def make_service(tmp: Path, **extra_env: str) -> Service:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")}
+    port, router_port = free_port(), free_port()
+    env.update({"MODELCD_HOME": str(tmp / "home"), "MODELCD_PORT": str(port), "MODELCD_ROUTER_PORT": str(router_port),
+                "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": TOKEN, **extra_env})
+    return Service(home=tmp / "home", port=port, router_port=router_port, env=env)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    svc = make_service(tmp_path)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        svc.shutdown_data_plane()
+
+
+@pytest.fixture(scope="module")
+def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = make_service(tmp_path_factory.mktemp("svc"))
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        svc.shutdown_data_plane()
+
+
+class Hammer:
+    """A bounded concurrent client scoring through an endpoint URI until stopped."""
+
+    def __init__(self, url: str, body: dict[str, Any], threads: int = 4, max_s: float = 120) -> None:
+        self.url, self.body, self.max_s = url, json.dumps(body), max_s
+        self.ok = 0
+        self.failures: list[str] = []
+        self.versions: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + self.max_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                r = session.post(self.url, data=self.body, headers={"Content-Type": "application/json"}, timeout=10)
+                with self._lock:
+                    if r.status_code == 200:
+                        self.ok += 1
+                        v = r.headers.get("X-Modelcd-Version", "?")
+                        self.versions[v] = self.versions.get(v, 0) + 1
+                    else:
+                        self.failures.append(f"{r.status_code} {r.text[:200]}")
+            except requests.RequestException as e:
+                with self._lock:
+                    self.failures.append(repr(e))
+
+    def __enter__(self) -> Hammer:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
