@@ -1,0 +1,76 @@
+"""`kill -9` of the control plane: the data plane keeps serving, in-flight releases finish
+or roll back after a restart, and the restart re-adopts what was serving."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import requests
+
+from tests.conftest import Hammer, Service, iris_model
+
+
+def _deployments(svc: Service, name: str) -> dict[str, tuple[int, int, str]]:
+    deps = svc.api("GET", "/deployments", params={"model": name, "live": "1"}).json()["deployments"]
+    return {d["id"]: (d["version"], d["pid"], d["state"]) for d in deps}
+
+
+def test_kill9_while_scoring_drops_nothing_and_restart_readopts(service: Service, tmp_path: Path) -> None:
+    svc = service
+    meta = iris_model(tmp_path / "v1")
+    svc.register("iris", tmp_path / "v1", meta)
+    assert svc.wait_release_for("iris", 1)["phase"] == "succeeded"
+    meta2 = iris_model(tmp_path / "v2", c=0.05)
+    svc.register("iris", tmp_path / "v2", meta2)
+    assert svc.wait_release_for("iris", 2)["phase"] == "succeeded"
+    before = _deployments(svc, "iris")
+    assert sorted(v for v, _, _ in before.values()) == [1, 2]  # v1 kept warm
+    ep = svc.endpoint("iris")
+    router_pid = int((svc.home / "router" / "router.pid").read_text().split()[0])
+
+    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer:
+        time.sleep(0.5)
+        svc.kill9()
+        time.sleep(2)  # control plane down: the data plane answers alone
+        down_ok = hammer.ok
+        svc.start()
+        time.sleep(1)
+    assert hammer.failures == [], hammer.failures[:5]
+    assert down_ok > 0 and hammer.ok > down_ok
+    assert _deployments(svc, "iris") == before  # same deployments, same pids
+    assert int((svc.home / "router" / "router.pid").read_text().split()[0]) == router_pid
+    assert svc.endpoint("iris")["traffic"] == {"2": 100}
+
+
+def test_kill9_mid_release_then_restart_finishes_or_rolls_back(service: Service, tmp_path: Path) -> None:
+    svc = service
+    meta = iris_model(tmp_path / "v1")
+    svc.register("iris", tmp_path / "v1", meta)
+    assert svc.wait_release_for("iris", 1)["phase"] == "succeeded"
+
+    for phase in ("deploying", "smoke_testing"):
+        folder = tmp_path / f"next-{phase}"
+        nxt = iris_model(folder, c=0.2)
+        v = svc.register("iris", folder, nxt)
+        rel = svc.client.find_release("iris", v["version"])
+        assert rel is not None
+        deadline = time.monotonic() + 120
+        while svc.client.get(f"/api/v1/releases/{rel['id']}")["phase"] not in (phase, "succeeded", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        svc.kill9()
+        svc.start()
+        done = svc.client.wait_release(rel["id"], timeout_s=180)
+        assert done["phase"] in ("succeeded", "failed"), done
+        serving = svc.endpoint("iris")["traffic"]
+        if done["phase"] == "succeeded":
+            assert serving == {str(v["version"]): 100}
+        r = requests.post(svc.endpoint("iris")["scoring_uri"], json=meta["sample"], timeout=10)
+        assert r.status_code == 200
+        assert r.headers["X-Modelcd-Version"] == next(iter(serving))
+        events = [e["kind"] for e in svc.release_detail(rel["id"])["events"]]
+        assert "release.resumed" in events or done["phase"] == "succeeded"
+        # nothing the release started is left running beside what serves and what is kept warm
+        live = _deployments(svc, "iris")
+        assert len(live) <= 2, live
