@@ -1,0 +1,513 @@
+"""Release policies: which model versions release on their own, through which runner, to which
+environments in which order, with which strategy, smoke checks and retention.
+
+YAML at the edge, validated by pydantic; every problem is reported with its YAML path and line.
+Choosing the policy for a version (`select_policy`) is a pure function.
+
+Precedence when several policies match one version (most specific wins):
+  1. more tag filters (``match.tags``);
+  2. a longer literal prefix of the matching model glob (``iris-prod*`` beats ``iris*`` beats
+     ``*``); at equal prefix, a glob without wildcards (an exact name) wins;
+  3. the policy name, alphabetically; then the order of the list.
+No match falls back to `DEFAULT_POLICY`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from itertools import pairwise
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from modelcd.domain import Source
+from modelcd.errors import InvalidInput
+
+MAX_POLICY_BYTES = 256 * 1024  # a policy is a page of YAML, not a data set
+MAX_POLICY_NODES = 10_000  # bounds the walk (and pydantic) against alias bombs
+DEFAULT_CANARY_STEPS = (10, 50, 100)  # traffic percent of each canary step
+
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_WILDCARDS = "*?["
+
+
+class Runner(StrEnum):
+    """Who runs the stages of a release."""
+
+    LOCAL = "local"  # this service (serve/worker) runs build → deploy → smoke → promote itself
+    GITHUB = "github"  # a rendered GitHub Actions workflow runs them and reports back
+    AZURE = "azure"  # a rendered Azure Pipelines pipeline runs them and reports back
+
+
+class Strategy(StrEnum):
+    """How traffic moves from the serving deployment to the new one."""
+
+    RECREATE = "recreate"  # stop the old deployment, then start the new one: brief downtime
+    BLUE_GREEN = "blue-green"  # new beside old; all traffic moves at once once smoke passed
+    CANARY = "canary"  # new beside old; traffic moves through `steps` percentages
+
+
+class TargetKind(StrEnum):
+    """Where deployments run."""
+
+    PROCESS = "process"  # scoring processes on this host (embedded default)
+    DOCKER = "docker"  # containers on a Docker engine
+
+
+# ---------------------------------------------------------------------------------------------
+# field types
+
+
+def _show(value: Any) -> str:
+    """A short, YAML-flavoured rendering of a bad input for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _choice(enum: type[StrEnum]) -> BeforeValidator:
+    """A validator accepting only the enum's values, with a message listing them."""
+    allowed = ", ".join(m.value for m in enum)
+
+    def check(value: Any) -> Any:
+        if isinstance(value, enum):
+            return value
+        if isinstance(value, str) and value in enum._value2member_map_:
+            return enum(value)
+        raise PydanticCustomError("choice", "must be one of {allowed} (got {got})",
+                                  {"allowed": allowed, "got": _show(value)})
+
+    return BeforeValidator(check)
+
+
+def _check_name(value: Any) -> Any:
+    if isinstance(value, str) and not _NAME_RE.match(value):
+        raise PydanticCustomError(
+            "name", "must be 1-63 lowercase letters, digits or '-', starting and ending with a letter "
+            "or digit (got {got})", {"got": _show(value)})
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    """Let a single string stand for a one-item list (``models: iris*``)."""
+    return [value] if isinstance(value, str) else value
+
+
+def _scalar_text(value: Any) -> Any:
+    """Tag values are strings; read YAML ``true``/``3`` as the text a person typed."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _as_tags(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {_scalar_text(k): _scalar_text(v) for k, v in value.items()}
+    return value
+
+
+Name = Annotated[str, BeforeValidator(_check_name)]
+Glob = Annotated[str, Field(min_length=1, max_length=200)]
+Percent = Annotated[int, Field(ge=1, le=100)]
+RunnerName = Annotated[Runner, _choice(Runner)]
+StrategyName = Annotated[Strategy, _choice(Strategy)]
+TargetName = Annotated[TargetKind, _choice(TargetKind)]
+SourceName = Annotated[Source, _choice(Source)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy document
+
+
+class _Edge(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Match(_Edge):
+    """Which versions a policy applies to; every given filter must match."""
+
+    models: Annotated[tuple[Glob, ...], BeforeValidator(_as_list), Field(min_length=1)] = ("*",)
+    tags: Annotated[dict[str, str], BeforeValidator(_as_tags)] = Field(default_factory=dict)
+    sources: Annotated[tuple[SourceName, ...] | None, BeforeValidator(_as_list)] = None  # None: any
+
+    def matching_glob(self, model: str) -> str | None:
+        """The most specific of `models` matching ``model``, or None."""
+        hits = [g for g in self.models if fnmatch.fnmatchcase(model, g)]
+        return max(hits, key=_glob_specificity, default=None)
+
+    def matches(self, model: str, tags: Mapping[str, str], source: str) -> bool:
+        """True when the model name, every tag filter and the source all match."""
+        return (
+            self.matching_glob(model) is not None
+            and all(tags.get(k) == v for k, v in self.tags.items())
+            and (self.sources is None or source in self.sources)
+        )
+
+
+class Environment(_Edge):
+    """One step of a release: an environment, where its deployments run and how traffic moves."""
+
+    name: Name
+    target: TargetName = TargetKind.PROCESS
+    strategy: StrategyName = Strategy.BLUE_GREEN
+    steps: tuple[Percent, ...] | None = None  # canary only: traffic percent per step, ending at 100
+    scoring_workers: int | None = Field(default=None, ge=1, le=64)  # None: the service's setting
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("strategy") == Strategy.CANARY and data.get("steps") is None:
+            return {**data, "steps": list(DEFAULT_CANARY_STEPS)}
+        return data
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, steps: tuple[int, ...] | None, info: ValidationInfo) -> tuple[int, ...] | None:
+        if steps is None:
+            return None
+        strategy = info.data.get("strategy")
+        if strategy is not None and strategy != Strategy.CANARY:
+            raise PydanticCustomError("steps_unused", "only used with strategy canary (strategy is {strategy})",
+                                      {"strategy": str(strategy)})
+        if not steps or any(a >= b for a, b in pairwise(steps)) or steps[-1] != 100:
+            raise PydanticCustomError("steps_order", "must be increasing percentages ending at 100 (got {got})",
+                                      {"got": list(steps)})
+        return steps
+
+
+def _production() -> tuple[Environment, ...]:
+    return (Environment(name="production"),)
+
+
+class SmokePolicy(_Edge):
+    """Smoke checks run against a new deployment's own URI before any traffic moves."""
+
+    requests: int = Field(default=20, ge=0, le=10_000)  # N requests for the latency check; 0 skips it
+    p95_ms: float = Field(default=500.0, gt=0, allow_inf_nan=False)  # latency budget at p95
+    tolerance: float = Field(default=1e-6, ge=0, allow_inf_nan=False)  # abs or rel, vs expected output
+    timeout_s: float = Field(default=10.0, gt=0, le=600, allow_inf_nan=False)  # per request
+
+
+class Retention(_Edge):
+    """What stays after a promotion."""
+
+    keep_deployments: int = Field(default=2, ge=1, le=100)  # per endpoint, including the serving one
+
+
+class Policy(_Edge):
+    """A release policy, as written in YAML (see the module docstring for precedence)."""
+
+    name: Name
+    match: Match = Field(default_factory=Match)
+    runner: RunnerName = Runner.LOCAL
+    auto: bool = True  # False: versions are recorded; releases start only by hand (promote)
+    environments: tuple[Environment, ...] = Field(default_factory=_production, min_length=1)  # in order
+    smoke: SmokePolicy = Field(default_factory=SmokePolicy)
+    retention: Retention = Field(default_factory=Retention)
+
+    @model_validator(mode="after")
+    def _unique_environments(self) -> Policy:
+        problems = _duplicate_environments([e.name for e in self.environments])
+        if problems:
+            first = problems[0]
+            raise PydanticCustomError("duplicate_environment", "{message}",
+                                      {"message": first.message, "path": first.path})
+        return self
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<policy>") -> Policy:
+        """Validate plain data (a stored snapshot, an API body); raise `InvalidPolicy` listing problems."""
+        return _validate(data, source, {})
+
+    def matches(self, model: str, tags: Mapping[str, str], source: str) -> bool:
+        return self.match.matches(model, tags, source)
+
+    def environment(self, name: str) -> Environment | None:
+        """The environment step called ``name``, if the policy has one."""
+        return next((e for e in self.environments if e.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe data, every field included (defaults too), so a snapshot replays exactly."""
+        return self.model_dump(mode="json")
+
+    @property
+    def revision(self) -> str:
+        """Content hash of the policy: the same text always has the same revision."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a release stores about the policy revision it used; `Policy.from_dict(s["policy"])`."""
+        return {"name": self.name, "revision": self.revision, "policy": self.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------
+# selection (pure)
+
+
+def _literal_prefix(glob: str) -> str:
+    cut = min((i for i, ch in enumerate(glob) if ch in _WILDCARDS), default=len(glob))
+    return glob[:cut]
+
+
+def _glob_specificity(glob: str) -> tuple[int, bool]:
+    return len(_literal_prefix(glob)), not any(ch in glob for ch in _WILDCARDS)
+
+
+def _precedence(policy: Policy, model: str) -> tuple[int, int, int, str]:
+    """Sort key: smaller sorts first, so more specific policies come first."""
+    glob = policy.match.matching_glob(model) or ""
+    prefix, exact = _glob_specificity(glob)
+    return -len(policy.match.tags), -prefix, -int(exact), policy.name
+
+
+def select_policy(policies: Sequence[Policy], model: str, tags: Mapping[str, str], source: str) -> Policy:
+    """The most specific policy matching this version (see module docstring), else DEFAULT_POLICY."""
+    candidates = [p for p in policies if p.matches(model, tags, source)]
+    if not candidates:
+        return DEFAULT_POLICY
+    return min(candidates, key=lambda p: _precedence(p, model))
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing and error reporting
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a policy: where (YAML path, line) and what to fix."""
+
+    path: str  # e.g. "environments[0].strategy"; "" for the document itself
+    message: str
+    line: int | None = None  # 1-based line in the YAML text, when known
+
+    def render(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class InvalidPolicy(InvalidInput):
+    """A policy failed to parse or validate; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: Sequence[Problem], source: str) -> None:
+        self.problems = tuple(problems)
+        lines = [p.render(source) for p in self.problems]
+        if len(lines) == 1:
+            message = lines[0]
+        else:
+            message = f"{source}: {len(lines)} problems in release policy:\n" + "\n".join(
+                f"  {line}" for line in lines)
+        super().__init__(message, field=(self.problems[0].path or None) if self.problems else None)
+
+
+def render_path(loc: Iterable[str | int]) -> str:
+    """``("environments", 0, "strategy")`` → ``environments[0].strategy``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _duplicate_environments(names: Sequence[Any]) -> list[Problem]:
+    first: dict[str, int] = {}
+    problems = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            problems.append(Problem(f"environments[{i}].name",
+                                    f"duplicate environment {name!r} (first at environments[{first[name]}])"))
+        else:
+            first[name] = i
+    return problems
+
+
+def _known_keys(parent: tuple[str | int, ...]) -> list[str]:
+    shape = tuple(0 if isinstance(p, int) else p for p in parent)
+    model = _MODEL_AT.get(shape)
+    return list(model.model_fields) if model else []
+
+
+def _describe(err: ErrorDetails) -> str:
+    """Turn a pydantic error into a message that says what to write instead."""
+    kind, ctx, got = err["type"], err.get("ctx") or {}, _show(err.get("input"))
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        key, known = str(err["loc"][-1]), _known_keys(tuple(err["loc"][:-1]))
+        hint = difflib.get_close_matches(key, known, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"unknown key{did_you_mean}; known keys: {', '.join(known)}"
+    simple = {
+        "model_type": "must be a mapping", "model_attributes_type": "must be a mapping",
+        "dict_type": "must be a mapping", "tuple_type": "must be a list", "list_type": "must be a list",
+        "string_type": "must be a string", "bool_type": "must be true or false",
+        "bool_parsing": "must be true or false", "int_type": "must be a whole number",
+        "int_parsing": "must be a whole number", "int_from_float": "must be a whole number",
+        "float_type": "must be a number", "float_parsing": "must be a number",
+        "finite_number": "must be a finite number",
+    }
+    if kind in simple:
+        return f"{simple[kind]} (got {got})"
+    if kind == "too_short":
+        n = ctx.get("min_length", 1)
+        return f"must have at least {n} item{'s' if n != 1 else ''}"
+    if kind in ("choice", "name", "steps_unused", "steps_order", "duplicate_environment"):
+        return err["msg"]
+    msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    msg = msg.replace("String should have", "must have")
+    return msg if "(got" in msg else f"{msg} (got {got})"
+
+
+def _line_for(loc: tuple[str | int, ...], lines: Mapping[tuple[str | int, ...], int]) -> int | None:
+    """The line of ``loc`` or of its nearest ancestor present in the text."""
+    for cut in range(len(loc), 0, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
+def _problem(err: ErrorDetails, lines: Mapping[tuple[str | int, ...], int]) -> Problem:
+    ctx = err.get("ctx") or {}
+    if "path" in ctx:  # a whole-policy check that knows which field to blame
+        return Problem(str(ctx["path"]), _describe(err), lines.get(_parse_path(str(ctx["path"]))))
+    loc = tuple(err["loc"])
+    return Problem(render_path(loc), _describe(err), _line_for(loc, lines))
+
+
+def _parse_path(path: str) -> tuple[str | int, ...]:
+    parts: list[str | int] = []
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        parts.append(int(token[1:-1]) if token.startswith("[") else token)
+    return tuple(parts)
+
+
+def _echo(err: ErrorDetails) -> bool:
+    """A ``too_short`` that only echoes failed items (pydantic counts the items that validated)."""
+    given = err.get("input")
+    return err["type"] == "too_short" and isinstance(given, list | tuple) and (
+        len(given) >= (err.get("ctx") or {}).get("min_length", 0))
+
+
+def _validate(data: Any, source: str, lines: Mapping[tuple[str | int, ...], int],
+              found: Sequence[Problem] = ()) -> Policy:
+    """Validate parsed data; ``found`` are problems the YAML reading already noticed."""
+    if not isinstance(data, Mapping):
+        raise InvalidPolicy([*found, Problem("", f"a release policy must be a mapping (got {_show(data)})", 1)],
+                            source)
+    envs = data.get("environments")
+    names = [e.get("name") for e in envs if isinstance(e, Mapping)] if isinstance(envs, list | tuple) else []
+    problems = [*found, *(Problem(p.path, p.message, lines.get(_parse_path(p.path)))
+                          for p in _duplicate_environments(names))]
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as e:
+        problems += [_problem(err, lines) for err in e.errors() if not _echo(err)]
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        unique.sort(key=lambda p: (p.line or 0))
+        raise InvalidPolicy(unique, source)
+    return policy
+
+
+def _line_map(root: yaml.Node, source: str) -> tuple[dict[tuple[str | int, ...], int], list[Problem]]:
+    """YAML path → 1-based line (of the key for mapping entries, of the item for list items), and
+    the duplicate keys found on the way."""
+    lines: dict[tuple[str | int, ...], int] = {}
+    duplicates: list[Problem] = []
+    stack: list[tuple[yaml.Node, tuple[str | int, ...], int]] = [(root, (), 0)]
+    visited = 0
+    while stack:
+        node, path, depth = stack.pop()
+        visited += 1
+        if visited > MAX_POLICY_NODES or depth > 50:
+            raise InvalidPolicy([Problem("", f"policy too large or too deep (more than {MAX_POLICY_NODES} "
+                                             "values after expanding aliases, or nested over 50 levels)")],
+                                source)
+        children: list[tuple[yaml.Node, tuple[str | int, ...], int]] = []
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.tag)
+                line = key_node.start_mark.line + 1
+                if (*path, key) in lines or any(c[1] == (*path, key) for c in children):
+                    duplicates.append(Problem(render_path((*path, key)),
+                                              "duplicate key; YAML would silently keep only the last", line))
+                children.append((value_node, (*path, key), line))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, (*path, i), item.start_mark.line + 1) for i, item in enumerate(node.value)]
+        for child, child_path, line in children:
+            lines.setdefault(child_path, line)
+            stack.append((child, child_path, depth + 1))
+    return lines, duplicates
+
+
+def _load(text: str, source: str) -> tuple[Any, dict[tuple[str | int, ...], int], list[Problem]]:
+    """Parse one YAML document; return the data, the line of each path and duplicate keys."""
+    if len(text.encode("utf-8", "replace")) > MAX_POLICY_BYTES:
+        raise InvalidPolicy([Problem("", f"policy is larger than {MAX_POLICY_BYTES // 1024} KiB")], source)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise InvalidPolicy([Problem("", "policy is empty; it needs at least `name:`")], source)
+        lines, duplicates = _line_map(node, source)
+        return loader.construct_document(node), lines, duplicates
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        what = f"{e.context}, {e.problem}" if e.context else str(e.problem)
+        raise InvalidPolicy([Problem("", f"invalid YAML: {what}", line)], source) from e
+    except yaml.YAMLError as e:
+        raise InvalidPolicy([Problem("", f"invalid YAML: {e}")], source) from e
+    finally:
+        loader.dispose()
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Parse and validate one policy; raise `InvalidPolicy` (an `InvalidInput`) listing every problem
+    as ``source:line: path: message``, with ``field`` the path of the first one."""
+    data, lines, duplicates = _load(text, source)
+    return _validate(data, source, lines, duplicates)
+
+
+DEFAULT_POLICY = Policy(name="default")
+"""Every new version auto-releases to ``production``, blue-green, on the ``process`` target,
+smoke-tested with the version's own sample; used when no policy matches."""
+
+_MODEL_AT: dict[tuple[str | int, ...], type[BaseModel]] = {
+    (): Policy,
+    ("match",): Match,
+    ("environments", 0): Environment,
+    ("smoke",): SmokePolicy,
+    ("retention",): Retention,
+}
