@@ -84,6 +84,7 @@ class Service:
         return Client(self.settings)
 
     def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
         log = self.home / f"serve-{len(self.logs)}.log"
         self.logs.append(log)
         self.proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=self.env,
