@@ -1,0 +1,140 @@
+"""Release timings on the embedded default, end to end through a real `modelcd serve`:
+
+- register → serving: from the register call returning to the endpoint URI answering with
+  the new version (warm requirements cache: every version shares one environment);
+- traffic switch: from a rollback (or promote of a warm version) API call to the endpoint
+  answering with the other version, and the API call's own duration.
+
+Usage: python bench/release_bench.py [--versions 6] [--switches 30]
+Prints a markdown table. Loopback only; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from modelcd.client import Client
+from modelcd.config import load_settings
+
+TOKEN = "bench-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model(folder: Path, c: float) -> dict[str, Any]:
+    import joblib
+    import sklearn
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    model = LogisticRegression(C=c, max_iter=500).fit(x, y)
+    folder.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, folder / "model.joblib")
+    (folder / "requirements.txt").write_text(f"scikit-learn=={sklearn.__version__}\n")
+    rows = x[[0, 60, 120]].tolist()
+    return {"sample": {"data": rows}, "expected": model.predict(rows).tolist()}
+
+
+def wait_version(url: str, body: dict[str, Any], version: int, timeout_s: float = 120) -> float:
+    """Poll the endpoint until it answers with ``version``; return the monotonic time it did."""
+    session = requests.Session()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            r = session.post(url, json=body, timeout=5)
+            if r.status_code == 200 and r.headers.get("X-Modelcd-Version") == str(version):
+                return time.monotonic()
+        except requests.RequestException:
+            pass
+        time.sleep(0.005)
+    raise RuntimeError(f"endpoint never served v{version}")
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def row(name: str, values: list[float], unit: str = "ms", scale: float = 1000) -> str:
+    v = [x * scale for x in values]
+    return (f"| {name} | {len(v)} | {statistics.median(v):.1f} {unit} | {pct(v, 90):.1f} {unit} | "
+            f"{pct(v, 99):.1f} {unit} | {min(v):.1f} {unit} | {max(v):.1f} {unit} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--versions", type=int, default=6)
+    ap.add_argument("--switches", type=int, default=30)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="modelcd-bench-"))
+    port, rport = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
+           "MODELCD_HOME": str(tmp / "home"), "MODELCD_PORT": str(port), "MODELCD_ROUTER_PORT": str(rport),
+           "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": TOKEN}
+    (tmp / "home").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=env, start_new_session=True,
+                            stdout=open(tmp / "serve.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    client = Client(load_settings(environ=env))
+    try:
+        deadline = time.monotonic() + 60
+        while not client.healthy():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError((tmp / "serve.log").read_text())
+            time.sleep(0.1)
+        # v1: cold environment (not measured), then warm versions
+        meta = make_model(tmp / "v1", 1.0)
+        client.register("bench", tmp / "v1", meta)
+        rel = client.find_release("bench", 1)
+        assert rel and client.wait_release(rel["id"])["phase"] == "succeeded"
+        uri = client.get("/api/v1/endpoints/bench/production")["scoring_uri"]
+        reg_to_serving = []
+        for i in range(2, args.versions + 2):
+            m = make_model(tmp / f"v{i}", 1.0 / i)
+            client.register("bench", tmp / f"v{i}", m)
+            t0 = time.monotonic()
+            reg_to_serving.append(wait_version(uri, meta["sample"], i) - t0)
+        last = args.versions + 1
+        switch, call = [], []
+        current = last
+        for _ in range(args.switches):
+            t0 = time.monotonic()
+            result = client.post("/api/v1/endpoints/bench/production/rollback")
+            t1 = time.monotonic()
+            assert result["release_id"] is None, result
+            target = last - 1 if current == last else last
+            switch.append(wait_version(uri, meta["sample"], target) - t0)
+            call.append(t1 - t0)
+            current = target
+        print("| measurement | n | median | p90 | p99 | min | max |")
+        print("|---|---|---|---|---|---|---|")
+        print(row("register → serving (warm env)", reg_to_serving, "s", 1))
+        print(row("rollback: API call returns (router read back)", call))
+        print(row("rollback: call start → endpoint answers other version", switch))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        from modelcd.lifecycle import stop_data_plane
+
+        for _ in stop_data_plane(load_settings(environ=env)):
+            pass
+
+
+if __name__ == "__main__":
+    main()
