@@ -1,0 +1,456 @@
+"""Build stage of the ``process`` target: a bundle is a shared virtualenv plus a folder with
+the model files, the scoring runtime and its settings.
+
+Layout under ``home``::
+
+    envs/{env_key}/                     virtualenv, shared by every bundle with the same key
+    bundles/{model}/{version}-{digest12}/
+        model/                          copy of the version's files
+        runtime/modelcd/...             modelcd/__init__.py + modelcd/scoring (copied)
+        scoring.json                    what the scoring runtime needs to know
+        bundle.json                     python, env key, created time
+    locks/env-{env_key}.lock            fcntl lock held while that env is built
+
+Everything is written into a temporary sibling and renamed into place, so a crash never
+leaves a half-built env or bundle under its final name and a re-run is idempotent.
+Registry-supplied strings never reach a shell: subprocesses get argv lists and the
+requirements go through a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from queue import Empty, Queue
+
+import modelcd
+from modelcd.domain import Bundle, Flavor, ModelVersion
+from modelcd.errors import BuildError, Cancelled
+
+Log = Callable[[str], None]
+
+DEFAULT_RUNTIME_REQUIREMENTS = ("gunicorn>=22",)
+ENV_MARKER = "modelcd-env.json"  # written last inside an env: its presence means "complete"
+BUNDLE_MARKER = "bundle.json"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REQ_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(.*)$", re.DOTALL)
+_POLL_S = 0.1
+
+
+def build_bundle(home: Path, version: ModelVersion, files_dir: Path, log: Log,
+                 cancel: threading.Event, python: str | None = None) -> Bundle:
+    """Build (or reuse) the bundle of ``version`` from its files in ``files_dir``.
+
+    Blocks until the bundle is complete. Idempotent: a complete bundle for the same
+    (model, version, digest) is returned as is, and its virtualenv is shared with every
+    version that has the same interpreter and requirements. Raises BuildError naming the
+    cause (bad entry script, uninstallable requirement, missing file) and Cancelled when
+    ``cancel`` is set; in both cases nothing half-built is left behind.
+    """
+    home = Path(home).absolute()  # bundle.json and Bundle hold paths used from other cwds
+    _check_cancel(cancel)
+    _check_name(version.model, "model name")
+    reqs = normalise_requirements(version.requirements)
+    _check_files(version, Path(files_dir))
+    interpreter = resolve_python(python)
+    key = env_key(python_identity(interpreter), reqs, runtime_requirements())
+    env_python, reused = ensure_env(home, key, [*reqs, *runtime_requirements()], interpreter, log, cancel)
+    bundle = _ensure_bundle_dir(home, version, Path(files_dir), env_python, key, log, cancel)
+    return Bundle(path=bundle, python=env_python, env_key=key, reused_env=reused)
+
+
+# -- pure helpers -------------------------------------------------------------------------
+
+
+def normalise_requirements(requirements: Sequence[str]) -> list[str]:
+    """Sorted, de-duplicated requirement lines with PEP 503 names; refuse installer options
+    and line breaks, which would let a registry string steer the installer."""
+    out: set[str] = set()
+    for raw in requirements:
+        if "\n" in raw or "\r" in raw or "\x00" in raw:
+            raise BuildError(f"requirement {raw!r} spans several lines; give one requirement per entry",
+                             field="requirements")
+        line = " ".join(raw.split())
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("-"):
+            raise BuildError(f"requirement {line!r} is an installer option; only package requirements "
+                             "are allowed (configure indexes with UV_* / PIP_* variables instead)",
+                             field="requirements")
+        match = _REQ_NAME.match(line)
+        if not match:
+            raise BuildError(f"requirement {line!r} does not start with a package name", field="requirements")
+        name, rest = match.groups()
+        out.add(re.sub(r"[-_.]+", "-", name).lower() + rest)
+    return sorted(out)
+
+
+def env_key(python_id: str, requirements: Sequence[str], runtime: Sequence[str]) -> str:
+    """sha256 over the interpreter identity, the model's and the runtime's requirements."""
+    doc = json.dumps({"python": python_id, "requirements": sorted(requirements),
+                      "runtime": sorted(normalise_requirements(runtime))}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def runtime_requirements() -> list[str]:
+    """What the scoring runtime itself needs inside every env (``modelcd.scoring``)."""
+    try:
+        scoring = importlib.import_module("modelcd.scoring")
+    except ImportError:
+        return list(DEFAULT_RUNTIME_REQUIREMENTS)
+    return list(getattr(scoring, "RUNTIME_REQUIREMENTS", DEFAULT_RUNTIME_REQUIREMENTS))
+
+
+def install_error_excerpt(lines: Sequence[str], limit: int = 8) -> str:
+    """The meaningful end of installer output: from the first error line on (uv ``error:``,
+    pip ``ERROR:``), else the last non-empty lines."""
+    clean = [ln.rstrip() for ln in lines if ln.strip()]
+    for i, line in enumerate(clean):
+        if line.lstrip().lower().startswith("error"):
+            return "\n".join(clean[i:i + limit])
+    return "\n".join(clean[-limit:])
+
+
+# -- interpreter ---------------------------------------------------------------------------
+
+
+def resolve_python(python: str | None) -> Path:
+    """Absolute path of the bundle interpreter: ``python`` (path or command) or this one."""
+    if python is None:
+        return Path(sys.executable)
+    found = shutil.which(python)
+    if found is None:
+        raise BuildError(f"python interpreter {python!r} not found; set the `python` setting to an "
+                         "existing interpreter", field="python")
+    return Path(found).absolute()
+
+
+def python_identity(interpreter: Path) -> str:
+    """Implementation, full version and machine of ``interpreter`` (part of the env key)."""
+    if interpreter == Path(sys.executable):
+        return f"{sys.implementation.name} {platform.python_version()} {platform.machine()}"
+    code = ("import platform, sys; print(sys.implementation.name, platform.python_version(), "
+            "platform.machine())")
+    try:
+        out = subprocess.run([str(interpreter), "-c", code], capture_output=True, text=True,
+                             timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"python interpreter {interpreter} does not run: {e}", field="python") from e
+    return out.stdout.strip()
+
+
+# -- environments --------------------------------------------------------------------------
+
+
+def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: Path, log: Log,
+               cancel: threading.Event) -> tuple[Path, bool]:
+    """Return (python of env ``key``, reused?) building the env first if it is not complete.
+
+    Two builders of one key serialise on an fcntl lock; the loser finds the env complete.
+    """
+    final = home / "envs" / key
+    if _env_complete(final):
+        log(f"reusing environment {key[:12]}")
+        return final / "bin" / "python", True
+    with _env_lock(home, key, log, cancel):
+        if _env_complete(final):
+            log(f"reusing environment {key[:12]} (built meanwhile)")
+            return final / "bin" / "python", True
+        if final.exists():  # incomplete: never reused
+            shutil.rmtree(final, ignore_errors=True)
+        for stale in final.parent.glob(f".tmp-{key[:12]}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
+        started = time.monotonic()
+        try:
+            _create_env(tmp, requirements, interpreter, log, cancel)
+            _retarget_scripts(tmp, final)
+            marker = {"env_key": key, "python": str(interpreter), "requirements": list(requirements),
+                      "created_at": _now()}
+            (tmp / ENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            _check_cancel(cancel)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log(f"environment {key[:12]} ready in {time.monotonic() - started:.1f}s")
+        return final / "bin" / "python", False
+
+
+def _env_complete(env: Path) -> bool:
+    return (env / ENV_MARKER).is_file() and (env / "bin" / "python").exists()
+
+
+@contextlib.contextmanager
+def _env_lock(home: Path, key: str, log: Log, cancel: threading.Event) -> Iterator[None]:
+    """Hold an exclusive fcntl lock for env ``key``; waiting stays cancellable."""
+    locks = home / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    (home / "envs").mkdir(parents=True, exist_ok=True)
+    with open(locks / f"env-{key}.lock", "a+") as fh:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    log(f"waiting for another build of environment {key[:12]}")
+                    waited = True
+                _check_cancel(cancel)
+                time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: Log,
+                cancel: threading.Event) -> None:
+    """Create a virtualenv at ``tmp`` and install ``requirements`` into it."""
+    reqs_file = tmp.parent / f"{tmp.name}.requirements.txt"
+    reqs_file.write_text("".join(f"{r}\n" for r in requirements))
+    try:
+        uv = _find_uv()
+        if uv:
+            log(f"creating environment with uv ({interpreter})")
+            _run_step([uv, "venv", "--relocatable", "--python", str(interpreter), str(tmp)],
+                      "create the virtualenv", log, cancel)
+            log(f"installing {len(requirements)} requirements")
+            # Compiled once here, so every scoring start imports fast even under
+            # PYTHONDONTWRITEBYTECODE (as pip does); UV_COMPILE_BYTECODE=0 opts out.
+            compile_flag = [] if "UV_COMPILE_BYTECODE" in os.environ else ["--compile-bytecode"]
+            _run_step([uv, "pip", "install", *compile_flag, "--python", str(tmp / "bin" / "python"),
+                       "-r", str(reqs_file)], "install the requirements", log, cancel, requirements)
+        else:
+            log(f"uv not found; creating environment with {interpreter} -m venv")
+            _run_step([str(interpreter), "-m", "venv", str(tmp)], "create the virtualenv", log, cancel)
+            log(f"installing {len(requirements)} requirements with pip")
+            _run_step([str(tmp / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+                       "-r", str(reqs_file)], "install the requirements", log, cancel, requirements)
+    finally:
+        reqs_file.unlink(missing_ok=True)
+
+
+def _find_uv() -> str | None:
+    """The uv binary of the ``uv`` package, else one on PATH, else None."""
+    try:
+        import uv
+
+        return str(uv.find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv")
+
+
+def _retarget_scripts(tmp: Path, final: Path) -> None:
+    """Point scripts written with the temp path (pip's shebangs, activate) at the final path."""
+    old, new = str(tmp).encode(), str(final).encode()
+    for script in (tmp / "bin").iterdir():
+        if script.is_symlink() or not script.is_file() or script.stat().st_size > 1_000_000:
+            continue
+        data = script.read_bytes()
+        if old in data and b"\x00" not in data[:1024]:
+            script.write_bytes(data.replace(old, new))
+
+
+def _run_step(argv: list[str], what: str, log: Log, cancel: threading.Event,
+              requirements: Sequence[str] = ()) -> None:
+    """Run one installer step, raising BuildError with the meaningful end of its output."""
+    rc, tail = run_streaming(argv, log, cancel)
+    if rc == 0:
+        return
+    excerpt = install_error_excerpt(tail)
+    named = [r for r in requirements if _req_name(r) in excerpt.lower()]
+    blame = f" (requirement {', '.join(repr(r) for r in named)})" if named else ""
+    raise BuildError(f"cannot {what}{blame}: exit code {rc}\n{excerpt}", field="requirements" if blame else None)
+
+
+def _req_name(requirement: str) -> str:
+    match = _REQ_NAME.match(requirement)
+    return match.group(1).lower() if match else requirement.lower()
+
+
+def run_streaming(argv: list[str], log: Log, cancel: threading.Event, *,
+                  env: dict[str, str] | None = None, cwd: Path | None = None,
+                  keep: int = 200) -> tuple[int, list[str]]:
+    """Run ``argv`` (never through a shell), passing each output line to ``log``.
+
+    Returns (exit code, last ``keep`` lines). If ``cancel`` is set the whole process group
+    is killed and Cancelled raised.
+    """
+    env = dict(os.environ if env is None else env)
+    env.setdefault("NO_COLOR", "1")
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd, start_new_session=True, text=True, errors="replace")
+    except OSError as e:
+        raise BuildError(f"cannot run {Path(argv[0]).name}: {e.strerror}") from e
+    lines: Queue[str | None] = Queue()
+    tail: deque[str] = deque(maxlen=keep)
+    reader = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
+    reader.start()
+    try:
+        done = False
+        while not done:
+            if cancel.is_set():
+                raise Cancelled(f"stopped while running {Path(argv[0]).name}")
+            try:
+                line = lines.get(timeout=_POLL_S)
+            except Empty:
+                continue
+            if line is None:
+                done = True
+            else:
+                tail.append(line)
+                log(line)
+        return proc.wait(), list(tail)
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        reader.join(timeout=5)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def _pump(proc: subprocess.Popen[str], lines: Queue[str | None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# -- bundle folder -------------------------------------------------------------------------
+
+
+def _ensure_bundle_dir(home: Path, version: ModelVersion, files_dir: Path, env_python: Path, key: str,
+                       log: Log, cancel: threading.Event) -> Path:
+    """Return the complete bundle folder, writing it (temp + rename) when missing."""
+    parent = home / "bundles" / version.model
+    final = parent / f"{version.version}-{version.digest12}"
+    meta = {"model": version.model, "version": version.version, "digest": version.digest,
+            "python": str(env_python), "env_key": key, "created_at": _now()}
+    if (final / BUNDLE_MARKER).is_file():
+        old = json.loads((final / BUNDLE_MARKER).read_text())
+        if old.get("env_key") != key:  # same files, other interpreter/runtime: repoint in place
+            _write_atomic(final / BUNDLE_MARKER, json.dumps(meta, indent=2) + "\n")
+            log(f"bundle {final.name} repointed to environment {key[:12]}")
+        else:
+            log(f"reusing bundle {final.name}")
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(files_dir, tmp / "model")
+        _check_cancel(cancel)
+        _copy_runtime(tmp / "runtime")
+        scoring = {"model": version.model, "version": version.version, "flavor": str(version.flavor),
+                   "model_file": version.model_file, "entry_script": version.entry_script,
+                   "sample": version.sample, "expected": version.expected}
+        (tmp / "scoring.json").write_text(json.dumps(scoring, indent=2) + "\n")
+        (tmp / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        _check_cancel(cancel)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / BUNDLE_MARKER).is_file():  # not a concurrent twin: a real failure
+                raise
+            log(f"bundle {final.name} was built concurrently; using it")
+        else:
+            log(f"bundle ready: {final}")
+    except OSError as e:
+        raise BuildError(f"cannot write bundle {final}: {e}") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _copy_runtime(dest: Path) -> None:
+    """Copy ``modelcd/__init__.py`` and the ``modelcd.scoring`` package (no caches)."""
+    package = Path(modelcd.__file__).parent
+    (dest / "modelcd").mkdir(parents=True)
+    shutil.copy2(package / "__init__.py", dest / "modelcd" / "__init__.py")
+    if not (package / "scoring").is_dir():
+        raise BuildError(f"the scoring runtime is missing from the installed modelcd ({package / 'scoring'})")
+    shutil.copytree(package / "scoring", dest / "modelcd" / "scoring",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def _check_files(version: ModelVersion, files_dir: Path) -> None:
+    """The model file / entry script exist inside the files; the entry script compiles."""
+    if not files_dir.is_dir():
+        raise BuildError(f"model files of {version.model} v{version.version} not found at {files_dir}")
+    if version.flavor == Flavor.CUSTOM:
+        if not version.entry_script:
+            raise BuildError(f"{version.model} v{version.version} has flavor custom but no entry script",
+                             field="entry_script")
+        script = _inside(files_dir, version.entry_script, "entry_script")
+        check_entry_script(script, version.entry_script)
+    elif version.model_file:
+        _inside(files_dir, version.model_file, "model_file")
+
+
+def check_entry_script(script: Path, shown_as: str) -> None:
+    """Raise BuildError naming ``shown_as:line`` when the script does not compile."""
+    try:
+        compile(script.read_bytes(), shown_as, "exec", dont_inherit=True)
+    except SyntaxError as e:
+        raise BuildError(f"entry script {shown_as}:{e.lineno}: {e.msg}", field="entry_script") from e
+    except ValueError as e:  # e.g. null bytes
+        raise BuildError(f"entry script {shown_as}: {e}", field="entry_script") from e
+
+
+def _inside(root: Path, relative: str, field: str) -> Path:
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise BuildError(f"{field} {relative!r} points outside the model files", field=field)
+    if not path.is_file():
+        raise BuildError(f"{field} {relative!r} not found in the model files", field=field)
+    return path
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise BuildError(f"{what} {name!r} is not a safe folder name (letters, digits, '.', '_', '-')",
+                         field="model")
+
+
+def _check_cancel(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise Cancelled("build stopped")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
