@@ -1,0 +1,312 @@
+"""The ``Router`` interface and the routing table it applies.
+
+A router is the data plane's front door: it holds, for each endpoint (``model/env``), the
+deployments (backends) that serve it and their traffic weights, and sends every scoring
+request to one of them. The control plane decides the table; a router applies it, and
+reports back what it is really serving (read from the live router, never from a record the
+control plane keeps), so a promotion is recorded only after the split is verified.
+
+This module is standard library only: the router process imports it too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from abc import ABC, abstractmethod
+from bisect import bisect_right
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import Any, ClassVar, Generic, TypeVar
+
+from modelcd.errors import ConfigError, InvalidInput
+
+# One path segment of an endpoint key: a model name or an environment name as the registry
+# allows them. It can never start with '-', so the router's admin prefix "/-/" is free.
+SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+BACKEND_URL_RE = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[^\s?#]*)?")
+ID_RE = re.compile(r"[!-~]{1,128}")  # it goes into a response header: printable ASCII, no spaces
+MAX_WEIGHT = 1_000_000
+
+T = TypeVar("T")
+
+
+def endpoint_key(model: str, env: str) -> str:
+    """The table key of the endpoint of ``model`` in ``env``: ``"model/env"``."""
+    return f"{model}/{env}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _backend_problems(where: str, id: object, version: object, url: object, weight: object) -> list[str]:
+    """Every reason these values cannot make a ``Backend``; ``where`` prefixes each."""
+    problems: list[str] = []
+    if not isinstance(id, str) or not ID_RE.fullmatch(id):
+        problems.append(f"{where}.id: must be 1-128 printable ASCII characters without spaces (got {id!r})")
+    if not _is_int(version) or version < 0:  # type: ignore[operator]
+        problems.append(f"{where}.version: must be an integer >= 0 (got {version!r})")
+    if not isinstance(url, str) or not BACKEND_URL_RE.fullmatch(url):
+        problems.append(f"{where}.url: must be an http:// URL like http://127.0.0.1:8000 (got {url!r})")
+    if not _is_int(weight) or not 0 <= weight <= MAX_WEIGHT:  # type: ignore[operator]
+        problems.append(f"{where}.weight: must be an integer from 0 to {MAX_WEIGHT} (got {weight!r})")
+    return problems
+
+
+def _route_problems(where: str, backends: Sequence[Backend]) -> list[str]:
+    ids = [b.id for b in backends]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    return [f"{where}.backends: duplicate backend id(s) {', '.join(dupes)}"] if dupes else []
+
+
+def _key_problems(key: object) -> list[str]:
+    parts = key.split("/") if isinstance(key, str) else []
+    if len(parts) != 2 or not all(SEGMENT_RE.fullmatch(p) for p in parts):
+        return [f"endpoints: key {key!r} must be 'model/env' (letters, digits, '.', '_', '-'; no leading '-')"]
+    return []
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        field_name = problems[0].split(":", 1)[0]
+        raise InvalidInput("invalid routing table: " + "; ".join(problems), field=field_name)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One deployment behind an endpoint. ``weight`` is its share of the endpoint's traffic
+    relative to the other backends; 0 means warm standby: listed, healthy, but sent nothing."""
+
+    id: str  # deployment id, echoed to clients as X-Modelcd-Deployment
+    version: int  # model version, echoed to clients as X-Modelcd-Version
+    url: str  # base URL of the deployment; the request's path after model/env is appended
+    weight: int
+
+    def __post_init__(self) -> None:
+        _raise(_backend_problems("backend", self.id, self.version, self.url, self.weight))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "version": self.version, "url": self.url, "weight": self.weight}
+
+
+@dataclass(frozen=True)
+class EndpointRoute:
+    """The backends of one endpoint. Backend ids are unique within it."""
+
+    backends: tuple[Backend, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backends", tuple(self.backends))
+        _raise(_route_problems("route", self.backends))
+
+    @property
+    def total_weight(self) -> int:
+        return sum(b.weight for b in self.backends)
+
+    def split(self) -> dict[str, int]:
+        """Weight by backend id, e.g. ``{"d12": 90, "d13": 10}``."""
+        return {b.id: b.weight for b in self.backends}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backends": [b.to_dict() for b in self.backends]}
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Everything a router serves, stamped with a generation that only grows: the control
+    plane writes generation N+1 to change anything, and a router reports the generation it
+    has applied, so "is my change live?" is one integer comparison plus a content check."""
+
+    generation: int
+    endpoints: dict[str, EndpointRoute] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = [] if _is_int(self.generation) and self.generation >= 0 else [
+            f"generation: must be an integer >= 0 (got {self.generation!r})"]
+        for key in self.endpoints:
+            problems += _key_problems(key)
+        _raise(problems)
+
+    def route(self, model: str, env: str) -> EndpointRoute | None:
+        """The route of one endpoint, or None when the table does not have it."""
+        return self.endpoints.get(endpoint_key(model, env))
+
+    def with_route(self, model: str, env: str, route: EndpointRoute | None) -> RoutingTable:
+        """A copy with one endpoint set (or removed when ``route`` is None), generation + 1."""
+        endpoints = dict(self.endpoints)
+        if route is None:
+            endpoints.pop(endpoint_key(model, env), None)
+        else:
+            endpoints[endpoint_key(model, env)] = route
+        return RoutingTable(self.generation + 1, endpoints)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"generation": self.generation,
+                "endpoints": {k: r.to_dict() for k, r in sorted(self.endpoints.items())}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: object) -> RoutingTable:
+        """Validate a decoded table; raise InvalidInput listing every problem at once."""
+        if not isinstance(data, Mapping):
+            raise InvalidInput("invalid routing table: must be a JSON object", field="table")
+        problems: list[str] = []
+        generation = data.get("generation")
+        if not _is_int(generation) or generation < 0:  # type: ignore[operator]
+            problems.append(f"generation: must be an integer >= 0 (got {generation!r})")
+        extra = sorted(set(data) - {"generation", "endpoints"})
+        if extra:
+            problems.append(f"table: unknown field(s) {', '.join(map(str, extra))}")
+        raw_endpoints = data.get("endpoints")
+        if not isinstance(raw_endpoints, Mapping):
+            problems.append("endpoints: must be an object of 'model/env': {backends: [...]}")
+            raw_endpoints = {}
+        endpoints: dict[str, EndpointRoute] = {}
+        for key, raw in raw_endpoints.items():
+            route, route_problems = _parse_route(key, raw)
+            problems += _key_problems(key) + route_problems
+            if route is not None:
+                endpoints[key] = route
+        _raise(problems)
+        return cls(generation, endpoints)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RoutingTable:
+        """Parse and validate a table written by ``to_json``; raise InvalidInput if bad."""
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"invalid routing table: not JSON ({e})", field="table") from e
+        return cls.from_dict(data)
+
+
+def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[str]]:
+    where = f"endpoints[{key!r}]"
+    items = raw.get("backends") if isinstance(raw, Mapping) else None
+    if not isinstance(items, list):
+        return None, [f"{where}.backends: must be a list of {{id, version, url, weight}}"]
+    problems: list[str] = []
+    backends: list[Backend] = []
+    for i, item in enumerate(items):
+        at = f"{where}.backends[{i}]"
+        if not isinstance(item, Mapping):
+            problems.append(f"{at}: must be an object {{id, version, url, weight}}")
+            continue
+        values = [item.get(k) for k in ("id", "version", "url", "weight")]
+        extra = sorted(set(item) - {"id", "version", "url", "weight"})
+        if extra:
+            problems.append(f"{at}: unknown field(s) {', '.join(map(str, extra))}")
+        found = _backend_problems(at, *values)
+        problems += found
+        if not found:
+            backends.append(Backend(*values))  # type: ignore[arg-type]
+    problems += _route_problems(where, backends)
+    return (None if problems else EndpointRoute(tuple(backends))), problems
+
+
+class WeightedChoice(Generic[T]):
+    """Pick one of several items in proportion to integer weights; items of weight 0 are
+    never picked. ``r`` is a uniform number in [0, 1) supplied by the caller, which keeps
+    this pure (tests pass literal values, the router passes ``random.random()``)."""
+
+    __slots__ = ("_cum", "_items", "_total", "_weights")
+
+    def __init__(self, items: Sequence[T], weights: Sequence[int]) -> None:
+        self._items = [i for i, w in zip(items, weights, strict=True) if w > 0]
+        self._weights = [w for w in weights if w > 0]
+        self._cum: list[int] = []
+        total = 0
+        for w in self._weights:
+            total += w
+            self._cum.append(total)
+        self._total = total
+
+    def __bool__(self) -> bool:
+        return self._total > 0
+
+    def pick(self, r: float) -> T | None:
+        """The item whose cumulative-weight interval holds ``r * total``; None if all are 0."""
+        if not self._total:
+            return None
+        return self._items[min(bisect_right(self._cum, r * self._total), len(self._items) - 1)]
+
+    def pick_other(self, r: float, exclude: T) -> T | None:
+        """Like ``pick`` among the items other than ``exclude`` (failover); None if none."""
+        others = [(i, w) for i, w in zip(self._items, self._weights, strict=True) if i is not exclude]
+        if not others:
+            return None
+        return WeightedChoice([i for i, _ in others], [w for _, w in others]).pick(r)
+
+
+class Router(ABC):
+    """Applies routing tables to a live router and reads back what it serves.
+
+    Every method blocks until done and raises ``modelcd.errors.RouterError`` for an
+    expected failure (router down, port taken, table rejected, verification failed); the
+    message says what to do. Methods are safe to call from several threads.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def ensure_running(self) -> None:
+        """Make sure the router serves, then return. Idempotent: adopts a router that is
+        already running for the same table (after a control-plane restart) instead of
+        starting a second one; never starts two on one port. Raises RouterError when it
+        cannot start, or when something else holds the port."""
+
+    @abstractmethod
+    def apply(self, table: RoutingTable) -> int:
+        """Make ``table`` the live table, atomically (each request sees the old or the new
+        table, never a mix), and return its generation once the live router was read back
+        and serves exactly that table. Idempotent for a table equal to the live one.
+        Raises RouterError when the router is down, rejects the table, reads back something
+        else, or when ``table.generation`` is older than the live one (a stale writer); a
+        failed apply leaves the previously applied table serving."""
+
+    @abstractmethod
+    def read(self) -> RoutingTable:
+        """The table the live router serves now (asked from it, not from a file or a
+        record). Raises RouterError when the router does not answer."""
+
+    @abstractmethod
+    def endpoint_uri(self, model: str, env: str) -> str:
+        """The stable URI of an endpoint, e.g. ``http://127.0.0.1:8700/iris/production``;
+        scoring is that plus ``/score``. Pure: does not contact the router."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the router this instance runs or adopted, waiting for in-flight requests
+        (bounded). Idempotent: stopping a stopped router does nothing."""
+
+    def supervise(self) -> bool:
+        """Called periodically by the control plane: repair the router if it died (restart
+        it with the last applied table). Returns True when it repaired something. Never
+        raises for a router that is healthy; raises RouterError when a repair fails."""
+        return False
+
+
+ROUTERS: dict[str, str] = {
+    "builtin": "modelcd.routing.builtin:BuiltinRouter",
+}
+
+
+def get_router(name: str, **opts: Any) -> Router:
+    """The router called ``name`` (see ``ROUTERS``) built with ``opts``; raise ConfigError
+    listing the known names for an unknown one, or naming the bad option."""
+    target = ROUTERS.get(name)
+    if target is None:
+        raise ConfigError(f"unknown router {name!r}; known routers: {', '.join(sorted(ROUTERS))}",
+                          field="router")
+    module, _, attr = target.partition(":")
+    factory: Callable[..., Router] = getattr(import_module(module), attr)
+    try:
+        inspect.signature(factory).bind(**opts)
+    except TypeError as e:
+        raise ConfigError(f"router {name!r}: bad options {sorted(opts)}: {e}", field="router") from e
+    return factory(**opts)
