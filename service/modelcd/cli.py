@@ -183,7 +183,7 @@ def versions(obj: Obj, name: str, as_json: bool) -> None:
     """List the versions of model NAME."""
     data = obj.client.get(f"/api/v1/models/{name}/versions")
     rows = [{**v, "digest": v["digest"][:12]} for v in data["versions"]]
-    _out(data) if as_json else _table(rows, ["version", "flavor", "digest", "source", "created_at"])
+    _out(data) if as_json else _table(rows, ["model", "version", "flavor", "digest", "source", "created_at"])
 
 
 @main.group()
