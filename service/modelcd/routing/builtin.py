@@ -155,6 +155,7 @@ class BuiltinRouter(Router):
     # -- helpers -------------------------------------------------------------------------
     @property
     def base_url(self) -> str:
+        """Where this process reaches the router (loopback when it listens on every address)."""
         host = f"[{self._admin_host}]" if ":" in self._admin_host else self._admin_host
         return f"http://{host}:{self.port}"
 
