@@ -33,7 +33,6 @@ KEY_ENV = "MODELCD_SCORING_KEY"
 
 _SCORE_PATHS = frozenset({"/score", "/invocations"})
 _HEALTH_PATHS = frozenset({"/healthz", "/", "/ping", "/health"})
-_ROUTE_OF = {"/swagger.json": "swagger", "/metrics": "metrics"}
 # Media types a custom entry script may receive besides JSON (it gets the body as text).
 _TEXT_PREFIX = "text/"
 
@@ -103,7 +102,7 @@ class ScoringApp:
             reply, route = self._get(method, None), "metrics"
         else:
             reply, route = error_reply(404, "not_found", f"no route {path}; try POST /score"), "other"
-        self.metrics.observe(_ROUTE_OF.get(path, route), reply.status)
+        self.metrics.observe(route, reply.status)
         return reply
 
     def _get(self, method: str, reply: Reply | None) -> Reply:

@@ -10,11 +10,14 @@ lock for servers that run requests in threads.
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 ROUTES = ("score", "healthz", "swagger", "metrics", "other")
 CODES = ("200", "400", "401", "404", "405", "413", "415", "500", "other")
@@ -35,14 +38,17 @@ class Metrics:
     """This worker's counters, and the sum over all workers sharing ``directory``."""
 
     def __init__(self, directory: str | None = None) -> None:
-        self.directory = directory or tempfile.mkdtemp(prefix="modelcd-scoring-metrics-")
+        if directory is None:  # counts of this process only, removed when it exits
+            directory = tempfile.mkdtemp(prefix="modelcd-scoring-metrics-")
+            atexit.register(_remove_if_owner, directory, os.getpid())
+        self.directory = directory
         self._lock = threading.Lock()
         self._pid = -1
-        self._values: memoryview | None = None
+        self._values: Any = None  # memoryview cast to float64 ("d"); typeshed types item assignment as int
         self._route_index = {route: i * len(CODES) for i, route in enumerate(ROUTES)}
         self._code_index = {code: i for i, code in enumerate(CODES)}
 
-    def _slots(self) -> memoryview:
+    def _slots(self) -> Any:
         """This process's counters, mapping a fresh file after a fork."""
         pid = os.getpid()
         if self._values is None or pid != self._pid:
@@ -105,6 +111,12 @@ class Metrics:
     def render(self, labels: Mapping[str, str]) -> str:
         """The Prometheus text exposition of the summed counters; ``labels`` go on the info metric."""
         return render_text(self.totals(), labels)
+
+
+def _remove_if_owner(directory: str, owner: int) -> None:
+    """Remove a private metrics directory at exit, but not from a forked child."""
+    if os.getpid() == owner:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def render_text(values: list[float], labels: Mapping[str, str]) -> str:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
-from gunicorn.errors import AppImportError
+from gunicorn.errors import AppImportError, HaltServer
 from uvicorn_worker import UvicornWorker
 
 from .app import KEY_ENV, AsgiApp, build_app
@@ -36,6 +36,9 @@ from .config import ConfigError, ScoringConfig, load_config
 from .flavors import LoadError
 
 READY_FILE = "ready"
+# State dirs (metrics files, ready marker, worker heartbeats) are named after the arbiter's pid,
+# so a server started later can remove those of arbiters that were killed (SIGKILL runs no cleanup).
+STATE_PREFIX = "modelcd-scoring-"
 # Native math libraries start one thread per core in every worker; with one worker per core
 # that oversubscribes the CPU. Only defaults: the environment wins.
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -163,18 +166,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = os.environ.pop(KEY_ENV, None) or None
     for name in THREAD_ENV:
         os.environ.setdefault(name, "1")
-    state_dir = tempfile.mkdtemp(prefix="modelcd-scoring-")
+    return serve(args, config, model_dir, key)
+
+
+def serve(args: argparse.Namespace, config: ScoringConfig, model_dir: str, key: str | None) -> int:
+    """Run gunicorn in this process until it stops; return its exit status.
+
+    The workers are forked inside ``run()``, so a worker that exits unwinds through these
+    frames too: only the arbiter may turn that into a return value or remove the state dir.
+    """
+    _sweep_state_dirs()
+    state_dir = tempfile.mkdtemp(prefix=f"{STATE_PREFIX}{os.getpid()}-")
     banner = f"modelcd-scoring listening on http://{_bracket(args.host)}:{args.port}"
+    arbiter = os.getpid()
     try:
-        server = ScoringServer(
-            gunicorn_options(args, state_dir, banner), make_loader(model_dir, config, key, state_dir)
-        )
-        server.run()
+        options = gunicorn_options(args, state_dir, banner)
+        ScoringServer(options, make_loader(model_dir, config, key, state_dir)).run()
     except SystemExit as e:
+        if os.getpid() != arbiter:
+            raise
         return e.code if isinstance(e.code, int) else 1
+    except HaltServer as e:
+        # gunicorn raises this out of halt() when several workers fail to load at once;
+        # workers still alive get SIGTERM from the kernel as the arbiter exits (see post_fork).
+        if os.getpid() != arbiter:
+            raise
+        print(f"modelcd-scoring: stopped: {e.reason}", file=sys.stderr, flush=True)
+        return e.exit_status if isinstance(e.exit_status, int) and e.exit_status else 1
     finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if os.getpid() == arbiter:
+            shutil.rmtree(state_dir, ignore_errors=True)
     return 0
+
+
+def _sweep_state_dirs() -> None:
+    """Remove the state dirs of arbiters that no longer exist."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        owner = name[len(STATE_PREFIX) :].partition("-")[0]
+        if not name.startswith(STATE_PREFIX) or not owner.isdigit() or _alive(int(owner)):
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (possibly another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _announce_once(state_dir: str, banner: str) -> None:
