@@ -37,10 +37,8 @@ class Settings(BaseModel):
     s3_region: str = "us-east-1"
     max_artifact_bytes: int = Field(2 * 1024**3, gt=0)
     runner_workers: int = Field(2, ge=1, le=64)
-    keep_deployments: int = Field(2, ge=1, le=20, description="deployments kept warm per endpoint")
     health_timeout_s: float = Field(60.0, gt=0)
     scoring_workers: int = Field(2, ge=1, le=64)
-    target: Literal["process"] = "process"
     python: str | None = Field(None, description="interpreter for scoring bundles; default: this one")
 
     @field_validator("url", "s3_endpoint_url")
