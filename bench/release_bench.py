@@ -27,6 +27,7 @@ import requests
 
 from modelcd.client import Client
 from modelcd.config import load_settings
+from modelcd.quickstart import make_model
 
 TOKEN = "bench-token-0123456789abcdef"
 
@@ -35,21 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def make_model(folder: Path, c: float) -> dict[str, Any]:
-    import joblib
-    import sklearn
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    x, y = load_iris(return_X_y=True)
-    model = LogisticRegression(C=c, max_iter=500).fit(x, y)
-    folder.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, folder / "model.joblib")
-    (folder / "requirements.txt").write_text(f"scikit-learn=={sklearn.__version__}\n")
-    rows = x[[0, 60, 120]].tolist()
-    return {"sample": {"data": rows}, "expected": model.predict(rows).tolist()}
 
 
 def wait_version(url: str, body: dict[str, Any], version: int, timeout_s: float = 120) -> float:

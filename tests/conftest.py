@@ -21,6 +21,7 @@ import requests
 
 from modelcd.client import Client
 from modelcd.config import load_settings
+from modelcd.quickstart import make_model
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -32,20 +33,11 @@ def free_port() -> int:
 
 
 def iris_model(folder: Path, c: float = 1.0, expected_offset: int = 0) -> dict[str, Any]:
-    """A LogisticRegression on iris in ``folder``; returns registration metadata."""
-    import joblib
-    import sklearn
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    x, y = load_iris(return_X_y=True)
-    model = LogisticRegression(C=c, max_iter=500).fit(x, y)
-    folder.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, folder / "model.joblib")
-    (folder / "requirements.txt").write_text(f"scikit-learn=={sklearn.__version__}\n")
-    rows = x[[0, 60, 120]].tolist()
-    expected = [int(p) + expected_offset for p in model.predict(rows)]
-    return {"sample": {"data": rows}, "expected": expected, "tags": {"C": str(c)}}
+    """The quickstart's LogisticRegression on iris in ``folder``; registration metadata,
+    with the expected output shifted by ``expected_offset`` to make a mismatching version."""
+    meta = make_model(folder, c)
+    meta["expected"] = [int(p) + expected_offset for p in meta["expected"]]
+    return meta
 
 
 def custom_model(folder: Path, body: str) -> dict[str, Any]:
