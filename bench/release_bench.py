@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,10 @@ def wait_version(url: str, body: dict[str, Any], version: int, timeout_s: float 
             pass
         time.sleep(0.005)
     raise RuntimeError(f"endpoint never served v{version}")
+
+
+def iso_seconds(ts: str) -> float:
+    return datetime.fromisoformat(ts).timestamp()
 
 
 def pct(values: list[float], p: float) -> float:
@@ -90,12 +95,19 @@ def main() -> None:
         rel = client.find_release("bench", 1)
         assert rel and client.wait_release(rel["id"])["phase"] == "succeeded"
         uri = client.get("/api/v1/endpoints/bench/production")["scoring_uri"]
-        reg_to_serving = []
+        reg_to_serving, promote_job = [], []
         for i in range(2, args.versions + 2):
             m = make_model(tmp / f"v{i}", 1.0 / i)
             client.register("bench", tmp / f"v{i}", m)
             t0 = time.monotonic()
             reg_to_serving.append(wait_version(uri, meta["sample"], i) - t0)
+            rel = client.find_release("bench", i)
+            assert rel
+            rel = client.wait_release(rel["id"])
+            job = next(j for j in client.get(f"/api/v1/releases/{rel['id']}")["jobs"] if j["type"] == "promote")
+            logs = client.get(f"/api/v1/jobs/{job['id']}/logs")["logs"]
+            applied = next(e["ts"] for e in logs if e["line"].startswith("router applied generation"))
+            promote_job.append(iso_seconds(applied) - iso_seconds(job["started_at"]))
         last = args.versions + 1
         switch, call = [], []
         current = last
@@ -111,6 +123,7 @@ def main() -> None:
         print("| measurement | n | median | p90 | p99 | min | max |")
         print("|---|---|---|---|---|---|---|")
         print(row("register → serving (warm env)", reg_to_serving, "s", 1))
+        print(row("promote stage: start → router applied and read back", promote_job))
         print(row("rollback: API call returns (router read back)", call))
         print(row("rollback: call start → endpoint answers other version", switch))
     finally:
