@@ -40,6 +40,22 @@ class Settings(BaseModel):
     health_timeout_s: float = Field(60.0, gt=0)
     scoring_workers: int = Field(2, ge=1, le=64)
     python: str | None = Field(None, description="interpreter for scoring bundles; default: this one")
+    # webhook intake (POST /hooks/{source}); a source without its secret refuses every delivery
+    hooks_mlflow_secret: str | None = Field(None, repr=False, description="HMAC secret of the MLflow webhook")
+    hooks_generic_secret: str | None = Field(None, repr=False, description="HMAC-SHA256 secret for /hooks/generic")
+    hooks_s3_token: str | None = Field(None, repr=False, description="auth token MinIO sends (Bearer)")
+    hooks_azureml_secret: str | None = Field(None, repr=False, description="secret in ?code= or X-Modelcd-Secret")
+    hooks_sagemaker_api_key: str | None = Field(None, repr=False, description="EventBridge API destination key")
+    hooks_sagemaker_api_key_header: str = "x-modelcd-api-key"
+    hooks_sns_topic_arns: list[str] = Field(default_factory=list, description="SNS topics accepted")
+    hooks_sns_cert_dir: Path | None = Field(None, description="trusted SNS signing certificates (PEM), offline")
+    hooks_replay_window_s: float = Field(300.0, gt=0, description="oldest accepted signed timestamp")
+    hooks_max_body_bytes: int = Field(1024 * 1024, gt=0)
+
+    @field_validator("hooks_sns_topic_arns", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
     @field_validator("url", "s3_endpoint_url")
     @classmethod
