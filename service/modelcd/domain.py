@@ -13,6 +13,7 @@ class Flavor(StrEnum):
     SKLEARN = "sklearn"  # a pickle/joblib file with .predict()
     ONNX = "onnx"  # an .onnx graph run with onnxruntime
     CUSTOM = "custom"  # an entry script with init() / run(raw_data), as in Azure ML
+    NONE = "none"  # referenced only: the files stay in the external registry
 
 
 class Source(StrEnum):
@@ -43,6 +44,7 @@ class ModelVersion:
     external_ref: str | None = None
     artifact_uri: str = ""  # where the ArtifactStore keeps the files
     size_bytes: int = 0
+    status: str = "ready"  # ready | referenced (files stay in the external registry; nothing to deploy)
     created_at: str = ""
 
     @property

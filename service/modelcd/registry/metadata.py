@@ -31,7 +31,7 @@ MODEL_SUFFIXES: dict[Flavor, tuple[str, ...]] = {
     Flavor.ONNX: (".onnx",),
     Flavor.SKLEARN: (".pkl", ".pickle", ".joblib"),
 }
-_KNOWN_FLAVORS = ", ".join(f.value for f in Flavor)
+_KNOWN_FLAVORS = ", ".join(f.value for f in Flavor if f is not Flavor.NONE)
 
 
 class DetectedFlavor(NamedTuple):
@@ -49,10 +49,13 @@ def parse_flavor(given: str | None) -> Flavor | None:
     if given is None or given.strip() == "":
         return None
     try:
-        return Flavor(given.strip().lower())
+        flavor = Flavor(given.strip().lower())
+        if flavor is not Flavor.NONE:  # "none" marks referenced-only versions; nobody registers it
+            return flavor
     except ValueError:
-        raise InvalidInput(f"flavor: unknown flavor {given!r}; known flavors: {_KNOWN_FLAVORS} "
-                           "(or leave it out to detect it from the files)", field="flavor") from None
+        pass
+    raise InvalidInput(f"flavor: unknown flavor {given!r}; known flavors: {_KNOWN_FLAVORS} "
+                       "(or leave it out to detect it from the files)", field="flavor")
 
 
 def defined_names(source: str, filename: str) -> set[str]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -14,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
 from modelcd.domain import Flavor, ModelVersion, Source
-from modelcd.errors import InvalidInput, NotFound
+from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge
 from modelcd.registry.archive import safe_extract, tree_digest
 from modelcd.registry.artifacts import ArtifactStore
 from modelcd.registry.metadata import detect_flavor, parse_expected, parse_sample, read_requirements
@@ -39,6 +41,7 @@ class RegisterMetadata(BaseModel):
     description: str = ""
     source: Source = Source.NATIVE
     external_ref: str | None = None
+    release: bool = Field(True, description="false: record the version without starting a release")
 
 
 def parse_metadata(raw: str | bytes | dict[str, Any] | None) -> RegisterMetadata:
@@ -68,7 +71,7 @@ def version_from_row(row: Any) -> ModelVersion:
         model_file=m["model_file"], entry_script=m["entry_script"], requirements=tuple(m["requirements"]),
         sample=m["sample"], expected=m["expected"], metrics=dict(m["metrics"]), tags=dict(m["tags"]),
         description=m["description"], source=Source(m["source"]), external_ref=m["external_ref"],
-        artifact_uri=m["artifact_uri"], size_bytes=m["size_bytes"], created_at=m["created_at"],
+        artifact_uri=m["artifact_uri"], size_bytes=m["size_bytes"], status=m["status"], created_at=m["created_at"],
     )
 
 
@@ -78,7 +81,7 @@ def version_to_dict(v: ModelVersion) -> dict[str, Any]:
         "model_file": v.model_file, "entry_script": v.entry_script, "requirements": list(v.requirements),
         "sample": v.sample, "expected": v.expected, "metrics": v.metrics, "tags": v.tags,
         "description": v.description, "source": str(v.source), "external_ref": v.external_ref,
-        "artifact_uri": v.artifact_uri, "size_bytes": v.size_bytes, "created_at": v.created_at,
+        "artifact_uri": v.artifact_uri, "size_bytes": v.size_bytes, "status": v.status, "created_at": v.created_at,
     }
 
 
@@ -95,35 +98,79 @@ class Registry:
         """Validate and record a new version from a tar.gz of its files. Either the version and
         its outbox event are both committed, or nothing of the request remains."""
         validate_model_name(name)
+        with self._workdir() as work:
+            files = work / "files"
+            result = safe_extract(archive, files, self.max_bytes)
+            return self._register_files(name, files, result.size_bytes, meta)
+
+    def import_files(self, name: str, folder: Path, meta: RegisterMetadata) -> ModelVersion:
+        """Record a version from files an external source fetched into ``folder`` (consumed).
+        Idempotent on (model, source, external_ref): a redelivery returns the version it made."""
+        validate_model_name(name)
+        existing = self.find_external(name, meta)
+        if existing is not None:
+            return existing
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        if size > self.max_bytes:
+            raise PayloadTooLarge(f"{name}: the model's files are {size} bytes, over MODELCD_MAX_ARTIFACT_BYTES "
+                                  f"({self.max_bytes})", field="artifact")
+        return self._register_files(name, folder, size, meta)
+
+    def register_reference(self, name: str, meta: RegisterMetadata) -> ModelVersion:
+        """Record a version whose files stay in the external registry (nothing to deploy here)."""
+        validate_model_name(name)
+        existing = self.find_external(name, meta)
+        if existing is not None:
+            return existing
+        self._check_meta(meta)
+        return self._record(name, "", Flavor.NONE, None, None, (), None, None, meta, meta.external_ref or "", 0,
+                            status="referenced")
+
+    def find_external(self, name: str, meta: RegisterMetadata) -> ModelVersion | None:
+        if not meta.external_ref:
+            return None
+        with self.db.read() as conn:
+            row = conn.execute(select(schema.versions).where(
+                schema.versions.c.model == name, schema.versions.c.source == str(meta.source),
+                schema.versions.c.external_ref == meta.external_ref)).first()
+        return version_from_row(row) if row is not None else None
+
+    @staticmethod
+    def _check_meta(meta: RegisterMetadata) -> None:
         validate_tags(meta.tags)
         validate_description(meta.description)
+
+    @contextmanager
+    def _workdir(self) -> Iterator[Path]:
         tmp_root = self.home / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=tmp_root, prefix="register-"))
         try:
-            files = work / "files"
-            result = safe_extract(archive, files, self.max_bytes)
-            digest = tree_digest(files)
-            flavor, model_file, entry_script = detect_flavor(files, meta.flavor)
-            requirements = read_requirements(files, meta.requirements)
-            sample = parse_sample(meta.sample) if meta.sample is not None else None
-            expected = parse_expected(meta.expected, sample) if meta.expected is not None else None
-            uri = self.store.put_tree(f"{name}/{digest}", files)
-            try:
-                version = self._record(name, digest, flavor, model_file, entry_script, requirements,
-                                       sample, expected, meta, uri, result.size_bytes)
-            except Exception:
-                if not self._uri_referenced(uri):
-                    self.store.delete(uri)
-                raise
-            self._cache_files(digest, files)
-            return version
+            yield work
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def _register_files(self, name: str, files: Path, size: int, meta: RegisterMetadata) -> ModelVersion:
+        self._check_meta(meta)
+        digest = tree_digest(files)
+        flavor, model_file, entry_script = detect_flavor(files, meta.flavor)
+        requirements = read_requirements(files, meta.requirements)
+        sample = parse_sample(meta.sample) if meta.sample is not None else None
+        expected = parse_expected(meta.expected, sample) if meta.expected is not None else None
+        uri = self.store.put_tree(f"{name}/{digest}", files)
+        try:
+            version = self._record(name, digest, flavor, model_file, entry_script, requirements,
+                                   sample, expected, meta, uri, size)
+        except Exception:
+            if not self._uri_referenced(uri):
+                self.store.delete(uri)
+            raise
+        self._cache_files(digest, files)
+        return version
+
     def _record(self, name: str, digest: str, flavor: Flavor, model_file: str | None,
                 entry_script: str | None, requirements: tuple[str, ...], sample: Any, expected: Any,
-                meta: RegisterMetadata, uri: str, size: int) -> ModelVersion:
+                meta: RegisterMetadata, uri: str, size: int, status: str = "ready") -> ModelVersion:
         ts = now()
         with self.db.write() as conn:
             exists = conn.execute(select(schema.models.c.name).where(schema.models.c.name == name)).first()
@@ -136,10 +183,11 @@ class Registry:
                 model=name, version=number, digest=digest, flavor=str(flavor), model_file=model_file,
                 entry_script=entry_script, requirements=list(requirements), sample=sample, expected=expected,
                 metrics=meta.metrics, tags=meta.tags, description=meta.description, source=str(meta.source),
-                external_ref=meta.external_ref, artifact_uri=uri, size_bytes=size, created_at=ts))
+                external_ref=meta.external_ref, artifact_uri=uri, size_bytes=size, status=status, created_at=ts))
             conn.execute(schema.outbox.insert().values(
                 kind=REGISTERED, created_at=ts,
-                payload={"model": name, "version": number, "source": str(meta.source), "tags": meta.tags}))
+                payload={"model": name, "version": number, "source": str(meta.source), "tags": meta.tags,
+                         "release": meta.release and status == "ready"}))
         return self.get_version(name, number)
 
     def _uri_referenced(self, uri: str) -> bool:

@@ -61,6 +61,9 @@ def _on_registered(ctx: Context, event_id: int, payload: dict[str, Any]) -> str 
         done = conn.execute(select(schema.outbox.c.processed_at).where(schema.outbox.c.id == event_id)).scalar()
         if done is not None:
             return None  # another dispatcher got here first
+        if payload.get("release") is False:
+            _mark(ctx, event_id, "recorded without a release (referenced only, or not approved yet)", conn)
+            return None
         if not policy.auto:
             _mark(ctx, event_id, f"policy {policy.name} has auto: false; release by hand", conn)
             return None

@@ -71,6 +71,9 @@ def build(run: StageRun) -> dict[str, Any]:
     check_supported(run)
     rel = run.release
     version = run.ctx.registry.get_version(rel.model, rel.version)
+    if version.status != "ready":
+        raise BuildError(f"{rel.model} v{rel.version} is referenced only ({version.external_ref}): its files stay in "
+                         f"the {version.source} registry, so there is nothing to build here")
     run.log(f"building {rel.model} v{rel.version} ({version.flavor}, digest {version.digest12})")
     files = run.ctx.registry.materialize(version)
     run.check_cancel()

@@ -8,9 +8,11 @@ from sqlalchemy import (
     JSON,
     Boolean,
     Column,
+    Float,
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -45,8 +47,11 @@ versions = Table(
     Column("external_ref", String(1024)),
     Column("artifact_uri", String(1024), nullable=False),
     Column("size_bytes", Integer, nullable=False, default=0),
+    Column("status", String(16), nullable=False, default="ready"),  # ready | referenced (no files here)
     Column("created_at", String(32), nullable=False),
     ForeignKeyConstraint(["model"], ["models.name"]),
+    # one version per external version: a redelivered webhook finds the version it already made
+    UniqueConstraint("model", "source", "external_ref", name="uq_versions_external"),
 )
 
 policies = Table(
@@ -156,6 +161,24 @@ outbox = Table(
     Column("error", Text),
 )
 Index("ix_outbox_pending", outbox.c.processed_at)
+
+inbox = Table(
+    "inbox", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("source", String(16), nullable=False),
+    Column("delivery_id", String(256), nullable=False),
+    Column("received_at", String(32), nullable=False),
+    Column("headers", JSON, nullable=False),  # the chosen, non-secret headers
+    Column("body", LargeBinary, nullable=False),  # raw bytes, as signed
+    Column("state", String(16), nullable=False),  # pending | done | ignored | dead
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False, default=0.0),  # unix time
+    Column("last_error", Text),
+    Column("result", JSON),  # what processing made: versions, or why it was ignored
+    Column("processed_at", String(32)),
+    UniqueConstraint("source", "delivery_id", name="uq_inbox_delivery"),
+)
+Index("ix_inbox_due", inbox.c.state, inbox.c.next_attempt_at)
 
 meta = Table(
     "meta", metadata,
