@@ -404,6 +404,37 @@ def policies_delete(obj: Obj, name: str) -> None:
     click.echo(f"policy {name} deleted")
 
 
+@main.group()
+def inbox() -> None:
+    """Webhook deliveries: list, show, retry (dead letters)."""
+
+
+@inbox.command("list")
+@click.option("--state", type=click.Choice(["pending", "done", "ignored", "dead"]))
+@click.option("--source")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def inbox_list(obj: Obj, state: str | None, source: str | None, as_json: bool) -> None:
+    data = obj.client.get("/api/v1/inbox", params={"state": state, "source": source})
+    _out(data) if as_json else _table(data["deliveries"], ["id", "source", "delivery_id", "state", "attempts",
+                                                            "received_at", "last_error"])
+
+
+@inbox.command("show")
+@click.argument("delivery", type=int)
+@pass_obj
+def inbox_show(obj: Obj, delivery: int) -> None:
+    _out(obj.client.get(f"/api/v1/inbox/{delivery}"))
+
+
+@inbox.command("retry")
+@click.argument("delivery", type=int)
+@pass_obj
+def inbox_retry(obj: Obj, delivery: int) -> None:
+    d = obj.client.post(f"/api/v1/inbox/{delivery}/retry")
+    click.echo(f"delivery {delivery} ({d['source']} {d['delivery_id']}) queued again")
+
+
 @main.command()
 @pass_obj
 def shutdown(obj: Obj) -> None:

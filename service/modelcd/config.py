@@ -24,7 +24,7 @@ class Settings(BaseModel):
 
     home: Path = Field(Path(".modelcd"), description="data folder: database, artifacts, bundles, logs")
     url: str = Field("http://127.0.0.1:8600", description="where the CLI finds the service")
-    token: str | None = Field(None, description="API token; generated into $MODELCD_HOME/token when unset")
+    token: str | None = Field(None, repr=False, description="API token; generated into $MODELCD_HOME/token when unset")
     host: str = "127.0.0.1"
     port: int = Field(8600, ge=1, le=65535)
     router_host: str = "127.0.0.1"
@@ -51,6 +51,8 @@ class Settings(BaseModel):
     hooks_sns_cert_dir: Path | None = Field(None, description="trusted SNS signing certificates (PEM), offline")
     hooks_replay_window_s: float = Field(300.0, gt=0, description="oldest accepted signed timestamp")
     hooks_max_body_bytes: int = Field(1024 * 1024, gt=0)
+    hooks_max_attempts: int = Field(6, ge=1, le=100, description="tries before a delivery goes to the dead letter")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow server that models:/ URIs are fetched from")
 
     @field_validator("hooks_sns_topic_arns", mode="before")
     @classmethod

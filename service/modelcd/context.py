@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelcd.config import Settings
+from modelcd.inbox.store import Inbox
 from modelcd.jobs.service import Jobs, Redactor
 from modelcd.registry.artifacts import get_artifact_store
 from modelcd.registry.service import Registry
@@ -35,7 +36,9 @@ class Context:
     router: Router
     traffic: Traffic
     targets: dict[str, Target]
+    inbox: Inbox
     wake: threading.Event = field(default_factory=threading.Event)  # outbox or queue has new work
+    inbox_wake: threading.Event = field(default_factory=threading.Event)  # a webhook delivery was stored
 
     @property
     def home(self) -> Path:
@@ -52,7 +55,9 @@ def build_context(settings: Settings) -> Context:
     home.mkdir(parents=True, exist_ok=True)
     db = Database(settings.db_url)
     redact = Redactor()
-    redact.add(settings.token)
+    for secret in (settings.token, settings.hooks_mlflow_secret, settings.hooks_generic_secret, settings.hooks_s3_token,
+                   settings.hooks_azureml_secret, settings.hooks_sagemaker_api_key):
+        redact.add(secret)
     jobs = Jobs(db, redact)
     registry = Registry(db, get_artifact_store(settings), home, settings.max_artifact_bytes)
     deployments = Deployments(db)
@@ -60,5 +65,5 @@ def build_context(settings: Settings) -> Context:
     return Context(
         settings=settings, db=db, redact=redact, jobs=jobs, registry=registry, policies=Policies(db),
         releases=Releases(db, jobs), deployments=deployments, router=router,
-        traffic=Traffic(db, router, deployments), targets={},
+        traffic=Traffic(db, router, deployments), targets={}, inbox=Inbox(db),
     )

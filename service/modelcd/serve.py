@@ -75,6 +75,11 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     runner.start()
     supervisor = Supervisor(ctx)
     supervisor.start()
+    from modelcd.inbox.processor import InboxWorker
+
+    inbox_worker = InboxWorker(ctx, ctx.inbox)
+    inbox_worker.wake = ctx.inbox_wake
+    inbox_worker.start()
 
     from waitress import create_server
 
@@ -93,6 +98,7 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
         pass
     finally:
         supervisor.stopped.set()
+        inbox_worker.stopped.set()
         runner.stop()
         server.close()
         echo("modelcd control plane stopped; the router and deployments keep serving")

@@ -20,10 +20,11 @@ def create_app(ctx: Context, token: str) -> Flask:
     app.extensions["modelcd_token"] = token
     app.extensions["modelcd_metrics"] = {}
 
-    from modelcd.app import api, ops
+    from modelcd.app import api, hooks, ops
 
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(hooks.bp)
 
     @app.errorhandler(ModelcdError)
     def _domain_error(e: ModelcdError) -> tuple[Response, int]:

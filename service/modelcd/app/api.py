@@ -220,3 +220,26 @@ def put_policy() -> tuple[Response, int]:
 def delete_policy(name: str) -> tuple[Response, int]:
     _ctx().policies.delete(name)
     return jsonify({"deleted": name}), 200
+
+
+# webhook inbox (dead letters included)
+@bp.get("/inbox")
+def list_inbox() -> Response:
+    args = request.args
+    rows = _ctx().inbox.list(state=args.get("state"), source=args.get("source"),
+                             limit=min(int(args.get("limit", 100)), 1000))
+    return jsonify({"deliveries": [d.to_dict() for d in rows]})
+
+
+@bp.get("/inbox/<int:row_id>")
+def get_inbox(row_id: int) -> Response:
+    return jsonify(_ctx().inbox.get(row_id).to_dict(body=True))
+
+
+@bp.post("/inbox/<int:row_id>/retry")
+@write
+def retry_inbox(row_id: int) -> tuple[Response, int]:
+    ctx = _ctx()
+    delivery = ctx.inbox.revive(row_id)
+    ctx.inbox_wake.set()
+    return jsonify(delivery.to_dict()), 202

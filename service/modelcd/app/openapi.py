@@ -31,6 +31,9 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("put", "/policies", "Create or replace a release policy (YAML body)", True, "yaml"),
     ("get", "/policies/{name}", "Show a release policy", False, None),
     ("delete", "/policies/{name}", "Delete a release policy", True, None),
+    ("get", "/inbox", "Webhook deliveries (filters: state=pending|done|ignored|dead, source)", False, None),
+    ("get", "/inbox/{id}", "One delivery with its body, result and last error", False, None),
+    ("post", "/inbox/{id}/retry", "Send a dead delivery back for processing", True, None),
     ("get", "/openapi.json", "This document", False, None),
 ]
 
@@ -52,7 +55,7 @@ def _operation(method: str, path: str, summary: str, write: bool, body: str | No
         "summary": summary,
         "operationId": f"{method}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
         "parameters": [{"name": p.strip("{}"), "in": "path", "required": True,
-                        "schema": {"type": "integer" if p == "{version}" else "string"}}
+                        "schema": {"type": "integer" if p in ("{version}", "{id}") else "string"}}
                        for p in path.split("/") if p.startswith("{")],
         "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
                       "4XX": {"description": "Bad request", "content": {"application/json": {"schema": ERROR}}}},

@@ -1,0 +1,108 @@
+"""Inbox rows: accept (deduplicated by source + delivery id), claim due ones, record outcomes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from modelcd.errors import Conflict, NotFound
+from modelcd.store import schema
+from modelcd.store.db import Database, now
+
+
+class DeliveryState:
+    PENDING = "pending"  # stored, waiting for (another) attempt
+    DONE = "done"  # processed: versions recorded
+    IGNORED = "ignored"  # authentic but not about a new version (reason in result)
+    DEAD = "dead"  # failed max attempts, or cannot ever succeed; `modelcd inbox retry` revives it
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    source: str
+    delivery_id: str
+    received_at: str
+    headers: dict[str, str]
+    body: bytes
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    result: Any
+    processed_at: str | None
+
+    def to_dict(self, body: bool = False) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "body"}
+        d["body_bytes"] = len(self.body)
+        if body:
+            d["body"] = self.body.decode("utf-8", "replace")
+        return d
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(**{k: row._mapping[k] for k in Delivery.__dataclass_fields__})
+
+
+class Inbox:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def accept(self, source: str, delivery_id: str, headers: dict[str, str], body: bytes) -> bool:
+        """Store a delivery; False when (source, delivery id) was already stored (a duplicate)."""
+        try:
+            with self.db.write() as conn:
+                conn.execute(schema.inbox.insert().values(
+                    source=source, delivery_id=delivery_id, received_at=now(), headers=headers, body=body,
+                    state=DeliveryState.PENDING, attempts=0, next_attempt_at=0.0))
+        except IntegrityError:
+            return False
+        return True
+
+    def due(self, at: float, limit: int = 50) -> list[Delivery]:
+        q = (select(schema.inbox).where(schema.inbox.c.state == DeliveryState.PENDING,
+                                        schema.inbox.c.next_attempt_at <= at)
+             .order_by(schema.inbox.c.id).limit(limit))
+        with self.db.read() as conn:
+            return [_delivery(r) for r in conn.execute(q)]
+
+    def finish(self, row_id: int, state: str, result: Any = None, error: str | None = None) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(schema.inbox).where(schema.inbox.c.id == row_id).values(
+                state=state, result=result, last_error=error, processed_at=now(),
+                attempts=schema.inbox.c.attempts + 1))
+
+    def retry_later(self, row_id: int, at: float, error: str, dead: bool) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(schema.inbox).where(schema.inbox.c.id == row_id).values(
+                attempts=schema.inbox.c.attempts + 1, next_attempt_at=at, last_error=error,
+                state=DeliveryState.DEAD if dead else DeliveryState.PENDING))
+
+    def get(self, row_id: int) -> Delivery:
+        with self.db.read() as conn:
+            row = conn.execute(select(schema.inbox).where(schema.inbox.c.id == row_id)).first()
+        if row is None:
+            raise NotFound(f"inbox delivery {row_id} not found; list them with `modelcd inbox list`", field="id")
+        return _delivery(row)
+
+    def list(self, state: str | None = None, source: str | None = None, limit: int = 100) -> list[Delivery]:
+        q = select(schema.inbox).order_by(schema.inbox.c.id.desc()).limit(limit)
+        if state:
+            q = q.where(schema.inbox.c.state == state)
+        if source:
+            q = q.where(schema.inbox.c.source == source)
+        with self.db.read() as conn:
+            return [_delivery(r) for r in conn.execute(q)]
+
+    def revive(self, row_id: int) -> Delivery:
+        """Send a dead delivery back for processing (attempts start again)."""
+        d = self.get(row_id)
+        if d.state != DeliveryState.DEAD:
+            raise Conflict(f"delivery {row_id} is {d.state}; only dead deliveries can be retried", field="id")
+        with self.db.write() as conn:
+            conn.execute(update(schema.inbox).where(schema.inbox.c.id == row_id).values(
+                state=DeliveryState.PENDING, attempts=0, next_attempt_at=0.0))
+        return self.get(row_id)
