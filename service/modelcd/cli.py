@@ -405,6 +405,32 @@ def policies_delete(obj: Obj, name: str) -> None:
 
 
 @main.group()
+def sources() -> None:
+    """External model registries that tell modelcd about new versions."""
+
+
+@sources.command("connect")
+@click.argument("kind", type=click.Choice(["mlflow"]))
+@click.option("--tracking-uri", required=True, help="the MLflow tracking server, e.g. http://127.0.0.1:5000")
+@click.option("--url", "public_url", help="where MLflow reaches modelcd (default: MODELCD_URL)")
+@pass_obj
+def sources_connect(obj: Obj, kind: str, tracking_uri: str, public_url: str | None) -> None:
+    """Create (or update) the webhook on the registry, with a new secret kept in $MODELCD_HOME/settings.yaml."""
+    import secrets as pysecrets
+
+    from modelcd.config import save_home_settings
+    from modelcd.sources.mlflow_server import connect_webhook
+
+    settings = obj.settings
+    secret = settings.hooks_mlflow_secret or pysecrets.token_urlsafe(32)
+    target = f"{(public_url or settings.url).rstrip('/')}/hooks/mlflow"
+    webhook_id = connect_webhook(tracking_uri, target, secret)
+    path = save_home_settings(settings.home, {"hooks_mlflow_secret": secret, "mlflow_tracking_uri": tracking_uri})
+    click.echo(f"MLflow webhook {webhook_id} at {tracking_uri} now posts model_version.created to {target}")
+    click.echo(f"secret and tracking URI saved in {path} (mode 0600); restart `modelcd serve` to use them")
+
+
+@main.group()
 def inbox() -> None:
     """Webhook deliveries: list, show, retry (dead letters)."""
 

@@ -100,12 +100,34 @@ def _from_file(path: Path) -> dict[str, Any]:
     return data
 
 
+HOME_SETTINGS = "settings.yaml"
+
+
+def save_home_settings(home: Path, updates: dict[str, Any]) -> Path:
+    """Merge ``updates`` into ``$MODELCD_HOME/settings.yaml`` (mode 0600: it may hold secrets)."""
+    path = home / HOME_SETTINGS
+    current = _from_file(path) if path.is_file() else {}
+    current.update(updates)
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(current, f, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
 def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Merge defaults, YAML file, environment and overrides; raise ConfigError naming the
     first bad setting (as its environment variable) and what it accepts."""
     env = dict(os.environ if environ is None else environ)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    home = Path(str((overrides or {}).get("home") or env.get("MODELCD_HOME") or Settings.model_fields["home"].default))
+    saved = home / HOME_SETTINGS
+    if saved.is_file():  # written by commands such as `modelcd sources connect`; lowest precedence
+        for k, v in _from_file(saved).items():
+            values[k], sources[k] = v, f"{k} in {saved}"
     if env.get("MODELCD_CONFIG"):
         for k, v in _from_file(Path(env["MODELCD_CONFIG"])).items():
             values[k], sources[k] = v, f"{k} in {env['MODELCD_CONFIG']}"
