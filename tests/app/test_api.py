@@ -182,7 +182,8 @@ def test_openapi_document_lists_every_route(app: Flask, client: FlaskClient) -> 
     documented = {(m.upper(), "/api/v1" + p) for p, ops in doc["paths"].items() for m in ops}
     for rule in app.url_map.iter_rules():
         if rule.rule.startswith("/api/v1"):
-            path = rule.rule.replace("<int:", "{").replace("<", "{").replace(">", "}").replace("number", "version").replace("row_id", "id")
+            path = rule.rule.replace("<int:", "{").replace("<", "{").replace(">", "}")
+            path = path.replace("number", "version").replace("row_id", "id")
             for method in rule.methods - {"HEAD", "OPTIONS"}:
                 assert (method, path) in documented, (method, path)
 

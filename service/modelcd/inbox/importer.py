@@ -4,6 +4,7 @@ record the version as referenced only. Imports are idempotent per external versi
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -58,10 +59,16 @@ def _fetch_mlflow(ctx: Context, uri: str, dest: Path, meta: RegisterMetadata) ->
     name, _, version = uri[len("models:/"):].rpartition("/")
     fetched = fetch_model_version(tracking, name, version, dest)
     tags = {**fetched.tags, **meta.tags}
+    # the scoring runtime loads the model itself: MLflow is not needed at serving time
+    requirements = [r for r in fetched.requirements if _req_name(r) not in ("mlflow", "mlflow-skinny")]
     return meta.model_copy(update={
-        "flavor": fetched.flavor, "requirements": "\n".join(fetched.requirements) + "\n" if fetched.requirements
-        else None, "sample": fetched.sample, "tags": tags, "description": meta.description or fetched.description
-        or ""})
+        "flavor": str(fetched.flavor) if fetched.flavor else None,
+        "requirements": "\n".join(requirements) + "\n" if requirements else None,
+        "sample": fetched.sample, "tags": tags, "description": meta.description or fetched.description or ""})
+
+
+def _req_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
 def _s3_client(ctx: Context) -> Any:

@@ -1,0 +1,1 @@
+"""Tests of the webhook source adapters (modelcd.sources)."""
