@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelcd.errors import ConfigError
 
@@ -53,6 +53,7 @@ class Settings(BaseModel):
     hooks_max_body_bytes: int = Field(1024 * 1024, gt=0)
     hooks_max_attempts: int = Field(6, ge=1, le=100, description="tries before a delivery goes to the dead letter")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow server that models:/ URIs are fetched from")
+    mlflow_poll_interval_s: float = Field(0.0, ge=0, description="poll MLflow for new versions (0: off; webhooks)")
 
     @field_validator("hooks_sns_topic_arns", mode="before")
     @classmethod
@@ -65,6 +66,13 @@ class Settings(BaseModel):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _poller_needs_uri(self) -> Settings:
+        if self.mlflow_poll_interval_s > 0 and not self.mlflow_tracking_uri:
+            raise ValueError("mlflow_poll_interval_s needs mlflow_tracking_uri: set MODELCD_MLFLOW_TRACKING_URI "
+                             "to the MLflow server's URL")
+        return self
 
     @property
     def db_url(self) -> str:
@@ -140,7 +148,9 @@ def load_settings(overrides: dict[str, Any] | None = None, environ: dict[str, st
         return Settings(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a rule across settings: its message names them
+            raise ConfigError(f"settings: {str(err['msg']).removeprefix('Value error, ')}") from None
+        name = str(err["loc"][0])
         where = sources.get(name, ENV_PREFIX + name.upper())
         if err["type"] == "extra_forbidden":
             known = ", ".join(sorted(Settings.model_fields))

@@ -80,6 +80,12 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     inbox_worker = InboxWorker(ctx, ctx.inbox)
     inbox_worker.wake = ctx.inbox_wake
     inbox_worker.start()
+    poller = None
+    if settings.mlflow_poll_interval_s > 0:
+        from modelcd.inbox.pollers import MlflowPoller
+
+        poller = MlflowPoller(ctx)
+        poller.start()
 
     from waitress import create_server
 
@@ -99,6 +105,8 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     finally:
         supervisor.stopped.set()
         inbox_worker.stopped.set()
+        if poller is not None:
+            poller.stopped.set()
         runner.stop()
         server.close()
         echo("modelcd control plane stopped; the router and deployments keep serving")

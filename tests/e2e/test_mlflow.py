@@ -53,3 +53,26 @@ def test_mlflow_registration_reaches_production(mlflow_service: Service, mlflow_
     ep = svc.endpoint(name)
     r = requests.post(ep["scoring_uri"], json=v["sample"], timeout=10)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+
+
+def test_mlflow_poller_without_webhook(tmp_path: Path, mlflow_server: MlflowServer) -> None:
+    """An MLflow server that cannot call us: the poller finds the version, the same path releases it."""
+    svc = make_service(tmp_path, MODELCD_MLFLOW_TRACKING_URI=mlflow_server.tracking_uri,
+                       MODELCD_MLFLOW_POLL_INTERVAL_S="0.5")
+    svc.start()
+    try:
+        name = mlflow_server.unique_name("polled")
+        version = mlflow_server.register_sklearn(name, C=0.5)
+        rel = svc.wait_release_for(name, 1, timeout_s=300)
+        assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
+        deliveries = svc.api("GET", "/inbox", params={"source": "mlflow"}).json()["deliveries"]
+        assert f"poll:{name}/{version}" in {d["delivery_id"] for d in deliveries}
+        # polling again finds nothing new: one version, one release
+        import time
+
+        time.sleep(2)
+        assert len(svc.api("GET", f"/models/{name}/versions").json()["versions"]) == 1
+        assert len(svc.api("GET", "/releases", params={"model": name}).json()["releases"]) == 1
+    finally:
+        svc.stop()
+        svc.shutdown_data_plane()
