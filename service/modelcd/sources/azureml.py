@@ -146,8 +146,9 @@ def _normalise_one(event: dict[str, Any], where: str) -> Event:
     data = _data(event, where)
     name = text(data, "ModelName", f"{where}.data")
     version = text(data, "ModelVersion", f"{where}.data", numbers=True)
-    subject = event.get("subject") if isinstance(event.get("subject"), str) and event.get("subject") \
-        else f"models/{name}:{version}"
+    subject = event.get("subject")
+    if not isinstance(subject, str) or not subject:
+        subject = f"models/{name}:{version}"
     workspace = event.get("topic", event.get("source"))
     return Registered(source=domain.Source.AZUREML, model=name, external_version=version, external_ref=subject,
                       artifact_uri=None, tags=tag_map(data.get("ModelTags"), f"{where}.data.ModelTags"),

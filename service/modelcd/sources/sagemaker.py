@@ -51,6 +51,7 @@ from modelcd.sources.sns import (
     SUBSCRIPTION_CONFIRMATION,
     CertStore,
     confirm_subscription,
+    shared_cert_store,
     verify_signature,
 )
 
@@ -65,16 +66,17 @@ SNS_MIN_WINDOW_S = 3600.0 + 300.0
 class SageMakerSource(Source):
     """``/hooks/sagemaker``: EventBridge via API destination (API key) or via SNS (signed).
 
-    ``cert_store`` supplies SNS signing certificates (default: ``MODELCD_HOOKS_SNS_CERT_DIR``,
-    then a host-checked https fetch); ``confirm(subscribe_url)`` confirms a verified SNS
-    subscription (default: ``sns.confirm_subscription``)."""
+    ``cert_store`` supplies SNS signing certificates (default: the process-wide store of
+    ``MODELCD_HOOKS_SNS_CERT_DIR``, then a host-checked, cached https fetch);
+    ``confirm(subscribe_url)`` confirms a verified SNS subscription (default:
+    ``sns.confirm_subscription``)."""
 
     name = "sagemaker"
 
     def __init__(self, settings: Settings, *, cert_store: CertStore | None = None,
                  confirm: Callable[[str], None] | None = None) -> None:
         super().__init__(settings)
-        self.certs = cert_store if cert_store is not None else CertStore(settings.hooks_sns_cert_dir)
+        self.certs = cert_store if cert_store is not None else shared_cert_store(settings.hooks_sns_cert_dir)
         self.confirm = confirm if confirm is not None else confirm_subscription
 
     def receive_post(self, req: HookRequest, now: float) -> Accepted | Respond:

@@ -127,6 +127,20 @@ class CertStore:
                                f"retry, or place it in {env_name('hooks_sns_cert_dir')}") from e
 
 
+_shared: dict[Path | None, CertStore] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_cert_store(cert_dir: Path | None) -> CertStore:
+    """One fetching ``CertStore`` per cert dir for the whole process, so its cache outlives the
+    source objects (the hooks handler builds a source per request)."""
+    with _shared_lock:
+        store = _shared.get(cert_dir)
+        if store is None:
+            store = _shared[cert_dir] = CertStore(cert_dir)
+        return store
+
+
 def _parse_pem(data: bytes, url: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(data)
