@@ -206,3 +206,24 @@ def test_unknown_source_and_oversize(hook_service: tuple[Service, Any]) -> None:
     r = requests.post(f"{svc.url}/hooks/generic", data=b"x" * (1024 * 1024 + 10), timeout=10)
     assert r.status_code == 413
     assert os.environ.get("MODELCD_HOOKS_GENERIC_SECRET") is None  # the secret lives in the service's env only
+
+
+def test_recorded_without_release_then_approved_releases_once(hook_service: tuple[Service, Any],
+                                                              tmp_path: Path) -> None:
+    """Like a SageMaker package: first pending approval (recorded only), then approved."""
+    svc, s3 = hook_service
+    _echo_model(tmp_path / "m", 5)
+    uri = _upload(s3, tmp_path / "m", "approve/1")
+    doc = {"model": "approve", "version": "1", "artifact_uri": uri, "external_ref": "pkg/approve/1"}
+    assert _post(svc, {**doc, "release": False}, delivery="pending").status_code == 202
+    _wait(lambda: svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"])
+    time.sleep(1)
+    assert svc.api("GET", "/releases", params={"model": "approve"}).json()["releases"] == []
+    for delivery in ("approved", "approved-again"):
+        assert _post(svc, {**doc, "release": True}, delivery=delivery).status_code == 202
+    rel = svc.wait_release_for("approve", 1)
+    assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
+    _wait(lambda: len(svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"]) >= 3 or None)
+    time.sleep(1)
+    assert len(svc.api("GET", "/releases", params={"model": "approve"}).json()["releases"]) == 1
+    assert len(svc.api("GET", "/models/approve/versions").json()["versions"]) == 1

@@ -24,6 +24,8 @@ def import_event(ctx: Context, event: Any) -> ModelVersion:
                             external_ref=event.external_ref, release=event.release)
     existing = ctx.registry.find_external(event.model, meta)
     if existing is not None:
+        if event.release:  # e.g. recorded while pending approval, approved now
+            ctx.registry.release_later(existing)
         return existing
     uri = event.artifact_uri
     if not uri:

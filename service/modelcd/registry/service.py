@@ -126,6 +126,24 @@ class Registry:
         return self._record(name, "", Flavor.NONE, None, None, (), None, None, meta, meta.external_ref or "", 0,
                             status="referenced")
 
+    def release_later(self, version: ModelVersion) -> bool:
+        """Ask for a release of a version recorded earlier without one (e.g. a SageMaker package
+        pending approval, now approved). False when it already has a release or a queued request."""
+        if version.status != "ready":
+            return False
+        with self.db.write() as conn:
+            has_release = conn.execute(select(schema.releases.c.id).where(
+                schema.releases.c.model == version.model, schema.releases.c.version == version.version)).first()
+            pending = [r.payload for r in conn.execute(select(schema.outbox.c.payload).where(
+                schema.outbox.c.processed_at.is_(None), schema.outbox.c.kind == REGISTERED))]
+            if has_release or any(p.get("model") == version.model and p.get("version") == version.version
+                                  and p.get("release", True) for p in pending):
+                return False
+            conn.execute(schema.outbox.insert().values(kind=REGISTERED, created_at=now(), payload={
+                "model": version.model, "version": version.version, "source": str(version.source),
+                "tags": version.tags, "release": True}))
+        return True
+
     def find_external(self, name: str, meta: RegisterMetadata) -> ModelVersion | None:
         if not meta.external_ref:
             return None
