@@ -321,12 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the table shows medians (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of each server (default 2)")
+    parser.add_argument("--mlflow-workers", type=int, default=None,
+                        help="MLflow's workers if not --workers (1 = `mlflow models serve`'s own default)")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="scoring-bench-"))
     servers: list[Server] = []
     try:
         files = train(workdir)
-        servers = [modelcd_server(files, args.workers), mlflow_server(files, args.workers)]
+        servers = [modelcd_server(files, args.workers), mlflow_server(files, args.mlflow_workers or args.workers)]
         for server in servers:
             start(server, workdir)
         results = run_matrix(servers, files.bodies, SCENARIOS, args.duration, args.repeat)
