@@ -54,6 +54,8 @@ class Settings(BaseModel):
     hooks_max_attempts: int = Field(6, ge=1, le=100, description="tries before a delivery goes to the dead letter")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow server that models:/ URIs are fetched from")
     mlflow_poll_interval_s: float = Field(0.0, ge=0, description="poll MLflow for new versions (0: off; webhooks)")
+    s3_poll_bucket: str | None = Field(None, description="bucket to poll for models/<name>/<version>/<marker>")
+    s3_poll_interval_s: float = Field(0.0, ge=0, description="poll that bucket (0: off; bucket notifications)")
 
     @field_validator("hooks_sns_topic_arns", mode="before")
     @classmethod
@@ -72,6 +74,9 @@ class Settings(BaseModel):
         if self.mlflow_poll_interval_s > 0 and not self.mlflow_tracking_uri:
             raise ValueError("mlflow_poll_interval_s needs mlflow_tracking_uri: set MODELCD_MLFLOW_TRACKING_URI "
                              "to the MLflow server's URL")
+        if self.s3_poll_interval_s > 0 and not self.s3_poll_bucket:
+            raise ValueError("s3_poll_interval_s needs s3_poll_bucket: set MODELCD_S3_POLL_BUCKET to the bucket "
+                             "holding models/<name>/<version>/")
         return self
 
     @property

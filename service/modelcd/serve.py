@@ -80,11 +80,11 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     inbox_worker = InboxWorker(ctx, ctx.inbox)
     inbox_worker.wake = ctx.inbox_wake
     inbox_worker.start()
-    poller = None
-    if settings.mlflow_poll_interval_s > 0:
-        from modelcd.inbox.pollers import MlflowPoller
+    from modelcd.inbox.pollers import MlflowPoller, S3Poller
 
-        poller = MlflowPoller(ctx)
+    pollers = [cls(ctx) for cls, interval in ((MlflowPoller, settings.mlflow_poll_interval_s),
+                                              (S3Poller, settings.s3_poll_interval_s)) if interval > 0]
+    for poller in pollers:
         poller.start()
 
     from waitress import create_server
@@ -105,7 +105,7 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     finally:
         supervisor.stopped.set()
         inbox_worker.stopped.set()
-        if poller is not None:
+        for poller in pollers:
             poller.stopped.set()
         runner.stop()
         server.close()

@@ -227,3 +227,27 @@ def test_recorded_without_release_then_approved_releases_once(hook_service: tupl
     time.sleep(1)
     assert len(svc.api("GET", "/releases", params={"model": "approve"}).json()["releases"]) == 1
     assert len(svc.api("GET", "/models/approve/versions").json()["versions"]) == 1
+
+
+def test_s3_poller_finds_a_marker_and_releases_it(tmp_path: Path, moto: str) -> None:
+    """A bucket without notifications: the poller finds models/<name>/<version>/modelcd.yaml."""
+    env = _aws_env(moto)
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket="polled")
+    svc = make_service(tmp_path, MODELCD_S3_POLL_BUCKET="polled", MODELCD_S3_POLL_INTERVAL_S="0.5", **env)
+    svc.start()
+    try:
+        _echo_model(tmp_path / "m", 3)
+        for path in (tmp_path / "m").rglob("*"):
+            s3.upload_file(str(path), "polled", f"models/fraud/9/{path.name}")
+        s3.put_object(Bucket="polled", Key="models/fraud/9/modelcd.yaml", Body=b"marker: true\n")
+        rel = svc.wait_release_for("fraud", 1, timeout_s=120)
+        assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
+        v = svc.api("GET", "/models/fraud/versions/1").json()
+        assert v["source"] == "s3" and v["external_ref"] == "s3://polled/models/fraud/9/"
+        time.sleep(1.5)  # more polls: nothing new
+        assert len(svc.api("GET", "/inbox", params={"source": "s3"}).json()["deliveries"]) == 1
+    finally:
+        svc.stop()
+        svc.shutdown_data_plane()
