@@ -1,0 +1,91 @@
+"""MLflow registration → production: a real MLflow tracking server (SQLite, loopback) with a
+webhook to a real `modelcd serve`; each version is registered through MLflow's own client
+(`mlflow.sklearn.log_model(..., registered_model_name=...)`) and timed until modelcd's
+endpoint URI answers with it. The first version (cold environment) is reported apart.
+
+Usage (from the repo root): python bench/mlflow_bench.py [--versions 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modelcd.client import Client
+from modelcd.config import load_settings
+from tests.sources.mlflow_fixture import free_port, start_mlflow_server
+
+
+def wait_serving(client: Client, name: str, version: int, timeout_s: float = 600) -> float:
+    deadline = time.monotonic() + timeout_s
+    session = requests.Session()
+    while time.monotonic() < deadline:
+        try:
+            ep = client.get(f"/api/v1/endpoints/{name}/production")
+            r = session.post(ep["scoring_uri"], json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=5)
+            if r.status_code == 200 and r.headers.get("X-Modelcd-Version") == str(version):
+                return time.monotonic()
+        except Exception:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{name} v{version} never served")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--versions", type=int, default=5)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="modelcd-mlflow-bench-"))
+    server = start_mlflow_server(tmp / "mlflow")
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
+           "MODELCD_HOME": str(tmp / "home"), "MODELCD_PORT": str(port), "MODELCD_ROUTER_PORT": str(free_port()),
+           "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": "bench-token-0123456789abcdef"}
+    subprocess.run([sys.executable, "-m", "modelcd", "sources", "connect", "mlflow", "--tracking-uri",
+                    server.tracking_uri], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=env, start_new_session=True,
+                            stdout=open(tmp / "serve.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    client = Client(load_settings(environ=env))
+    try:
+        while not client.healthy():
+            time.sleep(0.1)
+        time.sleep(2)  # MLflow's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL=1 in the fixture)
+        times = []
+        for i in range(1, args.versions + 2):
+            t0 = time.monotonic()
+            server.register_sklearn("bench-mlflow", C=1.0 / i)
+            t_registered = time.monotonic()
+            times.append((t_registered - t0, wait_serving(client, "bench-mlflow", i) - t_registered))
+        cold, warm = times[0], times[1:]
+        print("| measurement | n | median | min | max |")
+        print("|---|---|---|---|---|")
+        print(f"| MLflow log_model + register (client side) | {len(times)} | "
+              f"{statistics.median(t[0] for t in times):.2f} s | {min(t[0] for t in times):.2f} s | "
+              f"{max(t[0] for t in times):.2f} s |")
+        print(f"| registered in MLflow → modelcd endpoint serves it (warm env) | {len(warm)} | "
+              f"{statistics.median(t[1] for t in warm):.2f} s | {min(t[1] for t in warm):.2f} s | "
+              f"{max(t[1] for t in warm):.2f} s |")
+        print(f"| same, first version (cold environment) | 1 | {cold[1]:.2f} s | | |")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        from modelcd.lifecycle import stop_data_plane
+
+        for _ in stop_data_plane(load_settings(environ=env)):
+            pass
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
