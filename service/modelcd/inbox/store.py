@@ -47,17 +47,20 @@ def _delivery(row: Any) -> Delivery:
     return Delivery(**{k: row._mapping[k] for k in Delivery.__dataclass_fields__})
 
 
+_INSERT = schema.inbox.insert()
+
+
 class Inbox:
     def __init__(self, db: Database) -> None:
         self.db = db
 
     def accept(self, source: str, delivery_id: str, headers: dict[str, str], body: bytes) -> bool:
         """Store a delivery; False when (source, delivery id) was already stored (a duplicate)."""
+        row = {"source": source, "delivery_id": delivery_id, "received_at": now(), "headers": headers, "body": body,
+               "state": DeliveryState.PENDING, "attempts": 0, "next_attempt_at": 0.0}
         try:
             with self.db.write() as conn:
-                conn.execute(schema.inbox.insert().values(
-                    source=source, delivery_id=delivery_id, received_at=now(), headers=headers, body=body,
-                    state=DeliveryState.PENDING, attempts=0, next_attempt_at=0.0))
+                conn.execute(_INSERT, row)  # one statement compiled once: the hot path of intake
         except IntegrityError:
             return False
         return True
