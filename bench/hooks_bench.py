@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,16 +24,13 @@ from pathlib import Path
 import requests
 
 from modelcd.sources.generic import sign
+from modelcd.targets.process import free_port
 
 SECRET = "bench-generic-secret-0123456789"
 TOKEN = "bench-token-0123456789abcdef"
 HERE = Path(__file__).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deliveries(path: Path, n: int, run: int) -> None:

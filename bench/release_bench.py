@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,14 +28,11 @@ import requests
 from modelcd.client import Client
 from modelcd.config import load_settings
 from modelcd.quickstart import make_model
+from modelcd.targets.process import free_port
 
 TOKEN = "bench-token-0123456789abcdef"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_version(url: str, body: dict[str, Any], version: int, timeout_s: float = 120) -> float:

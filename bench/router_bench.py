@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from modelcd.targets.process import free_port
 
 BODY = b'{"data": [[5.1, 3.5, 1.4, 0.2]]}'
 ANSWER = b'{"predictions": [0]}'
@@ -183,10 +184,6 @@ def _run(coro: Any) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(port: int, path: str, timeout: float = 15.0) -> None:

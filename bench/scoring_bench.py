@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from modelcd.targets.process import free_port
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "scoring_post.lua"
@@ -76,11 +77,6 @@ class ModelFiles:
     bodies: dict[int, Path]
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def train(workdir: Path, batches: Sequence[int] = (1, 100)) -> ModelFiles:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,14 +21,11 @@ import requests
 from modelcd.client import Client
 from modelcd.config import load_settings
 from modelcd.quickstart import make_model
+from modelcd.targets.process import free_port
 
 TOKEN = "test-token-0123456789abcdef"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def iris_model(folder: Path, c: float = 1.0, expected_offset: int = 0) -> dict[str, Any]:

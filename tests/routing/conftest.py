@@ -22,13 +22,7 @@ import pytest
 
 from modelcd.routing.base import Backend, EndpointRoute, RoutingTable
 from modelcd.routing.builtin import BuiltinRouter
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from modelcd.targets.process import free_port
 
 
 class _EchoHandler(BaseHTTPRequestHandler):

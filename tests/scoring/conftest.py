@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,8 @@ from typing import Any
 
 import pytest
 import requests
+
+from modelcd.targets.process import free_port
 
 COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 KEY = "scoring-key-7f3a9c1e5b"
@@ -60,11 +61,6 @@ CUSTOM_SCRIPT = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

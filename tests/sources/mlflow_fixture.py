@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,16 +30,13 @@ from typing import Any
 import pytest
 import requests
 
+from modelcd.targets.process import free_port
+
 STARTUP_TIMEOUT_S = 90.0
 WEBHOOK_CACHE_TTL_S = 1  # MLFLOW_WEBHOOK_CACHE_TTL: a new webhook applies after about this long
 EXPERIMENT = "modelcd-tests"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fernet_key() -> str:
