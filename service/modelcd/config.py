@@ -56,6 +56,20 @@ class Settings(BaseModel):
     mlflow_poll_interval_s: float = Field(0.0, ge=0, description="poll MLflow for new versions (0: off; webhooks)")
     s3_poll_bucket: str | None = Field(None, description="bucket to poll for models/<name>/<version>/<marker>")
     s3_poll_interval_s: float = Field(0.0, ge=0, description="poll that bucket (0: off; bucket notifications)")
+    # docker target and scoring images
+    docker_host: str | None = Field(None, description="engine URL (unix://, tcp://, ssh://); default $DOCKER_HOST "
+                                    "or the local socket")
+    docker_base_image: str = Field("python:3.11-slim", description="FROM of scoring images (needs python3 + venv); "
+                                   "`modelcd base-image build` makes one offline")
+    docker_repository: str = Field("modelcd", description="images are tagged {repository}/{model}:{version}-{digest12}")
+    docker_network: Literal["bridge", "host"] = Field("bridge", description="bridge publishes the scoring port; "
+                                                      "host shares the engine host's network")
+    docker_publish_host: str = Field("127.0.0.1", description="host address a bridge container's port is published on")
+    docker_url_host: str = Field("127.0.0.1", description="address the router and smoke tests reach containers at")
+    docker_registry: str | None = Field(None, description="push images to this registry (host[:port]); none: no push")
+    docker_registry_username: str | None = None
+    docker_registry_password: str | None = Field(None, repr=False, description="registry password or token")
+    docker_build_timeout_s: float = Field(1800.0, gt=0, description="longest an image build may take")
 
     @field_validator("hooks_sns_topic_arns", mode="before")
     @classmethod

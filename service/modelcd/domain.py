@@ -108,9 +108,11 @@ class Deployment:
 
 @dataclass(frozen=True)
 class Bundle:
-    """What the build stage made for the process target."""
+    """What the build stage made: a bundle folder (the build context) and, for the docker target, an image."""
 
     path: Path  # bundle folder: model/, runtime/, scoring.json
     python: Path  # interpreter of the bundle's virtualenv
     env_key: str  # hash of the requirements: venvs are shared by it
     reused_env: bool  # True when the venv came from the cache
+    image: str | None = None  # docker target: the scoring image's reference ({repository}/{model}:{tag})
+    image_id: str | None = None  # docker target: its content id (sha256:...), what containers are checked against

@@ -207,7 +207,7 @@ def test_valid_custom_entry_script_builds_on_the_shared_env(built: Built, build:
 @pytest.mark.slow  # python -m venv runs ensurepip: ~10 s of CPU
 def test_without_uv_falls_back_to_venv_and_pip(build: Callable[..., Built], tmp_path: Path, iris_files: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bundle_mod, "_find_uv", lambda: None)
+    monkeypatch.setattr(bundle_mod, "find_uv", lambda: None)
     monkeypatch.setattr(bundle_mod, "runtime_requirements", lambda: [])
     got = build(tmp_path, iris_version(iris_files, requirements=()))
     assert "uv not found; creating environment with" in got.log.text

@@ -65,10 +65,10 @@ def build_bundle(home: Path, version: ModelVersion, files_dir: Path, log: Log,
     ``cancel`` is set; in both cases nothing half-built is left behind.
     """
     home = Path(home).absolute()  # bundle.json and Bundle hold paths used from other cwds
-    _check_cancel(cancel)
-    _check_name(version.model, "model name")
+    check_cancel(cancel)
+    check_name(version.model, "model name")
     reqs = normalise_requirements(version.requirements)
-    _check_files(version, Path(files_dir))
+    check_files(version, Path(files_dir))
     interpreter = resolve_python(python)
     key = env_key(python_identity(interpreter), reqs, runtime_requirements())
     env_python, reused = ensure_env(home, key, [*reqs, *runtime_requirements()], interpreter, log, cancel)
@@ -169,7 +169,7 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
     if _env_complete(final):
         log(f"reusing environment {key[:12]}")
         return final / "bin" / "python", True
-    with _env_lock(home, key, log, cancel):
+    with exclusive_lock(home, key, log, cancel):
         if _env_complete(final):
             log(f"reusing environment {key[:12]} (built meanwhile)")
             return final / "bin" / "python", True
@@ -183,9 +183,9 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
             _create_env(tmp, requirements, interpreter, log, cancel)
             _retarget_scripts(tmp, final)
             marker = {"env_key": key, "python": str(interpreter), "requirements": list(requirements),
-                      "created_at": _now()}
+                      "created_at": now_iso()}
             (tmp / ENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            _check_cancel(cancel)
+            check_cancel(cancel)
             os.rename(tmp, final)
         finally:
             if tmp.exists():
@@ -199,7 +199,7 @@ def _env_complete(env: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _env_lock(home: Path, key: str, log: Log, cancel: threading.Event) -> Iterator[None]:
+def exclusive_lock(home: Path, key: str, log: Log, cancel: threading.Event) -> Iterator[None]:
     """Hold an exclusive fcntl lock for env ``key``; waiting stays cancellable."""
     locks = home / "locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def _env_lock(home: Path, key: str, log: Log, cancel: threading.Event) -> Iterat
                 if not waited:
                     log(f"waiting for another build of environment {key[:12]}")
                     waited = True
-                _check_cancel(cancel)
+                check_cancel(cancel)
                 time.sleep(_POLL_S)
         try:
             yield
@@ -228,7 +228,7 @@ def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: 
     reqs_file = tmp.parent / f"{tmp.name}.requirements.txt"
     reqs_file.write_text("".join(f"{r}\n" for r in requirements))
     try:
-        uv = _find_uv()
+        uv = find_uv()
         if uv:
             log(f"creating environment with uv ({interpreter})")
             _run_step([uv, "venv", "--relocatable", "--python", str(interpreter), str(tmp)],
@@ -249,7 +249,7 @@ def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: 
         reqs_file.unlink(missing_ok=True)
 
 
-def _find_uv() -> str | None:
+def find_uv() -> str | None:
     """The uv binary of the ``uv`` package, else one on PATH, else None."""
     try:
         import uv
@@ -351,7 +351,7 @@ def _ensure_bundle_dir(home: Path, version: ModelVersion, files_dir: Path, env_p
     parent = home / "bundles" / version.model
     final = parent / f"{version.version}-{version.digest12}"
     meta = {"model": version.model, "version": version.version, "digest": version.digest,
-            "python": str(env_python), "env_key": key, "created_at": _now()}
+            "python": str(env_python), "env_key": key, "created_at": now_iso()}
     if (final / BUNDLE_MARKER).is_file():
         old = json.loads((final / BUNDLE_MARKER).read_text())
         if old.get("env_key") != key:  # same files, other interpreter/runtime: repoint in place
@@ -363,15 +363,9 @@ def _ensure_bundle_dir(home: Path, version: ModelVersion, files_dir: Path, env_p
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(files_dir, tmp / "model")
-        _check_cancel(cancel)
-        _copy_runtime(tmp / "runtime")
-        scoring = {"model": version.model, "version": version.version, "flavor": str(version.flavor),
-                   "model_file": version.model_file, "entry_script": version.entry_script,
-                   "sample": version.sample, "expected": version.expected}
-        (tmp / "scoring.json").write_text(json.dumps(scoring, indent=2) + "\n")
+        write_scoring_files(tmp, version, files_dir, cancel)
         (tmp / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        _check_cancel(cancel)
+        check_cancel(cancel)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -386,6 +380,18 @@ def _ensure_bundle_dir(home: Path, version: ModelVersion, files_dir: Path, env_p
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def write_scoring_files(dest: Path, version: ModelVersion, files_dir: Path, cancel: threading.Event) -> None:
+    """What every target serves from, in ``dest`` (created): ``model/`` (the version's files),
+    ``runtime/`` (the scoring runtime) and ``scoring.json`` (what the runtime needs to know)."""
+    shutil.copytree(files_dir, dest / "model")
+    check_cancel(cancel)
+    _copy_runtime(dest / "runtime")
+    scoring = {"model": version.model, "version": version.version, "flavor": str(version.flavor),
+               "model_file": version.model_file, "entry_script": version.entry_script,
+               "sample": version.sample, "expected": version.expected}
+    (dest / "scoring.json").write_text(json.dumps(scoring, indent=2) + "\n")
 
 
 def _copy_runtime(dest: Path) -> None:
@@ -408,7 +414,7 @@ def _write_atomic(path: Path, text: str) -> None:
 # -- checks --------------------------------------------------------------------------------
 
 
-def _check_files(version: ModelVersion, files_dir: Path) -> None:
+def check_files(version: ModelVersion, files_dir: Path) -> None:
     """The model file / entry script exist inside the files; the entry script compiles."""
     if not files_dir.is_dir():
         raise BuildError(f"model files of {version.model} v{version.version} not found at {files_dir}")
@@ -441,16 +447,16 @@ def _inside(root: Path, relative: str, field: str) -> Path:
     return path
 
 
-def _check_name(name: str, what: str) -> None:
+def check_name(name: str, what: str) -> None:
     if not _SAFE_NAME.match(name) or ".." in name:
         raise BuildError(f"{what} {name!r} is not a safe folder name (letters, digits, '.', '_', '-')",
                          field="model")
 
 
-def _check_cancel(cancel: threading.Event) -> None:
+def check_cancel(cancel: threading.Event) -> None:
     if cancel.is_set():
         raise Cancelled("build stopped")
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")

@@ -65,9 +65,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model-dir", required=True, help="folder holding the model's files")
     parser.add_argument("--config", required=True, help="JSON scoring config (model, version, flavor, ...)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, required=True, help="TCP port to bind")
-    parser.add_argument("--workers", type=_positive, default=2, help="worker processes (default 2)")
+    # Defaults from the environment let an image's CMD stay fixed while the target picks
+    # the address (MODELCD_SCORING_HOST/PORT/WORKERS); flags win over the environment.
+    env_port = os.environ.get("MODELCD_SCORING_PORT")
+    parser.add_argument("--host", default=os.environ.get("MODELCD_SCORING_HOST", "127.0.0.1"),
+                        help="address to bind (default $MODELCD_SCORING_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, required=env_port is None,
+                        default=env_port,
+                        help="TCP port to bind (default $MODELCD_SCORING_PORT)")
+    parser.add_argument("--workers", type=_positive, default=os.environ.get("MODELCD_SCORING_WORKERS", "2"),
+                        help="worker processes (default $MODELCD_SCORING_WORKERS or 2)")
     parser.add_argument(
         "--timeout",
         type=_positive,

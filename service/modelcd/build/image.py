@@ -1,0 +1,424 @@
+"""Build stage of the ``docker`` target: a scoring image built with the docker SDK.
+
+The build context holds the same files as a ``process`` bundle (``model/``, ``runtime/``,
+``scoring.json``) plus the resolved ``requirements.lock``, the wheels it names and a
+Dockerfile rendered from ``pipeline_templates/docker/Dockerfile.j2``. The engine builds with
+no network (``network_mode=none``): dependencies install from the wheelhouse with
+``--no-index``. Layers go base → system setup → dependencies → runtime → model, and the tar
+sent to the engine is deterministic (sorted, fixed owners, modes and times), so a new version
+with unchanged requirements reuses every layer but the model's.
+
+Registry-supplied strings never reach the Dockerfile: the model's name, version, digest and
+description travel only as labels set through the API. Layout under ``home``::
+
+    images/{model}/{version}-{digest12}/    build context (model/, runtime/, scoring.json,
+                                            requirements.lock, Dockerfile, bundle.json)
+    images/.python-{image id}.json          what the interpreter of a base image is
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from queue import Empty, Queue
+from typing import IO, Any
+
+from modelcd.build.bundle import (
+    Log,
+    check_cancel,
+    check_files,
+    check_name,
+    normalise_requirements,
+    now_iso,
+    runtime_requirements,
+    write_scoring_files,
+)
+from modelcd.build.wheelhouse import ImagePython, Wheelhouse, ensure_wheelhouse
+from modelcd.docker_engine import check_reference, connect, engine_url, repository_component
+from modelcd.domain import Bundle, ModelVersion
+from modelcd.errors import BuildError, Cancelled
+from modelcd.templating import render
+
+ROOT = "/opt/modelcd"  # where everything lives inside the image
+PORT = 8080  # the port the image serves on unless told otherwise (MODELCD_SCORING_PORT)
+UID = 10001  # unprivileged user the scoring service runs as
+PYTHON_IN_IMAGE = f"{ROOT}/venv/bin/python"
+MARKER = "bundle.json"
+LABEL_PREFIX = "io.modelcd."
+_PROBE = ("import json, platform, sys, venv, ensurepip; "
+          "print(json.dumps({'version': '%d.%d' % sys.version_info[:2], 'implementation': sys.implementation.name, "
+          "'machine': platform.machine(), 'libc': platform.libc_ver()[1] if platform.libc_ver()[0] == 'glibc' "
+          "else ''}))")
+_STEP = re.compile(r"^Step (\d+)/(\d+) :")
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What the image build needs from the settings."""
+
+    base_image: str = "python:3.11-slim"
+    repository: str = "modelcd"
+    docker_host: str | None = None
+    registry: str | None = None
+    registry_username: str | None = None
+    registry_password: str | None = field(default=None, repr=False)
+    build_timeout_s: float = 1800.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ImageOptions:
+        return cls(base_image=settings.docker_base_image, repository=settings.docker_repository,
+                   docker_host=settings.docker_host, registry=settings.docker_registry,
+                   registry_username=settings.docker_registry_username,
+                   registry_password=settings.docker_registry_password,
+                   build_timeout_s=settings.docker_build_timeout_s)
+
+
+def image_tag(options: ImageOptions, version: ModelVersion) -> str:
+    """``{repository}/{model}:{version}-{digest12}`` (the model's name made a valid component)."""
+    try:
+        component = repository_component(version.model)
+    except ValueError as e:
+        raise BuildError(str(e), field="model") from e
+    return f"{options.repository}/{component}:{version.version}-{version.digest12}"
+
+
+LABEL_KEYS = (
+    "org.opencontainers.image.title",
+    "org.opencontainers.image.version",
+    "org.opencontainers.image.revision",
+    "org.opencontainers.image.created",
+    "org.opencontainers.image.description",
+    "org.opencontainers.image.vendor",
+    "org.opencontainers.image.base.name",
+    f"{LABEL_PREFIX}model",
+    f"{LABEL_PREFIX}version",
+    f"{LABEL_PREFIX}digest",
+    f"{LABEL_PREFIX}flavor",
+    f"{LABEL_PREFIX}source",
+    f"{LABEL_PREFIX}external-ref",
+)
+
+
+def label_arg(key: str) -> str:
+    """The build argument that carries label ``key``'s value."""
+    return "LABEL_" + re.sub(r"[^A-Za-z0-9]", "_", key).upper()
+
+
+def image_labels(version: ModelVersion, base_image: str) -> dict[str, str]:
+    """OCI labels plus modelcd's own (every key of LABEL_KEYS). The values are data: they
+    reach the engine as build arguments, never as Dockerfile text."""
+    values = [version.model, str(version.version), version.digest, now_iso(),
+              (version.description or f"{version.model} scoring service")[:512], "modelcd", base_image,
+              version.model, str(version.version), version.digest, str(version.flavor), str(version.source),
+              (version.external_ref or "")[:512]]
+    return dict(zip(LABEL_KEYS, values, strict=True))
+
+
+def render_dockerfile(base_image: str, python: ImagePython) -> str:
+    check_reference(base_image, "docker_base_image", BuildError)
+    labels = [{"key": key, "arg": label_arg(key)} for key in LABEL_KEYS]
+    return render("docker/Dockerfile.j2", {"generator": "modelcd", "base_image": base_image, "labels": labels,
+                                           "python": python.command, "root": ROOT, "port": PORT, "uid": UID})
+
+
+def build_image(home: Path, version: ModelVersion, files_dir: Path, options: ImageOptions, log: Log,
+                cancel: threading.Event) -> Bundle:
+    """Build (or find) the scoring image of ``version`` and return its bundle.
+
+    Raises BuildError naming the cause (engine unreachable, base image missing, entry script
+    that does not compile, requirement that cannot be resolved or has no wheel, a failing
+    build step) and Cancelled when ``cancel`` is set.
+    """
+    home = Path(home).absolute()
+    check_cancel(cancel)
+    check_name(version.model, "model name")
+    check_files(version, Path(files_dir))
+    tag = image_tag(options, version)
+    client = connect(options.docker_host, BuildError)
+    try:
+        base = _ensure_base(client, options.base_image, log)
+        python = _probe_python(client, home, base, options.base_image, log)
+        requirements = [*normalise_requirements(version.requirements), *runtime_requirements()]
+        wheelhouse = ensure_wheelhouse(home, normalise_requirements(requirements), python, log, cancel)
+        context = _ensure_context(home, version, Path(files_dir), cancel)
+        dockerfile = render_dockerfile(options.base_image, python)
+        _write_if_changed(context / "Dockerfile", dockerfile)
+        _write_if_changed(context / "requirements.lock", wheelhouse.lock.read_text())
+        image_id = _build(client, context, wheelhouse, tag, image_labels(version, options.base_image), options,
+                          log, cancel)
+        ref = tag
+        if options.registry:
+            ref = push_image(client, image_id, tag, options, log)
+    finally:
+        client.close()
+    meta = {"model": version.model, "version": version.version, "digest": version.digest, "image": ref,
+            "image_id": image_id, "python": PYTHON_IN_IMAGE, "env_key": wheelhouse.key,
+            "base_image": options.base_image, "created_at": now_iso()}
+    _write_if_changed(context / MARKER, json.dumps(meta, indent=2) + "\n")
+    return Bundle(path=context, python=Path(PYTHON_IN_IMAGE), env_key=wheelhouse.key, reused_env=wheelhouse.reused,
+                  image=ref, image_id=image_id)
+
+
+# -- base image --------------------------------------------------------------------------
+
+
+def _ensure_base(client: Any, base_image: str, log: Log) -> Any:
+    from docker.errors import APIError, ImageNotFound
+
+    check_reference(base_image, "docker_base_image", BuildError)
+    try:
+        return client.images.get(base_image)
+    except ImageNotFound:
+        pass
+    log(f"base image {base_image} is not on the engine; pulling it")
+    try:
+        return client.images.pull(base_image)
+    except (APIError, ImageNotFound) as e:
+        raise BuildError(f"base image {base_image} is not on the engine and cannot be pulled "
+                         f"({_api_message(e)}); build one offline with `modelcd base-image build` and set "
+                         "docker_base_image (MODELCD_DOCKER_BASE_IMAGE) to its tag",
+                         field="docker_base_image") from e
+
+
+def _probe_python(client: Any, home: Path, base: Any, base_image: str, log: Log) -> ImagePython:
+    """What interpreter the base image has (cached per image id)."""
+    from docker.errors import ContainerError, DockerException
+
+    cache = home / "images" / f".python-{base.id.split(':')[-1][:24]}.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return ImagePython(**json.loads(cache.read_text()))
+    problems = []
+    for command in ("python3", "python"):
+        try:
+            out = client.containers.run(base.id, [command, "-c", _PROBE], remove=True, network_mode="none",
+                                        stdout=True, stderr=True, entrypoint=[])
+        except ContainerError as e:
+            problems.append(f"{command}: {_api_message(e)}")
+            continue
+        except DockerException as e:
+            raise BuildError(f"cannot run the base image {base_image}: {_api_message(e)}",
+                             field="docker_base_image") from e
+        info = json.loads(out.decode().strip().splitlines()[-1])
+        impl = {"cpython": "cp", "pypy": "pp"}.get(info["implementation"], info["implementation"])
+        python = ImagePython(command=command, version=info["version"], implementation=impl,
+                             machine=info["machine"], libc=info["libc"])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(asdict(python)))
+        log(f"base image {base_image}: {command} {python.version} ({python.abi}, {python.machine}, "
+            f"glibc {python.libc or 'none'})")
+        return python
+    raise BuildError(f"base image {base_image} has no usable Python with venv and ensurepip "
+                     f"({'; '.join(problems)}); use an image with python3 and python3-venv, e.g. python:3.11-slim "
+                     "or one from `modelcd base-image build`", field="docker_base_image")
+
+
+# -- context -----------------------------------------------------------------------------
+
+
+def _ensure_context(home: Path, version: ModelVersion, files_dir: Path, cancel: threading.Event) -> Path:
+    """The version's build context folder with its scoring files (written once, temp + rename)."""
+    parent = home / "images" / version.model
+    final = parent / f"{version.version}-{version.digest12}"
+    if (final / "scoring.json").is_file():
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_scoring_files(tmp, version, files_dir, cancel)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "scoring.json").is_file():
+                raise
+    except OSError as e:
+        raise BuildError(f"cannot write the build context {final}: {e}") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError):
+        if path.read_text() == text:
+            return
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def context_tar(context: Path, wheelhouse: Wheelhouse, out: IO[bytes]) -> None:
+    """Write the build context as a tar the engine's layer cache can rely on: sorted entries,
+    root-owned, fixed modes and a fixed time, so equal content gives equal layers."""
+    with tarfile.open(fileobj=out, mode="w|") as tar:
+        for name in ("Dockerfile", "requirements.lock"):
+            _add(tar, context / name, name)
+        _add_tree(tar, wheelhouse.wheels, "wheels")
+        _add_tree(tar, context / "runtime", "runtime")
+        _add(tar, context, "app")
+        _add(tar, context / "scoring.json", "app/scoring.json")
+        _add_tree(tar, context / "model", "app/model")
+
+
+def _add_tree(tar: tarfile.TarFile, root: Path, arcroot: str) -> None:
+    _add(tar, root, arcroot)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        for name in [*sorted(dirnames), *sorted(filenames)]:
+            _add(tar, Path(dirpath) / name, f"{arcroot}/{(rel / name).as_posix()}".replace("/./", "/"))
+
+
+def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
+    info = tar.gettarinfo(str(path), arcname=arcname)
+    if not (info.isfile() or info.isdir()):
+        return  # links and devices never enter an image (the registry refuses them on upload too)
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = 0
+    info.mode = 0o755 if info.isdir() or (info.mode & 0o111) else 0o644
+    if info.isfile():
+        with open(path, "rb") as fh:
+            tar.addfile(info, fh)
+    else:
+        tar.addfile(info)
+
+
+# -- build and push ----------------------------------------------------------------------
+
+
+def _build(client: Any, context: Path, wheelhouse: Wheelhouse, tag: str, labels: dict[str, str],
+           options: ImageOptions, log: Log, cancel: threading.Event) -> str:
+    """Send the context, stream the engine's output into ``log``, return the image id."""
+    import docker
+
+    api = docker.APIClient(base_url=engine_url(options.docker_host), timeout=int(options.build_timeout_s),
+                           version=client.api.api_version)
+    started = time.monotonic()
+    steps = cached = 0
+    image_id = None
+    with tempfile.TemporaryFile() as tar_file:
+        context_tar(context, wheelhouse, tar_file)
+        size = tar_file.tell()
+        tar_file.seek(0)
+        log(f"building {tag} ({size / 1e6:.1f} MB context)")
+        buildargs = {label_arg(key): value for key, value in labels.items()}
+        stream = api.build(fileobj=tar_file, custom_context=True, tag=tag, buildargs=buildargs, rm=True,
+                           forcerm=True, network_mode="none", decode=True, pull=False)
+        error: str | None = None
+        last: list[str] = []
+        for chunk in _pump(stream, api, cancel):
+            if "error" in chunk or "errorDetail" in chunk:
+                error = str(chunk.get("error") or chunk.get("errorDetail", {}).get("message", "")).strip()
+                continue
+            if "aux" in chunk and isinstance(chunk["aux"], dict) and "ID" in chunk["aux"]:
+                image_id = str(chunk["aux"]["ID"])
+            for line in str(chunk.get("stream") or chunk.get("status") or "").splitlines():
+                line = line.rstrip()
+                if not line:
+                    continue
+                log(line)
+                last = [*last[-19:], line]
+                if _STEP.match(line):
+                    steps += 1
+                elif "Using cache" in line:
+                    cached += 1
+                elif line.startswith("Successfully built ") and image_id is None:
+                    image_id = line.split()[-1]
+    api.close()
+    if error is not None or image_id is None:
+        detail = error or "the engine ended the build without an image"
+        raise BuildError(f"image build of {tag} failed: {detail}\nlast lines:\n" + "\n".join(last))
+    image = client.images.get(image_id)
+    log(f"built {tag} ({image.id[:19]}) in {time.monotonic() - started:.1f}s; {cached} of {steps} steps from cache")
+    return str(image.id)
+
+
+def _pump(stream: Iterator[dict[str, Any]], api: Any, cancel: threading.Event) -> Iterator[dict[str, Any]]:
+    """Yield the engine's build output; on ``cancel`` drop the connection (the engine then
+    stops the build) and raise Cancelled."""
+    chunks: Queue[Any] = Queue()
+    done = object()
+
+    def read() -> None:
+        try:
+            for chunk in stream:
+                chunks.put(chunk)
+        except Exception as e:
+            chunks.put(e)
+        chunks.put(done)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while True:
+        if cancel.is_set():
+            api.close()
+            raise Cancelled("image build stopped")
+        try:
+            item = chunks.get(timeout=_POLL_S)
+        except Empty:
+            continue
+        if item is done:
+            return
+        if isinstance(item, Exception):
+            raise BuildError(f"lost the engine during the build: {_api_message(item)}") from item
+        yield item
+
+
+def push_image(client: Any, image_id: str, tag: str, options: ImageOptions, log: Log) -> str:
+    """Tag ``image_id`` into ``options.registry`` and push it; return the pushed reference.
+
+    Credentials go to the engine in the API's auth header only, never into the log."""
+    from docker.errors import APIError
+
+    assert options.registry is not None
+    check_reference(options.registry, "docker_registry", BuildError)
+    repo, _, version_tag = f"{options.registry}/{tag}".rpartition(":")
+    auth = None
+    if options.registry_username:
+        auth = {"username": options.registry_username, "password": options.registry_password or ""}
+    log(f"pushing {repo}:{version_tag}")
+    try:
+        client.api.tag(image_id, repo, version_tag)
+        error = None
+        for chunk in client.api.push(repo, tag=version_tag, stream=True, decode=True, auth_config=auth):
+            if "error" in chunk:
+                error = str(chunk["error"])
+            elif chunk.get("status") and "id" not in chunk:
+                log(str(chunk["status"]))
+    except APIError as e:
+        error = _api_message(e)
+    if error:
+        secret = options.registry_password
+        if secret:
+            error = error.replace(secret, "***")
+        raise BuildError(f"push of {repo}:{version_tag} to {options.registry} failed: {error}",
+                         field="docker_registry")
+    log(f"pushed {repo}:{version_tag}")
+    return f"{repo}:{version_tag}"
+
+
+def _api_message(e: BaseException) -> str:
+    explanation = getattr(e, "explanation", None)
+    if explanation:
+        return str(explanation.decode() if isinstance(explanation, bytes) else explanation)
+    stderr = getattr(e, "stderr", None)
+    if stderr:
+        return (stderr.decode(errors="replace") if isinstance(stderr, bytes) else str(stderr)).strip()[-500:]
+    return str(e).strip() or type(e).__name__
+
+
+__all__ = ["PORT", "ROOT", "ImageOptions", "build_image", "context_tar", "image_labels", "image_tag", "push_image",
+           "render_dockerfile"]
