@@ -461,6 +461,31 @@ def inbox_retry(obj: Obj, delivery: int) -> None:
     click.echo(f"delivery {delivery} ({d['source']} {d['delivery_id']}) queued again")
 
 
+@main.group("base-image")
+def base_image() -> None:
+    """Base images for scoring images (docker target)."""
+
+
+@base_image.command("build")
+@click.option("--tag", default=None, help="image tag (default modelcd/python:3.11-bookworm)")
+@click.option("--suite", default="bookworm", show_default=True, help="Debian suite")
+@click.option("--mirror", default=None, help="Debian mirror URL (default: mmdebstrap's, or the host's apt sources)")
+@click.option("--include", "include", multiple=True, help="extra Debian package (repeatable), e.g. libgomp1")
+@pass_obj
+def base_image_build(obj: Obj, tag: str | None, suite: str, mirror: str | None, include: tuple[str, ...]) -> None:
+    """Build a Python base image offline from Debian packages (mmdebstrap | docker import).
+
+    Use it where images cannot be pulled: set docker_base_image (MODELCD_DOCKER_BASE_IMAGE)
+    to the tag it prints."""
+    import threading
+
+    from modelcd.build.base_image import build_base_image, default_tag
+
+    tag = tag or default_tag(suite)
+    build_base_image(tag, suite, mirror, obj.settings.docker_host, click.echo, threading.Event(), tuple(include))
+    click.echo(f"base image ready: {tag}\nuse it with: export MODELCD_DOCKER_BASE_IMAGE={tag}")
+
+
 @main.command()
 @pass_obj
 def shutdown(obj: Obj) -> None:

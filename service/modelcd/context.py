@@ -56,7 +56,8 @@ def build_context(settings: Settings) -> Context:
     db = Database(settings.db_url)
     redact = Redactor()
     for secret in (settings.token, settings.hooks_mlflow_secret, settings.hooks_generic_secret, settings.hooks_s3_token,
-                   settings.hooks_azureml_secret, settings.hooks_sagemaker_api_key):
+                   settings.hooks_azureml_secret, settings.hooks_sagemaker_api_key,
+                   settings.docker_registry_password):
         redact.add(secret)
     jobs = Jobs(db, redact)
     registry = Registry(db, get_artifact_store(settings), home, settings.max_artifact_bytes)

@@ -65,6 +65,13 @@ class Strategy(StrEnum):
     CANARY = "canary"  # new beside old; traffic moves through `steps` percentages
 
 
+class Network(StrEnum):
+    """How a docker deployment is reached."""
+
+    BRIDGE = "bridge"  # the container's port is published on the engine host
+    HOST = "host"  # the container shares the engine host's network
+
+
 class TargetKind(StrEnum):
     """Where deployments run."""
 
@@ -171,6 +178,40 @@ class Match(_Edge):
         )
 
 
+_MEMORY_RE = re.compile(r"^([1-9][0-9]{0,12})([kmg]|[KMG]i)?$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def _check_memory(value: Any) -> Any:
+    """``512m``, ``1g``, ``512Mi``, ``1Gi`` or a byte count; returned in docker's spelling."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    match = _MEMORY_RE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise PydanticCustomError("memory", "must be a size like 512m, 2g, 512Mi or 1Gi (got {got})",
+                                  {"got": _show(value)})
+    number, unit = match.groups()
+    return number + (unit or "")[:1].lower()
+
+
+def _check_env(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str) or not _ENV_NAME_RE.match(key) or key.startswith("MODELCD_"):
+                raise PydanticCustomError(
+                    "env_name", "variable names are letters, digits and '_' not starting with a digit, and not "
+                    "MODELCD_* (got {got})", {"got": _show(key)})
+        return {k: _scalar_text(v) for k, v in value.items()}
+    return value
+
+
+class Resources(_Edge):
+    """Limits of each deployment (enforced by the docker target; the process target logs them only)."""
+
+    cpu: float | None = Field(default=None, gt=0, le=256, allow_inf_nan=False)  # CPUs, e.g. 0.5
+    memory: Annotated[str | None, BeforeValidator(_check_memory)] = None  # e.g. 512m, 1Gi
+
+
 class Environment(_Edge):
     """One step of a release: an environment, where its deployments run and how traffic moves."""
 
@@ -179,6 +220,9 @@ class Environment(_Edge):
     strategy: StrategyName = Strategy.BLUE_GREEN
     steps: tuple[Percent, ...] | None = None  # canary only: traffic percent per step, ending at 100
     scoring_workers: int | None = Field(default=None, ge=1, le=64)  # None: the service's setting
+    resources: Resources = Field(default_factory=Resources)
+    env: Annotated[dict[str, str], BeforeValidator(_check_env)] = Field(default_factory=dict)  # passed to scoring
+    network: Annotated[Network | None, _choice(Network)] = None  # docker only; None: the docker_network setting
 
     @model_validator(mode="before")
     @classmethod

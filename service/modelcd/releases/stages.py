@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from modelcd.build.bundle import build_bundle
+from modelcd.build.image import ImageOptions, build_image
 from modelcd.context import Context
 from modelcd.domain import Bundle, DeploymentState
 from modelcd.errors import BuildError, Cancelled, DeployError, RouterError, StageFailed
 from modelcd.releases.deployments import handle_of
 from modelcd.releases.machine import Phase
-from modelcd.releases.policy import Policy, Runner, Strategy
+from modelcd.releases.policy import Policy, Runner, Strategy, TargetKind
 from modelcd.releases.service import Release
 from modelcd.stages.smoke import SmokeChecks, run_smoke
+from modelcd.targets import TARGETS
 from modelcd.targets.base import DeploySpec
 
 Log = Callable[[str], None]
@@ -50,7 +52,8 @@ def load_bundle(path: str | Path) -> Bundle:
         meta = json.loads((path / "bundle.json").read_text())
     except (OSError, ValueError) as e:
         raise DeployError(f"bundle {path} is missing or damaged ({e}); the build stage must run again") from e
-    return Bundle(path=path, python=Path(meta["python"]), env_key=meta["env_key"], reused_env=True)
+    return Bundle(path=path, python=Path(meta["python"]), env_key=meta["env_key"], reused_env=True,
+                  image=meta.get("image"), image_id=meta.get("image_id"))
 
 
 def check_supported(run: StageRun) -> None:
@@ -62,9 +65,9 @@ def check_supported(run: StageRun) -> None:
     if env["strategy"] == Strategy.CANARY:
         raise StageFailed(f"policy {policy.name}: strategy canary is not supported by the local runner yet; "
                           "use blue-green", field="strategy")
-    if env["target"] != "process":
-        raise StageFailed(f"policy {policy.name}: target {env['target']} is not available yet; use target: process",
-                          field="target")
+    if env["target"] not in TARGETS:
+        raise StageFailed(f"policy {policy.name}: target {env['target']} is not available; use one of "
+                          f"{', '.join(sorted(TARGETS))}", field="target")
 
 
 def build(run: StageRun) -> dict[str, Any]:
@@ -77,7 +80,11 @@ def build(run: StageRun) -> dict[str, Any]:
     run.log(f"building {rel.model} v{rel.version} ({version.flavor}, digest {version.digest12})")
     files = run.ctx.registry.materialize(version)
     run.check_cancel()
-    bundle = build_bundle(run.ctx.home, version, files, run.log, run.cancel, python=run.ctx.settings.python)
+    if rel.env_spec["target"] == TargetKind.DOCKER:
+        bundle = build_image(run.ctx.home, version, files, ImageOptions.from_settings(run.ctx.settings), run.log,
+                             run.cancel)
+    else:
+        bundle = build_bundle(run.ctx.home, version, files, run.log, run.cancel, python=run.ctx.settings.python)
     return {"bundle": str(bundle.path)}
 
 
@@ -101,9 +108,14 @@ def deploy(run: StageRun) -> dict[str, Any]:
     dep = ctx.deployments.create(model=rel.model, version=rel.version, environment=rel.environment,
                                  target=target.name, release_id=rel.id, bundle=rel.bundle)
     ctx.releases.update(rel.id, deployment_id=dep.id)  # recorded before starting: findable after a crash
+    env = rel.env_spec
+    resources = env.get("resources") or {}
     spec = DeploySpec(deployment_id=dep.id, model=rel.model, version=rel.version, environment=rel.environment,
-                      bundle=bundle, workers=int(rel.env_spec.get("scoring_workers") or ctx.settings.scoring_workers),
-                      health_timeout_s=ctx.settings.health_timeout_s)
+                      bundle=bundle, workers=int(env.get("scoring_workers") or ctx.settings.scoring_workers),
+                      health_timeout_s=ctx.settings.health_timeout_s, env=env.get("env") or {},
+                      cpu=resources.get("cpu"), memory=resources.get("memory"), network=env.get("network"))
+    if target.name == "process" and (spec.cpu or spec.memory):
+        run.log("resources (cpu, memory) are not enforced on the process target; use target: docker for limits")
     try:
         rd = target.create(spec, run.log, run.cancel)
     except BaseException:

@@ -8,11 +8,15 @@ from collections.abc import Callable
 from modelcd.config import Settings
 from modelcd.errors import ConfigError
 from modelcd.targets.base import DeploySpec, RunningDeployment, Target
+from modelcd.targets.docker import DockerTarget
 from modelcd.targets.process import ProcessTarget
 
 # name -> factory; a new target adds one line here.
 TARGETS: dict[str, Callable[[Settings], Target]] = {
     "process": lambda settings: ProcessTarget(settings.home),
+    "docker": lambda settings: DockerTarget(settings.home, docker_host=settings.docker_host,
+                                            network=settings.docker_network, publish_host=settings.docker_publish_host,
+                                            url_host=settings.docker_url_host),
 }
 
 
@@ -25,4 +29,4 @@ def get_target(name: str, settings: Settings) -> Target:
     return factory(settings)
 
 
-__all__ = ["TARGETS", "DeploySpec", "ProcessTarget", "RunningDeployment", "Target", "get_target"]
+__all__ = ["TARGETS", "DeploySpec", "DockerTarget", "ProcessTarget", "RunningDeployment", "Target", "get_target"]

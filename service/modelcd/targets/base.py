@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -32,6 +32,10 @@ class DeploySpec:
     workers: int = 2  # scoring worker processes
     health_timeout_s: float = 60.0  # create() gives up after this long without a healthy answer
     scoring_key: str | None = field(default=None, repr=False)  # secret: never printed
+    env: Mapping[str, str] = field(default_factory=dict)  # the policy's environment variables (names logged only)
+    cpu: float | None = None  # CPUs (docker: enforced; process: not enforced)
+    memory: str | None = None  # memory limit, e.g. "512m" (docker: enforced; process: not enforced)
+    network: str | None = None  # docker: bridge | host; None: the target's default
 
 
 @dataclass(frozen=True)

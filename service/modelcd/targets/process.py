@@ -233,9 +233,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def probe(port: int, timeout: float = 2.0) -> dict[str, Any] | None:
-    """``GET /healthz`` on 127.0.0.1:``port``: its JSON body when it answers 200, else None."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+def probe(port: int, timeout: float = 2.0, host: str = HOST) -> dict[str, Any] | None:
+    """``GET /healthz`` on ``host``:``port``: its JSON body when it answers 200, else None."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", "/healthz")
         resp = conn.getresponse()
@@ -281,6 +281,7 @@ def _check_bundle(spec: DeploySpec) -> Path:
 def _scoring_env(spec: DeploySpec, bundle: Path) -> dict[str, str]:
     """The control plane's environment minus its own settings and secrets, plus the runtime's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCD_") and k not in _DROPPED_ENV}
+    env.update(spec.env)
     env.update(PYTHONPATH=str(bundle / "runtime"), PYTHONUNBUFFERED="1")
     env[ID_ENV] = spec.deployment_id
     if spec.scoring_key:
