@@ -1,0 +1,112 @@
+"""Fixtures for the tests that need a real Docker engine (``scripts/docker-engine`` installs
+and starts one where it can). Under ``CI=true`` a missing engine fails these tests; on a
+developer's machine without one they skip with the reason.
+
+One base image per session, built offline with ``modelcd base-image build`` (mmdebstrap |
+docker import): that build is itself under test. Set MODELCD_TEST_REUSE_BASE_IMAGE=1 to
+reuse an existing one while iterating locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelcd.build.base_image import build_base_image
+from modelcd.build.image import ImageOptions
+from modelcd.domain import Flavor, ModelVersion
+from modelcd.quickstart import make_model
+from modelcd.targets.docker import DockerTarget
+
+BASE_IMAGE = "modelcd-test/python:3.11-bookworm"
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Any]:
+    """A client of a Docker engine that answers."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as e:
+        message = f"no Docker engine answers ({e}); run scripts/docker-engine (root, Debian) or start dockerd"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _needs_engine(request: pytest.FixtureRequest) -> None:
+    """Every test under tests/docker is marked `docker` and gets the engine check."""
+    request.node.add_marker(pytest.mark.docker)
+    request.getfixturevalue("engine")
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    tag: str
+    image_id: str
+    log: list[str]
+    built: bool
+
+
+@pytest.fixture(scope="session")
+def base_image(engine: Any) -> BaseImage:
+    """The offline Python base image, built once per session."""
+    if os.environ.get("MODELCD_TEST_REUSE_BASE_IMAGE") == "1":
+        with contextlib.suppress(Exception):
+            return BaseImage(BASE_IMAGE, engine.images.get(BASE_IMAGE).id, [], built=False)
+    lines: list[str] = []
+    image_id = build_base_image(BASE_IMAGE, "bookworm", None, None, lines.append, threading.Event())
+    return BaseImage(BASE_IMAGE, image_id, lines, built=True)
+
+
+@pytest.fixture(scope="session")
+def docker_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One home for the build tests: the wheelhouse is filled once per session."""
+    return tmp_path_factory.mktemp("docker-home")
+
+
+@pytest.fixture(scope="session")
+def image_options(base_image: BaseImage) -> ImageOptions:
+    return ImageOptions(base_image=base_image.tag, repository="modelcd-test")
+
+
+def iris_version(folder: Path, model: str, version: int, c: float = 1.0, **changes: Any) -> ModelVersion:
+    """A LogisticRegression on iris written to ``folder``, described as ``model`` v``version``."""
+    meta = make_model(folder, c)
+    requirements = tuple((folder / "requirements.txt").read_text().split())
+    digest = hashlib.sha256(f"{model}-{version}-{c}-{sorted(changes.items())}".encode()).hexdigest()
+    fields: dict[str, Any] = {"model": model, "version": version, "digest": digest, "flavor": Flavor.SKLEARN,
+                              "model_file": "model.joblib", "entry_script": None, "requirements": requirements,
+                              "sample": meta["sample"], "expected": meta["expected"],
+                              "description": meta["description"]}
+    fields.update(changes)
+    return ModelVersion(**fields)
+
+
+def remove_containers(engine: Any, home: Path) -> list[str]:
+    """Remove every container the control plane of ``home`` started; return their names."""
+    instance = DockerTarget(home).instance
+    names = []
+    for container in engine.containers.list(all=True, filters={"label": f"io.modelcd.instance={instance}"}):
+        names.append(container.name)
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
+    return names
+
+
+def containers_of(engine: Any, home: Path) -> list[Any]:
+    instance = DockerTarget(home).instance
+    return engine.containers.list(all=True, filters={"label": f"io.modelcd.instance={instance}"})
