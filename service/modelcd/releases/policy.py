@@ -112,6 +112,11 @@ def _choice(enum: type[StrEnum]) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+def _optional(validator: BeforeValidator) -> BeforeValidator:
+    """``validator``, letting None (the field left unset) through."""
+    return BeforeValidator(lambda value: None if value is None else validator.func(value))  # type: ignore[call-arg]
+
+
 def _check_name(value: Any) -> Any:
     if isinstance(value, str) and not _NAME_RE.match(value):
         raise PydanticCustomError(
@@ -222,7 +227,7 @@ class Environment(_Edge):
     scoring_workers: int | None = Field(default=None, ge=1, le=64)  # None: the service's setting
     resources: Resources = Field(default_factory=Resources)
     env: Annotated[dict[str, str], BeforeValidator(_check_env)] = Field(default_factory=dict)  # passed to scoring
-    network: Annotated[Network | None, _choice(Network)] = None  # docker only; None: the docker_network setting
+    network: Annotated[Network | None, _optional(_choice(Network))] = None  # docker only; None: docker_network
 
     @model_validator(mode="before")
     @classmethod

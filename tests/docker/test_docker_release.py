@@ -1,0 +1,163 @@
+"""Register → image → container → smoke → promote/rollback on a real engine, through a real
+`modelcd serve` and the built-in router, with a policy choosing `target: docker`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import TOKEN, Hammer, Service, custom_model, iris_model, make_service
+from tests.docker.conftest import BaseImage, containers_of, remove_containers
+
+POLICY = """\
+name: docker-models
+match:
+  models: ["dk-*"]
+environments:
+  - name: production
+    target: docker
+    scoring_workers: 1
+    resources: {cpu: 1, memory: 512m}
+    env: {OMP_NUM_THREADS: "1"}
+smoke:
+  requests: 5
+"""
+
+
+@pytest.fixture(scope="module")
+def docker_service(tmp_path_factory: pytest.TempPathFactory, base_image: BaseImage, engine: Any) -> Iterator[Service]:
+    svc = make_service(tmp_path_factory.mktemp("docker-svc"), MODELCD_DOCKER_BASE_IMAGE=base_image.tag,
+                       MODELCD_DOCKER_NETWORK="host", MODELCD_DOCKER_REPOSITORY="modelcd-test")
+    svc.start()
+    try:
+        r = svc.api("PUT", "/policies", data=POLICY, headers={"Authorization": f"Bearer {TOKEN}",
+                                                              "Content-Type": "application/yaml"})
+        assert r.status_code == 200, r.text
+        yield svc
+    finally:
+        svc.stop()
+        svc.shutdown_data_plane()
+        remove_containers(engine, svc.home)
+
+
+def _live(svc: Service, name: str) -> list[dict[str, Any]]:
+    return svc.api("GET", "/deployments", params={"model": name, "live": "1"}).json()["deployments"]
+
+
+def _first_version(svc: Service, tmp_path: Path) -> dict[str, Any]:
+    meta = iris_model(tmp_path / "v1")
+    v = svc.register("dk-iris", tmp_path / "v1", meta)
+    rel = svc.wait_release_for("dk-iris", v["version"])
+    assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
+    return meta
+
+
+def test_release_to_docker_target_reaches_production(docker_service: Service, tmp_path: Path, engine: Any) -> None:
+    svc = docker_service
+    meta = _first_version(svc, tmp_path)
+    ep = svc.endpoint("dk-iris")
+    r = requests.post(ep["scoring_uri"], json=meta["sample"], timeout=10)
+    assert r.status_code == 200 and r.json()["predictions"] == meta["expected"]
+    assert r.headers["X-Modelcd-Version"] == "1"
+    (dep,) = _live(svc, "dk-iris")
+    assert dep["target"] == "docker"
+    container = engine.containers.get(f"modelcd-{dep['id']}")
+    assert container.status == "running" and container.image.labels["io.modelcd.model"] == "dk-iris"
+    assert container.attrs["HostConfig"]["NanoCpus"] == 1_000_000_000
+
+
+def test_promote_and_rollback_under_load_drop_no_request(docker_service: Service, tmp_path: Path) -> None:
+    svc = docker_service
+    if svc.api("GET", "/models/dk-iris").status_code == 404:
+        _first_version(svc, tmp_path)
+    meta = iris_model(tmp_path / "v2", c=0.05)
+    ep = svc.endpoint("dk-iris")
+    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer:
+        time.sleep(0.3)
+        v = svc.register("dk-iris", tmp_path / "v2", meta)
+        rel = svc.wait_release_for("dk-iris", v["version"])
+        time.sleep(0.3)
+    log = svc.job_log(rel["id"])
+    assert rel["phase"] == "succeeded", log
+    assert hammer.failures == [], hammer.failures[:5]
+    new = str(v["version"])
+    assert svc.endpoint("dk-iris")["traffic"] == {new: 100}
+    assert hammer.versions.get(new, 0) > 0 and len(hammer.versions) >= 2, hammer.versions
+    assert "reusing wheelhouse" in log and "steps from cache" in log
+
+    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer:
+        time.sleep(0.3)
+        r = svc.api("POST", "/endpoints/dk-iris/production/rollback")
+        assert r.status_code == 200, r.text
+        time.sleep(0.3)
+    assert hammer.failures == [], hammer.failures[:5]
+    previous = str(int(new) - 1)
+    assert svc.endpoint("dk-iris")["traffic"] == {previous: 100}
+    assert requests.post(ep["scoring_uri"], json=meta["sample"], timeout=10).headers["X-Modelcd-Version"] == previous
+
+
+def _fails_and_leaves_production(svc: Service, engine: Any, name: str, version: int, why: str) -> str:
+    before = svc.endpoint(name)["traffic"]
+    rel = svc.wait_release_for(name, version)
+    log = svc.job_log(rel["id"])
+    assert rel["phase"] == "failed", log
+    assert why in (rel["error"] + log), (rel["error"], log)
+    assert svc.endpoint(name)["traffic"] == before
+    live_ids = {d["id"] for d in _live(svc, name)}
+    for container in containers_of(engine, svc.home):  # no stray containers: only the live deployments
+        if container.labels["io.modelcd.model"] == name:
+            assert container.labels["io.modelcd.deployment"] in live_ids, container.name
+    return log
+
+
+def test_failing_build_container_or_smoke_leave_production_alone(docker_service: Service, tmp_path: Path,
+                                                                  engine: Any) -> None:
+    svc = docker_service
+    base = iris_model(tmp_path / "base")
+    v = svc.register("dk-guard", tmp_path / "base", base)
+    assert svc.wait_release_for("dk-guard", v["version"])["phase"] == "succeeded"
+
+    bad = iris_model(tmp_path / "badreq")
+    (tmp_path / "badreq" / "requirements.txt").write_text("modelcd-no-such-package-xyz==1.0\n")
+    v = svc.register("dk-guard", tmp_path / "badreq", bad)
+    log = _fails_and_leaves_production(svc, engine, "dk-guard", v["version"], "modelcd-no-such-package-xyz")
+
+    meta = custom_model(tmp_path / "crash", "def init():\n    raise RuntimeError('weights missing')\n\n"
+                                            "def run(raw):\n    return raw\n")
+    v = svc.register("dk-guard", tmp_path / "crash", meta)
+    log = _fails_and_leaves_production(svc, engine, "dk-guard", v["version"], "exited with code")
+    assert "weights missing" in log
+
+    wrong = iris_model(tmp_path / "wrong", expected_offset=1)
+    v = svc.register("dk-guard", tmp_path / "wrong", wrong)
+    _fails_and_leaves_production(svc, engine, "dk-guard", v["version"], "smoke")
+
+    ep = svc.endpoint("dk-guard")
+    r = requests.post(ep["scoring_uri"], json=base["sample"], timeout=10)
+    assert r.status_code == 200 and r.headers["X-Modelcd-Version"] == "1"
+
+
+def test_restarted_service_adopts_running_containers(docker_service: Service, tmp_path: Path, engine: Any) -> None:
+    svc = docker_service
+    if svc.api("GET", "/models/dk-iris").status_code == 404:
+        _first_version(svc, tmp_path)
+    before = {c.id for c in containers_of(engine, svc.home)}
+    live_before = {d["id"] for d in _live(svc, "dk-iris")}
+    svc.kill9()
+    svc.start()
+    ep = svc.endpoint("dk-iris")
+    deadline = time.monotonic() + 30
+    while True:
+        r = requests.post(ep["scoring_uri"], json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=10)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+    time.sleep(1.0)  # let the reconciler look at every deployment
+    assert {d["id"] for d in _live(svc, "dk-iris")} == live_before
+    assert {c.id for c in containers_of(engine, svc.home)} == before
