@@ -155,7 +155,7 @@ gates: []
         (9, "environments[0].target", "must be one of process, docker (got 'kubernetes')"),
         (10, "environments[0].scoring_workers", "must be greater than or equal to 1 (got 0)"),
         (11, "environments[0].stratgy",
-         "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, scoring_workers"),
+         "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, scoring_workers, resources, env, network"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
@@ -313,7 +313,8 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
     p = parse_policy(EXAMPLE)
     d = p.to_dict()
     assert d["environments"] == [{"name": "production", "target": "process", "strategy": "blue-green",
-                                  "steps": None, "scoring_workers": 2}]
+                                  "steps": None, "scoring_workers": 2, "resources": {"cpu": None, "memory": None},
+                                  "env": {}, "network": None}]
     assert d["match"] == {"models": ["iris*"], "tags": {"deploy": "true"}, "sources": ["native", "mlflow"]}
     assert Policy.from_dict(d) == p
     snap = p.snapshot()

@@ -21,7 +21,7 @@ import requests
 from modelcd.config import load_settings
 from modelcd.domain import Bundle, Deployment, DeploymentState
 from modelcd.errors import Cancelled, ConfigError, DeployError
-from modelcd.targets import get_target
+from modelcd.targets import DockerTarget, get_target
 from modelcd.targets import process as process_mod
 from modelcd.targets.base import DeploySpec, RunningDeployment
 from modelcd.targets.process import KEY_ENV, ProcessTarget, tail_lines
@@ -67,7 +67,8 @@ def running(target: ProcessTarget, iris_bundle: Bundle, spec_for: Spec) -> Itera
 def test_get_target_by_name_and_unknown_names_list_the_known(tmp_path: Path) -> None:
     settings = load_settings({"home": tmp_path}, environ={})
     assert isinstance(get_target("process", settings), ProcessTarget)
-    with pytest.raises(ConfigError, match="unknown target 'kubernetes'; known targets: process"):
+    assert isinstance(get_target("docker", settings), DockerTarget)  # connects lazily: no engine needed here
+    with pytest.raises(ConfigError, match="unknown target 'kubernetes'; known targets: docker, process"):
         get_target("kubernetes", settings)
 
 
