@@ -189,6 +189,8 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 def _check_memory(value: Any) -> Any:
     """``512m``, ``1g``, ``512Mi``, ``1Gi`` or a byte count; returned in docker's spelling."""
+    if value is None:
+        return None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return str(value)
     match = _MEMORY_RE.match(value) if isinstance(value, str) else None
