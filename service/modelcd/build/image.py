@@ -75,6 +75,7 @@ class ImageOptions:
     registry_username: str | None = None
     registry_password: str | None = field(default=None, repr=False)
     build_timeout_s: float = 1800.0
+    no_cache: bool = False  # build every layer again (a cold build), e.g. to pick up a changed base image
 
     @classmethod
     def from_settings(cls, settings: Any) -> ImageOptions:
@@ -316,7 +317,7 @@ def _build(client: Any, context: Path, wheelhouse: Wheelhouse, tag: str, labels:
         log(f"building {tag} ({size / 1e6:.1f} MB context)")
         buildargs = {label_arg(key): value for key, value in labels.items()}
         stream = api.build(fileobj=tar_file, custom_context=True, tag=tag, buildargs=buildargs, rm=True,
-                           forcerm=True, network_mode="none", decode=True, pull=False)
+                           forcerm=True, network_mode="none", decode=True, pull=False, nocache=options.no_cache)
         error: str | None = None
         last: list[str] = []
         for chunk in _pump(stream, api, cancel):

@@ -1,0 +1,193 @@
+"""Docker target timings on a real engine, side by side with the process target:
+
+- cold image build (empty wheelhouse, no layer cache) vs warm build (a new version with the
+  same requirements: only the model layer is new), each next to the process target's bundle
+  build of the same version;
+- register → serving through a real `modelcd serve` (warm: the wheelhouse and layers of the
+  previous version are there), a docker-target model and a process-target model alternately;
+- rollback: from the API call to the endpoint answering with the other version.
+
+Usage: python bench/docker_bench.py [--cold 2] [--warm 5] [--versions 5] [--switches 20]
+       [--base-image modelcd/python:3.11-bookworm]
+Needs a Docker engine (scripts/docker-engine). Prints markdown tables. Loopback only; every
+loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from modelcd.build.base_image import build_base_image
+from modelcd.build.bundle import build_bundle
+from modelcd.build.image import ImageOptions, build_image
+from modelcd.client import Client
+from modelcd.config import load_settings
+from modelcd.domain import Flavor, ModelVersion
+from modelcd.quickstart import make_model
+from modelcd.targets.docker import DockerTarget
+from modelcd.targets.process import free_port
+from release_bench import row, wait_version  # bench/ is on sys.path when run as a script
+
+TOKEN = "bench-token-0123456789abcdef"
+POLICY = """\
+name: bench-docker
+match: {models: ["dk-*"]}
+environments:
+  - name: production
+    target: docker
+    scoring_workers: 1
+smoke: {requests: 5}
+"""
+PROCESS_POLICY = """\
+name: bench-process
+match: {models: ["pr-*"]}
+environments:
+  - name: production
+    target: process
+    scoring_workers: 1
+smoke: {requests: 5}
+"""
+
+
+def version_of(folder: Path, model: str, number: int, c: float) -> ModelVersion:
+    meta = make_model(folder, c)
+    return ModelVersion(model=model, version=number, digest=f"{number:04d}{int(c * 1e6):060d}", flavor=Flavor.SKLEARN,
+                        model_file="model.joblib", entry_script=None,
+                        requirements=tuple((folder / "requirements.txt").read_text().split()),
+                        sample=meta["sample"], expected=meta["expected"])
+
+
+def timed(fn: Any, *args: Any) -> float:
+    t0 = time.monotonic()
+    fn(*args)
+    return time.monotonic() - t0
+
+
+def builds(tmp: Path, base: str, cold: int, warm: int) -> None:
+    quiet, cancel = (lambda _: None), threading.Event()
+    cold_image, cold_bundle, warm_image, warm_bundle = [], [], [], []
+    for i in range(cold):  # a fresh home: empty wheelhouse and venv cache; no layer cache
+        home = tmp / f"cold-{i}"
+        v = version_of(tmp / f"cold-files-{i}", "bench", 1, 1.0 + i)
+        options = ImageOptions(base_image=base, repository="modelcd-bench", no_cache=True)
+        files = tmp / f"cold-files-{i}"
+        cold_image.append(timed(build_image, home, v, files, options, quiet, cancel))
+        cold_bundle.append(timed(build_bundle, home, v, files, quiet, cancel))
+    home = tmp / "warm"
+    options = ImageOptions(base_image=base, repository="modelcd-bench")
+    first = version_of(tmp / "warm-files-1", "bench", 1, 1.0)
+    build_image(home, first, tmp / "warm-files-1", options, quiet, cancel)
+    build_bundle(home, first, tmp / "warm-files-1", quiet, cancel)
+    for i in range(2, warm + 2):
+        v = version_of(tmp / f"warm-files-{i}", "bench", i, 1.0 / i)
+        files = tmp / f"warm-files-{i}"
+        warm_image.append(timed(build_image, home, v, files, options, quiet, cancel))
+        warm_bundle.append(timed(build_bundle, home, v, files, quiet, cancel))
+    print("| build | n | median | p90 | p99 | min | max |")
+    print("|---|---|---|---|---|---|---|")
+    print(row("cold: docker image (new wheelhouse, --no-cache)", cold_image, "s", 1))
+    print(row("cold: process bundle (new venv), same version", cold_bundle, "s", 1))
+    print(row("warm: docker image, new version, same requirements", warm_image, "s", 1))
+    print(row("warm: process bundle, same versions", warm_bundle))
+    print()
+
+
+def releases(tmp: Path, base: str, versions: int, switches: int) -> None:
+    port, rport = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
+           "MODELCD_HOME": str(tmp / "home"), "MODELCD_PORT": str(port), "MODELCD_ROUTER_PORT": str(rport),
+           "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": TOKEN, "MODELCD_DOCKER_BASE_IMAGE": base,
+           "MODELCD_DOCKER_NETWORK": "host", "MODELCD_DOCKER_REPOSITORY": "modelcd-bench"}
+    (tmp / "home").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=env, start_new_session=True,
+                            stdout=open(tmp / "serve.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    settings = load_settings(environ=env)
+    client = Client(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while not client.healthy():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError((tmp / "serve.log").read_text())
+            time.sleep(0.1)
+        for text in (POLICY, PROCESS_POLICY):
+            client.request("PUT", "/api/v1/policies", data=text.encode(), headers={"Content-Type": "application/yaml"})
+        reg: dict[str, list[float]] = {"dk-bench": [], "pr-bench": []}
+        sample: dict[str, Any] = {}
+        for model in reg:  # v1: cold (not measured)
+            meta = make_model(tmp / model / "v1", 1.0)
+            sample = meta["sample"]
+            client.register(model, tmp / model / "v1", meta)
+            rel = client.find_release(model, 1)
+            assert rel and client.wait_release(rel["id"])["phase"] == "succeeded", rel
+        for i in range(2, versions + 2):
+            for model in reg:
+                meta = make_model(tmp / model / f"v{i}", 1.0 / i)
+                uri = client.get(f"/api/v1/endpoints/{model}/production")["scoring_uri"]
+                client.register(model, tmp / model / f"v{i}", meta)
+                t0 = time.monotonic()
+                reg[model].append(wait_version(uri, sample, i) - t0)
+                rel = client.find_release(model, i)
+                assert rel and client.wait_release(rel["id"])["phase"] == "succeeded", rel
+        switch: dict[str, list[float]] = {"dk-bench": [], "pr-bench": []}
+        current = {m: versions + 1 for m in switch}
+        for _ in range(switches):
+            for model in switch:
+                uri = client.get(f"/api/v1/endpoints/{model}/production")["scoring_uri"]
+                t0 = time.monotonic()
+                result = client.post(f"/api/v1/endpoints/{model}/production/rollback")
+                assert result["release_id"] is None, result
+                other = versions if current[model] == versions + 1 else versions + 1
+                switch[model].append(wait_version(uri, sample, other) - t0)
+                current[model] = other
+        print("| release | n | median | p90 | p99 | min | max |")
+        print("|---|---|---|---|---|---|---|")
+        print(row("register → serving, docker target (warm)", reg["dk-bench"], "s", 1))
+        print(row("register → serving, process target (warm)", reg["pr-bench"], "s", 1))
+        print(row("rollback → endpoint answers other version, docker", switch["dk-bench"]))
+        print(row("rollback → endpoint answers other version, process", switch["pr-bench"]))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        from modelcd.lifecycle import stop_data_plane
+
+        for _ in stop_data_plane(settings):
+            pass
+        import docker
+
+        engine = docker.from_env()
+        instance = DockerTarget(settings.home).instance
+        for container in engine.containers.list(all=True, filters={"label": f"io.modelcd.instance={instance}"}):
+            container.remove(force=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cold", type=int, default=2)
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--versions", type=int, default=5)
+    ap.add_argument("--switches", type=int, default=20)
+    ap.add_argument("--base-image", default="modelcd/python:3.11-bookworm")
+    args = ap.parse_args()
+    import docker
+
+    try:
+        docker.from_env().images.get(args.base_image)
+    except docker.errors.ImageNotFound:
+        print(f"building base image {args.base_image}", file=sys.stderr)
+        build_base_image(args.base_image, "bookworm", None, None, lambda _: None, threading.Event())
+    tmp = Path(tempfile.mkdtemp(prefix="modelcd-docker-bench-"))
+    builds(tmp, args.base_image, args.cold, args.warm)
+    releases(tmp, args.base_image, args.versions, args.switches)
+
+
+if __name__ == "__main__":
+    main()
