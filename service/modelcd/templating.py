@@ -10,6 +10,7 @@ as ``modelcd/pipeline_templates``.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ TEMPLATES_DIR = Path(modelcd.__file__).parent / "pipeline_templates"
 @functools.cache
 def environment(root: Path = TEMPLATES_DIR) -> ImmutableSandboxedEnvironment:
     """The shared rendering environment for templates under ``root``."""
-    return ImmutableSandboxedEnvironment(
+    env = ImmutableSandboxedEnvironment(
         loader=jinja2.FileSystemLoader(str(root)),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -34,6 +35,15 @@ def environment(root: Path = TEMPLATES_DIR) -> ImmutableSandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["yaml_str"] = yaml_str
+    env.filters["yaml_flow"] = yaml_flow
+    return env
+
+
+def yaml_str(value: Any) -> str:
+    """``value`` as a YAML double-quoted scalar (JSON string syntax, ASCII only): quotes,
+    backslashes, newlines and ``#``/``:`` stay data, never YAML structure."""
+    return json.dumps(str(value), ensure_ascii=True)
 
 
 def render(name: str, values: Mapping[str, Any], root: Path = TEMPLATES_DIR) -> str:
@@ -49,3 +59,8 @@ def render(name: str, values: Mapping[str, Any], root: Path = TEMPLATES_DIR) -> 
         raise ConfigError(f"template {name}: {e.message}", field="template") from e
     except jinja2.TemplateSyntaxError as e:
         raise ConfigError(f"template {e.filename or name}:{e.lineno}: {e.message}", field="template") from e
+
+
+def yaml_flow(value: Any) -> str:
+    """A mapping or list as a YAML flow collection (JSON syntax, ASCII only)."""
+    return json.dumps(value, ensure_ascii=True)
