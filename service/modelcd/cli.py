@@ -4,6 +4,7 @@ every listing and show command prints the API's JSON as is."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -321,14 +322,80 @@ def deployments(obj: Obj, model: str | None, environment: str | None, live: bool
                                                              "url", "pid"])
 
 
+# -- stages: one command per stage, for pipelines (--release) and people ---------------------
+
+
+def _stage_client(obj: Obj) -> Client:
+    """The API client; inside a pipeline run, the per-release token (MODELCD_RELEASE_TOKEN)."""
+    client = obj.client
+    release_token = os.environ.get("MODELCD_RELEASE_TOKEN")
+    if release_token:
+        client.token = release_token
+    return client
+
+
+def _find_release(client: Client, name: str, version: int, environment: str) -> str:
+    rels = client.get("/api/v1/releases", params={"model": name, "environment": environment})["releases"]
+    for rel in rels:
+        if rel["version"] == version and rel["phase"] not in TERMINAL_PHASES:
+            return str(rel["id"])
+    raise click.ClickException(f"no release of {name} v{version} → {environment} in progress; start one with "
+                               f"`modelcd promote {name} {version} --env {environment}`")
+
+
+def _run_stage(obj: Obj, stage: str, release_id: str | None, name: str | None, version: int | None,
+               environment: str, as_json: bool) -> None:
+    client = _stage_client(obj)
+    if release_id is None:
+        if name is None or version is None:
+            raise click.UsageError("give --release ID, or MODEL VERSION [--env ENV]")
+        release_id = _find_release(client, name, version, environment)
+    result = client.post(f"/api/v1/releases/{release_id}/stages/{stage}", timeout=3600)
+    if as_json:
+        _out(result)
+    else:
+        note = " (already done)" if result["already"] else ""
+        click.echo(f"{stage} {result['outcome']}{note}: release {release_id} is {result['phase']}"
+                   + (f" — {result['error']}" if result.get("error") and result["outcome"] != "succeeded" else ""))
+    if result["outcome"] == "failed":
+        raise SystemExit(1)
+
+
+def _stage_command(stage: str, help_text: str) -> None:
+    @main.command(stage, help=help_text)
+    @click.argument("name", required=False)
+    @click.argument("version", type=int, required=False)
+    @click.option("--release", "release_id", default=None, help="release id (what a pipeline passes)")
+    @click.option("--env", "environment", default="production", show_default=True)
+    @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+    @pass_obj
+    def command(obj: Obj, name: str | None, version: int | None, release_id: str | None, environment: str,
+                as_json: bool) -> None:
+        _run_stage(obj, stage, release_id, name, version, environment, as_json)
+
+
+_stage_command("build", "Run the build stage of a release: bundle or image (exit 1 when it fails).")
+_stage_command("deploy", "Run the deploy stage of a release: start the new deployment beside production.")
+_stage_command("smoke", "Run the smoke stage of a release against the new deployment's own URI.")
+
+
 @main.command()
-@click.argument("name")
-@click.argument("version", type=int)
+@click.argument("name", required=False)
+@click.argument("version", type=int, required=False)
 @click.option("--env", "environment", default="production", show_default=True)
+@click.option("--release", "release_id", default=None, help="run the promote stage of this release (pipelines)")
 @click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON (with --release)")
 @pass_obj
-def promote(obj: Obj, name: str, version: int, environment: str, wait: bool) -> None:
-    """Release VERSION of NAME to an environment (build, deploy, smoke, then traffic)."""
+def promote(obj: Obj, name: str | None, version: int | None, environment: str, release_id: str | None, wait: bool,
+            as_json: bool) -> None:
+    """Release VERSION of NAME to an environment (build, deploy, smoke, then traffic), or with
+    --release ID run that release's promote stage (traffic moves to its deployment)."""
+    if release_id is not None:
+        _run_stage(obj, "promote", release_id, None, None, environment, as_json)
+        return
+    if name is None or version is None:
+        raise click.UsageError("give MODEL VERSION [--env ENV], or --release ID")
     client = obj.client
     rel = client.post(f"/api/v1/endpoints/{name}/{environment}/promote", json={"version": version})
     click.echo(f"release {rel['id']} queued: {name} v{version} → {environment}")
@@ -338,12 +405,20 @@ def promote(obj: Obj, name: str, version: int, environment: str, wait: bool) -> 
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--env", "environment", default="production", show_default=True)
+@click.option("--release", "release_id", default=None, help="roll back this release (its pipeline's rollback job)")
 @click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON (with --release)")
 @pass_obj
-def rollback(obj: Obj, name: str, environment: str, wait: bool) -> None:
-    """Send NAME's endpoint in ENV back to its previous version."""
+def rollback(obj: Obj, name: str | None, environment: str, release_id: str | None, wait: bool, as_json: bool) -> None:
+    """Send NAME's endpoint in ENV back to its previous version, or with --release ID undo
+    what that release started (traffic back, its deployment stopped)."""
+    if release_id is not None:
+        _run_stage(obj, "rollback", release_id, None, None, environment, as_json)
+        return
+    if name is None:
+        raise click.UsageError("give MODEL [--env ENV], or --release ID")
     client = obj.client
     result = client.post(f"/api/v1/endpoints/{name}/{environment}/rollback")
     if result["release_id"]:
@@ -352,6 +427,24 @@ def rollback(obj: Obj, name: str, environment: str, wait: bool) -> None:
             _wait(client, result["release_id"])
     ep = client.get(f"/api/v1/endpoints/{name}/{environment}")
     click.echo(f"{name}/{environment} traffic: {json.dumps(ep['traffic'])}")
+
+
+@main.command()
+@click.option("--release", "release_id", required=True, help="release id")
+@click.option("--stage", required=True, type=click.Choice(["build", "deploy", "smoke", "promote", "rollback",
+                                                            "pipeline"]))
+@click.option("--outcome", required=True, type=click.Choice(["succeeded", "failed", "cancelled"]))
+@click.option("--message", default="", help="one line for the release's events")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def report(obj: Obj, release_id: str, stage: str, outcome: str, message: str, as_json: bool) -> None:
+    """Tell the service a stage's outcome from a pipeline (uses MODELCD_RELEASE_TOKEN there)."""
+    rel = _stage_client(obj).post(f"/api/v1/releases/{release_id}/report",
+                                  json={"stage": stage, "outcome": outcome, "message": message})
+    if as_json:
+        _out(rel)
+    else:
+        click.echo(f"reported {stage} {outcome}: release {release_id} is {rel['phase']}")
 
 
 @main.group()

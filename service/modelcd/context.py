@@ -9,6 +9,7 @@ from pathlib import Path
 from modelcd.config import Settings
 from modelcd.inbox.store import Inbox
 from modelcd.jobs.service import Jobs, Redactor
+from modelcd.pipelines.runs import PipelineRuns
 from modelcd.registry.artifacts import get_artifact_store
 from modelcd.registry.service import Registry
 from modelcd.releases.deployments import Deployments
@@ -37,6 +38,7 @@ class Context:
     traffic: Traffic
     targets: dict[str, Target]
     inbox: Inbox
+    pipeline_runs: PipelineRuns
     wake: threading.Event = field(default_factory=threading.Event)  # outbox or queue has new work
     inbox_wake: threading.Event = field(default_factory=threading.Event)  # a webhook delivery was stored
 
@@ -66,5 +68,5 @@ def build_context(settings: Settings) -> Context:
     return Context(
         settings=settings, db=db, redact=redact, jobs=jobs, registry=registry, policies=Policies(db),
         releases=Releases(db, jobs), deployments=deployments, router=router,
-        traffic=Traffic(db, router, deployments), targets={}, inbox=Inbox(db),
+        traffic=Traffic(db, router, deployments), targets={}, inbox=Inbox(db), pipeline_runs=PipelineRuns(db),
     )

@@ -36,6 +36,23 @@ def write(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def release_write(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Require the API token or the per-release token of the release in the path (what a
+    pipeline run holds: it drives that release's stages and nothing else)."""
+
+    @functools.wraps(fn)
+    def wrapper(release_id: str, *args: Any, **kwargs: Any) -> Any:
+        header = request.headers.get("Authorization") or ""
+        if not token_matches(current_app.extensions["modelcd_token"], header):
+            given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
+            if not _ctx().pipeline_runs.token_valid(release_id, given):
+                raise Unauthorized("missing or wrong token: send `Authorization: Bearer <token>` with the API token "
+                                   "or this release's pipeline token (MODELCD_RELEASE_TOKEN)")
+        return fn(release_id, *args, **kwargs)
+
+    return wrapper
+
+
 def _json_body() -> dict[str, Any]:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -128,6 +145,26 @@ def create_release() -> tuple[Response, int]:
 @write
 def stop_release(release_id: str) -> tuple[Response, int]:
     return jsonify(_ctx().releases.request_cancel(release_id).to_dict()), 202
+
+
+@bp.post("/releases/<release_id>/stages/<stage>")
+@release_write
+def run_release_stage(release_id: str, stage: str) -> Response:
+    from modelcd.releases.stage_commands import run_stage_command
+
+    return jsonify(run_stage_command(_ctx(), release_id, stage))
+
+
+@bp.post("/releases/<release_id>/report")
+@release_write
+def report_release_stage(release_id: str) -> Response:
+    from modelcd.releases.stage_commands import report
+
+    body = _json_body()
+    for key in ("stage", "outcome"):
+        if key not in body:
+            raise InvalidInput(f"missing `{key}`: send {{stage, outcome, message}}", field=key)
+    return jsonify(report(_ctx(), release_id, str(body["stage"]), str(body["outcome"]), str(body.get("message", ""))))
 
 
 @bp.get("/jobs")

@@ -18,6 +18,10 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("post", "/releases", "Start a release of {model, version, environment}", True, "json"),
     ("get", "/releases/{release_id}", "Show a release with its jobs and events", False, None),
     ("post", "/releases/{release_id}/stop", "Stop a release (rolls back; production untouched)", True, None),
+    ("post", "/releases/{release_id}/stages/{stage}", "Run a stage of the release now (build, deploy, smoke, promote, "
+     "rollback); the API token or the release's pipeline token", True, None),
+    ("post", "/releases/{release_id}/report", "A pipeline reports a stage's {stage, outcome, message}; the API token "
+     "or the release's pipeline token", True, "json"),
     ("get", "/jobs", "List jobs", False, None),
     ("get", "/jobs/{job_id}", "Show a job with its events", False, None),
     ("get", "/jobs/{job_id}/logs", "A job's log lines (after=<id> to follow)", False, None),

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import pairwise
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -272,6 +272,45 @@ class Retention(_Edge):
     keep_deployments: int = Field(default=2, ge=1, le=100)  # per endpoint, including the serving one
 
 
+_REPO_RE = re.compile(r"^[A-Za-z0-9-]{1,39}/[A-Za-z0-9._-]{1,100}$")
+_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+_HTTP_RE = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?$")
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not regex.match(value)):
+            raise PydanticCustomError("pattern", "must be {what} (got {got})", {"what": what, "got": _show(value)})
+        return value
+
+    return BeforeValidator(check)
+
+
+class PipelineSpec(_Edge):
+    """Where an external runner's pipeline lives and how modelcd starts it. Credentials are
+    given by reference only: the name of an environment variable or of a file under
+    ``$MODELCD_HOME/secrets/``, never the secret itself."""
+
+    # GitHub Actions (runner: github)
+    repo: Annotated[str | None, _pattern(_REPO_RE, "owner/name")] = None
+    workflow: Annotated[str | None, _pattern(_FILE_RE, "a workflow file name")] = None  # default: rendered name
+    ref: Annotated[str, _pattern(_REF_RE, "a branch or tag")] = "main"
+    api_url: Annotated[str, _pattern(_HTTP_RE, "an http(s) URL")] = "https://api.github.com"
+    trigger: Literal["workflow_dispatch", "repository_dispatch"] = "workflow_dispatch"
+    # Azure Pipelines (runner: azure)
+    organization_url: Annotated[str | None, _pattern(_HTTP_RE, "an http(s) URL like https://dev.azure.com/org")] = None
+    project: Annotated[str | None, _pattern(_FILE_RE, "a project name")] = None
+    pipeline_id: int | None = Field(default=None, ge=1)
+    # both
+    token_env: Annotated[str | None, _pattern(_ENV_NAME_RE, "an environment variable name")] = None
+    token_file: Annotated[str | None, _pattern(_FILE_RE, "a file name under $MODELCD_HOME/secrets/")] = None
+    callback_url: Annotated[str | None, _pattern(_HTTP_RE, "an http(s) URL")] = None  # default: the service's url
+    start_timeout_s: float = Field(default=300.0, gt=0, le=86_400)  # trigger retries stop after this long
+    report_timeout_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)  # silence before the release fails
+    poll_interval_s: float = Field(default=30.0, gt=0, le=3600)  # run status, when reports stop coming
+
+
 class Policy(_Edge):
     """A release policy, as written in YAML (see the module docstring for precedence)."""
 
@@ -282,6 +321,23 @@ class Policy(_Edge):
     environments: tuple[Environment, ...] = Field(default_factory=_production, min_length=1)  # in order
     smoke: SmokePolicy = Field(default_factory=SmokePolicy)
     retention: Retention = Field(default_factory=Retention)
+    pipeline: PipelineSpec | None = None  # runner github / azure: where the pipeline is and how to start it
+
+    @model_validator(mode="after")
+    def _pipeline_for_runner(self) -> Policy:
+        spec = self.pipeline
+        need = {Runner.GITHUB: ("repo",), Runner.AZURE: ("organization_url", "project", "pipeline_id")}.get(self.runner)
+        if need is None:
+            return self
+        missing = [k for k in need if spec is None or getattr(spec, k) is None]
+        if missing:
+            raise PydanticCustomError("pipeline_missing", "runner {runner} needs pipeline.{keys}",
+                                      {"runner": str(self.runner), "keys": ", pipeline.".join(missing)})
+        if spec is not None and not (spec.token_env or spec.token_file):
+            raise PydanticCustomError("pipeline_token", "runner {runner} needs pipeline.token_env (an environment "
+                                      "variable name) or pipeline.token_file (a file under $MODELCD_HOME/secrets/)",
+                                      {"runner": str(self.runner)})
+        return self
 
     @model_validator(mode="after")
     def _unique_environments(self) -> Policy:
@@ -561,4 +617,6 @@ _MODEL_AT: dict[tuple[str | int, ...], type[BaseModel]] = {
     ("environments", 0): Environment,
     ("smoke",): SmokePolicy,
     ("retention",): Retention,
+    ("pipeline",): PipelineSpec,
+    ("environments", 0, "resources"): Resources,
 }

@@ -29,12 +29,12 @@ def run_release(ctx: Context, release_id: str) -> Phase:
             rel = ctx.releases.get(release_id)
             if rel.phase.terminal:
                 return rel.phase
-            _run_stage(ctx, release_id, rel.phase, cancel)
+            run_stage(ctx, release_id, rel.phase, cancel)
     finally:
         ctx.jobs.forget_cancel([release_id])
 
 
-def _run_stage(ctx: Context, release_id: str, phase: Phase, cancel: threading.Event) -> None:
+def run_stage(ctx: Context, release_id: str, phase: Phase, cancel: threading.Event) -> None:
     rel = ctx.releases.get(release_id)
     job = ctx.jobs.create(STAGE_OF[phase], release_id=rel.id, model=rel.model, version=rel.version,
                           environment=rel.environment)

@@ -151,6 +151,21 @@ deployments = Table(
 )
 Index("ix_deployments_endpoint", deployments.c.model, deployments.c.environment, deployments.c.state)
 
+pipeline_runs = Table(  # one per release driven by an external runner (GitHub Actions, Azure Pipelines)
+    "pipeline_runs", metadata,
+    Column("release_id", String(32), primary_key=True),
+    Column("provider", String(16), nullable=False),  # github | azure
+    Column("token_hash", String(64), nullable=False),  # sha256 of the per-release token (never the token)
+    Column("state", String(16), nullable=False),  # minted | triggered | finished
+    Column("run_id", String(64)),
+    Column("url", String(1024)),
+    Column("attempts", Integer, nullable=False, default=0),  # trigger attempts
+    Column("created_at", String(32), nullable=False),
+    Column("triggered_at", String(32)),
+    Column("last_report_at", String(32)),
+    Column("error", Text),
+)
+
 outbox = Table(
     "outbox", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

@@ -1,0 +1,109 @@
+"""Stages run on request: what ``modelcd build|deploy|smoke|promote|rollback --release ID``
+does when a pipeline (GitHub Actions, Azure Pipelines) drives a release, and what
+``modelcd report`` tells the service.
+
+The work is the local runner's own (``runner.run_stage``): a pipeline run and a local run do
+exactly the same thing, with the same jobs, events and logs. A stage asked for twice (a CI
+retry) answers with what happened the first time instead of running again.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from modelcd.context import Context
+from modelcd.errors import Conflict, InvalidInput
+from modelcd.releases.machine import NEXT_ON_SUCCESS, Phase
+from modelcd.releases.runner import run_stage
+from modelcd.releases.service import Release
+
+STAGE_PHASE: dict[str, Phase] = {
+    "build": Phase.BUILDING,
+    "deploy": Phase.DEPLOYING,
+    "smoke": Phase.SMOKE_TESTING,
+    "promote": Phase.PROMOTING,
+    "rollback": Phase.ROLLING_BACK,
+}
+_ORDER = [Phase.BUILDING, Phase.DEPLOYING, Phase.SMOKE_TESTING, Phase.PROMOTING, Phase.SUCCEEDED]
+OUTCOMES = ("succeeded", "failed", "cancelled")
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(release_id: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(release_id, threading.Lock())
+
+
+def run_stage_command(ctx: Context, release_id: str, stage: str) -> dict[str, Any]:
+    """Run ``stage`` of the release now (blocking) and return its outcome:
+    ``{"stage", "outcome": succeeded|failed|skipped, "phase", "error", "already"}``."""
+    if stage not in STAGE_PHASE:
+        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}", field="stage")
+    wanted = STAGE_PHASE[stage]
+    with _lock(release_id):  # one stage of a release at a time, even if the pipeline retries meanwhile
+        rel = ctx.releases.get(release_id)
+        if rel.phase is Phase.QUEUED:
+            raise Conflict(f"release {release_id} is queued behind another release of {rel.model}/{rel.environment}; "
+                           "retry when it starts", field="release_id")
+        if stage == "rollback":
+            return _rollback(ctx, rel)
+        if rel.phase is wanted:
+            run_stage(ctx, release_id, wanted, ctx.jobs.cancel_event(release_id))
+            after = ctx.releases.get(release_id)
+            ok = after.phase is NEXT_ON_SUCCESS[wanted]
+            ctx.wake.set()
+            return _result(stage, after, "succeeded" if ok else "failed")
+        if rel.phase in _ORDER and _ORDER.index(rel.phase) > _ORDER.index(wanted):
+            return _result(stage, rel, "succeeded", already=True)
+        if rel.phase.terminal or rel.phase is Phase.ROLLING_BACK:
+            return _result(stage, rel, "failed", already=True)
+        raise Conflict(f"release {release_id} is {rel.phase}: stage {stage} cannot run before "
+                       f"{_stage_of(rel.phase)}", field="stage")
+
+
+def _rollback(ctx: Context, rel: Release) -> dict[str, Any]:
+    if rel.phase is Phase.SUCCEEDED:
+        return _result("rollback", rel, "skipped", already=True)
+    if rel.phase.terminal:
+        return _result("rollback", rel, "succeeded", already=True)
+    if rel.phase is not Phase.ROLLING_BACK:  # the pipeline failed outside a modelcd stage
+        ctx.releases.advance(rel.id, Phase.ROLLING_BACK, "the pipeline asked for a rollback",
+                             error=rel.error or f"the pipeline failed before {_stage_of(rel.phase)} finished")
+    run_stage(ctx, rel.id, Phase.ROLLING_BACK, ctx.jobs.cancel_event(rel.id))
+    after = ctx.releases.get(rel.id)
+    ctx.wake.set()
+    return _result("rollback", after, "succeeded" if after.phase.terminal else "failed")
+
+
+def report(ctx: Context, release_id: str, stage: str, outcome: str, message: str = "") -> dict[str, Any]:
+    """Record what the pipeline says of a stage. A failed or cancelled stage that the release
+    is still in moves it to rolling back (the pipeline's rollback job, or the service's
+    deadline, then undoes what it started)."""
+    if stage not in (*STAGE_PHASE, "pipeline"):
+        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}, pipeline", field="stage")
+    if outcome not in OUTCOMES:
+        raise InvalidInput(f"unknown outcome {outcome!r}; one of {', '.join(OUTCOMES)}", field="outcome")
+    message = " ".join(str(message).split())[:500]
+    rel = ctx.releases.get(release_id)
+    ctx.jobs.event(None, release_id, f"pipeline.{stage}.{outcome}", message or f"the pipeline reports {stage} "
+                   f"{outcome}")
+    ctx.pipeline_runs.reported(release_id)
+    in_stage = stage == "pipeline" or STAGE_PHASE.get(stage) is rel.phase
+    if outcome != "succeeded" and in_stage and rel.phase.active and rel.phase is not Phase.ROLLING_BACK:
+        if outcome == "cancelled":
+            ctx.releases.request_cancel(release_id)
+        ctx.releases.advance(release_id, Phase.ROLLING_BACK, f"the pipeline reports {stage} {outcome}",
+                             error=f"{stage} {outcome} in the pipeline" + (f": {message}" if message else ""))
+        ctx.wake.set()
+    return ctx.releases.get(release_id).to_dict()
+
+
+def _stage_of(phase: Phase) -> str:
+    return next((s for s, p in STAGE_PHASE.items() if p is phase), str(phase))
+
+
+def _result(stage: str, rel: Release, outcome: str, already: bool = False) -> dict[str, Any]:
+    return {"stage": stage, "outcome": outcome, "already": already, "release_id": rel.id, "phase": str(rel.phase),
+            "model": rel.model, "version": rel.version, "environment": rel.environment, "error": rel.error}
