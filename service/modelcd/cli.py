@@ -554,6 +554,94 @@ def inbox_retry(obj: Obj, delivery: int) -> None:
     click.echo(f"delivery {delivery} ({d['source']} {d['delivery_id']}) queued again")
 
 
+@main.group()
+def pipelines() -> None:
+    """Release pipelines as code: render, check, publish to the model's repository."""
+
+
+def _pipeline_options(environment: str, runs_on: str, package: str, callback_url: str | None,
+                      settings: Settings) -> Any:
+    from modelcd.pipelines.render import PipelineOptions
+
+    return PipelineOptions(environment=environment, runs_on=runs_on, package=package,
+                           callback_url=callback_url or settings.url)
+
+
+_PIPELINE_OPTIONS = [
+    click.option("--provider", type=click.Choice(["github", "azure"]), required=True),
+    click.option("--environment", default="production", show_default=True, help="default environment input"),
+    click.option("--runs-on", default="ubuntu-latest", show_default=True, help="GitHub runner label"),
+    click.option("--package", default="modelcd", show_default=True, help="what the pipeline pip-installs"),
+    click.option("--callback-url", default=None, help="Azure: default callback_url parameter (default MODELCD_URL)"),
+]
+
+
+def _with_pipeline_options(fn: Any) -> Any:
+    for option in reversed(_PIPELINE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@pipelines.command("render")
+@click.argument("model")
+@_with_pipeline_options
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="write under this repository root instead of printing")
+@click.option("--check", "check", is_flag=True, help="validate with actionlint and the JSON schemas")
+@pass_obj
+def pipelines_render(obj: Obj, model: str, provider: str, environment: str, runs_on: str, package: str,
+                     callback_url: str | None, out_dir: Path | None, check: bool) -> None:
+    """Render MODEL's release pipeline for --provider github|azure."""
+    from modelcd.pipelines.check import check_pipeline
+    from modelcd.pipelines.render import render_pipeline
+
+    rendered = render_pipeline(model, provider, _pipeline_options(environment, runs_on, package, callback_url,
+                                                                  obj.settings))
+    if check:
+        problems = check_pipeline(rendered)
+        if problems:
+            raise click.ClickException(f"{rendered.path} does not pass its checks:\n" + "\n".join(problems))
+    if out_dir is None:
+        click.echo(rendered.text, nl=False)
+        if check:
+            click.echo(f"# {rendered.path}: actionlint and schema checks passed", err=True)
+        return
+    path = out_dir / rendered.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rendered.text)
+    click.echo(f"wrote {path}" + (" (checks passed)" if check else ""))
+
+
+@pipelines.command("publish")
+@click.argument("model")
+@_with_pipeline_options
+@click.option("--repo", "repo_url", required=True, help="the model's git repository (path, file:// or https://)")
+@click.option("--branch", default="main", show_default=True, help="branch to commit on")
+@click.option("--base-branch", default="main", show_default=True, help="where a new branch starts")
+@click.option("--token-env", default=None, help="https: environment variable holding the git token")
+@pass_obj
+def pipelines_publish(obj: Obj, model: str, provider: str, environment: str, runs_on: str, package: str,
+                      callback_url: str | None, repo_url: str, branch: str, base_branch: str,
+                      token_env: str | None) -> None:
+    """Render, check and commit MODEL's release pipeline into its repository, then push.
+    Nothing is committed when the file is already up to date."""
+    from modelcd.pipelines.check import check_pipeline
+    from modelcd.pipelines.git import RepoTarget, publish
+    from modelcd.pipelines.render import render_pipeline
+
+    rendered = render_pipeline(model, provider, _pipeline_options(environment, runs_on, package, callback_url,
+                                                                  obj.settings))
+    problems = check_pipeline(rendered)
+    if problems:
+        raise click.ClickException(f"{rendered.path} does not pass its checks:\n" + "\n".join(problems))
+    token = os.environ.get(token_env) if token_env else None
+    target = RepoTarget(url=repo_url, branch=branch, base_branch=base_branch, token=token)
+    result = publish(target, {rendered.path: rendered.text},
+                     f"modelcd: release pipeline for {model} ({provider})", obj.settings.home / "repos", click.echo)
+    click.echo(f"{rendered.path}: " + (f"committed {result.commit[:12]} on {result.branch}" if result.commit
+                                        else f"already up to date on {result.branch}"))
+
+
 @main.group("base-image")
 def base_image() -> None:
     """Base images for scoring images (docker target)."""

@@ -90,5 +90,12 @@ class PipelineRuns:
             conn.execute(update(schema.pipeline_runs).where(schema.pipeline_runs.c.release_id == release_id)
                          .values(**values))
 
+    def unfinished(self) -> list[str]:
+        """Release ids whose run is not marked finished (their token still works)."""
+        with self.db.read() as conn:
+            rows = conn.execute(select(schema.pipeline_runs.c.release_id)
+                                .where(schema.pipeline_runs.c.state != "finished")).all()
+        return [r.release_id for r in rows]
+
     def reported(self, release_id: str) -> None:
         self.update(release_id, last_report_at=now())

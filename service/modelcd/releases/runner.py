@@ -77,7 +77,10 @@ class LocalRunner:
     """Dispatches the outbox and runs queued releases on a pool of worker threads."""
 
     def __init__(self, ctx: Context, workers: int | None = None, poll_s: float = 0.5) -> None:
+        from modelcd.releases.external import ExternalDriver
+
         self.ctx = ctx
+        self.external = ExternalDriver(ctx)  # releases whose pipeline runs in GitHub Actions / Azure Pipelines
         self.workers = workers or ctx.settings.runner_workers
         self.poll_s = poll_s
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="release")
@@ -100,6 +103,8 @@ class LocalRunner:
         """Pick up releases a previous process left in flight; their interrupted jobs fail."""
         resumed = []
         for rel in self.ctx.releases.in_phases({p for p in Phase if p.active}):
+            if rel.policy.get("runner", "local") != "local":
+                continue  # its pipeline runs the stages; the external driver watches it
             for job in self.ctx.jobs.list(release_id=rel.id):
                 if not job.state.terminal:
                     self.ctx.jobs.transition(job.id, JobState.FAILED if job.state is JobState.RUNNING
@@ -115,6 +120,7 @@ class LocalRunner:
             try:
                 dispatch_outbox(self.ctx)
                 self.schedule()
+                self.external.tick()
             except Exception:
                 log.exception("runner loop")
             self.ctx.wake.wait(self.poll_s)
@@ -126,7 +132,7 @@ class LocalRunner:
             with self._lock:
                 if len(self._active) >= self.workers:
                     return
-            if self.ctx.releases.claim(rel.id):
+            if self.ctx.releases.claim(rel.id) and rel.policy.get("runner", "local") == "local":
                 self._submit(rel.id)
 
     def _submit(self, release_id: str) -> None:

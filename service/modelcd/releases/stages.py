@@ -18,7 +18,7 @@ from modelcd.domain import Bundle, DeploymentState
 from modelcd.errors import BuildError, Cancelled, DeployError, RouterError, StageFailed
 from modelcd.releases.deployments import handle_of
 from modelcd.releases.machine import Phase
-from modelcd.releases.policy import Policy, Runner, Strategy, TargetKind
+from modelcd.releases.policy import Policy, Strategy, TargetKind
 from modelcd.releases.service import Release
 from modelcd.stages.smoke import SmokeChecks, run_smoke
 from modelcd.targets import TARGETS
@@ -57,11 +57,8 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 def check_supported(run: StageRun) -> None:
-    """Refuse, with the fix, what the local runner cannot do yet."""
+    """Refuse, with the fix, what the stages cannot do yet."""
     policy, env = run.policy, run.release.env_spec
-    if policy.runner != Runner.LOCAL:
-        raise StageFailed(f"policy {policy.name}: runner {policy.runner} is not available yet; use runner: local",
-                          field="runner")
     if env["strategy"] == Strategy.CANARY:
         raise StageFailed(f"policy {policy.name}: strategy canary is not supported by the local runner yet; "
                           "use blue-green", field="strategy")
