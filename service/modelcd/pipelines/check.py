@@ -21,7 +21,8 @@ def check_pipeline(pipeline: RenderedPipeline) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="modelcd-check-") as tmp:
         path = Path(tmp) / Path(pipeline.path).name
         path.write_text(pipeline.text)
-        problems = _run([_tool("check-jsonschema"), "--builtin-schema", SCHEMAS[pipeline.provider], str(path)],
+        problems = _run([_tool("check-jsonschema"), "--regex-variant", "nonunicode", "--builtin-schema",
+                         SCHEMAS[pipeline.provider], str(path)],
                         f"{SCHEMAS[pipeline.provider]} schema")
         if pipeline.provider is Provider.GITHUB:
             problems += _run([_tool("actionlint"), "-no-color", "-oneline", str(path)], "actionlint")
