@@ -130,7 +130,7 @@ class AzureProvider(PipelineProvider):
     def trigger(self, release: Release, token: str, callback_url: str) -> RunRef:
         run = self.client.run_pipeline(int(self.spec["pipeline_id"]), release_inputs(release, callback_url),
                                        branch=str(self.spec.get("ref") or "main"),
-                                       variables={"MODELCD_RELEASE_TOKEN": {"value": token, "isSecret": True}})
+                                       secret_variables={"MODELCD_RELEASE_TOKEN": token})
         return RunRef(str(run.id), run.web_url)
 
     def status(self, run_id: str) -> RunStatus:

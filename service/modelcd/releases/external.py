@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from modelcd.context import Context
+from modelcd.domain import JobState
 from modelcd.errors import ModelcdError
 from modelcd.pipelines.providers import PipelineProvider, RunStatus, get_provider
 from modelcd.releases.machine import Phase
@@ -71,7 +72,8 @@ class ExternalDriver:
             return
         last = _ts(run.last_report_at or run.triggered_at or run.created_at)
         silent_s = time.time() - last
-        if silent_s > float(spec.get("report_timeout_s", 3600)):
+        busy = any(job.state is JobState.RUNNING for job in self.ctx.jobs.list(release_id=rel.id))
+        if silent_s > float(spec.get("report_timeout_s", 3600)) and not busy:  # a stage in flight is a sign of life
             self._fail(rel, f"pipeline run {run.run_id or '?'} reported nothing for {silent_s:.0f}s "
                             f"(pipeline.report_timeout_s); production untouched")
             return
@@ -83,8 +85,9 @@ class ExternalDriver:
             self._finished_seen.pop(rel.id, None)
             return
         seen = self._finished_seen.setdefault(rel.id, time.monotonic())
-        if time.monotonic() - seen < _FINISHED_GRACE_S:
-            self._next_poll[rel.id] = seen + _FINISHED_GRACE_S
+        grace = min(_FINISHED_GRACE_S, 3 * float(spec.get("poll_interval_s", 30)))
+        if time.monotonic() - seen < grace:
+            self._next_poll[rel.id] = seen + grace
             return
         current = self.ctx.releases.get(rel.id)
         if current.phase.active:

@@ -42,25 +42,33 @@ def run_stage_command(ctx: Context, release_id: str, stage: str) -> dict[str, An
     if stage not in STAGE_PHASE:
         raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}", field="stage")
     wanted = STAGE_PHASE[stage]
-    with _lock(release_id):  # one stage of a release at a time, even if the pipeline retries meanwhile
-        rel = ctx.releases.get(release_id)
-        if rel.phase is Phase.QUEUED:
-            raise Conflict(f"release {release_id} is queued behind another release of {rel.model}/{rel.environment}; "
-                           "retry when it starts", field="release_id")
-        if stage == "rollback":
-            return _rollback(ctx, rel)
-        if rel.phase is wanted:
-            run_stage(ctx, release_id, wanted, ctx.jobs.cancel_event(release_id))
-            after = ctx.releases.get(release_id)
-            ok = after.phase is NEXT_ON_SUCCESS[wanted]
-            ctx.wake.set()
-            return _result(stage, after, "succeeded" if ok else "failed")
-        if rel.phase in _ORDER and _ORDER.index(rel.phase) > _ORDER.index(wanted):
-            return _result(stage, rel, "succeeded", already=True)
-        if rel.phase.terminal or rel.phase is Phase.ROLLING_BACK:
-            return _result(stage, rel, "failed", already=True)
-        raise Conflict(f"release {release_id} is {rel.phase}: stage {stage} cannot run before "
-                       f"{_stage_of(rel.phase)}", field="stage")
+    ctx.pipeline_runs.reported(release_id)  # the pipeline is alive (no-op for a release it does not drive)
+    try:
+        with _lock(release_id):  # one stage of a release at a time, even if the pipeline retries meanwhile
+            return _run_locked(ctx, release_id, stage, wanted)
+    finally:
+        ctx.pipeline_runs.reported(release_id)
+
+
+def _run_locked(ctx: Context, release_id: str, stage: str, wanted: Phase) -> dict[str, Any]:
+    rel = ctx.releases.get(release_id)
+    if rel.phase is Phase.QUEUED:
+        raise Conflict(f"release {release_id} is queued behind another release of {rel.model}/{rel.environment}; "
+                       "retry when it starts", field="release_id")
+    if stage == "rollback":
+        return _rollback(ctx, rel)
+    if rel.phase is wanted:
+        run_stage(ctx, release_id, wanted, ctx.jobs.cancel_event(release_id))
+        after = ctx.releases.get(release_id)
+        ok = after.phase is NEXT_ON_SUCCESS[wanted]
+        ctx.wake.set()
+        return _result(stage, after, "succeeded" if ok else "failed")
+    if rel.phase in _ORDER and _ORDER.index(rel.phase) > _ORDER.index(wanted):
+        return _result(stage, rel, "succeeded", already=True)
+    if rel.phase.terminal or rel.phase is Phase.ROLLING_BACK:
+        return _result(stage, rel, "failed", already=True)
+    raise Conflict(f"release {release_id} is {rel.phase}: stage {stage} cannot run before "
+                   f"{_stage_of(rel.phase)}", field="stage")
 
 
 def _rollback(ctx: Context, rel: Release) -> dict[str, Any]:

@@ -1,0 +1,196 @@
+"""The service's external runner against a local GitHub stand-in that never runs anything:
+trigger retries and refusals, a run that never reports or dies early fails the release with
+production untouched, and per-release tokens drive only their own release."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import TOKEN, Service, iris_model, make_service
+
+GH_TOKEN = "ghp_external_0123456789"
+
+
+class ScriptedGitHub:
+    """Answers dispatches with scripted statuses (then 200 + a run id) and runs with a state."""
+
+    def __init__(self) -> None:
+        self.dispatch_statuses: list[int] = []  # consumed one per dispatch; empty: 200
+        self.dispatches: list[dict[str, Any]] = []
+        self.run_state: dict[int, tuple[str, str | None]] = {}
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, doc: Any) -> None:
+                body = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if status == 429:
+                    self.send_header("Retry-After", "0")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                status = stub.dispatch_statuses.pop(0) if stub.dispatch_statuses else 200
+                stub.dispatches.append({"status": status, "inputs": body.get("inputs", {}),
+                                        "auth": self.headers.get("Authorization")})
+                if status != 200:
+                    self._reply(status, {"message": {401: "Bad credentials"}.get(status, "Server Error")})
+                    return
+                run_id = len(stub.dispatches)
+                stub.run_state[run_id] = ("in_progress", None)
+                self._reply(200, {"workflow_run_id": run_id, "run_url": "", "html_url": f"https://gh/{run_id}"})
+
+            def do_GET(self) -> None:
+                match = re.search(r"/actions/runs/(\d+)$", self.path)
+                state = stub.run_state.get(int(match.group(1))) if match else None
+                if state is None:
+                    self._reply(404, {"message": "Not Found"})
+                    return
+                self._reply(200, {"id": int(match.group(1)), "status": state[0], "conclusion": state[1],
+                                  "html_url": "https://gh/run", "display_title": "t", "created_at": None})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, ScriptedGitHub]]:
+    stub = ScriptedGitHub()
+    svc = make_service(tmp_path_factory.mktemp("ext"), MODELCD_TEST_GH_TOKEN=GH_TOKEN)
+    svc.start()
+    policy = f"""\
+name: scripted
+match: {{models: ["ext-*"]}}
+runner: github
+pipeline:
+  repo: acme/models
+  api_url: {stub.url}
+  token_env: MODELCD_TEST_GH_TOKEN
+  poll_interval_s: 1
+  report_timeout_s: 8
+  start_timeout_s: 30
+smoke: {{requests: 3}}
+"""
+    r = svc.api("PUT", "/policies", data=policy, headers={"Authorization": f"Bearer {TOKEN}",
+                                                          "Content-Type": "application/yaml"})
+    assert r.status_code == 200, r.text
+    try:
+        yield svc, stub
+    finally:
+        svc.stop()
+        svc.shutdown_data_plane()
+        stub.server.shutdown()
+
+
+def _stage(svc: Service, release_id: str, stage: str, token: str) -> requests.Response:
+    return requests.post(f"{svc.url}/api/v1/releases/{release_id}/stages/{stage}",
+                         headers={"Authorization": f"Bearer {token}"}, timeout=300)
+
+
+def _wait_dispatch(stub: ScriptedGitHub, count: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while len(stub.dispatches) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(stub.dispatches) >= count, stub.dispatches
+    return stub.dispatches[count - 1]
+
+
+def test_stages_driven_with_the_release_token_reach_production(scripted: tuple[Service, ScriptedGitHub],
+                                                               tmp_path: Path) -> None:
+    svc, stub = scripted
+    meta = iris_model(tmp_path / "v1")
+    svc.register("ext-a", tmp_path / "v1", meta)
+    dispatch = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    assert dispatch["auth"] == f"Bearer {GH_TOKEN}"
+    rid, token = dispatch["inputs"]["release_id"], dispatch["inputs"]["release_token"]
+    assert _stage(svc, rid, "deploy", token).status_code == 409  # stages run in order
+    assert _stage(svc, rid, "build", "mcdr_wrong").status_code == 401
+    for stage in ("build", "deploy", "smoke", "promote"):
+        r = _stage(svc, rid, stage, token)
+        assert r.status_code == 200 and r.json()["outcome"] == "succeeded", r.text
+    again = _stage(svc, rid, "build", token)  # a CI retry: answered, not run again
+    assert again.status_code in (200, 401)
+    rel = svc.release_detail(rid)
+    assert rel["phase"] == "succeeded" and [j["type"] for j in rel["jobs"]] == ["build", "deploy", "smoke", "promote"]
+    r = requests.post(svc.endpoint("ext-a")["scoring_uri"], json=meta["sample"], timeout=10)
+    assert r.headers["X-Modelcd-Version"] == "1"
+    # this release's token cannot drive another release
+    svc.register("ext-b", tmp_path / "v1", meta)
+    other = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    assert _stage(svc, other["inputs"]["release_id"], "build", token).status_code == 401
+    assert token not in json.dumps(rel)
+
+
+def test_a_run_that_never_reports_fails_the_release_and_production_stays(
+        scripted: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
+    svc, stub = scripted
+    meta = iris_model(tmp_path / "v1")
+    svc.register("ext-silent", tmp_path / "v1", meta)
+    dispatch = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    rid, token = dispatch["inputs"]["release_id"], dispatch["inputs"]["release_token"]
+    for stage in ("build", "deploy", "smoke", "promote"):
+        assert _stage(svc, rid, stage, token).json()["outcome"] == "succeeded"
+    # v2: the pipeline builds and deploys, then goes silent
+    svc.register("ext-silent", tmp_path / "v2", iris_model(tmp_path / "v2", c=0.5))
+    dispatch = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    rid2, token2 = dispatch["inputs"]["release_id"], dispatch["inputs"]["release_token"]
+    for stage in ("build", "deploy"):
+        assert _stage(svc, rid2, stage, token2).json()["outcome"] == "succeeded"
+    rel = svc.client.wait_release(rid2, timeout_s=60)
+    assert rel["phase"] == "failed" and "reported nothing" in rel["error"], rel
+    assert svc.endpoint("ext-silent")["traffic"] == {"1": 100}
+    deps = svc.api("GET", "/deployments", params={"model": "ext-silent"}).json()["deployments"]
+    assert [d["state"] for d in deps if d["version"] == 2] == ["stopped"]
+
+
+def test_trigger_retries_transient_errors_and_gives_up_on_refusals(scripted: tuple[Service, ScriptedGitHub],
+                                                                    tmp_path: Path) -> None:
+    svc, stub = scripted
+    meta = iris_model(tmp_path / "v1")
+    stub.dispatch_statuses[:] = [502, 502, 502, 502, 200]  # the client's own retries, then the driver's
+    start = len(stub.dispatches)
+    svc.register("ext-flaky", tmp_path / "v1", meta)
+    deadline = time.monotonic() + 60
+    while not any(d["status"] == 200 for d in stub.dispatches[start:]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ok = [d for d in stub.dispatches[start:] if d["status"] == 200]
+    assert ok, stub.dispatches[start:]
+    rel = svc.client.find_release("ext-flaky", 1)
+    assert rel is not None and rel["phase"] == "building"
+
+    stub.dispatch_statuses[:] = [401]
+    svc.register("ext-refused", tmp_path / "v1", meta)
+    rel = svc.client.find_release("ext-refused", 1)
+    assert rel is not None
+    rel = svc.client.wait_release(rel["id"], timeout_s=60)
+    assert rel["phase"] == "failed" and "could not be started" in rel["error"] and "401" in rel["error"], rel
+    assert GH_TOKEN not in rel["error"]
+
+
+def test_a_run_that_finishes_without_the_release_fails_it(scripted: tuple[Service, ScriptedGitHub],
+                                                          tmp_path: Path) -> None:
+    svc, stub = scripted
+    meta = iris_model(tmp_path / "v1")
+    svc.register("ext-died", tmp_path / "v1", meta)
+    dispatch = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    run_id = len(stub.dispatches)
+    stub.run_state[run_id] = ("completed", "cancelled")  # e.g. cancelled by a person before any stage ran
+    rel = svc.client.wait_release(dispatch["inputs"]["release_id"], timeout_s=60)
+    assert rel["phase"] == "failed" and "finished (cancelled)" in rel["error"], rel
