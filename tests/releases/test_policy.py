@@ -155,7 +155,8 @@ gates: []
         (9, "environments[0].target", "must be one of process, docker (got 'kubernetes')"),
         (10, "environments[0].scoring_workers", "must be greater than or equal to 1 (got 0)"),
         (11, "environments[0].stratgy",
-         "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, scoring_workers, resources, env, network"),
+         "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, scoring_workers, "
+         "resources, env, network"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
