@@ -57,6 +57,12 @@ class ScriptedGitHub:
                 self._reply(200, {"workflow_run_id": run_id, "run_url": "", "html_url": f"https://gh/{run_id}"})
 
             def do_GET(self) -> None:
+                jobs = re.search(r"/actions/runs/(\d+)/jobs", self.path)
+                if jobs:
+                    state = stub.run_state.get(int(jobs.group(1)), ("queued", None))
+                    self._reply(200, {"total_count": 1, "jobs": [{"id": 1, "name": "build", "status": state[0],
+                                                                   "conclusion": state[1], "html_url": ""}]})
+                    return
                 match = re.search(r"/actions/runs/(\d+)$", self.path)
                 state = stub.run_state.get(int(match.group(1))) if match else None
                 if state is None:
@@ -116,8 +122,9 @@ def test_stages_driven_with_the_release_token_reach_production(scripted: tuple[S
                                                                tmp_path: Path) -> None:
     svc, stub = scripted
     meta = iris_model(tmp_path / "v1")
+    seen = len(stub.dispatches)
     svc.register("ext-a", tmp_path / "v1", meta)
-    dispatch = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    dispatch = _wait_dispatch(stub, seen + 1)
     assert dispatch["auth"] == f"Bearer {GH_TOKEN}"
     rid, token = dispatch["inputs"]["release_id"], dispatch["inputs"]["release_token"]
     assert _stage(svc, rid, "deploy", token).status_code == 409  # stages run in order
@@ -132,8 +139,9 @@ def test_stages_driven_with_the_release_token_reach_production(scripted: tuple[S
     r = requests.post(svc.endpoint("ext-a")["scoring_uri"], json=meta["sample"], timeout=10)
     assert r.headers["X-Modelcd-Version"] == "1"
     # this release's token cannot drive another release
+    seen = len(stub.dispatches)
     svc.register("ext-b", tmp_path / "v1", meta)
-    other = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    other = _wait_dispatch(stub, seen + 1)
     assert _stage(svc, other["inputs"]["release_id"], "build", token).status_code == 401
     assert token not in json.dumps(rel)
 
@@ -142,14 +150,16 @@ def test_a_run_that_never_reports_fails_the_release_and_production_stays(
         scripted: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
     svc, stub = scripted
     meta = iris_model(tmp_path / "v1")
+    seen = len(stub.dispatches)
     svc.register("ext-silent", tmp_path / "v1", meta)
-    dispatch = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    dispatch = _wait_dispatch(stub, seen + 1)
     rid, token = dispatch["inputs"]["release_id"], dispatch["inputs"]["release_token"]
     for stage in ("build", "deploy", "smoke", "promote"):
         assert _stage(svc, rid, stage, token).json()["outcome"] == "succeeded"
     # v2: the pipeline builds and deploys, then goes silent
+    seen = len(stub.dispatches)
     svc.register("ext-silent", tmp_path / "v2", iris_model(tmp_path / "v2", c=0.5))
-    dispatch = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    dispatch = _wait_dispatch(stub, seen + 1)
     rid2, token2 = dispatch["inputs"]["release_id"], dispatch["inputs"]["release_token"]
     for stage in ("build", "deploy"):
         assert _stage(svc, rid2, stage, token2).json()["outcome"] == "succeeded"
@@ -188,9 +198,10 @@ def test_a_run_that_finishes_without_the_release_fails_it(scripted: tuple[Servic
                                                           tmp_path: Path) -> None:
     svc, stub = scripted
     meta = iris_model(tmp_path / "v1")
+    seen = len(stub.dispatches)
     svc.register("ext-died", tmp_path / "v1", meta)
-    dispatch = _wait_dispatch(stub, len(stub.dispatches) + 1)
+    dispatch = _wait_dispatch(stub, seen + 1)
     run_id = len(stub.dispatches)
     stub.run_state[run_id] = ("completed", "cancelled")  # e.g. cancelled by a person before any stage ran
     rel = svc.client.wait_release(dispatch["inputs"]["release_id"], timeout_s=60)
-    assert rel["phase"] == "failed" and "finished (cancelled)" in rel["error"], rel
+    assert rel["phase"] == "failed" and "finished (cancelled) [build cancelled" in rel["error"], rel

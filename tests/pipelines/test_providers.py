@@ -49,8 +49,15 @@ def test_azure_run_gets_template_parameters_and_the_token_as_a_secret_variable(s
     assert ref.run_id == "345" and ref.url and ref.url.endswith("buildId=345")
     server.expect("GET", "/org/models/_apis/pipelines/7/runs/345",
                   Canned(200, {**RUN, "state": "completed", "result": "failed"}), query={"api-version": "7.1"})
+    records = [{"id": f"s{i}", "parentId": None, "type": "Stage", "name": name, "identifier": name,
+                "state": "completed", "result": result, "order": i}
+               for i, (name, result) in enumerate([("Build", "succeeded"), ("Deploy", "failed"),
+                                                   ("Rollback", "succeeded")])]
+    server.expect("GET", "/org/models/_apis/build/builds/345/timeline", Canned(200, {"records": records}),
+                  query={"api-version": "7.1"})
     status = provider.status("345")
     assert status.finished and status.conclusion == "failed"
+    assert status.describe() == "build succeeded, deploy failed, rollback succeeded"
 
 
 def test_azure_refusal_never_shows_the_release_token(server: ContractServer) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,15 @@ class RunStatus:
     finished: bool
     conclusion: str | None  # success, failure, cancelled... (the CI system's word)
     url: str | None = None
+    stages: dict[str, str] = field(default_factory=dict)  # modelcd stage -> pending|running|succeeded|failed...
+
+    def describe(self) -> str:
+        """``build succeeded, deploy failed, ...`` (stages that ran or failed)."""
+        return ", ".join(f"{stage} {outcome}" for stage, outcome in self.stages.items()
+                         if outcome not in ("pending", "skipped"))
+
+
+STAGE_NAMES = ("build", "deploy", "smoke", "promote", "rollback")  # job ids in the rendered templates
 
 
 class PipelineProvider(ABC):
@@ -111,8 +120,13 @@ class GitHubProvider(PipelineProvider):
         return RunRef(str(run_id), None)
 
     def status(self, run_id: str) -> RunStatus:
+        from modelcd.pipelines.github import run_outcome
+
         run = self.client.get_run(int(run_id))
-        return RunStatus(finished=run.completed, conclusion=run.conclusion, url=run.html_url)
+        stages: dict[str, str] = {}
+        if run.completed:  # which stage the run stopped at (jobs are named like the stages)
+            stages = dict(run_outcome(run, self.client.list_jobs(run.id), {s: s for s in STAGE_NAMES}))
+        return RunStatus(finished=run.completed, conclusion=run.conclusion, url=run.html_url, stages=stages)
 
 
 class AzureProvider(PipelineProvider):
@@ -134,8 +148,14 @@ class AzureProvider(PipelineProvider):
         return RunRef(str(run.id), run.web_url)
 
     def status(self, run_id: str) -> RunStatus:
+        from modelcd.pipelines.azure import stage_outcome
+
         run = self.client.get_run(int(self.spec["pipeline_id"]), int(run_id))
-        return RunStatus(finished=run.state == "completed", conclusion=run.result, url=run.web_url)
+        stages: dict[str, str] = {}
+        if run.completed:  # stages are named like modelcd's, capitalised
+            records = self.client.timeline(run.id)
+            stages = dict(stage_outcome(records, {s: s.capitalize() for s in STAGE_NAMES}, run))
+        return RunStatus(finished=run.completed, conclusion=run.result, url=run.web_url, stages=stages)
 
 
 def get_provider(ctx: Context, release: Release) -> PipelineProvider:

@@ -91,8 +91,9 @@ class ExternalDriver:
             return
         current = self.ctx.releases.get(rel.id)
         if current.phase.active:
-            self._fail(current, f"pipeline run {run.run_id} finished ({status.conclusion}) before the release did; "
-                                f"{status.url or ''}".rstrip("; "))
+            stages = f" [{status.describe()}]" if status.describe() else ""
+            self._fail(current, f"pipeline run {run.run_id} finished ({status.conclusion}){stages} before the release "
+                                f"did; {status.url or ''}".rstrip("; "))
 
     def _trigger(self, rel: Release, spec: dict[str, Any], attempts: int, created_at: str | None) -> None:
         if attempts and created_at:
