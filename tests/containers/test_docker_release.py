@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import TOKEN, Hammer, Service, custom_model, iris_model, make_service
-from tests.docker.conftest import BaseImage, containers_of, remove_containers
+from tests.containers.conftest import BaseImage, containers_of, remove_containers
 
 POLICY = """\
 name: docker-models

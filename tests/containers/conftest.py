@@ -48,7 +48,7 @@ def engine() -> Iterator[Any]:
 
 @pytest.fixture(autouse=True)
 def _needs_engine(request: pytest.FixtureRequest) -> None:
-    """Every test under tests/docker is marked `docker` and gets the engine check."""
+    """Every test under tests/containers is marked `docker` and gets the engine check."""
     request.node.add_marker(pytest.mark.docker)
     request.getfixturevalue("engine")
 

@@ -19,7 +19,7 @@ from modelcd.domain import Bundle, Deployment, DeploymentState, Flavor
 from modelcd.errors import DeployError
 from modelcd.targets.base import DeploySpec
 from modelcd.targets.docker import DockerTarget
-from tests.docker.conftest import containers_of, iris_version, remove_containers
+from tests.containers.conftest import containers_of, iris_version, remove_containers
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from modelcd.build.image import ImageOptions, build_image
 from modelcd.domain import Flavor
 from modelcd.errors import BuildError
 from modelcd.targets.process import free_port
-from tests.docker.conftest import BaseImage, iris_version
+from tests.containers.conftest import BaseImage, iris_version
 
 
 def test_base_image_is_built_offline_from_debian_packages(base_image: BaseImage, engine: Any) -> None:
