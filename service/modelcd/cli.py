@@ -619,12 +619,19 @@ def pipelines_render(obj: Obj, model: str, provider: str, environment: str, runs
 @click.option("--branch", default="main", show_default=True, help="branch to commit on")
 @click.option("--base-branch", default="main", show_default=True, help="where a new branch starts")
 @click.option("--token-env", default=None, help="https: environment variable holding the git token")
+@click.option("--pull-request", "github_repo", default=None, metavar="OWNER/NAME",
+              help="then open a pull request --branch → --base-branch on this GitHub repository")
+@click.option("--github-api-url", default="https://api.github.com", show_default=True)
+@click.option("--github-token-env", default=None, help="environment variable with the GitHub API token "
+              "(default: --token-env)")
 @pass_obj
 def pipelines_publish(obj: Obj, model: str, provider: str, environment: str, runs_on: str, package: str,
                       callback_url: str | None, repo_url: str, branch: str, base_branch: str,
-                      token_env: str | None) -> None:
+                      token_env: str | None, github_repo: str | None, github_api_url: str,
+                      github_token_env: str | None) -> None:
     """Render, check and commit MODEL's release pipeline into its repository, then push.
-    Nothing is committed when the file is already up to date."""
+    Nothing is committed when the file is already up to date. With --pull-request, a pull
+    request is opened (or the open one found) with the token of --token-env."""
     from modelcd.pipelines.check import check_pipeline
     from modelcd.pipelines.git import RepoTarget, publish
     from modelcd.pipelines.render import render_pipeline
@@ -640,6 +647,18 @@ def pipelines_publish(obj: Obj, model: str, provider: str, environment: str, run
                      f"modelcd: release pipeline for {model} ({provider})", obj.settings.home / "repos", click.echo)
     click.echo(f"{rendered.path}: " + (f"committed {result.commit[:12]} on {result.branch}" if result.commit
                                         else f"already up to date on {result.branch}"))
+    if github_repo and branch != base_branch:
+        from modelcd.pipelines.github import GitHubClient
+
+        api_token = os.environ.get(github_token_env) if github_token_env else token
+        if not api_token:
+            raise click.UsageError("--pull-request needs --github-token-env (or --token-env) naming a variable that "
+                                   "holds a GitHub token")
+        with GitHubClient(github_repo, api_token, api_url=github_api_url) as gh:
+            number, url = gh.create_pull_request(branch, base_branch, f"modelcd: release pipeline for {model}",
+                                                 f"Rendered by `modelcd pipelines publish {model} --provider "
+                                                 f"{provider}` from pipeline_templates/.")
+        click.echo(f"pull request #{number}: {url}")
 
 
 @main.group("base-image")
