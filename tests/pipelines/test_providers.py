@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,20 @@ def test_credentials_are_read_by_reference(tmp_path: Path, monkeypatch: pytest.M
         resolve_credential({"token_env": "MODELCD_TEST_MISSING"}, tmp_path)
     with pytest.raises(ConfigError, match="token_file"):
         resolve_credential({"token_file": "nope"}, tmp_path)
+
+
+def test_github_repository_dispatch_finds_its_run_by_title(server: ContractServer) -> None:
+    server.expect("POST", "/repos/acme/models/dispatches", Canned(204),
+                  body=lambda b: b["event_type"] == "model-registered" and len(b["client_payload"]) <= 10
+                  and b["client_payload"]["release_id"] == "r-0123456789ab")
+    runs = {"total_count": 2, "workflow_runs": [
+        {"id": 41, "status": "queued", "conclusion": None, "html_url": "https://github.com/acme/models/actions/runs/41",
+         "display_title": "release churn v3 [r-0123456789ab]", "created_at": datetime.now(UTC).isoformat(),
+         "event": "repository_dispatch"},
+        {"id": 40, "status": "completed", "conclusion": "success", "html_url": "",
+         "display_title": "release churn v2 [r-other]", "created_at": "2026-11-22T04:00:00Z",
+         "event": "repository_dispatch"}]}
+    server.expect("GET", "/repos/acme/models/actions/workflows/modelcd-release-churn.yml/runs", Canned(200, runs))
+    spec = {"repo": "acme/models", "api_url": server.url, "trigger": "repository_dispatch"}
+    ref = GitHubProvider(spec, "ghp_x").trigger(_release("github", spec), TOKEN, "http://127.0.0.1:8600")
+    assert ref.run_id == "41" and ref.url and ref.url.endswith("/41")

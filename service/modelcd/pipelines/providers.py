@@ -57,6 +57,10 @@ class PipelineProvider(ABC):
     def status(self, run_id: str) -> RunStatus:
         """The run's state, for when reports stop coming."""
 
+    def locate(self, release: Release, since: datetime) -> RunRef | None:
+        """Find a run started for ``release`` whose id the trigger did not return."""
+        return None
+
 
 def resolve_credential(spec: dict[str, Any], home: Path) -> str:
     """The secret a policy names: ``token_env`` (environment variable) or ``token_file``
@@ -112,12 +116,14 @@ class GitHubProvider(PipelineProvider):
         else:
             run_id = self.client.workflow_dispatch(workflow, str(self.spec.get("ref") or "main"), inputs)
         if run_id is None:
-            event = str(self.spec.get("trigger") or "workflow_dispatch")
-            found = self.client.find_run(workflow, event, started, f"[{release.id}]")
-            if found is not None:
-                return RunRef(str(found.id), found.html_url)
-            return RunRef(None, None)
+            return self.locate(release, started) or RunRef(None, None)
         return RunRef(str(run_id), None)
+
+    def locate(self, release: Release, since: datetime) -> RunRef | None:
+        """The run whose title carries ``[release id]`` (the template's ``run-name``)."""
+        event = str(self.spec.get("trigger") or "workflow_dispatch")
+        found = self.client.find_run(self.workflow(release.model), event, since, f"[{release.id}]")
+        return RunRef(str(found.id), found.html_url) if found is not None else None
 
     def status(self, run_id: str) -> RunStatus:
         from modelcd.pipelines.github import run_outcome

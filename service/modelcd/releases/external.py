@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from modelcd.context import Context
@@ -77,10 +77,13 @@ class ExternalDriver:
             self._fail(rel, f"pipeline run {run.run_id or '?'} reported nothing for {silent_s:.0f}s "
                             f"(pipeline.report_timeout_s); production untouched")
             return
-        if time.monotonic() < self._next_poll.get(rel.id, 0.0) or not run.run_id:
+        if time.monotonic() < self._next_poll.get(rel.id, 0.0):
             return
         self._next_poll[rel.id] = time.monotonic() + float(spec.get("poll_interval_s", 30))
-        status = self._status(rel, run.run_id)
+        run_id = run.run_id or self._locate(rel, run.triggered_at or run.created_at)
+        if run_id is None:
+            return
+        status = self._status(rel, run_id)
         if status is None or not status.finished:
             self._finished_seen.pop(rel.id, None)
             return
@@ -92,7 +95,7 @@ class ExternalDriver:
         current = self.ctx.releases.get(rel.id)
         if current.phase.active:
             stages = f" [{status.describe()}]" if status.describe() else ""
-            self._fail(current, f"pipeline run {run.run_id} finished ({status.conclusion}){stages} before the release "
+            self._fail(current, f"pipeline run {run_id} finished ({status.conclusion}){stages} before the release "
                                 f"did; {status.url or ''}".rstrip("; "))
 
     def _trigger(self, rel: Release, spec: dict[str, Any], attempts: int, created_at: str | None) -> None:
@@ -121,6 +124,19 @@ class ExternalDriver:
                                       triggered_at=_now(), error=None)
         self.ctx.jobs.event(None, rel.id, "pipeline.triggered",
                             f"{provider.name} run {ref.run_id or '(id unknown yet)'} started {ref.url or ''}".strip())
+
+    def _locate(self, rel: Release, since: str) -> str | None:
+        """The id of a run the trigger did not name (repository_dispatch), once it shows up."""
+        try:
+            ref = self.provider_factory(self.ctx, rel).locate(rel, datetime.fromisoformat(since) - timedelta(seconds=5))
+        except ModelcdError as e:
+            self.ctx.jobs.event(None, rel.id, "pipeline.poll_failed", e.message)
+            return None
+        if ref is None or ref.run_id is None:
+            return None
+        self.ctx.pipeline_runs.update(rel.id, run_id=ref.run_id, url=ref.url)
+        self.ctx.jobs.event(None, rel.id, "pipeline.found", f"run {ref.run_id} {ref.url or ''}".strip())
+        return ref.run_id
 
     def _status(self, rel: Release, run_id: str) -> RunStatus | None:
         try:
