@@ -84,6 +84,7 @@ def test_later_runners_targets_and_canary_are_accepted_by_the_schema():
     p = parse_policy("""\
 name: staged
 runner: github
+pipeline: {repo: acme/models, token_env: GITHUB_TOKEN}
 environments:
   - name: staging
     target: docker
@@ -96,7 +97,13 @@ environments:
     assert p.runner is Runner.GITHUB
     assert [(e.name, e.strategy, e.steps) for e in p.environments] == [
         ("staging", Strategy.RECREATE, None), ("production", Strategy.CANARY, (10, 50, 100))]
-    assert parse_policy("name: a\nrunner: azure\n").runner is Runner.AZURE
+    azure = ("name: a\nrunner: azure\n"
+             "pipeline: {organization_url: 'https://dev.azure.com/o', project: p, pipeline_id: 3, ")
+    assert parse_policy(azure + "token_file: ado}\n").runner is Runner.AZURE
+    with pytest.raises(InvalidPolicy, match="runner azure needs pipeline.organization_url"):
+        parse_policy("name: a\nrunner: azure\n")
+    with pytest.raises(InvalidPolicy, match="needs pipeline.token_env"):
+        parse_policy(azure + "}\n")
 
 
 def test_canary_without_steps_gets_default_steps():
@@ -160,7 +167,8 @@ gates: []
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
-        (16, "gates", "unknown key; known keys: name, match, runner, auto, environments, smoke, retention"),
+        (16, "gates", "unknown key; known keys: name, match, runner, auto, environments, smoke, retention, "
+                      "pipeline"),
     ]
 
 
