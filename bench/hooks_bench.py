@@ -1,36 +1,52 @@
 """Webhook intake: throughput and acknowledgement latency of ``POST /hooks/generic`` on a real
 `modelcd serve`, with every delivery unique, signed and stored (inbox row committed before the
-answer), at a fixed concurrency. Also the MLflow-registration → production time when an MLflow
-tracking server is available (``--mlflow``).
+answer), at a fixed concurrency, while the inbox worker processes what was stored.
 
-Usage: python bench/hooks_bench.py [--connections 16] [--duration 10] [--repeat 3]
-Needs wrk (Debian package `wrk`). Loopback only; wrk runs are bounded by --duration.
+Usage: python bench/hooks_bench.py [--connections 16] [--duration 10] [--repeat 3] [--baseline REF]
+                                   [--variant NAME=PATH/TO/service ...]
+
+``--baseline REF`` also runs the service as it was at git commit REF (its ``service/`` tree,
+exported with ``git archive`` into a temporary folder; the checkout is not touched), alternating
+baseline and working tree run by run, each on a fresh home, and prints both medians: an A/B in
+the same conditions on a noisy machine. ``--variant`` adds any other copy of the package (an
+experiment in a scratch folder) to the rotation. Needs wrk (Debian package `wrk`). Loopback only.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
+from modelcd.config import load_settings
+from modelcd.lifecycle import stop_data_plane
 from modelcd.sources.generic import sign
 from modelcd.targets.process import free_port
 
 SECRET = "bench-generic-secret-0123456789"
 TOKEN = "bench-token-0123456789abcdef"
 HERE = Path(__file__).parent
+REPO = HERE.parent
 
 
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    pythonpath: Path
 
 
 def deliveries(path: Path, n: int, run: int) -> None:
@@ -47,30 +63,45 @@ def wrk(url: str, connections: int, duration: int, file: Path) -> dict[str, floa
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s",
                           str(HERE / "hooks_post.lua"), url], capture_output=True, text=True, timeout=duration + 60,
                          env={**os.environ, "DELIVERIES_FILE": str(file), "WRK_THREADS": str(threads)}).stdout
+
     def ms(label: str) -> float:
         m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
         assert m, out
         return float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)]
+
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": rps, "p50": ms("50"), "p99": ms("99"), "total": total, "non2xx": int(bad.group(1)) if bad else 0}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--connections", type=int, default=16)
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="modelcd-hooks-bench-"))
+def inbox_counts(home: Path) -> dict[str, int]:
+    """Rows stored and rows already processed, read straight from the service's SQLite file."""
+    with sqlite3.connect(f"file:{home / 'modelcd.db'}?mode=ro", uri=True, timeout=30) as conn:
+        rows = dict(conn.execute("SELECT state, count(*) FROM inbox GROUP BY state").fetchall())
+    return {"stored": sum(rows.values()), "processed": sum(n for s, n in rows.items() if s != "pending")}
+
+
+def export_baseline(ref: str, dest: Path) -> Path:
+    """The ``service/`` tree of commit ``ref`` in ``dest`` (read-only git: archive)."""
+    data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref, "service"], check=True,
+                          capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "service"
+
+
+def one_run(variant: Variant, tmp: Path, run: int, args: argparse.Namespace) -> dict[str, float]:
+    home = tmp / f"home-{run}-{re.sub(r'[^A-Za-z0-9]+', '-', variant.name)}"
+    home.mkdir()
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
-           "MODELCD_HOME": str(tmp / "home"), "MODELCD_PORT": str(port), "MODELCD_ROUTER_PORT": str(free_port()),
-           "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": TOKEN, "MODELCD_HOOKS_GENERIC_SECRET": SECRET}
-    (tmp / "home").mkdir()
+           "PYTHONPATH": str(variant.pythonpath), "MODELCD_HOME": str(home), "MODELCD_PORT": str(port),
+           "MODELCD_ROUTER_PORT": str(free_port()), "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": TOKEN,
+           "MODELCD_HOOKS_GENERIC_SECRET": SECRET}
+    log = home / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=env, start_new_session=True,
-                            stdout=open(tmp / "serve.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -80,25 +111,53 @@ def main() -> None:
                     break
             except requests.RequestException:
                 pass
-            if time.monotonic() > deadline:
-                raise RuntimeError((tmp / "serve.log").read_text())
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(log.read_text())
             time.sleep(0.1)
-        runs = []
-        for run in range(args.repeat):
-            file = tmp / f"deliveries-{run}.tsv"
-            deliveries(file, 2000 * args.duration, run)  # more than wrk can send: every request is unique
-            runs.append(wrk(f"{base}/hooks/generic", args.connections, args.duration, file))
-        stored = len(requests.get(f"{base}/api/v1/inbox", params={"limit": 1000}).json()["deliveries"])
-        print("| connections | runs | deliveries/s (median) | p50 ack | p99 ack | non-2xx | stored (last 1000 shown) |")
-        print("|---|---|---|---|---|---|---|")
-        med = {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99")}
-        print(f"| {args.connections} | {len(runs)} | {med['rps']:.0f} | {med['p50']:.2f} ms | {med['p99']:.2f} ms "
-              f"| {sum(r['non2xx'] for r in runs)} | {stored} |")
-        for r in runs:
-            print(f"<!-- run: {r} -->")
+        file = tmp / f"deliveries-{run}.tsv"
+        if not file.exists():
+            deliveries(file, 4000 * args.duration, run)  # more than wrk can send: every request is unique
+        result = wrk(f"{base}/hooks/generic", args.connections, args.duration, file)
+        result.update(inbox_counts(home))
+        result["processed_per_s"] = result["processed"] / args.duration
+        return result
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
+        for _ in stop_data_plane(load_settings(environ=env)):
+            pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", help="git commit to compare with, run alternately (e.g. HEAD)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=PATH of another service/ tree to run too")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="modelcd-hooks-bench-"))
+    variants = [Variant("working tree", REPO / "service")]
+    if args.baseline:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        variants.insert(0, Variant(f"baseline {sha}", export_baseline(args.baseline, tmp / "baseline")))
+    for spec in args.variant:
+        name, _, path = spec.partition("=")
+        variants.append(Variant(name, Path(path).resolve()))
+    runs: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
+    for run in range(args.repeat):
+        for variant in variants:
+            r = one_run(variant, tmp, run, args)
+            runs[variant.name].append(r)
+            print(f"<!-- {variant.name} run {run}: {r} -->", flush=True)
+    print("| variant | runs | deliveries/s | p50 ack | p99 ack | non-2xx | stored | processed during the run |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "processed_per_s")}
+        stored = sum(int(r["stored"]) for r in rs)
+        print(f"| {name} | {len(rs)} | {med['rps']:.0f} | {med['p50']:.2f} ms | {med['p99']:.2f} ms "
+              f"| {sum(int(r['non2xx']) for r in rs)} | {stored} | {med['processed_per_s']:.0f}/s |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""``modelcd serve``: the control plane in one process — API, outbox dispatcher, local
-runner, and the supervisor of the data plane (router process, deployments)."""
+"""``modelcd serve``: the control plane — API and webhook intake (uvicorn: hooks answered on
+the event loop, the rest by Flask on threads), outbox dispatcher, local runner, the supervisor
+of the data plane (router process, deployments), and the inbox worker process it starts."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
+import uvicorn
+
 from modelcd.app import create_app
+from modelcd.app.asgi import ControlPlaneASGI
 from modelcd.auth import ensure_token
 from modelcd.config import Settings
 from modelcd.context import Context, build_context
@@ -75,11 +79,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     runner.start()
     supervisor = Supervisor(ctx)
     supervisor.start()
-    from modelcd.inbox.processor import InboxWorker
+    from modelcd.inbox.supervise import WorkerProcess
 
-    inbox_worker = InboxWorker(ctx, ctx.inbox)
-    inbox_worker.wake = ctx.inbox_wake
-    inbox_worker.start()
+    inbox_worker = WorkerProcess(ctx).start()
     from modelcd.inbox.pollers import MlflowPoller, S3Poller
 
     pollers = [cls(ctx) for cls, interval in ((MlflowPoller, settings.mlflow_poll_interval_s),
@@ -87,10 +89,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     for poller in pollers:
         poller.start()
 
-    from waitress import create_server
-
-    app = create_app(ctx, token)
-    server = create_server(app, host=settings.host, port=settings.port, threads=8, ident="modelcd")
+    ctx.inbox.start_group_commit()
+    app = ControlPlaneASGI(create_app(ctx, token))
+    server = http_server(app, settings.host, settings.port)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         raise SystemExit(0)
@@ -104,9 +105,19 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
         pass
     finally:
         supervisor.stopped.set()
-        inbox_worker.stopped.set()
         for poller in pollers:
             poller.stopped.set()
         runner.stop()
-        server.close()
+        app.close()
+        ctx.inbox.stop_group_commit()
+        inbox_worker.stop()
         echo("modelcd control plane stopped; the router and deployments keep serving")
+
+
+def http_server(app: ControlPlaneASGI, host: str, port: int) -> uvicorn.Server:
+    """uvicorn (httptools, uvloop where installed) serving ``app``; ``run()`` blocks until a
+    signal. Access logs off: the API counts requests in /metrics."""
+    config = uvicorn.Config(app, host=host, port=port, http="httptools", loop="auto", lifespan="off", ws="none",
+                            access_log=False, log_config=None, log_level="warning", server_header=False,
+                            proxy_headers=False, timeout_keep_alive=30, timeout_graceful_shutdown=10, backlog=2048)
+    return uvicorn.Server(config)

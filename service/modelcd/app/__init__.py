@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from modelcd.context import Context
 from modelcd.errors import ModelcdError
+from modelcd.inbox.intake import Intake
 
 
 def create_app(ctx: Context, token: str) -> Flask:
@@ -19,6 +20,7 @@ def create_app(ctx: Context, token: str) -> Flask:
     app.extensions["modelcd"] = ctx
     app.extensions["modelcd_token"] = token
     app.extensions["modelcd_metrics"] = {}
+    app.extensions["modelcd_intake"] = Intake(ctx)
 
     from modelcd.app import api, hooks, ops
 

@@ -1,5 +1,7 @@
-"""``/hooks/<source>``: verify the delivery the way its sender signs it, store it in the inbox
-(committed before the answer), answer fast. The work happens later, in the inbox worker."""
+"""``/hooks/<source>`` in the Flask app: verify the delivery the way its sender signs it, store
+it in the inbox (committed before the answer), answer fast. The work happens later, in the
+inbox worker. `modelcd serve` answers these paths without Flask (``app.asgi``); this blueprint
+serves them wherever the Flask app runs alone (WSGI servers, the test client)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from modelcd.context import Context
 from modelcd.errors import PayloadTooLarge
+from modelcd.inbox.intake import Intake
+from modelcd.sources.base import Respond
 
 bp = Blueprint("hooks", __name__, url_prefix="/hooks")
 
@@ -26,17 +29,13 @@ def _read_body(limit: int) -> bytes:
 
 @bp.route("/<source>", methods=["POST", "OPTIONS", "HEAD"])
 def receive(source: str) -> tuple[Response, int] | Response:
-    from modelcd.sources.base import HookRequest, Respond, get_source
-
-    ctx: Context = current_app.extensions["modelcd"]
-    adapter = get_source(source, ctx.settings)
-    body = _read_body(ctx.settings.hooks_max_body_bytes)
-    result = adapter.receive(HookRequest(method=request.method, headers=dict(request.headers),
-                                         query=request.args.to_dict(), body=body), time.time())
+    intake: Intake = current_app.extensions["modelcd_intake"]
+    intake.adapter(source)  # 404 for an unknown source before the body is read
+    body = _read_body(intake.ctx.settings.hooks_max_body_bytes)
+    result = intake.verify(source, request.method, dict(request.headers), request.args.to_dict(), body, time.time())
     if isinstance(result, Respond):
         return Response(result.body, status=result.status, headers=result.headers)
-    new = ctx.inbox.accept(source, result.delivery_id, dict(result.kept_headers), body)
-    if new:
-        ctx.inbox_wake.set()
-    return jsonify({"status": "accepted" if new else "duplicate", "delivery_id": result.delivery_id}), (
-        202 if new else 200)
+    new = intake.store(source, result, body).result()
+    intake.stored(new)
+    status, doc = intake.acknowledgement(result, new)
+    return jsonify(doc), status

@@ -6,8 +6,8 @@ the dead letter, with its error, for `modelcd inbox retry`."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -65,28 +65,11 @@ def process(ctx: Context, inbox: Inbox, d: Delivery) -> str:
         return DeliveryState.DEAD if dead else DeliveryState.PENDING
 
 
-def process_due(ctx: Context, inbox: Inbox, limit: int = 50) -> int:
+def process_due(ctx: Context, inbox: Inbox, limit: int = 50, after_each: Callable[[], object] | None = None) -> int:
+    """Process up to ``limit`` due deliveries in order, calling ``after_each`` after each one."""
     rows = inbox.due(time.time(), limit)
     for d in rows:
         process(ctx, inbox, d)
+        if after_each is not None:
+            after_each()
     return len(rows)
-
-
-class InboxWorker(threading.Thread):
-    """Drains the inbox in the service process; ``wake`` is set by the hooks handler."""
-
-    def __init__(self, ctx: Context, inbox: Inbox, poll_s: float = 0.5) -> None:
-        super().__init__(name="inbox", daemon=True)
-        self.ctx, self.inbox, self.poll_s = ctx, inbox, poll_s
-        self.wake = threading.Event()
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                while process_due(self.ctx, self.inbox) and not self.stopped.is_set():
-                    pass
-            except Exception:
-                log.exception("inbox worker")
-            self.wake.wait(self.poll_s)
-            self.wake.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from modelcd.errors import Conflict, NotFound
+from modelcd.inbox.committer import GroupCommitter
 from modelcd.store import schema
 from modelcd.store.db import Database, now
 
@@ -50,17 +53,55 @@ def _delivery(row: Any) -> Delivery:
 _INSERT = schema.inbox.insert()
 
 
+def new_row(source: str, delivery_id: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    """The inbox row of a delivery just received."""
+    return {"source": source, "delivery_id": delivery_id, "received_at": now(), "headers": headers, "body": body,
+            "state": DeliveryState.PENDING, "attempts": 0, "next_attempt_at": 0.0}
+
+
 class Inbox:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.committer: GroupCommitter | None = None  # set while the service runs: inserts share commits
+
+    def start_group_commit(self) -> GroupCommitter:
+        """From now on, ``accept`` and ``submit`` go through one committer thread."""
+        self.committer = GroupCommitter(self.db).start()
+        return self.committer
+
+    def stop_group_commit(self) -> None:
+        committer, self.committer = self.committer, None
+        if committer is not None:
+            committer.stop()
+
+    def submit(self, source: str, delivery_id: str, headers: dict[str, str], body: bytes) -> Future[bool]:
+        """Store a delivery; the future says True once it is committed, False for a duplicate."""
+        row = new_row(source, delivery_id, headers, body)
+        committer = self.committer
+        if committer is not None and committer.running:
+            return committer.submit(row)
+        fut: Future[bool] = Future()
+        try:
+            fut.set_result(self._insert_one(row))
+        except Exception as e:
+            fut.set_exception(e)
+        return fut
+
+    async def submit_async(self, source: str, delivery_id: str, headers: dict[str, str], body: bytes) -> bool:
+        """``submit`` awaited on an event loop (one wake-up of the loop per committed batch)."""
+        committer = self.committer
+        if committer is not None and committer.running:
+            return await committer.submit_async(new_row(source, delivery_id, headers, body))
+        return await asyncio.wrap_future(self.submit(source, delivery_id, headers, body))
 
     def accept(self, source: str, delivery_id: str, headers: dict[str, str], body: bytes) -> bool:
         """Store a delivery; False when (source, delivery id) was already stored (a duplicate)."""
-        row = {"source": source, "delivery_id": delivery_id, "received_at": now(), "headers": headers, "body": body,
-               "state": DeliveryState.PENDING, "attempts": 0, "next_attempt_at": 0.0}
+        return self.submit(source, delivery_id, headers, body).result()
+
+    def _insert_one(self, row: dict[str, Any]) -> bool:
         try:
             with self.db.write() as conn:
-                conn.execute(_INSERT, row)  # one statement compiled once: the hot path of intake
+                conn.execute(_INSERT, row)  # one statement compiled once
         except IntegrityError:
             return False
         return True

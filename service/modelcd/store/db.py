@@ -1,12 +1,18 @@
 """Database access: one engine, short transactions, writes serialised.
 
 On SQLite (the embedded default) the file runs in WAL mode, and every write transaction
-starts with ``BEGIN IMMEDIATE`` so concurrent writers queue on the busy timeout instead
-of failing on a lock upgrade. PostgreSQL uses its own transactions unchanged."""
+starts with ``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing on a lock
+upgrade. Writers queue on locks that hand over the moment the last one commits: a lock for
+the threads of this process, and an ``flock`` on ``<database>-writer.lock`` for the processes
+that share the file (the service and its inbox worker); SQLite's busy timeout, which sleeps
+and polls (1, 2, 5, 10 … 100 ms a turn), remains only for writers that do not take it.
+PostgreSQL uses its own transactions unchanged."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -43,8 +49,14 @@ class Database:
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine: Engine = create_engine(url, **kwargs)
+        self._file_lock: _FileLock | None = None
+        self.sqlite_path: str | None = None  # the database file, when it is one
         if self.is_sqlite:
             self._sqlite_pragmas()
+            database = self.engine.url.database
+            if database and database != ":memory:" and not database.startswith("file:"):
+                self.sqlite_path = database
+                self._file_lock = _FileLock(f"{database}-writer.lock")
         schema.metadata.create_all(self.engine)
 
     def _sqlite_pragmas(self) -> None:
@@ -68,11 +80,18 @@ class Database:
             yield conn
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write_lock(self) -> Iterator[None]:
+        """Wait for this store's turn to write (threads of this process, then processes), without
+        a transaction: for a writer with a SQLite connection of its own."""
         # SQLite has one writer at a time; queueing writers of this process on a lock wakes the
         # next one the moment the last commits, where SQLite's busy handler would sleep and poll
-        # (up to 100 ms a turn). Other processes still meet the busy timeout.
-        with self._write_lock, self.engine.connect() as conn:
+        # (up to 100 ms a turn). The file lock does the same between processes.
+        with self._write_lock, self._file_lock or contextlib.nullcontext():
+            yield
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with self.write_lock(), self.engine.connect() as conn:
             conn.info["immediate"] = True
             try:
                 with conn.begin():
@@ -95,3 +114,32 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._file_lock is not None:
+            self._file_lock.close()
+
+
+class _FileLock:
+    """An exclusive ``flock`` on one file, re-entrant for the thread that holds the caller's
+    thread lock (only the outermost exit releases it). Blocked waiters wake when it is released."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        if self._depth == 0:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None and self._depth == 0:
+            os.close(self._fd)
+            self._fd = None

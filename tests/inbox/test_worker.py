@@ -1,0 +1,126 @@
+"""The inbox worker as the real process `modelcd serve` starts (``python -m modelcd.worker
+--channel``) on a real SQLite home: it processes stored deliveries when woken, reports outbox
+work, exits when its service goes (end of its stdin), and never works a home beside another
+worker: the second one waits for the first to end, however it ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelcd.config import Settings, load_settings
+from modelcd.context import Context, build_context
+from modelcd.worker import LOCK_NAME
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def env(home: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")}
+    return {**base, "MODELCD_HOME": str(home), "MODELCD_TOKEN": "worker-test-token-0123456789",
+            "MODELCD_ROUTER_PORT": str(free_port())}
+
+
+@pytest.fixture
+def ctx(env: dict[str, str]) -> Iterator[Context]:
+    settings: Settings = load_settings(environ=env)
+    c = build_context(settings)
+    yield c
+    c.db.dispose()
+
+
+def _store(ctx: Context, i: int) -> None:
+    body = json.dumps({"model": "w", "version": str(i), "artifact_uri": None, "external_ref": f"w:{i}"}).encode()
+    assert ctx.inbox.accept("generic", f"w-{i}", {"content-type": "application/json"}, body)
+
+
+def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "modelcd.worker", "--channel"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wake(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(b"w")
+    proc.stdin.flush()
+
+
+def _until(predicate: Callable[[], Any], timeout_s: float = 30) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _done(ctx: Context) -> int:
+    return len(ctx.inbox.list(state="done"))
+
+
+def test_worker_processes_when_woken_reports_outbox_work_and_exits_with_its_service(
+        ctx: Context, env: dict[str, str]) -> None:
+    proc = _worker(env)
+    try:
+        for i in range(5):
+            _store(ctx, i)
+        _wake(proc)
+        _until(lambda: _done(ctx) == 5)
+        assert sorted(v.external_ref for v in ctx.registry.list_versions("w")) == [f"w:{i}" for i in range(5)]
+        assert proc.stdout is not None and proc.stdout.read1(100)  # notices: the outbox was dispatched
+        assert proc.stdin is not None
+        proc.stdin.close()  # the service went away
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_worker_waits_for_the_first_however_it_ends(ctx: Context, env: dict[str, str]) -> None:
+    first = _worker(env)
+    second = None
+    try:
+        _store(ctx, 0)
+        _wake(first)
+        _until(lambda: _done(ctx) == 1)
+        second = _worker(env)
+        assert second.stderr is not None
+        assert b"another inbox worker holds" in second.stderr.readline()
+        first.send_signal(signal.SIGSTOP)  # frozen with the lock: only the waiting worker could act
+        _store(ctx, 1)
+        _wake(second)
+        time.sleep(1.0)
+        assert _done(ctx) == 1  # and it does not
+        first.send_signal(signal.SIGKILL)  # a kill -9 frees the lock too
+        first.wait(timeout=10)
+        _until(lambda: _done(ctx) == 2)
+        assert len(ctx.registry.list_versions("w")) == 2
+    finally:
+        for p in (first, second):
+            if p is not None:
+                p.kill()
+                p.wait()
+    assert (ctx.home / LOCK_NAME).exists()
+
+
+def test_worker_started_for_a_parent_that_is_gone_exits_at_once(env: dict[str, str]) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    r = subprocess.run([sys.executable, "-m", "modelcd.worker", "--channel", "--parent", str(gone.pid)], env=env,
+                       input=b"", capture_output=True, timeout=30)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr
