@@ -16,9 +16,7 @@ loop is bounded.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,15 +27,12 @@ from typing import Any
 from modelcd.build.base_image import build_base_image
 from modelcd.build.bundle import build_bundle
 from modelcd.build.image import ImageOptions, build_image
-from modelcd.client import Client
 from modelcd.config import load_settings
 from modelcd.domain import Flavor, ModelVersion
 from modelcd.quickstart import make_model
 from modelcd.targets.docker import DockerTarget
-from modelcd.targets.process import free_port
-from release_bench import row, wait_version  # bench/ is on sys.path when run as a script
+from release_bench import row, start_service, wait_version  # bench/ is on sys.path when run as a script
 
-TOKEN = "bench-token-0123456789abcdef"
 POLICY = """\
 name: bench-docker
 match: {models: ["dk-*"]}
@@ -102,22 +97,10 @@ def builds(tmp: Path, base: str, cold: int, warm: int) -> None:
 
 
 def releases(tmp: Path, base: str, versions: int, switches: int) -> None:
-    port, rport = free_port(), free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
-           "MODELCD_HOME": str(tmp / "home"), "MODELCD_PORT": str(port), "MODELCD_ROUTER_PORT": str(rport),
-           "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": TOKEN, "MODELCD_DOCKER_BASE_IMAGE": base,
-           "MODELCD_DOCKER_NETWORK": "host", "MODELCD_DOCKER_REPOSITORY": "modelcd-bench"}
-    (tmp / "home").mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=env, start_new_session=True,
-                            stdout=open(tmp / "serve.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    proc, env, client = start_service(tmp, MODELCD_DOCKER_BASE_IMAGE=base, MODELCD_DOCKER_NETWORK="host",
+                                      MODELCD_DOCKER_REPOSITORY="modelcd-bench")
     settings = load_settings(environ=env)
-    client = Client(settings)
     try:
-        deadline = time.monotonic() + 60
-        while not client.healthy():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError((tmp / "serve.log").read_text())
-            time.sleep(0.1)
         for text in (POLICY, PROCESS_POLICY):
             client.request("PUT", "/api/v1/policies", data=text.encode(), headers={"Content-Type": "application/yaml"})
         reg: dict[str, list[float]] = {"dk-bench": [], "pr-bench": []}

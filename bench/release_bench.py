@@ -65,26 +65,33 @@ def row(name: str, values: list[float], unit: str = "ms", scale: float = 1000) -
             f"{pct(v, 99):.1f} {unit} | {min(v):.1f} {unit} | {max(v):.1f} {unit} |")
 
 
+def start_service(tmp: Path, **extra_env: str) -> tuple[subprocess.Popen[bytes], dict[str, str], Client]:
+    """A `modelcd serve` on free loopback ports with its home in ``tmp``, once it answers."""
+    port, rport = free_port(), free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
+           "MODELCD_HOME": str(tmp / "home"), "MODELCD_PORT": str(port), "MODELCD_ROUTER_PORT": str(rport),
+           "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": TOKEN, **extra_env}
+    (tmp / "home").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=env, start_new_session=True,
+                            stdout=open(tmp / "serve.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    client = Client(load_settings(environ=env))
+    deadline = time.monotonic() + 60
+    while not client.healthy():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError((tmp / "serve.log").read_text())
+        time.sleep(0.1)
+    return proc, env, client
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", type=int, default=6)
     ap.add_argument("--switches", type=int, default=30)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="modelcd-bench-"))
-    port, rport = free_port(), free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
-           "MODELCD_HOME": str(tmp / "home"), "MODELCD_PORT": str(port), "MODELCD_ROUTER_PORT": str(rport),
-           "MODELCD_URL": f"http://127.0.0.1:{port}", "MODELCD_TOKEN": TOKEN}
-    (tmp / "home").mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=env, start_new_session=True,
-                            stdout=open(tmp / "serve.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    client = Client(load_settings(environ=env))
+    proc, env, client = start_service(tmp)
     try:
-        deadline = time.monotonic() + 60
-        while not client.healthy():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError((tmp / "serve.log").read_text())
-            time.sleep(0.1)
         # v1: cold environment (not measured), then warm versions
         meta = make_model(tmp / "v1", 1.0)
         client.register("bench", tmp / "v1", meta)

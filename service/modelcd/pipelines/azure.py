@@ -34,6 +34,7 @@ from modelcd.pipelines.http import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     USER_AGENT,
+    ApiClient,
     JsonHttp,
     Outcome,
     PipelineApiError,
@@ -153,7 +154,7 @@ def _record(doc: Any) -> TimelineRecord:
                           parent_id=doc.get("parentId") or None, order=order if isinstance(order, int) else None)
 
 
-class AzureDevOpsClient:
+class AzureDevOpsClient(ApiClient):
     """The Azure DevOps REST API for one project. ``organization_url`` is
     ``https://dev.azure.com/<org>`` (or ``https://<org>.visualstudio.com``, or an Azure
     DevOps Server collection URL); ``token`` a personal access token with the scope Build:
@@ -184,15 +185,6 @@ class AzureDevOpsClient:
 
     def __repr__(self) -> str:
         return f"AzureDevOpsClient({self.organization_url!r}, project={self.project!r})"
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> AzureDevOpsClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def _project_path(self) -> str:

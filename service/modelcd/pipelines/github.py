@@ -34,6 +34,7 @@ from modelcd.pipelines.http import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     USER_AGENT,
+    ApiClient,
     JsonHttp,
     Outcome,
     PipelineApiError,
@@ -148,7 +149,7 @@ def _job(doc: Any) -> Job:
                conclusion=doc.get("conclusion") or None, html_url=str(doc.get("html_url") or ""))
 
 
-class GitHubClient:
+class GitHubClient(ApiClient):
     """The GitHub REST API for one repository (``owner/name``), authenticated with a PAT or
     an App installation token. ``api_url`` is ``https://api.github.com`` or a GitHub
     Enterprise Server's ``https://<host>/api/v3``. ``timeout`` is per attempt; ``retries``
@@ -178,15 +179,6 @@ class GitHubClient:
 
     def __repr__(self) -> str:
         return f"GitHubClient({self.repo!r}, api_url={self._http.base_url!r})"
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> GitHubClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def _repo_path(self) -> str:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -469,3 +469,18 @@ def combine(outcomes: Sequence[Outcome]) -> Outcome:
     if all(o == "pending" for o in outcomes):
         return "pending"
     return "running"
+
+
+class ApiClient:
+    """What every client over ``JsonHttp`` shares: close, and use as a context manager."""
+
+    _http: JsonHttp
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
