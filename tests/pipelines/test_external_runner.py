@@ -205,3 +205,16 @@ def test_a_run_that_finishes_without_the_release_fails_it(scripted: tuple[Servic
     stub.run_state[run_id] = ("completed", "cancelled")  # e.g. cancelled by a person before any stage ran
     rel = svc.client.wait_release(dispatch["inputs"]["release_id"], timeout_s=60)
     assert rel["phase"] == "failed" and "finished (cancelled) [build cancelled" in rel["error"], rel
+
+
+def test_stage_commands_refuse_releases_of_the_local_runner(scripted: tuple[Service, ScriptedGitHub],
+                                                            tmp_path: Path) -> None:
+    svc, _ = scripted
+    svc.register("plain", tmp_path / "v1", iris_model(tmp_path / "v1"))  # default policy: local runner
+    rel = svc.client.find_release("plain", 1)
+    assert rel is not None
+    for path, body in ((f"/releases/{rel['id']}/stages/build", None),
+                       (f"/releases/{rel['id']}/report", {"stage": "build", "outcome": "failed"})):
+        r = svc.api("POST", path, json=body)
+        assert r.status_code == 409 and "local runner" in r.json()["message"], r.text
+    assert svc.client.wait_release(rel["id"], timeout_s=300)["phase"] == "succeeded"

@@ -50,8 +50,17 @@ def run_stage_command(ctx: Context, release_id: str, stage: str) -> dict[str, An
         ctx.pipeline_runs.reported(release_id)
 
 
+def _check_external(rel: Release) -> None:
+    """Stage commands drive releases whose policy hands the stages to a pipeline; the local
+    runner's own releases are already being run by the service (running them twice races)."""
+    if str(rel.policy.get("runner") or "local") == "local":
+        raise Conflict(f"release {rel.id} is run by the service's local runner (policy {rel.policy_name}); stage "
+                       "commands drive releases whose policy has runner: github or azure", field="release_id")
+
+
 def _run_locked(ctx: Context, release_id: str, stage: str, wanted: Phase) -> dict[str, Any]:
     rel = ctx.releases.get(release_id)
+    _check_external(rel)
     if rel.phase is Phase.QUEUED:
         raise Conflict(f"release {release_id} is queued behind another release of {rel.model}/{rel.environment}; "
                        "retry when it starts", field="release_id")
@@ -95,6 +104,7 @@ def report(ctx: Context, release_id: str, stage: str, outcome: str, message: str
         raise InvalidInput(f"unknown outcome {outcome!r}; one of {', '.join(OUTCOMES)}", field="outcome")
     message = " ".join(str(message).split())[:500]
     rel = ctx.releases.get(release_id)
+    _check_external(rel)
     ctx.jobs.event(None, release_id, f"pipeline.{stage}.{outcome}", message or f"the pipeline reports {stage} "
                    f"{outcome}")
     ctx.pipeline_runs.reported(release_id)
