@@ -218,3 +218,24 @@ def test_stage_commands_refuse_releases_of_the_local_runner(scripted: tuple[Serv
         r = svc.api("POST", path, json=body)
         assert r.status_code == 409 and "local runner" in r.json()["message"], r.text
     assert svc.client.wait_release(rel["id"], timeout_s=300)["phase"] == "succeeded"
+
+
+def test_a_missing_credential_fails_the_release_at_once(scripted: tuple[Service, ScriptedGitHub],
+                                                        tmp_path: Path) -> None:
+    svc, stub = scripted
+    policy = f"""\
+name: no-credential
+match: {{models: ["nocred-*"]}}
+runner: github
+pipeline: {{repo: acme/models, api_url: {stub.url}, token_env: MODELCD_TEST_NOT_SET}}
+"""
+    r = svc.api("PUT", "/policies", data=policy, headers={"Authorization": f"Bearer {TOKEN}",
+                                                          "Content-Type": "application/yaml"})
+    assert r.status_code == 200, r.text
+    seen = len(stub.dispatches)
+    svc.register("nocred-a", tmp_path / "v1", iris_model(tmp_path / "v1"))
+    rel = svc.client.find_release("nocred-a", 1)
+    assert rel is not None
+    rel = svc.client.wait_release(rel["id"], timeout_s=60)
+    assert rel["phase"] == "failed" and "MODELCD_TEST_NOT_SET is not set" in rel["error"], rel
+    assert len(stub.dispatches) == seen

@@ -107,7 +107,11 @@ class ExternalDriver:
                 return
             if waited < min(60.0, 2.0 ** attempts):  # back off between attempts
                 return
-        provider = self.provider_factory(self.ctx, rel)
+        try:
+            provider = self.provider_factory(self.ctx, rel)
+        except ModelcdError as e:  # a credential the policy names is missing: nothing to retry
+            self._fail(rel, f"the pipeline could not be started: {e.message}")
+            return
         token = self.ctx.pipeline_runs.mint(rel.id, provider.name)
         self.ctx.redact.add(token)
         callback = spec.get("callback_url") or self.ctx.settings.url
