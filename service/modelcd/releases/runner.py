@@ -103,13 +103,15 @@ class LocalRunner:
         """Pick up releases a previous process left in flight; their interrupted jobs fail."""
         resumed = []
         for rel in self.ctx.releases.in_phases({p for p in Phase if p.active}):
-            if rel.policy.get("runner", "local") != "local":
-                continue  # its pipeline runs the stages; the external driver watches it
+            external = rel.policy.get("runner", "local") != "local"
             for job in self.ctx.jobs.list(release_id=rel.id):
                 if not job.state.terminal:
+                    again = "the pipeline may ask for the stage again" if external else "the stage runs again"
                     self.ctx.jobs.transition(job.id, JobState.FAILED if job.state is JobState.RUNNING
                                              else JobState.CANCELLED,
-                                             error="interrupted by a restart of the service; the stage runs again")
+                                             error=f"interrupted by a restart of the service; {again}")
+            if external:
+                continue  # its pipeline runs the stages; the external driver watches it
             self.ctx.jobs.event(None, rel.id, "release.resumed", f"resuming at {rel.phase} after a restart")
             self._submit(rel.id)
             resumed.append(rel.id)
