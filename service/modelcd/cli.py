@@ -350,7 +350,12 @@ def _run_stage(obj: Obj, stage: str, release_id: str | None, name: str | None, v
         if name is None or version is None:
             raise click.UsageError("give --release ID, or MODEL VERSION [--env ENV]")
         release_id = _find_release(client, name, version, environment)
-    result = client.post(f"/api/v1/releases/{release_id}/stages/{stage}", timeout=3600)
+    path = f"/api/v1/releases/{release_id}/stages/{stage}"
+    result = client.post(path, params={"wait": 20}, timeout=90)
+    while result["outcome"] == "running":  # a long stage: ask again (each answer within ~20 s)
+        if not as_json:
+            click.echo(f"{stage} running…", err=True)
+        result = client.get(path, params={"wait": 20}, timeout=90)
     if as_json:
         _out(result)
     else:

@@ -105,9 +105,15 @@ smoke: {{requests: 3}}
         stub.server.shutdown()
 
 
-def _stage(svc: Service, release_id: str, stage: str, token: str) -> requests.Response:
-    return requests.post(f"{svc.url}/api/v1/releases/{release_id}/stages/{stage}",
-                         headers={"Authorization": f"Bearer {token}"}, timeout=300)
+def _stage(svc: Service, release_id: str, stage: str, token: str, wait: float = 20) -> requests.Response:
+    """Run a stage as the CLI does: POST, then GET while it answers 202 running."""
+    url = f"{svc.url}/api/v1/releases/{release_id}/stages/{stage}"
+    r = requests.post(url, params={"wait": wait}, headers={"Authorization": f"Bearer {token}"}, timeout=90)
+    deadline = time.monotonic() + 600
+    while r.status_code == 202 and time.monotonic() < deadline:
+        assert r.json()["outcome"] == "running"
+        r = requests.get(url, params={"wait": 5}, timeout=90)
+    return r
 
 
 def _wait_dispatch(stub: ScriptedGitHub, count: int) -> dict[str, Any]:
@@ -239,3 +245,23 @@ pipeline: {{repo: acme/models, api_url: {stub.url}, token_env: MODELCD_TEST_NOT_
     rel = svc.client.wait_release(rel["id"], timeout_s=60)
     assert rel["phase"] == "failed" and "MODELCD_TEST_NOT_SET is not set" in rel["error"], rel
     assert len(stub.dispatches) == seen
+
+
+def test_a_long_stage_answers_running_then_its_result(scripted: tuple[Service, ScriptedGitHub],
+                                                      tmp_path: Path) -> None:
+    svc, stub = scripted
+    seen = len(stub.dispatches)
+    svc.register("ext-async", tmp_path / "v1", iris_model(tmp_path / "v1"))
+    dispatch = _wait_dispatch(stub, seen + 1)
+    rid, token = dispatch["inputs"]["release_id"], dispatch["inputs"]["release_token"]
+    url = f"{svc.url}/api/v1/releases/{rid}/stages"
+    assert requests.get(f"{url}/build", timeout=10).json()["outcome"] == "pending"
+    r = requests.post(f"{url}/build", params={"wait": 0}, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 202 and r.json()["outcome"] == "running", r.text
+    again = requests.post(f"{url}/build", params={"wait": 0}, headers={"Authorization": f"Bearer {token}"},
+                          timeout=30)
+    assert again.status_code == 202  # the same run, not a second build
+    r = _stage(svc, rid, "build", token, wait=0)
+    assert r.status_code == 200 and r.json()["outcome"] == "succeeded", r.text
+    assert [j["type"] for j in svc.release_detail(rid)["jobs"]] == ["build"]
+    assert requests.get(f"{url}/nope", timeout=10).status_code == 400

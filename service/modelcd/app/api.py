@@ -147,12 +147,28 @@ def stop_release(release_id: str) -> tuple[Response, int]:
     return jsonify(_ctx().releases.request_cancel(release_id).to_dict()), 202
 
 
+def _wait_arg() -> float:
+    try:
+        return float(request.args.get("wait", 20))
+    except ValueError:
+        raise InvalidInput("wait must be a number of seconds (0-30)", field="wait") from None
+
+
 @bp.post("/releases/<release_id>/stages/<stage>")
 @release_write
-def run_release_stage(release_id: str, stage: str) -> Response:
-    from modelcd.releases.stage_commands import run_stage_command
+def run_release_stage(release_id: str, stage: str) -> tuple[Response, int]:
+    from modelcd.releases.stage_commands import start_stage_command
 
-    return jsonify(run_stage_command(_ctx(), release_id, stage))
+    result = start_stage_command(_ctx(), release_id, stage, _wait_arg())
+    return jsonify(result), 202 if result["outcome"] == "running" else 200
+
+
+@bp.get("/releases/<release_id>/stages/<stage>")
+def release_stage_status(release_id: str, stage: str) -> tuple[Response, int]:
+    from modelcd.releases.stage_commands import stage_command_status
+
+    result = stage_command_status(_ctx(), release_id, stage, _wait_arg())
+    return jsonify(result), 202 if result["outcome"] == "running" else 200
 
 
 @bp.post("/releases/<release_id>/report")

@@ -18,8 +18,11 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("post", "/releases", "Start a release of {model, version, environment}", True, "json"),
     ("get", "/releases/{release_id}", "Show a release with its jobs and events", False, None),
     ("post", "/releases/{release_id}/stop", "Stop a release (rolls back; production untouched)", True, None),
-    ("post", "/releases/{release_id}/stages/{stage}", "Run a stage of the release now (build, deploy, smoke, promote, "
-     "rollback); the API token or the release's pipeline token", True, None),
+    ("post", "/releases/{release_id}/stages/{stage}", "Run a stage of the release (build, deploy, smoke, promote, "
+     "rollback); answers its result, or 202 running after ?wait= seconds (default 20); the API token or the "
+     "release's pipeline token", True, None),
+    ("get", "/releases/{release_id}/stages/{stage}", "The result of a stage started with POST (202 while it runs; "
+     "?wait= seconds to wait for it)", False, None),
     ("post", "/releases/{release_id}/report", "A pipeline reports a stage's {stage, outcome, message}; the API token "
      "or the release's pipeline token", True, "json"),
     ("get", "/jobs", "List jobs", False, None),

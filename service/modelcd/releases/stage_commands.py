@@ -10,6 +10,8 @@ retry) answers with what happened the first time instead of running again.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from modelcd.context import Context
@@ -29,6 +31,53 @@ _ORDER = [Phase.BUILDING, Phase.DEPLOYING, Phase.SMOKE_TESTING, Phase.PROMOTING,
 OUTCOMES = ("succeeded", "failed", "cancelled")
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
+# Stages asked for over HTTP run here, not in the request: a build can outlast any proxy's
+# idle timeout, so the request waits a little and then answers "running" (the CLI polls).
+_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage")
+_inflight: dict[tuple[str, str], Future[dict[str, Any]]] = {}
+MAX_WAIT_S = 30.0
+
+
+def start_stage_command(ctx: Context, release_id: str, stage: str, wait_s: float = 20.0) -> dict[str, Any]:
+    """Run ``stage`` in the background and wait up to ``wait_s`` for it: its result, or
+    ``{"outcome": "running", ...}`` to be asked again with ``stage_command_status``."""
+    if stage not in STAGE_PHASE:
+        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}", field="stage")
+    rel = ctx.releases.get(release_id)
+    _check_external(rel)
+    key = (release_id, stage)
+    with _locks_guard:
+        future = _inflight.get(key)
+        if future is None or future.done():
+            future = _pool.submit(run_stage_command, ctx, release_id, stage)
+            _inflight[key] = future
+    return _wait(future, rel, stage, min(max(wait_s, 0.0), MAX_WAIT_S))
+
+
+def stage_command_status(ctx: Context, release_id: str, stage: str, wait_s: float = 20.0) -> dict[str, Any]:
+    """The result of the stage last started for the release (waiting up to ``wait_s`` while it
+    runs), or what the release's phase says of the stage when none was started here."""
+    if stage not in STAGE_PHASE:
+        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}", field="stage")
+    rel = ctx.releases.get(release_id)
+    with _locks_guard:
+        future = _inflight.get((release_id, stage))
+    if future is not None:
+        return _wait(future, rel, stage, min(max(wait_s, 0.0), MAX_WAIT_S))
+    wanted = STAGE_PHASE[stage]
+    if rel.phase is wanted:
+        return _result(stage, rel, "pending")
+    if stage != "rollback" and rel.phase in _ORDER and _ORDER.index(rel.phase) > _ORDER.index(wanted):
+        return _result(stage, rel, "succeeded", already=True)
+    return _result(stage, rel, "failed" if rel.phase in (Phase.FAILED, Phase.CANCELLED) else "pending",
+                   already=True)
+
+
+def _wait(future: Future[dict[str, Any]], rel: Release, stage: str, wait_s: float) -> dict[str, Any]:
+    try:
+        return future.result(timeout=wait_s)
+    except FutureTimeout:
+        return _result(stage, rel, "running")
 
 
 def _lock(release_id: str) -> threading.Lock:
