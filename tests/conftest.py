@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,18 @@ def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
     finally:
         svc.stop()
         svc.shutdown_data_plane()
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 120, poll_s: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); AssertionError after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:g}s")
 
 
 class Hammer:

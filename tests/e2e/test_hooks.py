@@ -21,7 +21,7 @@ import requests
 from moto.server import ThreadedMotoServer
 
 from modelcd.sources.generic import sign
-from tests.conftest import Service, custom_model, make_service
+from tests.conftest import Service, custom_model, make_service, wait_until
 
 SECRET = "generic-hook-secret-0123456789"
 BUCKET = "models"
@@ -82,16 +82,6 @@ def _echo_model(folder: Path, answer: int) -> dict[str, Any]:
     return custom_model(folder, f"def init():\n    pass\n\ndef run(raw):\n    return {{'predictions': [{answer}]}}\n")
 
 
-def _wait(predicate: Any, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def test_signed_delivery_releases_once_and_forgeries_are_refused(hook_service: tuple[Service, Any],
                                                                  tmp_path: Path) -> None:
     svc, s3 = hook_service
@@ -117,7 +107,7 @@ def test_signed_delivery_releases_once_and_forgeries_are_refused(hook_service: t
     assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
     ep = svc.endpoint("churn")
     assert requests.post(ep["scoring_uri"], json={"data": [[1.0]]}, timeout=10).json() == {"predictions": [7]}
-    deliveries = _wait(lambda: [d for d in svc.api("GET", "/inbox").json()["deliveries"] if d["state"] == "done"]
+    deliveries = wait_until(lambda: [d for d in svc.api("GET", "/inbox").json()["deliveries"] if d["state"] == "done"]
                        if len(svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"]) == 2 else None)
     assert {d["delivery_id"] for d in deliveries} == {"d-1", "d-2"}
     versions = svc.api("GET", "/models/churn/versions").json()["versions"]
@@ -129,7 +119,7 @@ def test_dead_letter_then_retry(hook_service: tuple[Service, Any], tmp_path: Pat
     svc, s3 = hook_service
     uri = f"s3://{BUCKET}/late/1/"
     assert _post(svc, {"model": "late", "version": "1", "artifact_uri": uri}, delivery="late-1").status_code == 202
-    dead = _wait(lambda: svc.api("GET", "/inbox", params={"state": "dead"}).json()["deliveries"])
+    dead = wait_until(lambda: svc.api("GET", "/inbox", params={"state": "dead"}).json()["deliveries"])
     assert "no objects" in dead[0]["last_error"] and SECRET not in json.dumps(dead)
     shown = svc.api("GET", f"/inbox/{dead[0]['id']}").json()
     assert json.loads(shown["body"])["model"] == "late"
@@ -185,7 +175,7 @@ def test_kill9_under_load_loses_nothing_and_duplicates_nothing(hook_service: tup
     assert accepted == {f"load-{i}" for i in range(n)}
     before = sum(1 for t in acked_at if t < killed_at)
     assert 0 < before < len(acked_at), (before, len(acked_at))  # the kill landed mid-load
-    _wait(lambda: not svc.api("GET", "/inbox", params={"state": "pending"}).json()["deliveries"], 180)
+    wait_until(lambda: not svc.api("GET", "/inbox", params={"state": "pending"}).json()["deliveries"], 180)
     states = [d["state"] for d in svc.api("GET", "/inbox", params={"limit": 1000}).json()["deliveries"]]
     assert len(states) == n and set(states) == {"done"}
     versions = svc.api("GET", "/models/load/versions").json()["versions"]
@@ -216,14 +206,14 @@ def test_recorded_without_release_then_approved_releases_once(hook_service: tupl
     uri = _upload(s3, tmp_path / "m", "approve/1")
     doc = {"model": "approve", "version": "1", "artifact_uri": uri, "external_ref": "pkg/approve/1"}
     assert _post(svc, {**doc, "release": False}, delivery="pending").status_code == 202
-    _wait(lambda: svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"])
+    wait_until(lambda: svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"])
     time.sleep(1)
     assert svc.api("GET", "/releases", params={"model": "approve"}).json()["releases"] == []
     for delivery in ("approved", "approved-again"):
         assert _post(svc, {**doc, "release": True}, delivery=delivery).status_code == 202
     rel = svc.wait_release_for("approve", 1)
     assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
-    _wait(lambda: len(svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"]) >= 3 or None)
+    wait_until(lambda: len(svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"]) >= 3 or None)
     time.sleep(1)
     assert len(svc.api("GET", "/releases", params={"model": "approve"}).json()["releases"]) == 1
     assert len(svc.api("GET", "/models/approve/versions").json()["versions"]) == 1

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from modelcd.sources.generic import sign
-from tests.conftest import Service, custom_model, make_service
+from tests.conftest import Service, custom_model, make_service, wait_until
 
 SECRET = "generic-intake-secret-0123456789"
 
@@ -47,16 +47,6 @@ def _doc(i: int) -> dict[str, Any]:
     return {"model": "burst", "version": str(i), "artifact_uri": None, "external_ref": f"burst:{i}", "release": False}
 
 
-def _until(predicate: Any, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
 def _worker_pids(svc: Service) -> list[int]:
     assert svc.proc is not None
     return [p.pid for p in psutil.Process(svc.proc.pid).children()
@@ -74,7 +64,8 @@ def test_a_concurrent_burst_with_duplicates_is_stored_and_processed_exactly_once
     with ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(post, sends))
     assert statuses.count(202) == 150 and statuses.count(200) == 150
-    _until(lambda: len(svc.api("GET", "/inbox", params={"state": "done", "limit": 1000}).json()["deliveries"]) == 150)
+    done = {"state": "done", "limit": 1000}
+    wait_until(lambda: len(svc.api("GET", "/inbox", params=done).json()["deliveries"]) == 150)
     versions = svc.api("GET", "/models/burst/versions").json()["versions"]
     assert sorted(v["external_ref"] for v in versions) == sorted(f"burst:{i}" for i in range(150))
     metrics = requests.get(f"{svc.url}/metrics", timeout=10).text
@@ -117,11 +108,11 @@ def test_api_bodies_over_the_spool_and_over_the_limit_pass_the_bridge_as_before(
 
 
 def test_the_worker_process_is_restarted_when_it_dies_and_dies_with_the_service(svc: Service) -> None:
-    [first] = _until(lambda: _worker_pids(svc))
+    [first] = wait_until(lambda: _worker_pids(svc))
     psutil.Process(first).kill()
-    [second] = _until(lambda: [p for p in _worker_pids(svc) if p != first])
+    [second] = wait_until(lambda: [p for p in _worker_pids(svc) if p != first])
     body, headers = _signed(_doc(7), f"after-restart-{uuid.uuid4().hex}")
     assert requests.post(f"{svc.url}/hooks/generic", data=body, headers=headers, timeout=10).status_code == 202
-    _until(lambda: svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"], 60)
+    wait_until(lambda: svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"], 60)
     svc.kill9()
-    _until(lambda: not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE, 10)
+    wait_until(lambda: not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE, 10)

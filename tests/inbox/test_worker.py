@@ -11,16 +11,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from modelcd.config import Settings, load_settings
 from modelcd.context import Context, build_context
 from modelcd.worker import LOCK_NAME
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 
 @pytest.fixture
@@ -59,16 +58,6 @@ def _wake(proc: subprocess.Popen[bytes]) -> None:
     proc.stdin.flush()
 
 
-def _until(predicate: Callable[[], Any], timeout_s: float = 30) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def _done(ctx: Context) -> int:
     return len(ctx.inbox.list(state="done"))
 
@@ -80,7 +69,7 @@ def test_worker_processes_when_woken_reports_outbox_work_and_exits_with_its_serv
         for i in range(5):
             _store(ctx, i)
         _wake(proc)
-        _until(lambda: _done(ctx) == 5)
+        wait_until(lambda: _done(ctx) == 5, timeout_s=30, poll_s=0.05)
         assert sorted(v.external_ref for v in ctx.registry.list_versions("w")) == [f"w:{i}" for i in range(5)]
         assert proc.stdout is not None and proc.stdout.read1(100)  # notices: the outbox was dispatched
         assert proc.stdin is not None
@@ -97,7 +86,7 @@ def test_a_second_worker_waits_for_the_first_however_it_ends(ctx: Context, env: 
     try:
         _store(ctx, 0)
         _wake(first)
-        _until(lambda: _done(ctx) == 1)
+        wait_until(lambda: _done(ctx) == 1, timeout_s=30, poll_s=0.05)
         second = _worker(env)
         assert second.stderr is not None
         assert b"another inbox worker holds" in second.stderr.readline()
@@ -108,7 +97,7 @@ def test_a_second_worker_waits_for_the_first_however_it_ends(ctx: Context, env: 
         assert _done(ctx) == 1  # and it does not
         first.send_signal(signal.SIGKILL)  # a kill -9 frees the lock too
         first.wait(timeout=10)
-        _until(lambda: _done(ctx) == 2)
+        wait_until(lambda: _done(ctx) == 2, timeout_s=30, poll_s=0.05)
         assert len(ctx.registry.list_versions("w")) == 2
     finally:
         for p in (first, second):

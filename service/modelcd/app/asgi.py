@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 
 from flask import Flask
 
-from modelcd.app.wsgi_bridge import Receive, Scope, Send, WSGIBridge
+from modelcd.app.wsgi_bridge import Receive, Scope, Send, WSGIBridge, body_chunks
 from modelcd.errors import ModelcdError, PayloadTooLarge
 from modelcd.inbox.intake import MAY_BLOCK, Intake
 from modelcd.sources.base import Respond
@@ -50,18 +50,12 @@ async def _read_body(receive: Receive, declared: str | None, limit: int) -> byte
                               "raise MODELCD_HOOKS_MAX_BODY_BYTES if it is legitimate", field="body")
     chunks: list[bytes] = []
     size = 0
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
+    async for chunk in body_chunks(receive):
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"delivery is over the limit of {limit} bytes; raise MODELCD_HOOKS_MAX_BODY_BYTES "
                                   "if it is legitimate", field="body")
         chunks.append(chunk)
-        more = message.get("more_body", False)
     return b"".join(chunks)
 
 

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
@@ -19,6 +19,19 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body's non-empty chunks, until its end or the client's disconnect."""
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        more = message.get("more_body", False)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 SPOOL_BYTES = 1024 * 1024
@@ -90,16 +103,9 @@ class WSGIBridge:
     @staticmethod
     async def _read_body(receive: Receive, body: IO[bytes]) -> int:
         size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            if chunk:
-                body.write(chunk)
-                size += len(chunk)
-            more = message.get("more_body", False)
+        async for chunk in body_chunks(receive):
+            body.write(chunk)
+            size += len(chunk)
         body.seek(0)
         return size
 

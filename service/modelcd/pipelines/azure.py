@@ -42,10 +42,10 @@ from modelcd.pipelines.http import (
     basic_credential,
     check_base_url,
     check_stage_map,
-    combine,
     compact_json,
     positive_id,
     segment,
+    stage_result,
 )
 
 log = logging.getLogger(__name__)
@@ -334,12 +334,5 @@ def stage_outcome(records: Sequence[TimelineRecord], stage_names: Mapping[str, s
     out: dict[str, Outcome] = {}
     for stage, name in stage_names.items():
         mine = [r for r in stages if r.identifier == name] or [r for r in stages if r.name == name]
-        outcomes = [record_outcome(r) for r in mine]
-        if not done:
-            out[stage] = combine(outcomes)
-        elif not outcomes:
-            out[stage] = "cancelled" if cancelled else "skipped"
-        else:
-            unfinished: Outcome = "cancelled" if cancelled else "failed"
-            out[stage] = combine([unfinished if o in ("pending", "running") else o for o in outcomes])
+        out[stage] = stage_result([record_outcome(r) for r in mine], done, cancelled)
     return out

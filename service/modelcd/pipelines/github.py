@@ -41,10 +41,10 @@ from modelcd.pipelines.http import (
     as_string,
     check_base_url,
     check_stage_map,
-    combine,
     compact_json,
     positive_id,
     segment,
+    stage_result,
 )
 
 log = logging.getLogger(__name__)
@@ -417,13 +417,6 @@ def run_outcome(run: WorkflowRun, jobs: Sequence[Job], stage_jobs: Mapping[str, 
     cancelled = run.conclusion == "cancelled"
     out: dict[str, Outcome] = {}
     for stage, name in stage_jobs.items():
-        outcomes = [job_outcome(j) for j in jobs if _matches(j.name, name)]
-        if not run.completed:
-            out[stage] = combine(outcomes)
-            continue
-        if not outcomes:
-            out[stage] = "cancelled" if cancelled else "skipped"
-            continue
-        unfinished: Outcome = "cancelled" if cancelled else "failed"
-        out[stage] = combine([unfinished if o in ("pending", "running") else o for o in outcomes])
+        out[stage] = stage_result([job_outcome(j) for j in jobs if _matches(j.name, name)], run.completed,
+                                  cancelled)
     return out

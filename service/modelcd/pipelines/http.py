@@ -471,6 +471,18 @@ def combine(outcomes: Sequence[Outcome]) -> Outcome:
     return "running"
 
 
+def stage_result(outcomes: Sequence[Outcome], finished: bool, cancelled: bool) -> Outcome:
+    """One stage's outcome in a run: ``combine`` while the run goes on; once it has finished,
+    a stage with nothing recorded was skipped (cancelled with the run), and parts still
+    pending or running failed (or were cancelled with the run)."""
+    if not finished:
+        return combine(outcomes)
+    if not outcomes:
+        return "cancelled" if cancelled else "skipped"
+    unfinished: Outcome = "cancelled" if cancelled else "failed"
+    return combine([unfinished if o in ("pending", "running") else o for o in outcomes])
+
+
 class ApiClient:
     """What every client over ``JsonHttp`` shares: close, and use as a context manager."""
 

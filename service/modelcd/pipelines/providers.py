@@ -166,7 +166,7 @@ class AzureProvider(PipelineProvider):
 
 def get_provider(ctx: Context, release: Release) -> PipelineProvider:
     """The provider of the release's policy runner, with its credential resolved."""
-    runner = str(release.policy.get("runner"))
+    runner = release.runner
     spec = dict(release.policy.get("pipeline") or {})
     token = resolve_credential(spec, ctx.home)
     if runner == "github":

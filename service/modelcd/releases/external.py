@@ -36,14 +36,6 @@ _FINISHED_GRACE_S = 15.0  # a run that just finished may still have its last rep
 ProviderFactory = Callable[[Context, Release], PipelineProvider]
 
 
-def runner_of(rel: Release) -> str:
-    return str(rel.policy.get("runner") or "local")
-
-
-def is_external(rel: Release) -> bool:
-    return runner_of(rel) != "local"
-
-
 class ExternalDriver:
     """Starts and watches the pipeline runs of external-runner releases (``tick`` from the
     runner's loop)."""
@@ -56,7 +48,7 @@ class ExternalDriver:
 
     def tick(self) -> None:
         for rel in self.ctx.releases.in_phases({p for p in Phase if p.active}):
-            if not is_external(rel):
+            if not rel.external:
                 continue
             try:
                 self._watch(rel)

@@ -103,14 +103,13 @@ class LocalRunner:
         """Pick up releases a previous process left in flight; their interrupted jobs fail."""
         resumed = []
         for rel in self.ctx.releases.in_phases({p for p in Phase if p.active}):
-            external = rel.policy.get("runner", "local") != "local"
             for job in self.ctx.jobs.list(release_id=rel.id):
                 if not job.state.terminal:
-                    again = "the pipeline may ask for the stage again" if external else "the stage runs again"
+                    again = "the pipeline may ask for the stage again" if rel.external else "the stage runs again"
                     self.ctx.jobs.transition(job.id, JobState.FAILED if job.state is JobState.RUNNING
                                              else JobState.CANCELLED,
                                              error=f"interrupted by a restart of the service; {again}")
-            if external:
+            if rel.external:
                 continue  # its pipeline runs the stages; the external driver watches it
             self.ctx.jobs.event(None, rel.id, "release.resumed", f"resuming at {rel.phase} after a restart")
             self._submit(rel.id)
@@ -134,7 +133,7 @@ class LocalRunner:
             with self._lock:
                 if len(self._active) >= self.workers:
                     return
-            if self.ctx.releases.claim(rel.id) and rel.policy.get("runner", "local") == "local":
+            if self.ctx.releases.claim(rel.id) and not rel.external:
                 self._submit(rel.id)
 
     def _submit(self, release_id: str) -> None:

@@ -37,6 +37,16 @@ class Release:
     finished_at: str | None
 
     @property
+    def runner(self) -> str:
+        """Who runs the stages: ``local`` (this service) or a pipeline (``github``, ``azure``)."""
+        return str(self.policy.get("runner") or "local")
+
+    @property
+    def external(self) -> bool:
+        """Its stages run in a pipeline; the service starts and watches it (``releases.external``)."""
+        return self.runner != "local"
+
+    @property
     def env_spec(self) -> dict[str, Any]:
         return dict(self.policy["environments"][self.env_index])
 

@@ -102,7 +102,7 @@ def run_stage_command(ctx: Context, release_id: str, stage: str) -> dict[str, An
 def _check_external(rel: Release) -> None:
     """Stage commands drive releases whose policy hands the stages to a pipeline; the local
     runner's own releases are already being run by the service (running them twice races)."""
-    if str(rel.policy.get("runner") or "local") == "local":
+    if not rel.external:
         raise Conflict(f"release {rel.id} is run by the service's local runner (policy {rel.policy_name}); stage "
                        "commands drive releases whose policy has runner: github or azure", field="release_id")
 
