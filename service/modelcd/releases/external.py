@@ -28,7 +28,7 @@ from modelcd.pipelines.providers import PipelineProvider, RunStatus, get_provide
 from modelcd.releases.machine import Phase
 from modelcd.releases.runner import run_stage
 from modelcd.releases.service import Release
-from modelcd.releases.stage_commands import _lock
+from modelcd.releases.stage_commands import _lock, stage_in_flight
 
 log = logging.getLogger(__name__)
 _FINISHED_GRACE_S = 15.0  # a run that just finished may still have its last report in flight
@@ -62,10 +62,13 @@ class ExternalDriver:
         if run is None or run.state == "minted":
             self._trigger(rel, spec, run.attempts if run else 0, run.created_at if run else None)
             return
-        last = _ts(run.last_report_at or run.triggered_at or run.created_at)
-        silent_s = time.time() - last
-        busy = any(job.state is JobState.RUNNING for job in self.ctx.jobs.list(release_id=rel.id))
-        if silent_s > float(spec.get("report_timeout_s", 3600)) and not busy:  # a stage in flight is a sign of life
+        # a stage in flight is a sign of life; checked before the last report is read, because
+        # a stage command records its report before it stops counting as in flight
+        busy = stage_in_flight(rel.id) or any(job.state is JobState.RUNNING
+                                              for job in self.ctx.jobs.list(release_id=rel.id))
+        run = self.ctx.pipeline_runs.get(rel.id) or run
+        silent_s = time.time() - _ts(run.last_report_at or run.triggered_at or run.created_at)
+        if silent_s > float(spec.get("report_timeout_s", 3600)) and not busy:
             self._fail(rel, f"pipeline run {run.run_id or '?'} reported nothing for {silent_s:.0f}s "
                             f"(pipeline.report_timeout_s); production untouched")
             return

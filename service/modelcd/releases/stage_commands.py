@@ -73,6 +73,13 @@ def stage_command_status(ctx: Context, release_id: str, stage: str, wait_s: floa
                    already=True)
 
 
+def stage_in_flight(release_id: str) -> bool:
+    """Whether a stage command of the release is running here (a sign of life of its pipeline;
+    its last report is written before the command counts as finished)."""
+    with _locks_guard:
+        return any(not f.done() for (rid, _), f in _inflight.items() if rid == release_id)
+
+
 def _wait(future: Future[dict[str, Any]], rel: Release, stage: str, wait_s: float) -> dict[str, Any]:
     try:
         return future.result(timeout=wait_s)
