@@ -64,6 +64,9 @@ class Settings(BaseModel):
     docker_repository: str = Field("modelcd", description="images are tagged {repository}/{model}:{version}-{digest12}")
     docker_network: Literal["bridge", "host"] = Field("bridge", description="bridge publishes the scoring port; "
                                                       "host shares the engine host's network")
+    docker_bridge_network: str = Field("bridge", description="the bridge-driver network `network: bridge` "
+                                       "containers join (docker's default `bridge`, or one made with "
+                                       "`docker network create`)")
     docker_publish_host: str = Field("127.0.0.1", description="host address a bridge container's port is published on")
     docker_url_host: str = Field("127.0.0.1", description="address the router and smoke tests reach containers at")
     docker_registry: str | None = Field(None, description="push images to this registry (host[:port]); none: no push")

@@ -151,3 +151,33 @@ def test_any_engine_the_sdk_reaches(tmp_path: Path, iris_image: tuple[Bundle, An
     finally:
         remove_containers(engine, target.home)
         proxy.close()
+
+
+def test_bridge_network_publishes_on_loopback(tmp_path: Path, iris_image: tuple[Bundle, Any], engine: Any) -> None:
+    """network: bridge (the users' default) joins the configured bridge network and publishes
+    the scoring port on 127.0.0.1 only; the container is reached through that published port."""
+    name = f"modelcd-test-{uuid.uuid4().hex[:8]}"
+    missing = DockerTarget(tmp_path / "home", network="bridge", bridge_network=name, grace_s=5)
+    bundle, version = iris_image
+    with pytest.raises(DeployError, match=f"no network '{name}'.*docker_bridge_network"):
+        missing.create(_spec(bundle), lambda _: None, threading.Event())
+    assert containers_of(engine, missing.home) == []
+
+    network = engine.networks.create(name, driver="bridge")
+    target = DockerTarget(tmp_path / "home", network="bridge", bridge_network=name, grace_s=5)
+    try:
+        lines: list[str] = []
+        rd = target.create(_spec(bundle), lines.append, threading.Event())
+        assert any(f"network bridge ({name})" in ln for ln in lines)
+        container = engine.containers.get(DockerTarget.container_name(rd.deployment_id))
+        assert list(container.attrs["NetworkSettings"]["Networks"]) == [name]
+        bindings = container.attrs["NetworkSettings"]["Ports"]["8080/tcp"]
+        assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
+        assert rd.url == f"http://127.0.0.1:{bindings[0]['HostPort']}"
+        r = requests.post(f"{rd.url}/score", json=version.sample, timeout=10)
+        assert r.status_code == 200 and r.json()["predictions"] == version.expected
+        target.delete(rd)
+        assert containers_of(engine, target.home) == []
+    finally:
+        remove_containers(engine, target.home)
+        network.remove()

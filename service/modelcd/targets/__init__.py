@@ -16,7 +16,8 @@ TARGETS: dict[str, Callable[[Settings], Target]] = {
     "process": lambda settings: ProcessTarget(settings.home),
     "docker": lambda settings: DockerTarget(settings.home, docker_host=settings.docker_host,
                                             network=settings.docker_network, publish_host=settings.docker_publish_host,
-                                            url_host=settings.docker_url_host),
+                                            url_host=settings.docker_url_host,
+                                            bridge_network=settings.docker_bridge_network),
 }
 
 

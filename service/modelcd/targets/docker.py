@@ -4,7 +4,8 @@ any engine the docker SDK reaches (``docker_host`` / ``$DOCKER_HOST``).
 Containers are named ``modelcd-{deployment id}`` and labelled with the deployment, the model,
 the version and this control plane's instance (a hash of its home), so a restarted control
 plane finds its own containers again and never touches another's. ``network: bridge``
-publishes the scoring port on ``docker_publish_host`` (a port the engine picks); ``host``
+joins ``docker_bridge_network`` and publishes the scoring port on ``docker_publish_host``
+(a port the engine picks); ``host``
 shares the engine host's network and binds a free port there. Containers run with
 ``--init`` (zombies reaped), no capabilities, ``no-new-privileges``, the image's
 unprivileged user, an ``on-failure`` restart policy and the policy's cpu/memory limits.
@@ -37,10 +38,11 @@ class DockerTarget(Target):
 
     def __init__(self, home: Path, *, docker_host: str | None = None, network: str = "bridge",
                  publish_host: str = "127.0.0.1", url_host: str = "127.0.0.1", grace_s: float = 10.0,
-                 restart_retries: int = 3) -> None:
+                 restart_retries: int = 3, bridge_network: str = "bridge") -> None:
         self.home = Path(home).absolute()
         self.docker_host = docker_host
         self.network = network
+        self.bridge_network = bridge_network
         self.publish_host = publish_host
         self.url_host = url_host
         self.grace_s = grace_s
@@ -173,6 +175,7 @@ class DockerTarget(Target):
         else:
             env["MODELCD_SCORING_PORT"] = str(IMAGE_PORT)
             kwargs["ports"] = {f"{IMAGE_PORT}/tcp": (self.publish_host, None)}
+            kwargs["network"] = self._bridge()
         if spec.scoring_key:
             env[KEY_ENV] = spec.scoring_key
         if spec.cpu:
@@ -192,9 +195,23 @@ class DockerTarget(Target):
             raise DeployError(f"the engine refused to start {image}: {e.explanation or e}") from e
         limits = ", ".join(f"{k}={v}" for k, v in (("cpu", spec.cpu), ("memory", spec.memory)) if v) or "no limits"
         names = ", ".join(sorted(spec.env)) or "none"
-        log(f"started container {name} ({container.short_id}) from {image}: network {network}, {limits}, "
+        where = f"bridge ({kwargs['network']})" if "network" in kwargs else network
+        log(f"started container {name} ({container.short_id}) from {image}: network {where}, {limits}, "
             f"environment variables from the policy: {names}")
         return container
+
+    def _bridge(self) -> str:
+        """The bridge network's name, checked to exist (an engine run with ``--bridge=none`` has
+        no default ``bridge``)."""
+        from docker.errors import NotFound
+
+        try:
+            self.client.networks.get(self.bridge_network)
+        except NotFound as e:
+            raise DeployError(f"the engine has no network {self.bridge_network!r} for network: bridge; create it "
+                              f"(`docker network create {self.bridge_network}`), set docker_bridge_network to an "
+                              "existing bridge network, or use network: host") from e
+        return self.bridge_network
 
     def _port(self, container: Any, network: str, spec: DeploySpec) -> int:
         if network == "host":
