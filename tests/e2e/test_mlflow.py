@@ -41,12 +41,15 @@ def mlflow_service(tmp_path: Path, mlflow_server: MlflowServer) -> Iterator[Serv
 def test_mlflow_registration_reaches_production(mlflow_service: Service, mlflow_server: MlflowServer) -> None:
     svc = mlflow_service
     name = mlflow_server.unique_name("churn")
-    version = mlflow_server.register_sklearn(name, C=1.0, tags={"deploy": "true"})
+    # MLflow 3's default format for scikit-learn (skops), with a type the model's MLmodel trusts
+    version = mlflow_server.register_sklearn(name, C=1.0, tags={"deploy": "true"}, serialization_format="skops",
+                                             skops_trusted_types=["datetime.date"])
     rel = svc.wait_release_for(name, 1, timeout_s=300)
     assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
     v = svc.api("GET", f"/models/{name}/versions/1").json()
     assert v["source"] == "mlflow" and v["external_ref"] == f"models:/{name}/{version}"
-    assert v["flavor"] == "sklearn" and not any(r.startswith("mlflow") for r in v["requirements"])
+    assert v["flavor"] == "sklearn" and v["model_file"] == "model.skops"
+    assert not any(r.startswith("mlflow") for r in v["requirements"])
     delivery = svc.api("GET", "/inbox", params={"source": "mlflow"}).json()["deliveries"][0]
     assert delivery["state"] == "done"
     assert "x-mlflow-signature" not in {k.lower() for k in delivery["headers"]}  # secrets are not kept

@@ -31,6 +31,8 @@ def tree(root: Path, files: dict[str, str | bytes]) -> Path:
     ({"model.onnx": b"o", "README.md": "x"}, (Flavor.ONNX, "model.onnx", None)),
     ({"nested/dir/clf.joblib": b"j"}, (Flavor.SKLEARN, "nested/dir/clf.joblib", None)),
     ({"model.PKL": b"p"}, (Flavor.SKLEARN, "model.PKL", None)),
+    ({"model.skops": b"s", "MLmodel": "flavors:\n  sklearn:\n    pickled_model: model.skops\n"},
+     (Flavor.SKLEARN, "model.skops", None)),
     ({"m.pickle": b"p", ".ipynb_checkpoints/m-checkpoint.pickle": b"p"}, (Flavor.SKLEARN, "m.pickle", None)),
     ({"score.py": "def init(): pass\n", "model.onnx": b"o"}, (Flavor.ONNX, "model.onnx", None)),
 ])

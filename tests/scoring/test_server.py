@@ -380,6 +380,35 @@ def test_a_stopped_worker_is_replaced_and_metrics_survive(
     assert server.stop() == 0
 
 
+def test_skops_model_loads_with_the_trusted_types_of_its_config(
+        tmp_path: Path, start_server: Launcher, iris: Iris) -> None:
+    """MLflow 3 saves scikit-learn models with skops by default; types beyond skops' defaults
+    load only when the config (from the MLmodel's skops_trusted_types) trusts them."""
+    import datetime
+
+    import skops.io
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(max_iter=500).fit(iris.x, iris.y)
+    model.trained_on = datetime.date(2026, 11, 1)  # a type skops does not trust by default
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    skops.io.dump(model, model_dir / "model.skops")
+
+    refused = start_server(model_dir, sklearn_config(iris, model_file="model.skops"), wait=False)
+    assert refused.process.wait(30) == 4
+    deadline = time.monotonic() + 5
+    while "skops_trusted_types" not in refused.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "UntrustedTypesFoundException" in refused.output() and "datetime.date" in refused.output()
+    assert "skops_trusted_types" in refused.output() and "Traceback" not in refused.output()
+
+    server = start_server(model_dir, sklearn_config(iris, model_file="model.skops",
+                                                    skops_trusted_types=["datetime.date"]))
+    r = requests.post(f"{server.url}/score", json={"data": iris.rows}, timeout=10)
+    assert r.status_code == 200 and r.json()["predictions"] == [0, 1, 2]
+
+
 @pytest.mark.parametrize(
     ("config", "fragment"),
     [

@@ -131,25 +131,32 @@ class MlflowServer:
     def register_sklearn(self, name: str, C: float = 1.0, tags: dict[str, str] | None = None, *,
                          serialization_format: str = "cloudpickle",
                          pip_requirements: Sequence[str] | None = None,
-                         description: str | None = None) -> str:
+                         description: str | None = None,
+                         skops_trusted_types: Sequence[str] | None = None) -> str:
         """Train a LogisticRegression on iris and log it through this server with
         ``mlflow.sklearn.log_model`` (input example: 3 rows as a DataFrame), registered as
         ``name``; returns the new version. ``tags`` become version tags. Requirements are
         pinned (scikit-learn, numpy, cloudpickle) unless given: MLflow's inference of them
-        costs about 5 s. ``serialization_format="skops"`` is MLflow 3's own default."""
+        costs about 5 s. ``serialization_format="skops"`` is MLflow 3's own default;
+        ``skops_trusted_types`` (e.g. ``["datetime.date"]``) adds an attribute of that type."""
         import mlflow
         import mlflow.sklearn
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         X, y = _iris()
         model = _fit(X, y, C)
+        if skops_trusted_types:  # give the estimator an attribute of a type skops does not trust by default
+            import datetime
+
+            model.trained_on = datetime.date(2026, 11, 1)
         reqs = list(pip_requirements) if pip_requirements is not None else default_requirements(serialization_format)
         with _MLFLOW_LOCK, _use_tracking_uri(self.tracking_uri), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MLflow warns about pickle formats, type hints, pip pins...
             with mlflow.start_run(experiment_id=self._experiment()):
                 info = mlflow.sklearn.log_model(model, name="model", input_example=X.head(3),
                                                 registered_model_name=name, pip_requirements=reqs,
-                                                serialization_format=serialization_format)
+                                                serialization_format=serialization_format,
+                                                skops_trusted_types=list(skops_trusted_types or []) or None)
         version = str(info.registered_model_version)
         client = self.client()
         for key, value in (tags or {}).items():

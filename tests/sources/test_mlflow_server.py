@@ -74,15 +74,21 @@ def test_fetch_sklearn_version(mlflow_server: MlflowServer, tmp_path: Path) -> N
     assert got.external_ref == f"models:/{name}/{version}" and got.version == version
 
 
-def test_fetch_skops_model_leaves_flavor_to_modelcd(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+def test_fetch_skops_model_is_sklearn_with_its_trusted_types(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """skops is MLflow 3's default format for scikit-learn: served by the sklearn flavor, with
+    the types the MLmodel trusts carried into the scoring config."""
+    from modelcd.build.bundle import skops_trusted_types
+
     name = mlflow_server.unique_name("skops")
-    version = mlflow_server.register_sklearn(name, serialization_format="skops")
+    version = mlflow_server.register_sklearn(name, serialization_format="skops",
+                                             skops_trusted_types=["datetime.date"])
 
     got = fetch_model_version(mlflow_server.tracking_uri, name, version, tmp_path / "files")
 
-    assert got.flavor is None and got.model_file is None
-    assert any("'skops'" in n and "cloudpickle" in n for n in got.notes)
+    assert got.flavor is Flavor.SKLEARN and got.model_file == "model.skops" and not got.notes
     assert got.sample is not None and (got.files_dir / "model.skops").is_file()
+    assert any(r.startswith("skops==") for r in got.requirements)
+    assert skops_trusted_types(got.files_dir, got.model_file) == ["datetime.date"]
 
 
 def test_fetch_missing_version_is_not_found(mlflow_server: MlflowServer, tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from queue import Empty, Queue
 
+import yaml
+
 import modelcd
 from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.errors import BuildError, Cancelled
@@ -391,7 +393,22 @@ def write_scoring_files(dest: Path, version: ModelVersion, files_dir: Path, canc
     scoring = {"model": version.model, "version": version.version, "flavor": str(version.flavor),
                "model_file": version.model_file, "entry_script": version.entry_script,
                "sample": version.sample, "expected": version.expected}
+    if version.flavor == Flavor.SKLEARN and (version.model_file or "").lower().endswith(".skops"):
+        scoring["skops_trusted_types"] = skops_trusted_types(files_dir, str(version.model_file))
     (dest / "scoring.json").write_text(json.dumps(scoring, indent=2) + "\n")
+
+
+def skops_trusted_types(files_dir: Path, model_file: str) -> list[str]:
+    """The types an MLflow ``MLmodel`` beside a ``.skops`` model file says to trust beyond
+    skops' defaults (``flavors.sklearn.skops_trusted_types``); none without such a file."""
+    mlmodel = files_dir / Path(model_file).parent / "MLmodel"
+    try:
+        doc = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    conf = ((doc or {}).get("flavors") or {}).get("sklearn") if isinstance(doc, dict) else None
+    trusted = conf.get("skops_trusted_types") if isinstance(conf, dict) else None
+    return [t for t in trusted if isinstance(t, str) and t] if isinstance(trusted, list) else []
 
 
 def _copy_runtime(dest: Path) -> None:

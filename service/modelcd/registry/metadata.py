@@ -29,7 +29,7 @@ DEFAULT_ENTRY_SCRIPT = "score.py"
 ENTRY_FUNCTIONS = ("init", "run")
 MODEL_SUFFIXES: dict[Flavor, tuple[str, ...]] = {
     Flavor.ONNX: (".onnx",),
-    Flavor.SKLEARN: (".pkl", ".pickle", ".joblib"),
+    Flavor.SKLEARN: (".pkl", ".pickle", ".joblib", ".skops"),
 }
 _KNOWN_FLAVORS = ", ".join(f.value for f in Flavor if f is not Flavor.NONE)
 
@@ -198,7 +198,8 @@ def _auto_model_file(files: list[str], score_hint: str) -> DetectedFlavor:
         return DetectedFlavor(Flavor.ONNX if onnx else Flavor.SKLEARN, _one_model_file(
             files, Flavor.ONNX if onnx else Flavor.SKLEARN), None)
     raise InvalidInput(f"flavor: no model found: expected a {DEFAULT_ENTRY_SCRIPT} defining init() and run() "
-                       f"(custom), one *.onnx file (onnx) or one *.pkl/*.pickle/*.joblib file (sklearn){score_hint}; "
+                       "(custom), one *.onnx file (onnx) or one *.pkl/*.pickle/*.joblib/*.skops file (sklearn)"
+                       f"{score_hint}; "
                        f"files: {_listing(files)}. Add one, or set `flavor` and `entry_script`", field="flavor")
 
 

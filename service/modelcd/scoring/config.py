@@ -31,6 +31,7 @@ class ScoringConfig:
     entry_script: str | None = None
     sample: Any = None
     expected: Any = None
+    skops_trusted_types: tuple[str, ...] = ()  # a .skops model_file: types trusted beyond skops' defaults
 
 
 def parse_config(raw: Any) -> ScoringConfig:
@@ -56,6 +57,9 @@ def parse_config(raw: Any) -> ScoringConfig:
     expected = raw.get("expected")
     if expected is not None and flavor != "custom" and not isinstance(expected, list):
         problems.append("'expected' must be a list of predictions or null")
+    trusted = raw.get("skops_trusted_types") or []
+    if not isinstance(trusted, list) or not all(isinstance(t, str) and t for t in trusted):
+        problems.append("'skops_trusted_types' must be a list of type names")
     if problems:
         raise ConfigError("invalid scoring config: " + "; ".join(problems))
     return ScoringConfig(
@@ -66,6 +70,7 @@ def parse_config(raw: Any) -> ScoringConfig:
         entry_script=entry_script if isinstance(entry_script, str) else None,
         sample=raw.get("sample"),
         expected=expected,
+        skops_trusted_types=tuple(trusted),
     )
 
 

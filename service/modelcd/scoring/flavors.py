@@ -64,8 +64,36 @@ def _model_path(model_dir: str, relative: str | None) -> str:
 
 
 def _load_sklearn(config: ScoringConfig, model_dir: str) -> Scorer:
-    """Unpickle an estimator with joblib (or pickle when joblib is absent)."""
+    """Load an estimator: skops for a ``.skops`` file, else unpickle it with joblib (or
+    pickle when joblib is absent)."""
     path = _model_path(model_dir, config.model_file)
+    if path.lower().endswith(".skops"):
+        model = _load_skops(config, path)
+    else:
+        model = _unpickle(config, path)
+    if not callable(getattr(model, "predict", None)):
+        raise LoadError(f"{config.model_file!r} holds a {type(model).__name__}, which has no predict()")
+    return SklearnScorer(model, numeric_only=_all_numeric(config.sample), probe=_probe_rows(model, config.sample))
+
+
+def _load_skops(config: ScoringConfig, path: str) -> Any:
+    """A skops file, trusting skops' default types plus those the model's MLmodel lists
+    (MLflow checked at save time that these suffice)."""
+    try:
+        import skops.io
+    except ImportError:
+        raise LoadError(f"{config.model_file!r} is saved with skops, which is not installed: add skops to the "
+                        "version's requirements") from None
+    try:
+        return skops.io.load(path, trusted=list(config.skops_trusted_types) or None)
+    except Exception as e:
+        hint = ""
+        if type(e).__name__ == "UntrustedTypesFoundException":
+            hint = "; list them in the MLmodel's skops_trusted_types (log_model(skops_trusted_types=...))"
+        raise LoadError(f"cannot load {config.model_file!r} with skops: {type(e).__name__}: {e}{hint}") from e
+
+
+def _unpickle(config: ScoringConfig, path: str) -> Any:
     try:
         try:
             import joblib
@@ -76,9 +104,7 @@ def _load_sklearn(config: ScoringConfig, model_dir: str) -> Scorer:
             model = joblib.load(path)
     except Exception as e:
         raise LoadError(f"cannot unpickle {config.model_file!r}: {type(e).__name__}: {e}") from e
-    if not callable(getattr(model, "predict", None)):
-        raise LoadError(f"{config.model_file!r} holds a {type(model).__name__}, which has no predict()")
-    return SklearnScorer(model, numeric_only=_all_numeric(config.sample), probe=_probe_rows(model, config.sample))
+    return model
 
 
 def _load_onnx(config: ScoringConfig, model_dir: str) -> Scorer:

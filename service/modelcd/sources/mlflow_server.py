@@ -50,7 +50,7 @@ SERVING_EXAMPLE = "serving_input_example.json"
 INPUT_EXAMPLE = "input_example.json"
 # written by MLflow's models:/ download itself (name and version), not part of the model
 DOWNLOAD_META_FILES = ("registered_model_meta",)
-PICKLE_FORMATS = ("pickle", "cloudpickle")  # what the sklearn flavor can unpickle; not skops
+SKLEARN_FORMATS = ("pickle", "cloudpickle", "skops")  # what the sklearn flavor loads (skops: MLflow 3's default)
 DEFAULT_EVENTS = ("model_version.created",)
 MAX_MODEL_URI_HOPS = 4
 POLL_PAGE_SIZE = 200
@@ -97,8 +97,8 @@ class FetchedModel:
     """A registered MLflow model version, downloaded.
 
     ``files_dir`` holds only regular files. ``flavor`` is ``sklearn`` (with ``model_file``)
-    when the ``MLmodel`` names a pickled scikit-learn model; None lets modelcd's own
-    detection decide (``notes`` say why, e.g. a skops file). ``sample`` is a scoring request
+    when the ``MLmodel`` names a saved scikit-learn model (pickle, cloudpickle or skops); None
+    lets modelcd's own detection decide (``notes`` say why). ``sample`` is a scoring request
     body (``{"dataframe_split": ...}``, ``{"inputs": ...}``...) or None."""
 
     name: str
@@ -375,16 +375,16 @@ def read_mlmodel(files_dir: Path) -> dict[str, Any]:
 
 
 def sklearn_model_file(mlmodel: dict[str, Any], files_dir: Path) -> tuple[str | None, str | None]:
-    """(model file, None) when ``MLmodel`` names a pickled scikit-learn model that exists in
+    """(model file, None) when ``MLmodel`` names a saved scikit-learn model that exists in
     ``files_dir``; else (None, a note saying why modelcd's own detection must decide)."""
     flavors = mlmodel.get("flavors")
     conf = flavors.get("sklearn") if isinstance(flavors, dict) else None
     if not isinstance(conf, dict) or not isinstance(conf.get("pickled_model"), str):
         return None, None
     fmt = str(conf.get("serialization_format") or "pickle")
-    if fmt not in PICKLE_FORMATS:
+    if fmt not in SKLEARN_FORMATS:
         return None, (f"{MLMODEL}: the scikit-learn model is saved as {fmt!r}, which the sklearn flavor cannot "
-                      "load; re-log it with serialization_format='cloudpickle' (or 'pickle'), or add a score.py")
+                      "load; re-log it with serialization_format='skops' (or 'cloudpickle'), or add a score.py")
     try:
         rel = safe_relpath(conf["pickled_model"])
     except ValueError as e:
