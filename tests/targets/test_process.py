@@ -220,6 +220,43 @@ threading.Event().wait()
     assert target.adopt(record_of(rd, spec)) is None
 
 
+def test_process_of_a_launcher_killed_while_starting_is_deleted_by_its_pid_file(
+        target: ProcessTarget, iris_bundle: Bundle, spec_for: Spec, shared_home: Path) -> None:
+    """The control plane dies between starting a scoring process and recording its pid (the
+    store learns the pid only once healthy): delete() of the pid-less record still stops it."""
+    spec = spec_for(iris_bundle)
+    script = """
+import json, sys, threading
+from pathlib import Path
+from modelcd.domain import Bundle
+from modelcd.targets.base import DeploySpec
+from modelcd.targets.process import ProcessTarget
+a = json.loads(sys.argv[1])
+bundle = Bundle(path=Path(a["bundle"]), python=Path(a["python"]), env_key=a["env_key"], reused_env=True)
+spec = DeploySpec(deployment_id=a["id"], model="iris", version=1, environment="staging", bundle=bundle, workers=1)
+ProcessTarget(Path(a["home"])).create(spec, lambda _: None, threading.Event())
+"""
+    args = {"bundle": str(iris_bundle.path), "python": str(iris_bundle.python), "env_key": iris_bundle.env_key,
+            "id": spec.deployment_id, "home": str(shared_home)}
+    pid_file = target.pid_path(spec.deployment_id)
+    launcher = subprocess.Popen([sys.executable, "-c", script, json.dumps(args)])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.01)
+    finally:
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+    orphan = int(pid_file.read_text())
+    assert psutil.Process(orphan).environ()["MODELCD_DEPLOYMENT_ID"] == spec.deployment_id
+    handle = RunningDeployment(spec.deployment_id, "process", "", 0, 0, target.log_path(spec.deployment_id))
+    target.delete(handle)
+    assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
+    assert scoring_processes(target.home, spec.deployment_id) == [] and not pid_file.exists()
+    target.delete(handle)  # idempotent
+
+
 def test_adopt_refuses_what_is_not_the_recorded_deployment(target: ProcessTarget, running: tuple[
         RunningDeployment, DeploySpec], tmp_path: Path) -> None:
     rd, spec = running

@@ -78,6 +78,7 @@ class ProcessTarget(Target):
                 continue
             except BaseException:
                 self._kill_started(proc)
+                self.pid_path(spec.deployment_id).unlink(missing_ok=True)
                 raise
             url = f"http://{HOST}:{port}"
             log(f"healthy after {time.monotonic() - started:.1f}s at {url}")
@@ -103,16 +104,25 @@ class ProcessTarget(Target):
         return RunningDeployment(deployment_id=record.id, target=self.name, url=f"http://{HOST}:{record.port}",
                                  pid=record.pid, port=record.port, log_path=self.log_path(record.id))
 
+    def pid_path(self, deployment_id: str) -> Path:
+        """Where the pid of the deployment's process is kept from the moment it starts."""
+        return self.home / "deployments" / f"{deployment_id}.pid"
+
     def delete(self, rd: RunningDeployment) -> None:
-        """See ``Target.delete``: SIGTERM to the process group, SIGKILL after ``grace_s``."""
-        proc = self._identify(rd.pid, rd.deployment_id)
+        """See ``Target.delete``: SIGTERM to the process group, SIGKILL after ``grace_s``. A
+        deployment whose pid was never recorded (the control plane died while it started) is
+        found by its pid file."""
+        pid = rd.pid or _read_pid(self.pid_path(rd.deployment_id))
+        proc = self._identify(pid, rd.deployment_id)
         if proc is None:
-            self._reap(rd.pid)
+            self._reap(pid)
+            self.pid_path(rd.deployment_id).unlink(missing_ok=True)
             return
-        alive = self._stop(rd.pid, _family(proc))
+        alive = self._stop(pid, _family(proc))
         if alive:
             raise DeployError(f"deployment {rd.deployment_id}: processes {[p.pid for p in alive]} "
                               "survived SIGKILL")
+        self.pid_path(rd.deployment_id).unlink(missing_ok=True)
 
     def logs(self, rd: RunningDeployment, tail: int = 200) -> str:
         """See ``Target.logs``."""
@@ -141,6 +151,8 @@ class ProcessTarget(Target):
                 raise DeployError(f"cannot start {argv[0]}: {e.strerror}; rebuild the bundle") from e
         with self._lock:
             self._children[proc.pid] = proc
+        # the pid is recorded in the store only once healthy: a crash before that finds it here
+        _write_pid(self.pid_path(spec.deployment_id), proc.pid)
         return proc, offset
 
     def _wait_healthy(self, spec: DeploySpec, proc: subprocess.Popen[bytes], port: int, offset: int,
@@ -224,6 +236,19 @@ class ProcessTarget(Target):
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _write_pid(path: Path, pid: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{pid}\n")
+    os.replace(tmp, path)
+
+
+def _read_pid(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def free_port() -> int:
