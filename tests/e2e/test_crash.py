@@ -3,9 +3,11 @@ or roll back after a restart, and the restart re-adopts what was serving."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from tests.conftest import Hammer, Service, iris_model
@@ -74,3 +76,17 @@ def test_kill9_mid_release_then_restart_finishes_or_rolls_back(service: Service,
         # nothing the release started is left running beside what serves and what is kept warm
         live = _deployments(svc, "iris")
         assert len(live) <= 2, live
+        assert _running_deployments(svc.home) <= set(live), (_running_deployments(svc.home), live)
+
+
+def _running_deployments(home: Path) -> set[str]:
+    """Deployment ids of the scoring processes running from bundles under ``home`` (what the
+    operating system says, not the store)."""
+    found = set()
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = proc.info["cmdline"] or []
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and "modelcd.scoring" in cmdline \
+                    and any(str(home) in arg for arg in cmdline):
+                found.add(proc.environ().get("MODELCD_DEPLOYMENT_ID", "?"))
+    return found

@@ -6,6 +6,7 @@ when it dies and dies with a killed service."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -48,9 +49,14 @@ def _doc(i: int) -> dict[str, Any]:
 
 
 def _worker_pids(svc: Service) -> list[int]:
+    """Live worker processes of the service (a killed one is a zombie until the service reaps it)."""
     assert svc.proc is not None
-    return [p.pid for p in psutil.Process(svc.proc.pid).children()
-            if any("modelcd.worker" in part for part in p.cmdline())]
+    pids = []
+    for p in psutil.Process(svc.proc.pid).children():
+        with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
+            if any("modelcd.worker" in part for part in p.cmdline()):
+                pids.append(p.pid)
+    return pids
 
 
 def test_a_concurrent_burst_with_duplicates_is_stored_and_processed_exactly_once(svc: Service) -> None:
