@@ -108,7 +108,13 @@ environments:
 
 def test_canary_without_steps_gets_default_steps():
     p = parse_policy("name: a\nenvironments:\n  - name: production\n    strategy: canary\n")
-    assert p.environments[0].steps == DEFAULT_CANARY_STEPS == (10, 50, 100)
+    env = p.environments[0]
+    assert env.steps == DEFAULT_CANARY_STEPS == (10, 50, 100)
+    assert (env.step_hold_s, env.max_error_rate) == (60.0, 0.01)
+    p = parse_policy("name: a\nenvironments:\n  - name: production\n    strategy: canary\n    step_hold_s: 5\n"
+                     "    max_error_rate: 0\n")
+    assert (p.environments[0].step_hold_s, p.environments[0].max_error_rate) == (5.0, 0.0)
+    assert parse_policy("name: a\n").environments[0].step_hold_s is None
 
 
 def test_yaml_scalars_in_tags_read_as_text_and_single_glob_as_list():
@@ -162,8 +168,8 @@ gates: []
         (9, "environments[0].target", "must be one of process, docker (got 'kubernetes')"),
         (10, "environments[0].scoring_workers", "must be greater than or equal to 1 (got 0)"),
         (11, "environments[0].stratgy",
-         "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, scoring_workers, "
-         "resources, env, network"),
+         "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, step_hold_s, "
+         "max_error_rate, scoring_workers, resources, env, network"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
@@ -203,12 +209,23 @@ environments:
   - name: four
     strategy: canary
     steps: [0, 100]
+  - name: five
+    step_hold_s: 30
+    max_error_rate: 0.05
+  - name: six
+    strategy: canary
+    step_hold_s: 0
+    max_error_rate: 1.5
 """
     assert problems(text) == [
         (5, "environments[0].steps", "must be increasing percentages ending at 100 (got [50, 10, 100])"),
         (8, "environments[1].steps", "must be increasing percentages ending at 100 (got [10, 50])"),
         (11, "environments[2].steps", "only used with strategy canary (strategy is blue-green)"),
         (14, "environments[3].steps[0]", "must be greater than or equal to 1 (got 0)"),
+        (16, "environments[4].step_hold_s", "only used with strategy canary (strategy is blue-green) (got 30)"),
+        (17, "environments[4].max_error_rate", "only used with strategy canary (strategy is blue-green) (got 0.05)"),
+        (20, "environments[5].step_hold_s", "must be greater than 0 (got 0)"),
+        (21, "environments[5].max_error_rate", "must be less than or equal to 1 (got 1.5)"),
     ]
 
 
@@ -322,8 +339,8 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
     p = parse_policy(EXAMPLE)
     d = p.to_dict()
     assert d["environments"] == [{"name": "production", "target": "process", "strategy": "blue-green",
-                                  "steps": None, "scoring_workers": 2, "resources": {"cpu": None, "memory": None},
-                                  "env": {}, "network": None}]
+                                  "steps": None, "step_hold_s": None, "max_error_rate": None, "scoring_workers": 2,
+                                  "resources": {"cpu": None, "memory": None}, "env": {}, "network": None}]
     assert d["match"] == {"models": ["iris*"], "tags": {"deploy": "true"}, "sources": ["native", "mlflow"]}
     assert Policy.from_dict(d) == p
     snap = p.snapshot()

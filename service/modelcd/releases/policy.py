@@ -44,6 +44,8 @@ from modelcd.errors import InvalidInput
 MAX_POLICY_BYTES = 256 * 1024  # a policy is a page of YAML, not a data set
 MAX_POLICY_NODES = 10_000  # bounds the walk (and pydantic) against alias bombs
 DEFAULT_CANARY_STEPS = (10, 50, 100)  # traffic percent of each canary step
+DEFAULT_STEP_HOLD_S = 60.0  # how long each canary step below 100% holds
+DEFAULT_MAX_ERROR_RATE = 0.01  # share of the new version's answers that may be 5xx during a step
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _WILDCARDS = "*?["
@@ -226,6 +228,8 @@ class Environment(_Edge):
     target: TargetName = TargetKind.PROCESS
     strategy: StrategyName = Strategy.BLUE_GREEN
     steps: tuple[Percent, ...] | None = None  # canary only: traffic percent per step, ending at 100
+    step_hold_s: float | None = Field(default=None, gt=0, le=86_400, allow_inf_nan=False)  # canary only
+    max_error_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # canary only
     scoring_workers: int | None = Field(default=None, ge=1, le=64)  # None: the service's setting
     resources: Resources = Field(default_factory=Resources)
     env: Annotated[dict[str, str], BeforeValidator(_check_env)] = Field(default_factory=dict)  # passed to scoring
@@ -234,9 +238,20 @@ class Environment(_Edge):
     @model_validator(mode="before")
     @classmethod
     def _default_steps(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and data.get("strategy") == Strategy.CANARY and data.get("steps") is None:
-            return {**data, "steps": list(DEFAULT_CANARY_STEPS)}
+        if isinstance(data, Mapping) and data.get("strategy") == Strategy.CANARY:
+            defaults = {"steps": list(DEFAULT_CANARY_STEPS), "step_hold_s": DEFAULT_STEP_HOLD_S,
+                        "max_error_rate": DEFAULT_MAX_ERROR_RATE}
+            return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
         return data
+
+    @field_validator("step_hold_s", "max_error_rate")
+    @classmethod
+    def _canary_only(cls, value: float | None, info: ValidationInfo) -> float | None:
+        strategy = info.data.get("strategy")
+        if value is not None and strategy is not None and strategy != Strategy.CANARY:
+            raise PydanticCustomError("canary_only", "only used with strategy canary (strategy is {strategy})",
+                                      {"strategy": str(strategy)})
+        return value
 
     @field_validator("steps")
     @classmethod

@@ -18,8 +18,16 @@ from modelcd.domain import Bundle, DeploymentState
 from modelcd.errors import BuildError, Cancelled, DeployError, RouterError, StageFailed
 from modelcd.releases.deployments import handle_of
 from modelcd.releases.machine import Phase
-from modelcd.releases.policy import Policy, Strategy, TargetKind
+from modelcd.releases.policy import (
+    DEFAULT_CANARY_STEPS,
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_STEP_HOLD_S,
+    Policy,
+    Strategy,
+    TargetKind,
+)
 from modelcd.releases.service import Release
+from modelcd.stages.canary import hold_step, step_traffic
 from modelcd.stages.smoke import SmokeChecks, run_smoke
 from modelcd.targets import TARGETS
 from modelcd.targets.base import DeploySpec
@@ -40,8 +48,11 @@ class StageRun:
     def policy(self) -> Policy:
         return Policy.from_dict(self.release.policy)
 
+    def stopped(self) -> bool:
+        return self.cancel.is_set() or self.ctx.releases.get(self.release.id).cancel_requested
+
     def check_cancel(self) -> None:
-        if self.cancel.is_set() or self.ctx.releases.get(self.release.id).cancel_requested:
+        if self.stopped():
             raise Cancelled("stopped by a person")
 
 
@@ -59,9 +70,6 @@ def load_bundle(path: str | Path) -> Bundle:
 def check_supported(run: StageRun) -> None:
     """Refuse, with the fix, what the stages cannot do yet."""
     policy, env = run.policy, run.release.env_spec
-    if env["strategy"] == Strategy.CANARY:
-        raise StageFailed(f"policy {policy.name}: strategy canary is not supported by the local runner yet; "
-                          "use blue-green", field="strategy")
     if env["target"] not in TARGETS:
         raise StageFailed(f"policy {policy.name}: target {env['target']} is not available; use one of "
                           f"{', '.join(sorted(TARGETS))}", field="target")
@@ -146,16 +154,47 @@ def promote(run: StageRun) -> dict[str, Any]:
         run.log(f"{rel.model}/{rel.environment} already sends all traffic to {dep_id}")
         ctx.traffic.sync_router()
     else:
-        try:
-            ctx.traffic.switch(rel.model, rel.environment, wanted, run.log)
-        except RouterError as e:
-            run.log(f"router refused the switch: {e.message}; restoring {previous}")
-            _restore(run, previous)
-            raise StageFailed(f"traffic switch failed: {e.message}") from e
+        if rel.env_spec["strategy"] == Strategy.CANARY:
+            _canary_steps(run, dep_id, previous)
+        _switch(run, wanted, previous)
     keep = 1 if rel.env_spec["strategy"] == Strategy.RECREATE else run.policy.retention.keep_deployments
     ctx.traffic.retire(rel.model, rel.environment, keep, ctx.target(rel.env_spec["target"]), ctx.home, run.log)
     _queue_next_environment(run)
     return {}
+
+
+def _switch(run: StageRun, traffic: dict[str, int], previous: dict[str, int]) -> None:
+    rel, ctx = run.release, run.ctx
+    try:
+        ctx.traffic.switch(rel.model, rel.environment, traffic, run.log)
+    except RouterError as e:
+        run.log(f"router refused the switch: {e.message}; restoring {previous}")
+        _restore(run, previous)
+        raise StageFailed(f"traffic switch failed: {e.message}") from e
+
+
+def _canary_steps(run: StageRun, dep_id: str, previous: dict[str, int]) -> None:
+    """Move traffic to the new deployment through the policy's steps below 100%, holding
+    each while its answers to real traffic stay within ``max_error_rate``. A failed step
+    raises: the rollback stage puts ``previous`` back."""
+    rel, ctx = run.release, run.ctx
+    env = rel.env_spec
+    if not any(w > 0 for d, w in previous.items() if d != dep_id):
+        run.log("canary: nothing served before, so all traffic moves at once")
+        return
+    steps = [int(p) for p in env.get("steps") or DEFAULT_CANARY_STEPS if int(p) < 100]
+    hold_s = float(env.get("step_hold_s") or DEFAULT_STEP_HOLD_S)
+    max_error_rate = float(env["max_error_rate"] if env.get("max_error_rate") is not None
+                           else DEFAULT_MAX_ERROR_RATE)
+    url = ctx.deployments.get(dep_id).url or ""
+    for i, percent in enumerate(steps, 1):
+        traffic = step_traffic(dep_id, percent, previous)
+        run.log(f"canary step {i}/{len(steps) + 1}: {percent}% of traffic to v{rel.version} for {hold_s:g}s "
+                f"(max_error_rate {max_error_rate:.1%})")
+        _switch(run, traffic, previous)
+        ctx.jobs.event(None, rel.id, "canary.step", f"{percent}% of traffic to v{rel.version}")
+        hold_step(url, hold_s, max_error_rate, run.stopped, run.log)
+    run.log(f"canary step {len(steps) + 1}/{len(steps) + 1}: 100% of traffic to v{rel.version}")
 
 
 def _restore(run: StageRun, previous: dict[str, int]) -> None:
