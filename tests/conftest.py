@@ -3,6 +3,7 @@ small sklearn models trained on scikit-learn's bundled iris data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -108,6 +109,12 @@ class Service:
         headers = kw.pop("headers", {"Authorization": f"Bearer {TOKEN}"})
         return requests.request(method, f"{self.url}/api/v1{path}", headers=headers, timeout=60, **kw)
 
+    def apply_policy(self, text: str) -> None:
+        """Store a release policy (YAML) through the API; it must be accepted."""
+        r = self.api("PUT", "/policies", data=text, headers={"Authorization": f"Bearer {TOKEN}",
+                                                             "Content-Type": "application/yaml"})
+        assert r.status_code == 200, r.text
+
     def register(self, name: str, folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
         return self.client.register(name, folder, meta)
 
@@ -144,26 +151,30 @@ def make_service(tmp: Path, **extra_env: str) -> Service:
     return Service(home=tmp / "home", port=port, router_port=router_port, env=env)
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    svc = make_service(tmp_path)
+@contextlib.contextmanager
+def running_service(tmp: Path, policy: str | None = None, **extra_env: str) -> Iterator[Service]:
+    """A started service (with ``policy`` stored when given), stopped with its data plane after."""
+    svc = make_service(tmp, **extra_env)
     svc.start()
     try:
+        if policy is not None:
+            svc.apply_policy(policy)
         yield svc
     finally:
         svc.stop()
         svc.shutdown_data_plane()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    with running_service(tmp_path) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
 def shared_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = make_service(tmp_path_factory.mktemp("svc"))
-    svc.start()
-    try:
+    with running_service(tmp_path_factory.mktemp("svc")) as svc:
         yield svc
-    finally:
-        svc.stop()
-        svc.shutdown_data_plane()
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float = 120, poll_s: float = 0.1) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import TOKEN, Hammer, Service, custom_model, iris_model, make_service
+from tests.conftest import Hammer, Service, custom_model, iris_model, running_service
 from tests.containers.conftest import BaseImage, containers_of, remove_containers
 
 POLICY = """\
@@ -31,18 +31,13 @@ smoke:
 
 @pytest.fixture(scope="module")
 def docker_service(tmp_path_factory: pytest.TempPathFactory, base_image: BaseImage, engine: Any) -> Iterator[Service]:
-    svc = make_service(tmp_path_factory.mktemp("docker-svc"), MODELCD_DOCKER_BASE_IMAGE=base_image.tag,
-                       MODELCD_DOCKER_NETWORK="host", MODELCD_DOCKER_REPOSITORY="modelcd-test")
-    svc.start()
+    home = tmp_path_factory.mktemp("docker-svc")
     try:
-        r = svc.api("PUT", "/policies", data=POLICY, headers={"Authorization": f"Bearer {TOKEN}",
-                                                              "Content-Type": "application/yaml"})
-        assert r.status_code == 200, r.text
-        yield svc
+        with running_service(home, POLICY, MODELCD_DOCKER_BASE_IMAGE=base_image.tag, MODELCD_DOCKER_NETWORK="host",
+                             MODELCD_DOCKER_REPOSITORY="modelcd-test") as svc:
+            yield svc
     finally:
-        svc.stop()
-        svc.shutdown_data_plane()
-        remove_containers(engine, svc.home)
+        remove_containers(engine, home / "home")
 
 
 def _live(svc: Service, name: str) -> list[dict[str, Any]]:

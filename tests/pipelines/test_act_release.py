@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import TOKEN, Service, iris_model, make_service
+from tests.conftest import Service, iris_model, make_service
 
 GH_TOKEN = "ghp_standin_0123456789abcdef"
 REPO = "acme/models"
@@ -158,9 +158,7 @@ pipeline:
 smoke: {{requests: 5}}
 """
     try:
-        r = svc.api("PUT", "/policies", data=policy, headers={"Authorization": f"Bearer {TOKEN}",
-                                                              "Content-Type": "application/yaml"})
-        assert r.status_code == 200, r.text
+        svc.apply_policy(policy)
         # the model's repository gets its release workflow through the CLI, as a user would
         out = subprocess.run(["modelcd", "pipelines", "publish", "gh-iris", "--provider", "github", "--repo",
                               str(remote), "--branch", "main"], env=svc.env, capture_output=True, text=True,

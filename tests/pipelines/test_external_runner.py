@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import TOKEN, Service, iris_model, make_service
+from tests.conftest import Service, iris_model, make_service
 
 GH_TOKEN = "ghp_external_0123456789"
 
@@ -94,9 +94,7 @@ pipeline:
   start_timeout_s: 30
 smoke: {{requests: 3}}
 """
-    r = svc.api("PUT", "/policies", data=policy, headers={"Authorization": f"Bearer {TOKEN}",
-                                                          "Content-Type": "application/yaml"})
-    assert r.status_code == 200, r.text
+    svc.apply_policy(policy)
     try:
         yield svc, stub
     finally:
@@ -237,9 +235,7 @@ match: {{models: ["nocred-*"]}}
 runner: github
 pipeline: {{repo: acme/models, api_url: {stub.url}, token_env: MODELCD_TEST_NOT_SET}}
 """
-    r = svc.api("PUT", "/policies", data=policy, headers={"Authorization": f"Bearer {TOKEN}",
-                                                          "Content-Type": "application/yaml"})
-    assert r.status_code == 200, r.text
+    svc.apply_policy(policy)
     seen = len(stub.dispatches)
     svc.register("nocred-a", tmp_path / "v1", iris_model(tmp_path / "v1"))
     rel = svc.client.find_release("nocred-a", 1)
