@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Hammer, Service, custom_model, iris_model, running_service
+from tests.conftest import Hammer, Service, custom_model, iris_model, running_service, wait_until
 
 POLICY = """\
 name: canary
@@ -127,3 +127,19 @@ def test_canary_that_fails_real_traffic_is_rolled_back(canary_service: Service, 
     assert r.status_code == 200 and r.headers["X-Modelcd-Version"] == "1"
     live = svc.api("GET", "/deployments", params={"model": "cn-custom", "live": "1"}).json()["deployments"]
     assert [d["version"] for d in live] == [1]  # the canary's deployment is stopped
+
+
+def test_a_person_stops_a_canary_during_a_step(canary_service: Service, tmp_path: Path) -> None:
+    svc = canary_service
+    svc.register("cn-stop", tmp_path / "v1", iris_model(tmp_path / "v1"))
+    assert svc.wait_release_for("cn-stop", 1)["phase"] == "succeeded"
+    v2 = svc.register("cn-stop", tmp_path / "v2", iris_model(tmp_path / "v2", c=0.05))
+    rel = svc.client.find_release("cn-stop", v2["version"])
+    assert rel is not None
+    wait_until(lambda: svc.endpoint("cn-stop")["traffic"] == {"1": 70, "2": 30}, 120, 0.05)
+    r = svc.api("POST", f"/releases/{rel['id']}/stop")
+    assert r.status_code == 202 and r.json()["cancel_requested"], r.text
+    done = svc.client.wait_release(rel["id"], timeout_s=60)
+    assert done["phase"] == "cancelled", done
+    assert svc.endpoint("cn-stop")["traffic"] == {"1": 100}
+    assert "stopped by a person during a canary step" in svc.job_log(rel["id"])

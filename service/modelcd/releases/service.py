@@ -167,7 +167,7 @@ class Releases:
         rel = self.get(release_id)
         if rel.phase.terminal:
             raise Conflict(f"release {release_id} already {rel.phase}; nothing to stop")
-        if rel.phase is Phase.PROMOTING:
+        if rel.phase is Phase.PROMOTING and rel.env_spec.get("strategy") != "canary":  # canary: stop between steps
             raise Conflict(f"release {release_id} is promoting; traffic is moving and cannot be stopped now. "
                            f"Use `modelcd rollback {rel.model} --env {rel.environment}` afterwards")
         with self.db.write() as conn:
