@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from modelcd.client import TERMINAL_PHASES, Client
+from modelcd.client import GATE_PHASE, TERMINAL_PHASES, Client
 from modelcd.config import Settings, load_settings
 from modelcd.errors import ModelcdError
 
@@ -117,6 +117,10 @@ def _progress(rel: dict[str, Any]) -> None:
 
 def _wait(client: Client, release_id: str) -> dict[str, Any]:
     rel = client.wait_release(release_id, _progress)
+    if rel["phase"] == GATE_PHASE:
+        click.echo(f"release {release_id} passed its smoke checks and waits for a person: "
+                   f"`modelcd releases approve {release_id}` (or reject)")
+        return rel
     if rel["phase"] != "succeeded":
         raise click.ClickException(f"release {release_id} {rel['phase']}: {rel.get('error') or ''} "
                                    f"(see `modelcd releases show {release_id}`)")
@@ -161,6 +165,10 @@ def register(obj: Obj, name: str, path: Path, flavor: str | None, requirements: 
         click.echo("no release started (the matching policy has auto: false); promote it by hand")
         return
     rel = _wait(client, rel["id"])
+    if rel["phase"] == GATE_PHASE:
+        if as_json:
+            _out({"version": version, "release": rel, "endpoint": None})
+        return
     ep = client.get(f"/api/v1/endpoints/{name}/{rel['environment']}")
     click.echo(f"{name} v{version['version']} serves {rel['environment']}: {ep['scoring_uri']}")
     if as_json:
@@ -189,7 +197,7 @@ def versions(obj: Obj, name: str, as_json: bool) -> None:
 
 @main.group()
 def releases() -> None:
-    """Releases: list, show, stop."""
+    """Releases: list, show, stop, approve, reject."""
 
 
 @releases.command("list")
@@ -227,6 +235,31 @@ def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
 def releases_stop(obj: Obj, release_id: str) -> None:
     rel = obj.client.post(f"/api/v1/releases/{release_id}/stop")
     click.echo(f"stop requested for release {release_id} ({rel['phase']})")
+
+
+@releases.command("approve")
+@click.argument("release_id")
+@click.option("--comment", default="", help="why (kept in the release's events)")
+@pass_obj
+def releases_approve(obj: Obj, release_id: str, comment: str) -> None:
+    """Let a release waiting at its approval gate move traffic."""
+    _answer_gate(obj, release_id, "approve", comment)
+
+
+@releases.command("reject")
+@click.argument("release_id")
+@click.option("--comment", default="", help="why (kept in the release's events)")
+@pass_obj
+def releases_reject(obj: Obj, release_id: str, comment: str) -> None:
+    """Refuse a release waiting at its approval gate: it rolls back, production untouched."""
+    _answer_gate(obj, release_id, "reject", comment)
+
+
+def _answer_gate(obj: Obj, release_id: str, verb: str, comment: str) -> None:
+    rel = obj.client.post(f"/api/v1/releases/{release_id}/{verb}", json={"comment": comment})
+    done = {"approve": "approved", "reject": "rejected"}[verb]
+    click.echo(f"{done} release {release_id}: {rel['model']} v{rel['version']} → {rel['environment']} "
+               f"({rel['phase']})")
 
 
 @main.group()
@@ -404,8 +437,7 @@ def promote(obj: Obj, name: str | None, version: int | None, environment: str, r
     client = obj.client
     rel = client.post(f"/api/v1/endpoints/{name}/{environment}/promote", json={"version": version})
     click.echo(f"release {rel['id']} queued: {name} v{version} → {environment}")
-    if wait:
-        _wait(client, rel["id"])
+    if wait and _wait(client, rel["id"])["phase"] != GATE_PHASE:
         click.echo(json.dumps(client.get(f"/api/v1/endpoints/{name}/{environment}")["traffic"]))
 
 

@@ -15,6 +15,7 @@ from modelcd.config import Settings
 from modelcd.errors import ModelcdError
 
 TERMINAL_PHASES = {"succeeded", "failed", "cancelled", "superseded"}
+GATE_PHASE = "awaiting_approval"  # a release waits here for a person; waiting clients stop too
 
 
 class ApiError(ModelcdError):
@@ -75,7 +76,8 @@ class Client:
 
     def wait_release(self, release_id: str, on_change: Callable[[dict[str, Any]], None] | None = None,
                      timeout_s: float = 900, poll_s: float = 0.2) -> dict[str, Any]:
-        """Poll a release until it is terminal, calling ``on_change`` when its phase changes."""
+        """Poll a release until it is terminal or waits at its approval gate, calling
+        ``on_change`` when its phase changes."""
         deadline = time.monotonic() + timeout_s
         last = None
         while True:
@@ -84,7 +86,7 @@ class Client:
                 last = rel["phase"]
                 if on_change:
                     on_change(rel)
-            if rel["phase"] in TERMINAL_PHASES:
+            if rel["phase"] in TERMINAL_PHASES or rel["phase"] == GATE_PHASE:
                 return rel
             if time.monotonic() > deadline:
                 raise ModelcdError(f"release {release_id} still {rel['phase']} after {timeout_s:.0f} s")

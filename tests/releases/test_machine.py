@@ -9,7 +9,15 @@ import pytest
 from modelcd.domain import JobState, JobType
 from modelcd.errors import Conflict
 from modelcd.jobs.service import Jobs, Redactor
-from modelcd.releases.machine import NEXT_ON_SUCCESS, STAGE_OF, TERMINAL, TRANSITIONS, Phase, check_transition
+from modelcd.releases.machine import (
+    NEXT_ON_SUCCESS,
+    STAGE_OF,
+    TERMINAL,
+    TRANSITIONS,
+    Phase,
+    after_success,
+    check_transition,
+)
 from modelcd.releases.policy import DEFAULT_POLICY
 from modelcd.releases.service import Releases
 from modelcd.store.db import Database
@@ -26,8 +34,22 @@ def test_every_phase_has_transitions_and_terminal_ones_have_none() -> None:
 
 
 def test_production_is_reached_only_through_smoke() -> None:
-    """No path reaches `promoting` except from `smoke_testing`."""
-    assert [p for p, nxt in TRANSITIONS.items() if Phase.PROMOTING in nxt] == [Phase.SMOKE_TESTING]
+    """No path reaches `promoting` except from `smoke_testing`, directly or through the
+    approval gate, which only `smoke_testing` leads to."""
+    assert [p for p, nxt in TRANSITIONS.items() if Phase.PROMOTING in nxt] == [Phase.SMOKE_TESTING,
+                                                                                Phase.AWAITING_APPROVAL]
+    assert [p for p, nxt in TRANSITIONS.items() if Phase.AWAITING_APPROVAL in nxt] == [Phase.SMOKE_TESTING]
+    assert TRANSITIONS[Phase.AWAITING_APPROVAL] == {Phase.PROMOTING, Phase.ROLLING_BACK}
+    assert Phase.AWAITING_APPROVAL.active  # it holds its endpoint...
+    assert Phase.AWAITING_APPROVAL not in STAGE_OF  # ...and runs nothing
+
+
+def test_smoke_leads_to_the_gate_only_when_the_environment_has_one() -> None:
+    assert after_success(Phase.SMOKE_TESTING, approval=True) is Phase.AWAITING_APPROVAL
+    assert after_success(Phase.SMOKE_TESTING, approval=False) is Phase.PROMOTING
+    for phase, nxt in NEXT_ON_SUCCESS.items():
+        if phase is not Phase.SMOKE_TESTING:
+            assert after_success(phase, approval=True) is nxt
 
 
 @pytest.mark.parametrize(("current", "to"), [

@@ -169,7 +169,7 @@ gates: []
         (10, "environments[0].scoring_workers", "must be greater than or equal to 1 (got 0)"),
         (11, "environments[0].stratgy",
          "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, step_hold_s, "
-         "max_error_rate, scoring_workers, resources, env, network"),
+         "max_error_rate, approval, approval_timeout_s, scoring_workers, resources, env, network"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
@@ -339,7 +339,8 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
     p = parse_policy(EXAMPLE)
     d = p.to_dict()
     assert d["environments"] == [{"name": "production", "target": "process", "strategy": "blue-green",
-                                  "steps": None, "step_hold_s": None, "max_error_rate": None, "scoring_workers": 2,
+                                  "steps": None, "step_hold_s": None, "max_error_rate": None, "approval": False,
+                                  "approval_timeout_s": None, "scoring_workers": 2,
                                   "resources": {"cpu": None, "memory": None}, "env": {}, "network": None}]
     assert d["match"] == {"models": ["iris*"], "tags": {"deploy": "true"}, "sources": ["native", "mlflow"]}
     assert Policy.from_dict(d) == p
@@ -430,3 +431,25 @@ def test_globs_are_case_sensitive_fnmatch():
     assert select_policy([q], "wine-b", {}, "native") is q
     assert select_policy([q], "wine-c", {}, "native") is DEFAULT_POLICY
     assert select_policy([IRIS], "IRIS", {}, "native") is DEFAULT_POLICY
+
+
+def test_approval_gate_rules() -> None:
+    env = parse_policy("name: a\nenvironments:\n  - name: production\n    approval: true\n"
+                       "    approval_timeout_s: 3600\n").environments[0]
+    assert (env.approval, env.approval_timeout_s) == (True, 3600.0)
+    text = """\
+name: a
+environments:
+  - name: one
+    approval_timeout_s: 60
+  - name: two
+    approval: true
+    approval_timeout_s: 0
+"""
+    assert problems(text) == [
+        (4, "environments[0].approval_timeout_s", "only used with approval: true (got 60)"),
+        (7, "environments[1].approval_timeout_s", "must be greater than 0 (got 0)"),
+    ]
+    with pytest.raises(InvalidPolicy, match="approval gates of runner github are the CI system's own"):
+        parse_policy("name: a\nrunner: github\npipeline: {repo: acme/m, token_env: GH}\n"
+                     "environments:\n  - name: production\n    approval: true\n")

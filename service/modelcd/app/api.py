@@ -147,6 +147,32 @@ def stop_release(release_id: str) -> tuple[Response, int]:
     return jsonify(_ctx().releases.request_cancel(release_id).to_dict()), 202
 
 
+@bp.post("/releases/<release_id>/approve")
+@write
+def approve_release(release_id: str) -> tuple[Response, int]:
+    rel = _ctx().releases.approve(release_id, _comment())
+    _ctx().wake.set()
+    return jsonify(rel.to_dict()), 200
+
+
+@bp.post("/releases/<release_id>/reject")
+@write
+def reject_release(release_id: str) -> tuple[Response, int]:
+    rel = _ctx().releases.reject(release_id, _comment())
+    _ctx().wake.set()
+    return jsonify(rel.to_dict()), 200
+
+
+def _comment() -> str:
+    """The optional ``comment`` of a JSON body (an empty body is no comment)."""
+    if not request.get_data():
+        return ""
+    comment = _json_body().get("comment", "")
+    if not isinstance(comment, str):
+        raise InvalidInput("comment must be text", field="comment")
+    return comment
+
+
 def _wait_arg() -> float:
     try:
         return float(request.args.get("wait", 20))

@@ -18,6 +18,10 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("post", "/releases", "Start a release of {model, version, environment}", True, "json"),
     ("get", "/releases/{release_id}", "Show a release with its jobs and events", False, None),
     ("post", "/releases/{release_id}/stop", "Stop a release (rolls back; production untouched)", True, None),
+    ("post", "/releases/{release_id}/approve", "Approve a release waiting at its approval gate (optional JSON "
+     "{comment}): traffic moves", True, "json"),
+    ("post", "/releases/{release_id}/reject", "Reject a release waiting at its approval gate (optional JSON "
+     "{comment}): it rolls back and fails", True, "json"),
     ("post", "/releases/{release_id}/stages/{stage}", "Run a stage of the release (build, deploy, smoke, promote, "
      "rollback); answers its result, or 202 running after ?wait= seconds (default 20); the API token or the "
      "release's pipeline token", True, None),

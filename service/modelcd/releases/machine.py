@@ -14,6 +14,7 @@ class Phase(StrEnum):
     BUILDING = "building"  # bundle/image being made (cached by requirements)
     DEPLOYING = "deploying"  # new deployment starting next to production, no traffic
     SMOKE_TESTING = "smoke_testing"  # checks against the new deployment's own URI
+    AWAITING_APPROVAL = "awaiting_approval"  # smoke passed; a person approves (or rejects) before traffic moves
     PROMOTING = "promoting"  # traffic moving to the new deployment (idempotent, re-run after a crash)
     ROLLING_BACK = "rolling_back"  # undoing what this release started; production restored
     SUCCEEDED = "succeeded"  # the version serves the endpoint
@@ -37,7 +38,8 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.QUEUED: frozenset({Phase.BUILDING, Phase.SUPERSEDED, Phase.CANCELLED}),
     Phase.BUILDING: frozenset({Phase.DEPLOYING, Phase.ROLLING_BACK}),
     Phase.DEPLOYING: frozenset({Phase.SMOKE_TESTING, Phase.ROLLING_BACK}),
-    Phase.SMOKE_TESTING: frozenset({Phase.PROMOTING, Phase.ROLLING_BACK}),
+    Phase.SMOKE_TESTING: frozenset({Phase.PROMOTING, Phase.AWAITING_APPROVAL, Phase.ROLLING_BACK}),
+    Phase.AWAITING_APPROVAL: frozenset({Phase.PROMOTING, Phase.ROLLING_BACK}),
     Phase.PROMOTING: frozenset({Phase.SUCCEEDED, Phase.ROLLING_BACK}),
     Phase.ROLLING_BACK: frozenset({Phase.FAILED, Phase.CANCELLED}),
     Phase.SUCCEEDED: frozenset(),
@@ -55,7 +57,8 @@ STAGE_OF: dict[Phase, JobType] = {
     Phase.ROLLING_BACK: JobType.ROLLBACK,
 }
 
-# where each stage leads when it succeeds
+# where each stage leads when it succeeds (smoke: to AWAITING_APPROVAL when the environment
+# has an approval gate; see ``after_success``)
 NEXT_ON_SUCCESS: dict[Phase, Phase] = {
     Phase.BUILDING: Phase.DEPLOYING,
     Phase.DEPLOYING: Phase.SMOKE_TESTING,
@@ -73,3 +76,11 @@ def check_transition(current: Phase, to: Phase) -> None:
 def after_rollback(cancel_requested: bool) -> Phase:
     """The terminal phase a rollback ends in."""
     return Phase.CANCELLED if cancel_requested else Phase.FAILED
+
+
+def after_success(phase: Phase, approval: bool) -> Phase:
+    """The phase a stage leads to when it succeeds: smoke stops at the approval gate when the
+    release's environment has one."""
+    if phase is Phase.SMOKE_TESTING and approval:
+        return Phase.AWAITING_APPROVAL
+    return NEXT_ON_SUCCESS[phase]

@@ -46,6 +46,7 @@ MAX_POLICY_NODES = 10_000  # bounds the walk (and pydantic) against alias bombs
 DEFAULT_CANARY_STEPS = (10, 50, 100)  # traffic percent of each canary step
 DEFAULT_STEP_HOLD_S = 60.0  # how long each canary step below 100% holds
 DEFAULT_MAX_ERROR_RATE = 0.01  # share of the new version's answers that may be 5xx during a step
+DEFAULT_APPROVAL_TIMEOUT_S = 86_400.0  # an approval gate left unanswered this long fails the release
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _WILDCARDS = "*?["
@@ -230,6 +231,8 @@ class Environment(_Edge):
     steps: tuple[Percent, ...] | None = None  # canary only: traffic percent per step, ending at 100
     step_hold_s: float | None = Field(default=None, gt=0, le=86_400, allow_inf_nan=False)  # canary only
     max_error_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # canary only
+    approval: bool = False  # a person approves (modelcd releases approve) after smoke, before traffic moves
+    approval_timeout_s: float | None = Field(default=None, gt=0, le=30 * 86_400, allow_inf_nan=False)
     scoring_workers: int | None = Field(default=None, ge=1, le=64)  # None: the service's setting
     resources: Resources = Field(default_factory=Resources)
     env: Annotated[dict[str, str], BeforeValidator(_check_env)] = Field(default_factory=dict)  # passed to scoring
@@ -243,6 +246,13 @@ class Environment(_Edge):
                         "max_error_rate": DEFAULT_MAX_ERROR_RATE}
             return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
         return data
+
+    @field_validator("approval_timeout_s")
+    @classmethod
+    def _approval_only(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("approval") is False:
+            raise PydanticCustomError("approval_only", "only used with approval: true", {})
+        return value
 
     @field_validator("step_hold_s", "max_error_rate")
     @classmethod
@@ -337,6 +347,14 @@ class Policy(_Edge):
     smoke: SmokePolicy = Field(default_factory=SmokePolicy)
     retention: Retention = Field(default_factory=Retention)
     pipeline: PipelineSpec | None = None  # runner github / azure: where the pipeline is and how to start it
+
+    @model_validator(mode="after")
+    def _approval_with_local_runner(self) -> Policy:
+        if self.runner != Runner.LOCAL and any(e.approval for e in self.environments):
+            raise PydanticCustomError("approval_runner", "approval gates of runner {runner} are the CI system's "
+                                      "own (GitHub environment protection rules, Azure environment approvals); "
+                                      "drop approval from the environments", {"runner": str(self.runner)})
+        return self
 
     @model_validator(mode="after")
     def _pipeline_for_runner(self) -> Policy:

@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 from modelcd.context import Context
 from modelcd.domain import JobState
-from modelcd.errors import Cancelled, ModelcdError
+from modelcd.errors import Cancelled, Conflict, ModelcdError
 from modelcd.releases.dispatcher import dispatch_outbox
-from modelcd.releases.machine import NEXT_ON_SUCCESS, STAGE_OF, Phase, after_rollback
+from modelcd.releases.machine import STAGE_OF, Phase, after_rollback, after_success
+from modelcd.releases.policy import DEFAULT_APPROVAL_TIMEOUT_S
 from modelcd.releases.stages import STAGES, StageRun
 
 log = logging.getLogger(__name__)
 
 
 def run_release(ctx: Context, release_id: str) -> Phase:
-    """Advance one release stage by stage until it is terminal; return the final phase."""
+    """Advance one release stage by stage until it is terminal or waits at its approval gate;
+    return the phase it stopped in."""
     cancel = ctx.jobs.cancel_event(release_id)
     try:
         while True:
             rel = ctx.releases.get(release_id)
-            if rel.phase.terminal:
+            if rel.phase.terminal or rel.phase is Phase.AWAITING_APPROVAL:
                 return rel.phase
             run_stage(ctx, release_id, rel.phase, cancel)
     finally:
@@ -69,8 +73,12 @@ def run_stage(ctx: Context, release_id: str, phase: Phase, cancel: threading.Eve
     if phase is Phase.ROLLING_BACK:
         ctx.releases.advance(rel.id, after_rollback(rel.cancel_requested), "rolled back; production as before")
     else:
-        nxt = NEXT_ON_SUCCESS[phase]
-        ctx.releases.advance(rel.id, nxt, f"{STAGE_OF[phase]} succeeded", **values)
+        # a rollback a person asked for redeploys what served before: no second question
+        nxt = after_success(phase, bool(rel.env_spec.get("approval")) and rel.trigger != "rollback")
+        message = f"{STAGE_OF[phase]} succeeded"
+        if nxt is Phase.AWAITING_APPROVAL:
+            message += "; waiting for a person to approve (modelcd releases approve) before traffic moves"
+        ctx.releases.advance(rel.id, nxt, message, **values)
 
 
 class LocalRunner:
@@ -121,6 +129,7 @@ class LocalRunner:
             try:
                 dispatch_outbox(self.ctx)
                 self.schedule()
+                self.gates()
                 self.external.tick()
             except Exception:
                 log.exception("runner loop")
@@ -135,6 +144,29 @@ class LocalRunner:
                     return
             if self.ctx.releases.claim(rel.id) and not rel.external:
                 self._submit(rel.id)
+
+    def gates(self) -> None:
+        """Releases at their approval gate: a stop or an expired gate rolls them back; one a
+        person approved (PROMOTING) or rejected (ROLLING_BACK) is run on from there."""
+        for rel in self.ctx.releases.in_phases({Phase.AWAITING_APPROVAL, Phase.PROMOTING, Phase.ROLLING_BACK}):
+            if rel.external or rel.id in self.active:
+                continue
+            if rel.phase is Phase.AWAITING_APPROVAL:
+                limit = float(rel.env_spec.get("approval_timeout_s") or DEFAULT_APPROVAL_TIMEOUT_S)
+                waited = time.time() - datetime.fromisoformat(rel.updated_at).timestamp()
+                why = None
+                if rel.cancel_requested:
+                    why = ("stopped by a person at the approval gate", "approval gate: stopped")
+                elif waited > limit:
+                    why = (f"not approved within {limit:g}s (approval_timeout_s); production untouched",
+                           "approval gate: timed out")
+                if why is None:
+                    continue
+                try:
+                    self.ctx.releases.advance(rel.id, Phase.ROLLING_BACK, why[1], error=why[0])
+                except Conflict:
+                    continue  # a person answered meanwhile
+            self._submit(rel.id)
 
     def _submit(self, release_id: str) -> None:
         with self._lock:

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from modelcd.errors import Conflict, NotFound
+from modelcd.errors import Conflict, InvalidInput, NotFound
 from modelcd.jobs.service import Jobs
 from modelcd.releases.machine import Phase, check_transition
 from modelcd.store import schema
@@ -161,6 +161,33 @@ class Releases:
         with self.db.write() as conn:
             conn.execute(update(schema.releases).where(schema.releases.c.id == release_id)
                          .values(updated_at=now(), **values))
+
+    def approve(self, release_id: str, comment: str = "") -> Release:
+        """A person lets a release waiting at its approval gate move traffic."""
+        return self._answer_gate(release_id, Phase.PROMOTING, "approved", comment)
+
+    def reject(self, release_id: str, comment: str = "") -> Release:
+        """A person refuses a release waiting at its approval gate: it rolls back and fails."""
+        return self._answer_gate(release_id, Phase.ROLLING_BACK, "rejected", comment)
+
+    def _answer_gate(self, release_id: str, to: Phase, verb: str, comment: str) -> Release:
+        if not isinstance(comment, str) or len(comment) > 1000:
+            raise InvalidInput("comment must be text of at most 1000 characters", field="comment")
+        rel = self.get(release_id)
+        if rel.phase is not Phase.AWAITING_APPROVAL:
+            raise Conflict(f"release {release_id} is {rel.phase}, not awaiting approval; only a release waiting at "
+                           "its approval gate can be approved or rejected", field="release_id")
+        said = f"{verb} by a person" + (f": {comment}" if comment else "")
+        try:
+            values = {} if to is Phase.PROMOTING else {"error": said}
+            rel = self.advance(release_id, to, said, **values)
+        except Conflict:
+            raise Conflict(f"release {release_id} left the approval gate meanwhile; nothing {verb}",
+                           field="release_id") from None
+        with self.db.write() as conn:
+            conn.execute(schema.events.insert().values(release_id=release_id, ts=now(), kind=f"release.{verb}",
+                                                       message=self.jobs.redact(said)))
+        return rel
 
     def request_cancel(self, release_id: str) -> Release:
         """Stop a release: queued ones end at once; running ones roll back at the next check."""
