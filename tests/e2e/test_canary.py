@@ -4,6 +4,7 @@ rolled back with production on the old version."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ environments:
     steps: [30, 100]
     step_hold_s: 3
     max_error_rate: 0
+    max_p95_ms: 5000
 smoke:
   requests: 3
 """
@@ -96,7 +98,8 @@ def test_canary_moves_traffic_through_its_steps_without_failing_a_request(
     assert watch.seen[0] == {"1": 100} and watch.seen[-1] == {"2": 100}
     assert {"1": 70, "2": 30} in watch.seen, watch.seen  # the 30% step held
     assert hammer.versions.get("1", 0) > 0 and hammer.versions.get("2", 0) > 0, hammer.versions
-    assert "canary step 1/2: 30% of traffic to v2 for 3s" in log and "step held 3s" in log
+    assert "canary step 1/2: 30% of traffic to v2 for 3s (max_error_rate 0.0%, max_p95_ms 5000)" in log
+    assert re.search(r"step held 3s: \d+ scoring requests, 0 failed, p95 \d+\.\d ms", log), log
     events = [e["kind"] for e in svc.release_detail(rel["id"])["events"]]
     assert "canary.step" in events
 

@@ -169,7 +169,7 @@ gates: []
         (10, "environments[0].scoring_workers", "must be greater than or equal to 1 (got 0)"),
         (11, "environments[0].stratgy",
          "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, step_hold_s, "
-         "max_error_rate, approval, approval_timeout_s, scoring_workers, resources, env, network"),
+         "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, resources, env, network"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
@@ -216,6 +216,8 @@ environments:
     strategy: canary
     step_hold_s: 0
     max_error_rate: 1.5
+  - name: seven
+    max_p95_ms: 50
 """
     assert problems(text) == [
         (5, "environments[0].steps", "must be increasing percentages ending at 100 (got [50, 10, 100])"),
@@ -226,6 +228,7 @@ environments:
         (17, "environments[4].max_error_rate", "only used with strategy canary (strategy is blue-green) (got 0.05)"),
         (20, "environments[5].step_hold_s", "must be greater than 0 (got 0)"),
         (21, "environments[5].max_error_rate", "must be less than or equal to 1 (got 1.5)"),
+        (23, "environments[6].max_p95_ms", "only used with strategy canary (strategy is blue-green) (got 50)"),
     ]
 
 
@@ -339,7 +342,8 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
     p = parse_policy(EXAMPLE)
     d = p.to_dict()
     assert d["environments"] == [{"name": "production", "target": "process", "strategy": "blue-green",
-                                  "steps": None, "step_hold_s": None, "max_error_rate": None, "approval": False,
+                                  "steps": None, "step_hold_s": None, "max_error_rate": None, "max_p95_ms": None,
+                                  "approval": False,
                                   "approval_timeout_s": None, "scoring_workers": 2,
                                   "resources": {"cpu": None, "memory": None}, "env": {}, "network": None}]
     assert d["match"] == {"models": ["iris*"], "tags": {"deploy": "true"}, "sources": ["native", "mlflow"]}

@@ -59,6 +59,34 @@ modelcd_scoring_rows_total 123
     assert parse_counts("") == Counts(0, 0)
 
 
+def _histogram(*counts: float) -> tuple[tuple[float, float], ...]:
+    """A cumulative latency histogram over 10/50/100 ms and +Inf from per-bucket counts."""
+    bounds, running, out = (0.01, 0.05, 0.1, float("inf")), 0.0, []
+    for le, n in zip(bounds, counts, strict=True):
+        running += n
+        out.append((le, running))
+    return tuple(out)
+
+
+def test_p95_interpolates_within_its_bucket_like_histogram_quantile() -> None:
+    assert Counts(100, 0, _histogram(100, 0, 0, 0)).p95_ms() == pytest.approx(9.5)  # 95th of 100 in (0, 10]
+    assert Counts(100, 0, _histogram(50, 50, 0, 0)).p95_ms() == pytest.approx(10 + 40 * 0.9)  # 45 of 50 in (10, 50]
+    assert Counts(100, 0, _histogram(0, 0, 0, 100)).p95_ms() == pytest.approx(100)  # +Inf: the last finite bound
+    assert Counts(0, 0, _histogram(0, 0, 0, 0)).p95_ms() is None and Counts().p95_ms() is None
+    later = Counts(300, 1, _histogram(100, 150, 50, 0))
+    earlier = Counts(100, 1, _histogram(100, 0, 0, 0))
+    assert (later - earlier) == Counts(200, 0, _histogram(0, 150, 50, 0))
+
+
+def test_assess_step_judges_latency_once_enough_requests_were_seen() -> None:
+    slow = Counts(100, 0, _histogram(0, 0, 100, 0))  # p95 97.5 ms
+    assert assess_step(slow, 0.01) is None  # no latency limit set
+    assert assess_step(slow, 0.01, max_p95_ms=100) is None
+    why = assess_step(slow, 0.01, max_p95_ms=50)
+    assert why == "p95 latency 97.5 ms over 100 scoring requests, over max_p95_ms 50"
+    assert assess_step(Counts(5, 0, _histogram(0, 0, 5, 0)), 0.01, max_p95_ms=50) is None  # too few to judge
+
+
 def test_hold_step_fails_as_soon_as_the_error_rate_is_over(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("modelcd.stages.canary.SAMPLE_EVERY_S", 0.01)
     readings = iter([Counts(10, 0), Counts(20, 0), Counts(30, 5)])
@@ -80,12 +108,13 @@ def test_hold_step_on_a_real_scoring_service(start_server: Launcher, tmp_path: P
         "def init():\n    pass\n\n"
         "def run(raw):\n    if 'boom' in raw:\n        raise ValueError('boom')\n    return [1]\n")
     server = start_server(model, {"model": "m", "version": 1, "flavor": "custom", "entry_script": "score.py"})
-    assert score_counts(server.url) == Counts(0, 0)
+    fresh = score_counts(server.url)
+    assert (fresh.total, fresh.errors, fresh.p95_ms()) == (0, 0, None) and fresh.latency[-1] == (float("inf"), 0)
     lines: list[str] = []
     for _ in range(4):
         assert requests.post(f"{server.url}/score", json={"data": [1]}, timeout=10).status_code == 200
     held = hold_step(server.url, 0.3, 0.0, lambda: False, lines.append)
-    assert held == Counts(0, 0) and lines == ["step held 0.3s: 0 scoring requests, 0 failed"]
+    assert (held.total, held.errors) == (0, 0) and lines == ["step held 0.3s: 0 scoring requests, 0 failed"]
 
     calls = itertools.count()
 
@@ -99,3 +128,24 @@ def test_hold_step_on_a_real_scoring_service(start_server: Launcher, tmp_path: P
         hold_step(server.url, 30, 0.2, lambda: False, lines.append, read=read)
     with pytest.raises(StageFailed, match="cannot read the new deployment's metrics"):
         score_counts("http://127.0.0.1:9")
+
+
+def test_hold_step_fails_a_slow_version_on_its_measured_p95(start_server: Launcher, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "score.py").write_text(
+        "import time\n\ndef init():\n    pass\n\ndef run(raw):\n    time.sleep(0.06)\n    return [1]\n")
+    server = start_server(model, {"model": "m", "version": 1, "flavor": "custom", "entry_script": "score.py"})
+    calls = itertools.count()
+
+    def read(url: str) -> Counts:
+        if next(calls) == 1:
+            for _ in range(25):
+                requests.post(f"{url}/score", json={"data": [1]}, timeout=10)
+        return score_counts(url)
+
+    with pytest.raises(StageFailed, match=r"canary: p95 latency \d+\.\d ms over 25 scoring requests, over "
+                                          r"max_p95_ms 40"):
+        hold_step(server.url, 30, 0.0, lambda: False, lambda _: None, read=read, max_p95_ms=40)
+    held = hold_step(server.url, 0.2, 0.0, lambda: False, lambda _: None, max_p95_ms=40)
+    assert held.total == 0  # nothing new in this step: nothing to judge

@@ -231,6 +231,7 @@ class Environment(_Edge):
     steps: tuple[Percent, ...] | None = None  # canary only: traffic percent per step, ending at 100
     step_hold_s: float | None = Field(default=None, gt=0, le=86_400, allow_inf_nan=False)  # canary only
     max_error_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # canary only
+    max_p95_ms: float | None = Field(default=None, gt=0, le=600_000, allow_inf_nan=False)  # canary only; None: off
     approval: bool = False  # a person approves (modelcd releases approve) after smoke, before traffic moves
     approval_timeout_s: float | None = Field(default=None, gt=0, le=30 * 86_400, allow_inf_nan=False)
     scoring_workers: int | None = Field(default=None, ge=1, le=64)  # None: the service's setting
@@ -254,7 +255,7 @@ class Environment(_Edge):
             raise PydanticCustomError("approval_only", "only used with approval: true", {})
         return value
 
-    @field_validator("step_hold_s", "max_error_rate")
+    @field_validator("step_hold_s", "max_error_rate", "max_p95_ms")
     @classmethod
     def _canary_only(cls, value: float | None, info: ValidationInfo) -> float | None:
         strategy = info.data.get("strategy")

@@ -189,11 +189,13 @@ def _canary_steps(run: StageRun, dep_id: str, previous: dict[str, int]) -> None:
     url = ctx.deployments.get(dep_id).url or ""
     for i, percent in enumerate(steps, 1):
         traffic = step_traffic(dep_id, percent, previous)
+        limits = f"max_error_rate {max_error_rate:.1%}" + (f", max_p95_ms {env['max_p95_ms']:g}"
+                                                            if env.get("max_p95_ms") else "")
         run.log(f"canary step {i}/{len(steps) + 1}: {percent}% of traffic to v{rel.version} for {hold_s:g}s "
-                f"(max_error_rate {max_error_rate:.1%})")
+                f"({limits})")
         _switch(run, traffic, previous)
         ctx.jobs.event(None, rel.id, "canary.step", f"{percent}% of traffic to v{rel.version}")
-        hold_step(url, hold_s, max_error_rate, run.stopped, run.log)
+        hold_step(url, hold_s, max_error_rate, run.stopped, run.log, max_p95_ms=env.get("max_p95_ms"))
     run.log(f"canary step {len(steps) + 1}/{len(steps) + 1}: 100% of traffic to v{rel.version}")
 
 
