@@ -123,6 +123,17 @@ class Service:
         assert rel is not None, f"no release for {name} v{version}"
         return self.client.wait_release(rel["id"], timeout_s=timeout_s)
 
+    def wait_failed_untouched(self, name: str, version: int, why: str) -> str:
+        """Wait for the release of ``name`` v``version``; it must fail saying ``why`` (in its
+        error or job log) and leave the endpoint's traffic as it was. Returns the job log."""
+        before = self.endpoint(name)["traffic"]
+        rel = self.wait_release_for(name, version)
+        log = self.job_log(rel["id"])
+        assert rel["phase"] == "failed", log
+        assert why in (rel["error"] + log), (rel["error"], log)
+        assert self.endpoint(name)["traffic"] == before
+        return log
+
     def release_detail(self, release_id: str) -> dict[str, Any]:
         return self.api("GET", f"/releases/{release_id}").json()
 

@@ -97,12 +97,7 @@ def test_promote_and_rollback_under_load_drop_no_request(docker_service: Service
 
 
 def _fails_and_leaves_production(svc: Service, engine: Any, name: str, version: int, why: str) -> str:
-    before = svc.endpoint(name)["traffic"]
-    rel = svc.wait_release_for(name, version)
-    log = svc.job_log(rel["id"])
-    assert rel["phase"] == "failed", log
-    assert why in (rel["error"] + log), (rel["error"], log)
-    assert svc.endpoint(name)["traffic"] == before
+    log = svc.wait_failed_untouched(name, version, why)
     live_ids = {d["id"] for d in _live(svc, name)}
     for container in containers_of(engine, svc.home):  # no stray containers: only the live deployments
         if container.labels["io.modelcd.model"] == name:

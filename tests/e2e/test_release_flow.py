@@ -78,12 +78,7 @@ def test_blue_green_switch_and_rollback_drop_no_request(shared_service: Service,
 
 
 def _assert_failed_and_untouched(svc: Service, name: str, version: int, why: str) -> str:
-    before = svc.endpoint(name)["traffic"]
-    rel = svc.wait_release_for(name, version)
-    log = svc.job_log(rel["id"])
-    assert rel["phase"] == "failed", log
-    assert why in (rel["error"] + log), (rel["error"], log)
-    assert svc.endpoint(name)["traffic"] == before
+    log = svc.wait_failed_untouched(name, version, why)
     deps = svc.api("GET", "/deployments", params={"model": name}).json()["deployments"]
     for d in deps:
         if d["version"] == version:

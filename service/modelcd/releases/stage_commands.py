@@ -38,11 +38,15 @@ _inflight: dict[tuple[str, str], Future[dict[str, Any]]] = {}
 MAX_WAIT_S = 30.0
 
 
+def _check_stage(stage: str) -> None:
+    if stage not in STAGE_PHASE:
+        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}", field="stage")
+
+
 def start_stage_command(ctx: Context, release_id: str, stage: str, wait_s: float = 20.0) -> dict[str, Any]:
     """Run ``stage`` in the background and wait up to ``wait_s`` for it: its result, or
     ``{"outcome": "running", ...}`` to be asked again with ``stage_command_status``."""
-    if stage not in STAGE_PHASE:
-        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}", field="stage")
+    _check_stage(stage)
     rel = ctx.releases.get(release_id)
     _check_external(rel)
     key = (release_id, stage)
@@ -57,8 +61,7 @@ def start_stage_command(ctx: Context, release_id: str, stage: str, wait_s: float
 def stage_command_status(ctx: Context, release_id: str, stage: str, wait_s: float = 20.0) -> dict[str, Any]:
     """The result of the stage last started for the release (waiting up to ``wait_s`` while it
     runs), or what the release's phase says of the stage when none was started here."""
-    if stage not in STAGE_PHASE:
-        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}", field="stage")
+    _check_stage(stage)
     rel = ctx.releases.get(release_id)
     with _locks_guard:
         future = _inflight.get((release_id, stage))
@@ -95,8 +98,7 @@ def _lock(release_id: str) -> threading.Lock:
 def run_stage_command(ctx: Context, release_id: str, stage: str) -> dict[str, Any]:
     """Run ``stage`` of the release now (blocking) and return its outcome:
     ``{"stage", "outcome": succeeded|failed|skipped, "phase", "error", "already"}``."""
-    if stage not in STAGE_PHASE:
-        raise InvalidInput(f"unknown stage {stage!r}; one of {', '.join(STAGE_PHASE)}", field="stage")
+    _check_stage(stage)
     wanted = STAGE_PHASE[stage]
     ctx.pipeline_runs.reported(release_id)  # the pipeline is alive (no-op for a release it does not drive)
     try:

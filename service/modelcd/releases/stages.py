@@ -18,14 +18,7 @@ from modelcd.domain import Bundle, DeploymentState
 from modelcd.errors import BuildError, Cancelled, DeployError, RouterError, StageFailed
 from modelcd.releases.deployments import handle_of
 from modelcd.releases.machine import Phase
-from modelcd.releases.policy import (
-    DEFAULT_CANARY_STEPS,
-    DEFAULT_MAX_ERROR_RATE,
-    DEFAULT_STEP_HOLD_S,
-    Policy,
-    Strategy,
-    TargetKind,
-)
+from modelcd.releases.policy import Policy, Strategy, TargetKind
 from modelcd.releases.service import Release
 from modelcd.stages.canary import hold_step, step_traffic
 from modelcd.stages.smoke import SmokeChecks, run_smoke
@@ -178,24 +171,21 @@ def _canary_steps(run: StageRun, dep_id: str, previous: dict[str, int]) -> None:
     each while its answers to real traffic stay within ``max_error_rate``. A failed step
     raises: the rollback stage puts ``previous`` back."""
     rel, ctx = run.release, run.ctx
-    env = rel.env_spec
+    env = run.policy.environments[rel.env_index]  # validated: the canary defaults are filled in
     if not any(w > 0 for d, w in previous.items() if d != dep_id):
         run.log("canary: nothing served before, so all traffic moves at once")
         return
-    steps = [int(p) for p in env.get("steps") or DEFAULT_CANARY_STEPS if int(p) < 100]
-    hold_s = float(env.get("step_hold_s") or DEFAULT_STEP_HOLD_S)
-    max_error_rate = float(env["max_error_rate"] if env.get("max_error_rate") is not None
-                           else DEFAULT_MAX_ERROR_RATE)
+    assert env.steps is not None and env.step_hold_s is not None and env.max_error_rate is not None
+    steps = [p for p in env.steps if p < 100]
+    limits = f"max_error_rate {env.max_error_rate:.1%}" + (f", max_p95_ms {env.max_p95_ms:g}" if env.max_p95_ms
+                                                          else "")
     url = ctx.deployments.get(dep_id).url or ""
     for i, percent in enumerate(steps, 1):
-        traffic = step_traffic(dep_id, percent, previous)
-        limits = f"max_error_rate {max_error_rate:.1%}" + (f", max_p95_ms {env['max_p95_ms']:g}"
-                                                            if env.get("max_p95_ms") else "")
-        run.log(f"canary step {i}/{len(steps) + 1}: {percent}% of traffic to v{rel.version} for {hold_s:g}s "
-                f"({limits})")
-        _switch(run, traffic, previous)
+        run.log(f"canary step {i}/{len(steps) + 1}: {percent}% of traffic to v{rel.version} for "
+                f"{env.step_hold_s:g}s ({limits})")
+        _switch(run, step_traffic(dep_id, percent, previous), previous)
         ctx.jobs.event(None, rel.id, "canary.step", f"{percent}% of traffic to v{rel.version}")
-        hold_step(url, hold_s, max_error_rate, run.stopped, run.log, max_p95_ms=env.get("max_p95_ms"))
+        hold_step(url, env.step_hold_s, env.max_error_rate, run.stopped, run.log, max_p95_ms=env.max_p95_ms)
     run.log(f"canary step {len(steps) + 1}/{len(steps) + 1}: 100% of traffic to v{rel.version}")
 
 
