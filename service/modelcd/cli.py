@@ -231,32 +231,38 @@ def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
 
 @releases.command("stop")
 @click.argument("release_id")
+@click.option("--json", "as_json", is_flag=True)
 @pass_obj
-def releases_stop(obj: Obj, release_id: str) -> None:
+def releases_stop(obj: Obj, release_id: str, as_json: bool) -> None:
     rel = obj.client.post(f"/api/v1/releases/{release_id}/stop")
-    click.echo(f"stop requested for release {release_id} ({rel['phase']})")
+    _out(rel) if as_json else click.echo(f"stop requested for release {release_id} ({rel['phase']})")
 
 
 @releases.command("approve")
 @click.argument("release_id")
 @click.option("--comment", default="", help="why (kept in the release's events)")
+@click.option("--json", "as_json", is_flag=True)
 @pass_obj
-def releases_approve(obj: Obj, release_id: str, comment: str) -> None:
+def releases_approve(obj: Obj, release_id: str, comment: str, as_json: bool) -> None:
     """Let a release waiting at its approval gate move traffic."""
-    _answer_gate(obj, release_id, "approve", comment)
+    _answer_gate(obj, release_id, "approve", comment, as_json)
 
 
 @releases.command("reject")
 @click.argument("release_id")
 @click.option("--comment", default="", help="why (kept in the release's events)")
+@click.option("--json", "as_json", is_flag=True)
 @pass_obj
-def releases_reject(obj: Obj, release_id: str, comment: str) -> None:
+def releases_reject(obj: Obj, release_id: str, comment: str, as_json: bool) -> None:
     """Refuse a release waiting at its approval gate: it rolls back, production untouched."""
-    _answer_gate(obj, release_id, "reject", comment)
+    _answer_gate(obj, release_id, "reject", comment, as_json)
 
 
-def _answer_gate(obj: Obj, release_id: str, verb: str, comment: str) -> None:
+def _answer_gate(obj: Obj, release_id: str, verb: str, comment: str, as_json: bool) -> None:
     rel = obj.client.post(f"/api/v1/releases/{release_id}/{verb}", json={"comment": comment})
+    if as_json:
+        _out(rel)
+        return
     done = {"approve": "approved", "reject": "rejected"}[verb]
     click.echo(f"{done} release {release_id}: {rel['model']} v{rel['version']} → {rel['environment']} "
                f"({rel['phase']})")

@@ -4,6 +4,7 @@ unanswered gate times out, a stop ends it, and the wait survives a restart of th
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,8 +106,9 @@ def test_the_gate_survives_a_restart_and_a_stop_ends_it(gated_service: Service, 
     assert svc.client.wait_release(waiting["id"], timeout_s=120)["phase"] == "succeeded"
 
     stopped = _at_gate(svc, "gt-restart", tmp_path / "v2", c=0.05)
-    r = svc.api("POST", f"/releases/{stopped['id']}/stop")
-    assert r.status_code == 202, r.text
+    result = CliRunner().invoke(main, ["releases", "stop", stopped["id"], "--json"], env=svc.env,
+                                catch_exceptions=False)
+    assert result.exit_code == 0 and json.loads(result.output)["cancel_requested"] is True, result.output
     done = _finished(svc, stopped["id"])
     assert done["phase"] == "cancelled", done
     assert svc.endpoint("gt-restart")["traffic"] == {"1": 100} and _live_versions(svc, "gt-restart") == [1]
@@ -126,8 +128,6 @@ def test_an_unanswered_gate_times_out_and_bad_comments_are_refused(gated_service
 
 
 def test_cli_register_wait_returns_at_the_gate(gated_service: Service, tmp_path: Path) -> None:
-    import json
-
     svc = gated_service
     meta = iris_model(tmp_path / "m")
     (tmp_path / "sample.json").write_text(json.dumps(meta["sample"]))
@@ -137,7 +137,10 @@ def test_cli_register_wait_returns_at_the_gate(gated_service: Service, tmp_path:
     assert "awaiting_approval" in result.output and "waits for a person" in result.output
     rel = svc.client.find_release("gt-cli", 1)
     assert rel is not None and rel["phase"] == "awaiting_approval"
-    result = CliRunner().invoke(main, ["releases", "reject", rel["id"]], env=svc.env, catch_exceptions=False)
-    assert result.exit_code == 0 and "rejected release" in result.output, result.output
+    result = CliRunner().invoke(main, ["releases", "reject", rel["id"], "--json"], env=svc.env,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    answered = json.loads(result.output)
+    assert answered["id"] == rel["id"] and answered["phase"] == "rolling_back"
     done = _finished(svc, rel["id"])
     assert done["phase"] == "failed" and done["error"] == "rejected by a person"
