@@ -104,6 +104,9 @@ class Deployment:
     bundle: str | None
     release_id: str | None
     created_at: str = ""
+    # everything the target needs to start it again, fixed when the record is made
+    # (``releases.deployments.spec_values``): bundle, workers, env, resources, network
+    spec: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ gates: []
         (10, "environments[0].scoring_workers", "must be greater than or equal to 1 (got 0)"),
         (11, "environments[0].stratgy",
          "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, step_hold_s, "
-         "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, resources, env, network"),
+         "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, resources, env, network, auth"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
@@ -345,7 +345,8 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
                                   "steps": None, "step_hold_s": None, "max_error_rate": None, "max_p95_ms": None,
                                   "approval": False,
                                   "approval_timeout_s": None, "scoring_workers": 2,
-                                  "resources": {"cpu": None, "memory": None}, "env": {}, "network": None}]
+                                  "resources": {"cpu": None, "memory": None}, "env": {}, "network": None,
+                                  "auth": "key"}]
     assert d["match"] == {"models": ["iris*"], "tags": {"deploy": "true"}, "sources": ["native", "mlflow"]}
     assert Policy.from_dict(d) == p
     snap = p.snapshot()

@@ -1,17 +1,24 @@
-"""Deployment records: what the control plane started on a target, enough to re-adopt it."""
+"""Deployment records: what the control plane started on a target, enough to re-adopt it
+or to start the very same deployment again (its whole spec is kept from the start)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from modelcd.domain import Deployment, DeploymentState
-from modelcd.errors import NotFound
+from modelcd.config import Settings
+from modelcd.domain import Bundle, Deployment, DeploymentState
+from modelcd.errors import DeployError, NotFound
+from modelcd.releases.policy import Environment
 from modelcd.store import schema
 from modelcd.store.db import Database, new_id, now
-from modelcd.targets.base import RunningDeployment
+from modelcd.targets.base import DeploySpec, RunningDeployment
+
+SET = "(set)"  # what reads show instead of an environment variable's value
 
 LIVE_STATES = [str(s) for s in DeploymentState if s.live]
 
@@ -21,14 +28,52 @@ def deployment_from_row(row: Any) -> Deployment:
     return Deployment(
         id=m["id"], model=m["model"], version=m["version"], environment=m["environment"], target=m["target"],
         state=DeploymentState(m["state"]), url=m["url"], pid=m["pid"], port=m["port"], bundle=m["bundle"],
-        release_id=m["release_id"], created_at=m["created_at"],
+        release_id=m["release_id"], created_at=m["created_at"], spec=dict(m["spec"] or {}),
     )
+
+
+def masked_env(env: Mapping[str, Any] | None) -> dict[str, str]:
+    """Environment variables as reads show them: each name, never its value."""
+    return {name: SET for name in (env or {})}
 
 
 def deployment_to_dict(d: Deployment) -> dict[str, Any]:
     out = dict(d.__dict__)
     out["state"] = str(d.state)
+    out["spec"] = {**d.spec, "env": masked_env(d.spec.get("env"))}
     return out
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """The bundle the build stage wrote at ``path``."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "bundle.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DeployError(f"bundle {path} is missing or damaged ({e}); the build stage must run again") from e
+    return Bundle(path=path, python=Path(meta["python"]), env_key=meta["env_key"], reused_env=True,
+                  image=meta.get("image"), image_id=meta.get("image_id"))
+
+
+def spec_values(env: Environment, settings: Settings, bundle: str) -> dict[str, Any]:
+    """What a deployment of policy environment ``env`` records when it is created: all that
+    ``deploy_spec`` needs to start it (and start it again after a restart) the same way."""
+    return {"bundle": bundle, "workers": env.scoring_workers or settings.scoring_workers,
+            "health_timeout_s": settings.health_timeout_s, "env": dict(env.env),
+            "cpu": env.resources.cpu, "memory": env.resources.memory,
+            "network": str(env.network) if env.network else None}
+
+
+def deploy_spec(d: Deployment, settings: Settings) -> DeploySpec:
+    """The one constructor of a ``DeploySpec``: from the deployment's record. Records made
+    before specs were kept get the service's defaults."""
+    s = d.spec
+    return DeploySpec(deployment_id=d.id, model=d.model, version=d.version, environment=d.environment,
+                      bundle=load_bundle(s.get("bundle") or d.bundle or ""),
+                      workers=int(s.get("workers") or settings.scoring_workers),
+                      health_timeout_s=float(s.get("health_timeout_s") or settings.health_timeout_s),
+                      env=dict(s.get("env") or {}), cpu=s.get("cpu"), memory=s.get("memory"),
+                      network=s.get("network"))
 
 
 class Deployments:
@@ -38,13 +83,14 @@ class Deployments:
         self.db = db
 
     def create(self, *, model: str, version: int, environment: str, target: str, release_id: str | None,
-               bundle: str | None) -> Deployment:
+               spec: dict[str, Any]) -> Deployment:
+        """Record a deployment about to start (``starting``), with its whole ``spec_values``."""
         dep_id = new_id("d")
         ts = now()
         with self.db.write() as conn:
             conn.execute(schema.deployments.insert().values(
                 id=dep_id, model=model, version=version, environment=environment, target=target,
-                state=str(DeploymentState.STARTING), bundle=bundle, release_id=release_id,
+                state=str(DeploymentState.STARTING), bundle=spec["bundle"], spec=spec, release_id=release_id,
                 created_at=ts, updated_at=ts))
         return self.get(dep_id)
 

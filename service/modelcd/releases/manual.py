@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelcd.context import Context
-from modelcd.domain import JobState, JobType
+from modelcd.domain import Deployment, JobState, JobType
 from modelcd.errors import Conflict
 from modelcd.registry.names import validate_environment_name, validate_model_name
 from modelcd.releases.deployments import handle_of
@@ -33,34 +33,51 @@ def start_release(ctx: Context, model: str, version: int, environment: str, trig
 
 
 def rollback_endpoint(ctx: Context, model: str, environment: str) -> dict[str, Any]:
-    """Send the endpoint's traffic back to its previous split. Instant when the previous
-    deployment is still warm; otherwise a release of the previous version is queued."""
+    """Send the endpoint back to what served before its last release (or rollback) began.
+    Instant when those deployments are still warm (retention keeps them), and then the split
+    being left becomes the previous one, so a second rollback returns; otherwise a release of
+    the previous version is queued. Conflict when there is nothing to return to."""
     endpoint = ctx.traffic.get(model, environment)
-    previous = endpoint.previous_traffic
+    previous = {d: w for d, w in (endpoint.previous_traffic or {}).items() if w > 0}
     if not previous:
-        raise Conflict(f"{model}/{environment} has no previous version to roll back to", field="environment")
+        raise Conflict(f"{model}/{environment} has nothing to roll back to: no release replaced what it serves "
+                       "(the first version is still the only one)", field="environment")
+    if previous == {d: w for d, w in endpoint.traffic.items() if w > 0}:
+        raise Conflict(f"{model}/{environment} already serves its previous split {previous}; nothing to roll back",
+                       field="environment")
+    records = {d.id: d for d in ctx.deployments.list(model=model, environment=environment)}
+    warm = all(dep_id in records and records[dep_id].state.live
+               and ctx.target(records[dep_id].target).is_alive(handle_of(records[dep_id], ctx.home))
+               for dep_id in previous)
+    version = None if warm else _previous_version(model, environment, endpoint.versions, previous, records)
     job = ctx.jobs.create(JobType.ROLLBACK, model=model, environment=environment)
     ctx.jobs.transition(job.id, JobState.RUNNING, f"rolling back {model}/{environment} to {previous}")
     log = ctx.jobs.logger(job.id)
     try:
-        records = {d.id: d for d in ctx.deployments.list(model=model, environment=environment, live_only=True)}
-        warm = all(dep_id in records and ctx.target(records[dep_id].target).is_alive(handle_of(records[dep_id],
-                                                                                             ctx.home))
-                   for dep_id, w in previous.items() if w > 0)
-        if warm:
-            ctx.traffic.switch(model, environment, previous, log)
+        if version is None:
+            ctx.traffic.switch(model, environment, endpoint.previous_traffic or {}, log)
             ctx.jobs.transition(job.id, JobState.SUCCEEDED, "traffic restored")
             ep = ctx.traffic.get(model, environment)
             return {"job_id": job.id, "release_id": None, "traffic": ep.to_dict()["traffic"]}
-        versions = sorted({d.version for d in ctx.deployments.list(model=model, environment=environment)
-                           if d.id in previous and previous[d.id] > 0})
-        if not versions:
-            raise Conflict(f"the previous deployments of {model}/{environment} are unknown; "
-                           f"promote a version instead: `modelcd promote {model} VERSION --env {environment}`")
-        rid = start_release(ctx, model, versions[-1], environment, trigger="rollback")
-        log(f"previous deployment was retired; queued release {rid} of v{versions[-1]}")
+        rid = start_release(ctx, model, version, environment, trigger="rollback")
+        log(f"the previous deployment was stopped; queued release {rid} of v{version}")
         ctx.jobs.transition(job.id, JobState.SUCCEEDED, f"queued release {rid}")
         return {"job_id": job.id, "release_id": rid, "traffic": endpoint.to_dict()["traffic"]}
     except Exception as e:
         ctx.jobs.transition(job.id, JobState.FAILED, error=getattr(e, "message", str(e)))
         raise
+
+
+def _previous_version(model: str, environment: str, live: dict[int, int], previous: dict[str, int],
+                      records: dict[str, Deployment]) -> int:
+    """The version to release again when the previous deployments are gone; never the live one."""
+    versions = sorted({records[d].version for d in previous if d in records})
+    if not versions:
+        raise Conflict(f"the previous deployments of {model}/{environment} are unknown; "
+                       f"promote a version instead: `modelcd promote {model} VERSION --env {environment}`",
+                       field="environment")
+    live_versions = {v for v, w in live.items() if w > 0}
+    if set(versions) <= live_versions:
+        raise Conflict(f"{model}/{environment} already serves v{versions[-1]}, the version it served before; "
+                       "nothing to roll back", field="environment")
+    return max(v for v in versions if v not in live_versions)

@@ -75,6 +75,13 @@ class Network(StrEnum):
     HOST = "host"  # the container shares the engine host's network
 
 
+class Auth(StrEnum):
+    """Who may score through an environment's endpoint."""
+
+    KEY = "key"  # clients send `Authorization: Bearer <endpoint key>` (primary or secondary)
+    NONE = "none"  # anyone who reaches the router (refused off loopback unless allowed)
+
+
 class TargetKind(StrEnum):
     """Where deployments run."""
 
@@ -154,6 +161,7 @@ Percent = Annotated[int, Field(ge=1, le=100)]
 RunnerName = Annotated[Runner, _choice(Runner)]
 StrategyName = Annotated[Strategy, _choice(Strategy)]
 TargetName = Annotated[TargetKind, _choice(TargetKind)]
+AuthName = Annotated[Auth, _choice(Auth)]
 SourceName = Annotated[Source, _choice(Source)]
 
 
@@ -238,6 +246,7 @@ class Environment(_Edge):
     resources: Resources = Field(default_factory=Resources)
     env: Annotated[dict[str, str], BeforeValidator(_check_env)] = Field(default_factory=dict)  # passed to scoring
     network: Annotated[Network | None, _optional(_choice(Network))] = None  # docker only; None: docker_network
+    auth: AuthName = Auth.KEY  # the endpoint's scoring requests need one of its keys
 
     @model_validator(mode="before")
     @classmethod

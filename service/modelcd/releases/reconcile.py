@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from modelcd.context import Context
 from modelcd.domain import DeploymentState
 from modelcd.errors import ModelcdError
-from modelcd.releases.deployments import handle_of
-from modelcd.releases.stages import load_bundle
+from modelcd.releases.deployments import deploy_spec, handle_of
 from modelcd.releases.traffic import build_table
-from modelcd.targets.base import DeploySpec
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +43,7 @@ def reconcile(ctx: Context, say: Callable[[str], None] = log.info) -> ReconcileR
             continue
         say(f"deployment {d.id} ({d.model} v{d.version}, pid {d.pid}) is gone; starting it again")
         try:
-            rd = target.create(DeploySpec(deployment_id=d.id, model=d.model, version=d.version,
-                                          environment=d.environment, bundle=load_bundle(d.bundle or ""),
-                                          workers=ctx.settings.scoring_workers,
-                                          health_timeout_s=ctx.settings.health_timeout_s),
-                               say, threading.Event())
+            rd = target.create(deploy_spec(d, ctx.settings), say, threading.Event())
         except ModelcdError as e:
             say(f"could not restart deployment {d.id}: {e.message}")
             target.delete(handle_of(d, ctx.home))

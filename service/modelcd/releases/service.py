@@ -31,7 +31,8 @@ class Release:
     error: str | None
     deployment_id: str | None
     bundle: str | None
-    previous_traffic: dict[str, int] | None
+    previous_traffic: dict[str, int] | None  # the endpoint's split when this release first moved traffic
+    endpoint_previous: dict[str, int] | None  # the endpoint's previous_traffic then (restored on rollback)
     created_at: str
     updated_at: str
     finished_at: str | None

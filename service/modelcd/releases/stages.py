@@ -4,26 +4,23 @@ the release, and raises a StageFailed subtype or Cancelled."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from modelcd.build.bundle import build_bundle
 from modelcd.build.image import ImageOptions, build_image
 from modelcd.context import Context
-from modelcd.domain import Bundle, DeploymentState
-from modelcd.errors import BuildError, Cancelled, DeployError, RouterError, StageFailed
-from modelcd.releases.deployments import handle_of
+from modelcd.domain import DeploymentState
+from modelcd.errors import BuildError, Cancelled, NotFound, RouterError, StageFailed
+from modelcd.releases.deployments import deploy_spec, handle_of, spec_values
 from modelcd.releases.machine import Phase
 from modelcd.releases.policy import Policy, Strategy, TargetKind
 from modelcd.releases.service import Release
 from modelcd.stages.canary import hold_step, step_traffic
 from modelcd.stages.smoke import SmokeChecks, run_smoke
 from modelcd.targets import TARGETS
-from modelcd.targets.base import DeploySpec
 
 Log = Callable[[str], None]
 
@@ -47,17 +44,6 @@ class StageRun:
     def check_cancel(self) -> None:
         if self.stopped():
             raise Cancelled("stopped by a person")
-
-
-def load_bundle(path: str | Path) -> Bundle:
-    """The bundle the build stage wrote at ``path``."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / "bundle.json").read_text())
-    except (OSError, ValueError) as e:
-        raise DeployError(f"bundle {path} is missing or damaged ({e}); the build stage must run again") from e
-    return Bundle(path=path, python=Path(meta["python"]), env_key=meta["env_key"], reused_env=True,
-                  image=meta.get("image"), image_id=meta.get("image_id"))
 
 
 def check_supported(run: StageRun) -> None:
@@ -102,16 +88,12 @@ def deploy(run: StageRun) -> dict[str, Any]:
         ctx.deployments.update(rec.id, state=DeploymentState.FAILED)
     if not rel.bundle:
         raise BuildError("release has no bundle; the build stage did not finish")
-    bundle = load_bundle(rel.bundle)
+    env = run.policy.environments[rel.env_index]
     dep = ctx.deployments.create(model=rel.model, version=rel.version, environment=rel.environment,
-                                 target=target.name, release_id=rel.id, bundle=rel.bundle)
+                                 target=target.name, release_id=rel.id,
+                                 spec=spec_values(env, ctx.settings, rel.bundle))
     ctx.releases.update(rel.id, deployment_id=dep.id)  # recorded before starting: findable after a crash
-    env = rel.env_spec
-    resources = env.get("resources") or {}
-    spec = DeploySpec(deployment_id=dep.id, model=rel.model, version=rel.version, environment=rel.environment,
-                      bundle=bundle, workers=int(env.get("scoring_workers") or ctx.settings.scoring_workers),
-                      health_timeout_s=ctx.settings.health_timeout_s, env=env.get("env") or {},
-                      cpu=resources.get("cpu"), memory=resources.get("memory"), network=env.get("network"))
+    spec = deploy_spec(dep, ctx.settings)
     if target.name == "process" and (spec.cpu or spec.memory):
         run.log("resources (cpu, memory) are not enforced on the process target; use target: docker for limits")
     try:
@@ -139,27 +121,44 @@ def smoke(run: StageRun) -> dict[str, Any]:
 def promote(run: StageRun) -> dict[str, Any]:
     rel, ctx = run.release, run.ctx
     dep_id = rel.deployment_id or ""
+    env = run.policy.environments[rel.env_index]
     current = ctx.traffic.current(rel.model, rel.environment)
-    previous = rel.previous_traffic if rel.previous_traffic is not None else current
-    ctx.releases.update(rel.id, previous_traffic=previous)
+    previous = record_previous(run)
     wanted = {dep_id: 100}
     if current == wanted:
         run.log(f"{rel.model}/{rel.environment} already sends all traffic to {dep_id}")
         ctx.traffic.sync_router()
     else:
-        if rel.env_spec["strategy"] == Strategy.CANARY:
+        if env.strategy == Strategy.CANARY:
             _canary_steps(run, dep_id, previous)
         _switch(run, wanted, previous)
-    keep = 1 if rel.env_spec["strategy"] == Strategy.RECREATE else run.policy.retention.keep_deployments
-    ctx.traffic.retire(rel.model, rel.environment, keep, ctx.target(rel.env_spec["target"]), ctx.home, run.log)
+    ctx.traffic.retire(rel.model, rel.environment, run.policy.retention.keep_deployments if
+                       env.strategy != Strategy.RECREATE else 1, ctx.target(env.target), ctx.home, run.log)
     _queue_next_environment(run)
     return {}
+
+
+def record_previous(run: StageRun) -> dict[str, int]:
+    """The split that served before this release first moved traffic: recorded once (with the
+    endpoint's own previous split), so every later step, a restart mid-canary and the
+    rollback all return to it."""
+    rel, ctx = run.release, run.ctx
+    if rel.previous_traffic is not None:
+        return rel.previous_traffic
+    try:
+        endpoint = ctx.traffic.get(rel.model, rel.environment)
+        previous, before = endpoint.traffic, endpoint.previous_traffic
+    except NotFound:
+        previous, before = {}, None
+    ctx.releases.update(rel.id, previous_traffic=previous, endpoint_previous=before)
+    return previous
 
 
 def _switch(run: StageRun, traffic: dict[str, int], previous: dict[str, int]) -> None:
     rel, ctx = run.release, run.ctx
     try:
-        ctx.traffic.switch(rel.model, rel.environment, traffic, run.log)
+        ctx.traffic.switch(rel.model, rel.environment, traffic, run.log, previous=previous or None,
+                           auth=str(run.policy.environments[rel.env_index].auth))
     except RouterError as e:
         run.log(f"router refused the switch: {e.message}; restoring {previous}")
         _restore(run, previous)
@@ -190,9 +189,11 @@ def _canary_steps(run: StageRun, dep_id: str, previous: dict[str, int]) -> None:
 
 
 def _restore(run: StageRun, previous: dict[str, int]) -> None:
+    """Put the endpoint back as it was before this release: its split and its previous split."""
     rel, ctx = run.release, run.ctx
     try:
-        ctx.traffic.switch(rel.model, rel.environment, previous, run.log)
+        ctx.traffic.switch(rel.model, rel.environment, previous, run.log,
+                           previous=ctx.releases.get(rel.id).endpoint_previous)
     except RouterError as e:
         run.log(f"could not restore traffic yet ({e.message}); the router gets the stored table on its next sync")
 
@@ -218,7 +219,8 @@ def rollback(run: StageRun) -> dict[str, Any]:
     current = ctx.traffic.current(rel.model, rel.environment)
     if dep_id and current.get(dep_id, 0) > 0 and rel.previous_traffic is not None and current != rel.previous_traffic:
         run.log(f"restoring traffic of {rel.model}/{rel.environment} to {rel.previous_traffic}")
-        ctx.traffic.switch(rel.model, rel.environment, rel.previous_traffic, run.log)
+        ctx.traffic.switch(rel.model, rel.environment, rel.previous_traffic, run.log,
+                           previous=rel.endpoint_previous)
     if dep_id:
         dep = ctx.deployments.get(dep_id)
         serving = ctx.traffic.current(rel.model, rel.environment).get(dep_id, 0) > 0

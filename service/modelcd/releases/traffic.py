@@ -4,16 +4,17 @@ fresh, complete table after every committed change and must read it back."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 
 from modelcd.domain import Deployment, DeploymentState
-from modelcd.errors import NotFound
+from modelcd.errors import ModelcdError, NotFound, RouterError
 from modelcd.releases.deployments import LIVE_STATES, Deployments, deployment_from_row, handle_of
 from modelcd.routing.base import Backend, EndpointRoute, Router, RoutingTable
 from modelcd.store import schema
@@ -21,6 +22,9 @@ from modelcd.store.db import Database, now
 from modelcd.targets.base import Target
 
 GENERATION_KEY = "router_generation"
+SWAP = object()  # Traffic.switch's default: the split being replaced becomes the previous one
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Traffic:
         self.router = router
         self.deployments = deployments
         self._lock = threading.Lock()  # table builds and applies happen in generation order
+        self._applied = 0  # the newest generation this process applied
 
     def get(self, model: str, environment: str) -> Endpoint:
         with self.db.read() as conn:
@@ -110,55 +115,98 @@ class Traffic:
             return {}
 
     def switch(self, model: str, environment: str, traffic: dict[str, int],
-               log: Callable[[str], None] = lambda _: None) -> int:
-        """Commit the endpoint's new split (the old one becomes ``previous_traffic``; serving
-        deployments that lose all traffic go to standby), then apply the whole table to the
-        router and verify it. Returns the applied generation. Raises RouterError if the
-        router did not take it; the store then still holds the new split, so callers restore."""
+               log: Callable[[str], None] = lambda _: None, *, previous: dict[str, int] | object | None = SWAP,
+               auth: str | None = None) -> int:
+        """Give the endpoint its new split and apply the whole table to the router, verified
+        by reading it back, *before* the store commits: either both hold the new split, or
+        neither does and RouterError says "unchanged". ``previous`` becomes the endpoint's
+        ``previous_traffic`` (what rollback returns to): a release passes the split it found
+        when it began; the default (a person's rollback) swaps, so rolling back twice returns.
+        Serving deployments that lose all traffic go to standby. Returns the generation."""
+        key = endpoint_key(model, environment)
         with self._lock:
-            ts = now()
-            with self.db.write() as conn:
-                row = conn.execute(select(schema.endpoints).where(
-                    schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)).first()
-                old = dict(row._mapping["traffic"]) if row is not None else {}
-                if row is None:
-                    conn.execute(schema.endpoints.insert().values(
-                        model=model, environment=environment, traffic=traffic, previous_traffic=None, updated_at=ts))
-                elif old != traffic:
-                    conn.execute(schema.endpoints.update().where(
-                        schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)
-                        .values(traffic=traffic, previous_traffic=old, updated_at=ts))
-                for dep_id, weight in traffic.items():
-                    if weight > 0:
-                        self.deployments.update(dep_id, conn, state=DeploymentState.SERVING)
-                for dep_id in old:
-                    if traffic.get(dep_id, 0) == 0:
-                        self.deployments.update(dep_id, conn, state=DeploymentState.STANDBY)
-                generation = self.db.next_counter(conn, GENERATION_KEY)
-                table = build_table(conn, generation)
-            applied = self.router.apply(table)
-            log(f"router applied generation {applied}: {endpoint_key(model, environment)} → {traffic}")
+            generation = self._allocate_generation()
+            try:
+                with self.db.write() as conn:
+                    row = conn.execute(select(schema.endpoints).where(
+                        schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)).first()
+                    old = dict(row._mapping["traffic"]) if row is not None else {}
+                    values: dict[str, Any] = {"traffic": traffic, "updated_at": now()}
+                    if previous is not SWAP:
+                        values["previous_traffic"] = previous
+                    elif old != traffic:
+                        values["previous_traffic"] = old or None
+                    if auth is not None:
+                        values["auth"] = auth
+                    if row is None:
+                        conn.execute(schema.endpoints.insert().values(
+                            model=model, environment=environment, **{"auth": "key", **values}))
+                    else:
+                        conn.execute(schema.endpoints.update().where(
+                            schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)
+                            .values(**values))
+                    for dep_id, weight in traffic.items():
+                        if weight > 0:
+                            self.deployments.update(dep_id, conn, state=DeploymentState.SERVING)
+                    for dep_id in old:
+                        if traffic.get(dep_id, 0) == 0:
+                            self.deployments.update(dep_id, conn, state=DeploymentState.STANDBY)
+                    applied = self._apply(build_table(conn, generation))
+            except Exception as e:
+                self._restore_router(generation)
+                reason = e.message if isinstance(e, ModelcdError) else f"{type(e).__name__}: {e}"
+                raise RouterError(f"traffic of {key} unchanged ({reason}); the router serves the split "
+                                  "from before") from e
+            log(f"router applied generation {applied}: {key} → {traffic}")
             return applied
 
     def sync_router(self) -> int:
         """Apply the table from the store as it is (after a restart or a deployment change)."""
         with self._lock:
-            with self.db.write() as conn:
-                generation = self.db.next_counter(conn, GENERATION_KEY)
+            generation = self._allocate_generation()
+            with self.db.read() as conn:
                 table = build_table(conn, generation)
-            return self.router.apply(table)
+            return self._apply(table)
+
+    def _allocate_generation(self) -> int:
+        """A generation newer than any this process applied (committed on its own, so one a
+        failed switch used is never handed out again)."""
+        with self.db.write() as conn:
+            generation = self.db.next_counter(conn, GENERATION_KEY)
+            if generation <= self._applied:
+                generation = self._applied + 1
+                conn.execute(update(schema.meta).where(schema.meta.c.key == GENERATION_KEY).values(value=generation))
+        return generation
+
+    def _apply(self, table: RoutingTable) -> int:
+        applied = self.router.apply(table)
+        self._applied = max(self._applied, applied)
+        return applied
+
+    def _restore_router(self, failed_generation: int) -> None:
+        """After a failed switch, put the store's table back on the router in case it took the
+        new one before the store refused it (best effort: reconcile retries)."""
+        try:
+            with self.db.read() as conn:
+                self._apply(build_table(conn, max(failed_generation, self._applied) + 1))
+        except Exception as e:  # the router may be down: reconcile applies the store's table later
+            log.warning("could not put the stored routing table back: %s", e)
 
     def retire(self, model: str, environment: str, keep: int, target: Target, home: Path,
                log: Callable[[str], None] = lambda _: None) -> list[Deployment]:
-        """Stop live deployments of the endpoint beyond the ``keep`` newest (serving ones
-        always kept); they leave the routing table before their processes stop."""
-        live = self.deployments.list(model=model, environment=environment, live_only=True)
-        live = [d for d in live if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY)]
-        serving = [d for d in live if d.state is DeploymentState.SERVING]
-        standby = sorted((d for d in live if d.state is DeploymentState.STANDBY),
-                         key=lambda d: d.created_at, reverse=True)
-        room = max(keep - len(serving), 0)
-        retired = standby[room:]
+        """Stop live deployments of the endpoint beyond ``keep``. A deployment named by the
+        current or the previous traffic (what a rollback returns to) is never stopped; among
+        the others the newest are kept. They leave the routing table before they stop."""
+        try:
+            endpoint = self.get(model, environment)
+        except NotFound:
+            return []
+        protected = set(endpoint.traffic) | set(endpoint.previous_traffic or {})
+        live = [d for d in self.deployments.list(model=model, environment=environment, live_only=True)
+                if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY)]
+        others = sorted((d for d in live if d.id not in protected), key=lambda d: d.created_at, reverse=True)
+        room = max(keep - sum(1 for d in live if d.id in protected), 0)
+        retired = others[room:]
         if not retired:
             return []
         with self.db.write() as conn:

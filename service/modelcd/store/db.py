@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from modelcd.store import schema
+from modelcd.store.migrate import add_missing_columns
 
 
 def now() -> str:
@@ -58,6 +59,7 @@ class Database:
                 self.sqlite_path = database
                 self._file_lock = _FileLock(f"{database}-writer.lock")
         schema.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
 
     def _sqlite_pragmas(self) -> None:
         @event.listens_for(self.engine, "connect")

@@ -77,7 +77,8 @@ releases = Table(
     Column("error", Text),
     Column("deployment_id", String(32)),
     Column("bundle", String(1024)),
-    Column("previous_traffic", JSON),  # endpoint split before this release promoted
+    Column("previous_traffic", JSON),  # endpoint split before this release first moved traffic (recorded once)
+    Column("endpoint_previous", JSON),  # the endpoint's own previous_traffic then: restored with it on rollback
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
     Column("finished_at", String(32)),
@@ -128,8 +129,18 @@ endpoints = Table(
     Column("model", String(64), primary_key=True),
     Column("environment", String(32), primary_key=True),
     Column("traffic", JSON, nullable=False),  # {deployment_id: weight}
-    Column("previous_traffic", JSON),  # the split before the last switch (for rollback)
+    Column("previous_traffic", JSON),  # what served before the last release (or rollback) began
+    Column("auth", String(8)),  # key | none (the policy environment's `auth`); NULL: none (made before keys)
     Column("updated_at", String(32), nullable=False),
+)
+
+endpoint_keys = Table(  # an endpoint's scoring keys, checked by the router
+    "endpoint_keys", metadata,
+    Column("model", String(64), primary_key=True),
+    Column("environment", String(32), primary_key=True),
+    Column("slot", String(16), primary_key=True),  # primary | secondary
+    Column("key_hash", String(64), nullable=False),  # sha256 hex of the key (never the key)
+    Column("created_at", String(32), nullable=False),
 )
 
 deployments = Table(
@@ -144,6 +155,7 @@ deployments = Table(
     Column("pid", Integer),
     Column("port", Integer),
     Column("bundle", String(1024)),
+    Column("spec", JSON),  # everything the target needs to start it again (releases.deployments.spec_values)
     Column("log_path", String(1024)),
     Column("release_id", String(32)),
     Column("created_at", String(32), nullable=False),
