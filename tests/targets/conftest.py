@@ -9,6 +9,7 @@ import pickle
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import joblib
@@ -65,6 +66,50 @@ def broken_bundle(shared_home: Path, iris_bundle: Bundle, tmp_path_factory: pyte
     files = tmp_path_factory.mktemp("broken-files")
     (files / "model.joblib").write_bytes(pickle.dumps(_Unloadable()))
     return build_bundle(shared_home, _version("iris", 9), files, lambda _: None, threading.Event())
+
+
+ENV_SCRIPT = """import os
+
+
+def init():
+    pass
+
+
+def run(raw_data):
+    return dict(os.environ)
+"""
+
+SLOW_SCRIPT = """import time
+
+
+def init():
+    time.sleep(60)  # never healthy within a test's timeout
+
+
+def run(raw_data):
+    return raw_data
+"""
+
+
+def _custom_bundle(home: Path, files: Path, version: int, script: str) -> Bundle:
+    """Version ``version`` of ``iris`` as a custom model running ``script`` (same requirements
+    as iris, so it reuses that env)."""
+    (files / "score.py").write_text(script)
+    custom = replace(_version("iris", version), flavor=Flavor.CUSTOM, model_file=None, entry_script="score.py",
+                     sample=None)
+    return build_bundle(home, custom, files, lambda _: None, threading.Event())
+
+
+@pytest.fixture(scope="session")
+def env_bundle(shared_home: Path, iris_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """Version 7 of ``iris``: its ``run()`` answers with the scoring process's ``os.environ``."""
+    return _custom_bundle(shared_home, tmp_path_factory.mktemp("env-files"), 7, ENV_SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def slow_bundle(shared_home: Path, iris_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """Version 8 of ``iris``: its ``init()`` takes a minute, so it is never healthy in time."""
+    return _custom_bundle(shared_home, tmp_path_factory.mktemp("slow-files"), 8, SLOW_SCRIPT)
 
 
 @pytest.fixture

@@ -127,6 +127,46 @@ def test_scoring_key_reaches_only_its_process(target: ProcessTarget, iris_bundle
         target.delete(rd)
 
 
+def test_scoring_process_sees_allowed_policy_and_runtime_env_but_no_secrets(
+        target: ProcessTarget, env_bundle: Bundle, spec_for: Spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets = {"GITHUB_TOKEN": "ghp-test-secret-1", "AWS_SECRET_ACCESS_KEY": "aws-test-secret-2",
+               "MODELCD_API_TOKEN": "modelcd-test-secret-3"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a numeric library's knob: inherited
+    spec = spec_for(env_bundle, version=7, env={"FEATURE_STORE_URL": "http://127.0.0.1:9/features"},
+                    health_timeout_s=30.0)
+    rd = target.create(spec, lambda _: None, threading.Event())
+    try:
+        answer = requests.post(f"{rd.url}/score", data="{}", timeout=10)
+        arbiter_env = psutil.Process(rd.pid).environ()
+    finally:
+        target.delete(rd)
+    assert answer.status_code == 200, answer.text
+    seen = answer.json()
+    for env in (seen, arbiter_env):  # what the model's code reads, and what the process started with
+        assert not set(secrets) & set(env)
+        assert not any(value in answer.text for value in secrets.values())
+        assert env["FEATURE_STORE_URL"] == "http://127.0.0.1:9/features"
+        assert env["PATH"] == os.environ["PATH"] and env["OMP_NUM_THREADS"] == "3"
+        assert env["MODELCD_DEPLOYMENT_ID"] == spec.deployment_id
+    assert set(arbiter_env) <= {*process_mod.inherited_env(os.environ), *spec.env, "PYTHONPATH", "PYTHONUNBUFFERED",
+                                "MODELCD_DEPLOYMENT_ID"}
+
+
+def test_inherited_env_is_an_allow_list() -> None:
+    environ = {"PATH": "/usr/bin", "HOME": "/root", "LANG": "C.UTF-8", "LC_ALL": "C", "TZ": "UTC",
+               "TMPDIR": "/tmp", "OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1048576",
+               "OMP_NUM_THREADS": "2", "MKL_CBWR": "AUTO", "NVPL_BLAS_DEBUG_CPU_TYPE": "1",
+               "GITHUB_TOKEN": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ACCESS_KEY_ID": "x", "MODELCD_TOKEN": "x",
+               "AZURE_CLIENT_SECRET": "x", "HTTPS_PROXY": "http://user:pass@proxy:3128", "PYTHONPATH": "/src",
+               "PYTHONHOME": "/py", "VIRTUAL_ENV": "/venv", "SSH_AUTH_SOCK": "/tmp/agent"}
+    kept = process_mod.inherited_env(environ)
+    assert set(kept) == {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                         "OMP_NUM_THREADS", "MKL_CBWR", "NVPL_BLAS_DEBUG_CPU_TYPE"}
+    assert all(kept[k] == environ[k] for k in kept)
+
+
 def test_model_that_fails_to_load_raises_with_the_log_excerpt(target: ProcessTarget, broken_bundle: Bundle,
                                                               spec_for: Spec) -> None:
     spec = spec_for(broken_bundle, version=9)
@@ -137,16 +177,17 @@ def test_model_that_fails_to_load_raises_with_the_log_excerpt(target: ProcessTar
     assert scoring_processes(target.home, spec.deployment_id) == []
 
 
-def test_health_timeout_stops_the_process(target: ProcessTarget, iris_bundle: Bundle, spec_for: Spec) -> None:
-    spec = spec_for(iris_bundle, health_timeout_s=0.2)
+def test_health_timeout_stops_the_process(target: ProcessTarget, slow_bundle: Bundle, spec_for: Spec) -> None:
+    # A model that is slow to load: a fast one can answer the first probe, which may outlast 0.2 s.
+    spec = spec_for(slow_bundle, version=8, health_timeout_s=0.2)
     with pytest.raises(DeployError, match="not healthy within 0.2s"):
         target.create(spec, lambda _: None, threading.Event())
     assert scoring_processes(target.home, spec.deployment_id) == []
 
 
-def test_cancel_while_starting_stops_the_process(target: ProcessTarget, iris_bundle: Bundle,
+def test_cancel_while_starting_stops_the_process(target: ProcessTarget, slow_bundle: Bundle,
                                                  spec_for: Spec) -> None:
-    spec = spec_for(iris_bundle)
+    spec = spec_for(slow_bundle, version=8)
     cancel = threading.Event()
 
     def on_line(line: str) -> None:

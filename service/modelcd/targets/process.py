@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,18 @@ ID_ENV = "MODELCD_DEPLOYMENT_ID"  # set in every scoring process: identity that 
 KEY_ENV = "MODELCD_SCORING_KEY"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PORT_TAKEN = re.compile(r"address already in use|eaddrinuse|errno 98\]|connection in use", re.IGNORECASE)
-# Control-plane variables that must not leak into scoring processes (secrets, other paths).
-_DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
+# What a scoring process inherits from the control plane: an allow-list, because a model's
+# own code runs there and the control plane's environment holds secrets (GITHUB_TOKEN, cloud
+# keys, MODELCD_*). Kept: what any program needs (paths, locale, time zone, temp dir, trust
+# store) and the knobs numeric libraries read (threads, CPU type). A model that needs more
+# gets it from its policy's ``env``.
+INHERITED_ENV = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
+    "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "CUDA_VISIBLE_DEVICES",
+    "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONHASHSEED",
+})
+INHERITED_ENV_PREFIXES = ("LC_", "OMP_", "KMP_", "OPENBLAS_", "GOTO_", "MKL_", "BLIS_", "NVPL_", "NUMEXPR_",
+                          "VECLIB_")
 _POLL_S = 0.1
 
 
@@ -89,6 +100,10 @@ class ProcessTarget(Target):
     def is_alive(self, rd: RunningDeployment) -> bool:
         """See ``Target.is_alive``."""
         return self._identify(rd.pid, rd.deployment_id) is not None and probe(rd.port) is not None
+
+    def exited(self, record: Deployment) -> bool:
+        """See ``Target.exited``: the recorded pid no longer runs this deployment."""
+        return bool(record.pid) and self._identify(record.pid or 0, record.id) is None
 
     def adopt(self, record: Deployment) -> RunningDeployment | None:
         """See ``Target.adopt``: pid alive, started for this deployment, running this bundle on
@@ -303,9 +318,14 @@ def _check_bundle(spec: DeploySpec) -> Path:
     return bundle
 
 
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The allow-listed part of ``environ`` (see INHERITED_ENV) that a scoring process inherits."""
+    return {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith(INHERITED_ENV_PREFIXES)}
+
+
 def _scoring_env(spec: DeploySpec, bundle: Path) -> dict[str, str]:
-    """The control plane's environment minus its own settings and secrets, plus the runtime's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCD_") and k not in _DROPPED_ENV}
+    """The inherited basics, then the policy's variables, then the runtime's (which win)."""
+    env = inherited_env(os.environ)
     env.update(spec.env)
     env.update(PYTHONPATH=str(bundle / "runtime"), PYTHONUNBUFFERED="1")
     env[ID_ENV] = spec.deployment_id
