@@ -29,6 +29,8 @@ class Settings(BaseModel):
     port: int = Field(8600, ge=1, le=65535)
     router_host: str = "127.0.0.1"
     router_port: int = Field(8700, ge=1, le=65535)
+    router_allow_open_endpoints: bool = Field(False, description="a router on a non-loopback host serves endpoints "
+                                              "without a key (auth none) too; otherwise they answer 403")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite in home")
     artifact_store: Literal["local", "s3"] = "local"
     s3_bucket: str | None = None

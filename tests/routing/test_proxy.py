@@ -191,7 +191,7 @@ def test_invalid_table_keeps_the_old_one(start_proxy: Callable[..., ProxyProcess
         time.sleep(0.05)
     assert call(p.port, "GET", "/-/healthz").json() | {"pid": 0} == {
         "status": "ok", "router": "modelcd", "generation": 3, "pid": 0, "table": str(p.table_path),
-        "table_error": None}
+        "table_error": None, "open_endpoints": "served"}
     assert _names(p.port, 5) == Counter({"b": 5})
 
 

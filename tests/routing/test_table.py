@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
 from modelcd.errors import ConfigError, InvalidInput
 from modelcd.routing import Backend, EndpointRoute, RoutingTable, WeightedChoice, get_router
+from modelcd.routing.base import listen_is_loopback, next_candidate
+from modelcd.routing.proxy import key_accepted
+
+H1 = hashlib.sha256(b"k1").hexdigest()
+H2 = hashlib.sha256(b"k2").hexdigest()
 
 
 def _table_dict(**backend: object) -> dict[str, object]:
@@ -91,14 +97,96 @@ def test_weighted_choice_skips_zero_weights() -> None:
     assert not WeightedChoice(["x", "y"], [0, 0])
 
 
-def test_weighted_choice_pick_other_excludes_one() -> None:
-    c = WeightedChoice(["a", "b", "c"], [50, 0, 50])
-    assert {c.pick_other(i / 10, "a") for i in range(10)} == {"c"}
-    assert WeightedChoice(["a", "b"], [1, 0]).pick_other(0.5, "a") is None
-
-
 def test_get_router_lists_known_names() -> None:
     with pytest.raises(ConfigError, match="known routers: builtin"):
         get_router("nginx")
     with pytest.raises(ConfigError, match="bad options"):
         get_router("builtin", nonsense=1)
+
+
+# -- keyed endpoints ------------------------------------------------------------------------
+def _keyed_dict(**route: object) -> dict[str, object]:
+    data = _table_dict()
+    data["endpoints"]["iris/production"].update(route)  # type: ignore[index]
+    return data
+
+
+def test_auth_round_trips_and_defaults_to_none() -> None:
+    b = Backend("d1", 1, "http://127.0.0.1:9000", 100)
+    keyed = RoutingTable(2, {"iris/production": EndpointRoute((b,), auth="key", key_hashes=(H1, H2))})
+    assert RoutingTable.from_json(keyed.to_json()) == keyed
+    assert json.loads(keyed.to_json())["endpoints"]["iris/production"] | {"backends": []} == {
+        "backends": [], "auth": "key", "key_hashes": [H1, H2]}
+    old = RoutingTable.from_dict(_table_dict())  # a table written before keyed endpoints
+    route = old.route("iris", "production")
+    assert route is not None and (route.auth, route.key_hashes) == ("none", ())
+    assert EndpointRoute((b,)) == EndpointRoute((b,), "none", ())
+    assert EndpointRoute((b,), auth="key").key_hashes == ()  # keyed without keys: refuses everything
+
+
+@pytest.mark.parametrize(("route", "says"), [
+    ({"auth": "token"}, ".auth"), ({"auth": None}, ".auth"), ({"auth": "KEY"}, ".auth"),
+    ({"auth": "key", "key_hashes": [H1.upper()]}, ".key_hashes"),
+    ({"auth": "key", "key_hashes": [H1[:63]]}, ".key_hashes"),
+    ({"auth": "key", "key_hashes": ["my-secret-key"]}, ".key_hashes"),
+    ({"auth": "key", "key_hashes": H1}, ".key_hashes"),
+    ({"auth": "key", "key_hashes": [H1] * 5}, ".key_hashes"),
+    ({"auth": "none", "key_hashes": [H1]}, ".key_hashes"),
+    ({"auth": "key", "keys": ["k1"]}, "unknown field"),
+])
+def test_rejects_bad_auth_values(route: dict[str, object], says: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid routing table") as e:
+        RoutingTable.from_dict(_keyed_dict(**route))
+    assert says in e.value.message and "endpoints['iris/production']" in e.value.message
+    assert e.value.field is not None and e.value.field.startswith("endpoints['iris/production']")
+    assert "my-secret-key" not in e.value.message  # something pasted as a digest may be a key
+
+
+def test_endpoint_route_validates_auth() -> None:
+    b = Backend("d1", 1, "http://127.0.0.1:9000", 100)
+    with pytest.raises(InvalidInput, match="auth") as e:
+        EndpointRoute((b,), auth="basic")
+    assert e.value.field == "route.auth"
+    with pytest.raises(InvalidInput, match="key_hashes"):
+        EndpointRoute((b,), auth="key", key_hashes=("x" * 64,))
+
+
+def test_key_accepted_needs_exact_bearer_key() -> None:
+    digests = (bytes.fromhex(H1), bytes.fromhex(H2))
+    assert key_accepted(b"Bearer k1", digests) and key_accepted(b"Bearer k2", digests)
+    for value in (None, b"", b"k1", b"Bearer", b"Bearer ", b"bearer k1", b"Bearer  k1", b"Bearer k1 ",
+                  b"Bearer k1\t", b"Basic k1", b"Bearer k3", b" Bearer k1"):
+        assert not key_accepted(value, digests), value
+    assert not key_accepted(b"Bearer k1", ())  # keyed with no keys: nothing is accepted
+    key = "clé-ü".encode()
+    assert key_accepted(b"Bearer " + key, (hashlib.sha256(key).digest(),))
+
+
+# -- non-loopback safety ---------------------------------------------------------------------
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("LOCALHOST", True), ("::ffff:127.0.0.1", True),
+    ("0.0.0.0", False), ("::", False), ("", False), ("192.168.1.20", False), ("10.0.0.1", False),
+    ("fe80::1%eth0", False), ("example.com", False), ("localhost.example.com", False), ("128.0.0.1", False),
+])
+def test_listen_is_loopback(host: str, loopback: bool) -> None:
+    assert listen_is_loopback(host) is loopback
+
+
+# -- failover order --------------------------------------------------------------------------
+def test_next_candidate_prefers_weighted_then_standby_then_down() -> None:
+    items, weights = ["a", "b", "standby"], [70, 30, 0]
+    assert [next_candidate(items, weights, [], [], r) for r in (0.0, 0.69, 0.7, 0.99)] == ["a", "a", "b", "b"]
+    assert {next_candidate(items, weights, ["a"], [], i / 10) for i in range(10)} == {"b"}
+    assert next_candidate(items, weights, ["a", "b"], [], 0.5) == "standby"
+    assert next_candidate(items, weights, [], ["a"], 0.1) == "b"  # a marked down: skipped
+    assert next_candidate(items, weights, [], ["a", "b"], 0.1) == "standby"
+    assert next_candidate(items, weights, ["standby"], ["a", "b"], 0.1) == "a"  # a mark may be stale
+    assert next_candidate(items, weights, ["a", "b", "standby"], [], 0.5) is None
+
+
+def test_next_candidate_spreads_over_standbys_and_ignores_zero_weight_when_weighted_left() -> None:
+    items, weights = ["a", "s1", "s2"], [100, 0, 0]
+    assert {next_candidate(items, weights, [], [], i / 10) for i in range(10)} == {"a"}
+    assert {next_candidate(items, weights, ["a"], [], i / 10) for i in range(10)} == {"s1", "s2"}
+    assert next_candidate(items, weights, ["a"], ["s1"], 0.0) == "s2"

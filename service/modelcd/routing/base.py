@@ -12,11 +12,12 @@ This module is standard library only: the router process imports it too.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import json
 import re
 from abc import ABC, abstractmethod
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any, ClassVar, Generic, TypeVar
@@ -29,6 +30,9 @@ SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 BACKEND_URL_RE = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[^\s?#]*)?")
 ID_RE = re.compile(r"[!-~]{1,128}")  # it goes into a response header: printable ASCII, no spaces
 MAX_WEIGHT = 1_000_000
+AUTH_MODES = ("none", "key")  # "key": the router answers 401 unless the request bears a valid key
+KEY_HASH_RE = re.compile(r"[0-9a-f]{64}")  # lowercase hex sha256 of a key's UTF-8 bytes
+MAX_KEYS = 4  # valid keys per endpoint: enough to rotate without a gap, few enough to try them all
 
 T = TypeVar("T")
 
@@ -60,6 +64,23 @@ def _route_problems(where: str, backends: Sequence[Backend]) -> list[str]:
     ids = [b.id for b in backends]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     return [f"{where}.backends: duplicate backend id(s) {', '.join(dupes)}"] if dupes else []
+
+
+def _auth_problems(where: str, auth: object, key_hashes: object) -> list[str]:
+    """Every reason these values cannot be an endpoint's ``auth`` and ``key_hashes``."""
+    problems: list[str] = []
+    if auth not in AUTH_MODES or not isinstance(auth, str):
+        problems.append(f"{where}.auth: must be one of {', '.join(map(repr, AUTH_MODES))} (got {auth!r})")
+    if not isinstance(key_hashes, list | tuple):
+        return [*problems, f"{where}.key_hashes: must be a list of sha256 hex digests (got {key_hashes!r})"]
+    if len(key_hashes) > MAX_KEYS:
+        problems.append(f"{where}.key_hashes: at most {MAX_KEYS} keys per endpoint (got {len(key_hashes)})")
+    bad = [h for h in key_hashes if not isinstance(h, str) or not KEY_HASH_RE.fullmatch(h)]
+    if bad:  # a digest is not a secret, but a malformed one could be a key pasted by mistake: don't echo it
+        problems.append(f"{where}.key_hashes: {len(bad)} item(s) are not lowercase hex sha256 digests (64 of 0-9a-f)")
+    if auth == "none" and key_hashes:
+        problems.append(f"{where}.key_hashes: must be empty when auth is 'none' (set auth to 'key' to use them)")
+    return problems
 
 
 def _key_problems(key: object) -> list[str]:
@@ -94,13 +115,22 @@ class Backend:
 
 @dataclass(frozen=True)
 class EndpointRoute:
-    """The backends of one endpoint. Backend ids are unique within it."""
+    """The backends of one endpoint and who may call it. Backend ids are unique within it.
+
+    ``auth`` is "none" (anyone who reaches the router) or "key": then a scoring request must
+    carry ``Authorization: Bearer <key>`` with ``sha256(key.encode()).hexdigest()`` in
+    ``key_hashes`` (at most ``MAX_KEYS``; none means every request is refused). The router
+    holds digests only, never keys."""
 
     backends: tuple[Backend, ...]
+    auth: str = "none"
+    key_hashes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", tuple(self.backends))
-        _raise(_route_problems("route", self.backends))
+        if isinstance(self.key_hashes, list):
+            object.__setattr__(self, "key_hashes", tuple(self.key_hashes))
+        _raise(_route_problems("route", self.backends) + _auth_problems("route", self.auth, self.key_hashes))
 
     @property
     def total_weight(self) -> int:
@@ -111,7 +141,8 @@ class EndpointRoute:
         return {b.id: b.weight for b in self.backends}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backends": [b.to_dict() for b in self.backends]}
+        return {"backends": [b.to_dict() for b in self.backends], "auth": self.auth,
+                "key_hashes": list(self.key_hashes)}
 
 
 @dataclass(frozen=True)
@@ -185,12 +216,20 @@ class RoutingTable:
         return cls.from_dict(data)
 
 
+ROUTE_FIELDS = frozenset({"backends", "auth", "key_hashes"})
+
+
 def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[str]]:
     where = f"endpoints[{key!r}]"
-    items = raw.get("backends") if isinstance(raw, Mapping) else None
+    raw = raw if isinstance(raw, Mapping) else {}
+    items = raw.get("backends")
     if not isinstance(items, list):
         return None, [f"{where}.backends: must be a list of {{id, version, url, weight}}"]
-    problems: list[str] = []
+    # Tables written before keyed endpoints have neither field: they mean an open endpoint.
+    auth, key_hashes = raw.get("auth", "none"), raw.get("key_hashes", [])
+    extra = sorted(map(str, set(raw) - ROUTE_FIELDS))
+    problems = [f"{where}: unknown field(s) {', '.join(extra)}"] if extra else []
+    problems += _auth_problems(where, auth, key_hashes)
     backends: list[Backend] = []
     for i, item in enumerate(items):
         at = f"{where}.backends[{i}]"
@@ -206,7 +245,7 @@ def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[s
         if not found:
             backends.append(Backend(*values))  # type: ignore[arg-type]
     problems += _route_problems(where, backends)
-    return (None if problems else EndpointRoute(tuple(backends))), problems
+    return (None if problems else EndpointRoute(tuple(backends), auth, tuple(key_hashes))), problems
 
 
 class WeightedChoice(Generic[T]):
@@ -235,12 +274,37 @@ class WeightedChoice(Generic[T]):
             return None
         return self._items[min(bisect_right(self._cum, r * self._total), len(self._items) - 1)]
 
-    def pick_other(self, r: float, exclude: T) -> T | None:
-        """Like ``pick`` among the items other than ``exclude`` (failover); None if none."""
-        others = [(i, w) for i, w in zip(self._items, self._weights, strict=True) if i is not exclude]
-        if not others:
-            return None
-        return WeightedChoice([i for i, _ in others], [w for _, w in others]).pick(r)
+
+
+def next_candidate(items: Sequence[T], weights: Sequence[int], tried: Collection[T], down: Collection[T],
+                   r: float) -> T | None:
+    """Where a request goes next (first try or failover) among an endpoint's backends.
+
+    In order: a weighted pick among the weighted items (weight > 0) neither tried nor down;
+    then a standby (weight 0) neither tried nor down, picked evenly; then the same two among
+    the down items (a mark may be stale, and trying beats answering 502 unasked). None once
+    every item was tried. ``r`` is uniform in [0, 1), as for ``WeightedChoice``."""
+    fresh = [(i, w) for i, w in zip(items, weights, strict=True) if i not in tried]
+    for usable in ([p for p in fresh if p[0] not in down], [p for p in fresh if p[0] in down]):
+        weighted = [p for p in usable if p[1] > 0]
+        pool = weighted or [(i, 1) for i, _ in usable]
+        if pool:
+            return WeightedChoice([i for i, _ in pool], [w for _, w in pool]).pick(r)
+    return None
+
+
+def listen_is_loopback(host: str) -> bool:
+    """Whether a router listening on ``host`` is reachable from this machine only:
+    127.0.0.0/8, ::1 and "localhost" are; every other name or address ("", 0.0.0.0, ::, a
+    LAN address) is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class Router(ABC):

@@ -48,7 +48,7 @@ class BuiltinRouter(Router):
 
     def __init__(self, home: Path, host: str = "127.0.0.1", port: int = 8700, *,
                  start_timeout: float = 15.0, stop_timeout: float = 35.0, probe_timeout: float = 2.0,
-                 python: str | None = None) -> None:
+                 python: str | None = None, allow_open_endpoints: bool = False) -> None:
         self.dir = Path(home).resolve() / "router"
         self.table_path = self.dir / "table.json"
         self.pid_path = self.dir / "router.pid"
@@ -60,6 +60,9 @@ class BuiltinRouter(Router):
         self.stop_timeout = stop_timeout
         self.probe_timeout = probe_timeout  # a health check slower than this counts as a failure
         self.python = python or sys.executable
+        # Serve endpoints without a key (auth none) on a non-loopback host too
+        # (MODELCD_ROUTER_ALLOW_OPEN_ENDPOINTS); a router adopted after a restart keeps the value it was started with.
+        self.allow_open_endpoints = allow_open_endpoints
         self._admin_host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
         self._lock = threading.RLock()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -187,6 +190,8 @@ class BuiltinRouter(Router):
     def _start(self) -> None:
         cmd = [self.python, "-m", "modelcd.routing.proxy", "--table", str(self.table_path),
                "--host", self.host, "--port", str(self.port)]
+        if self.allow_open_endpoints:
+            cmd.append("--allow-open-endpoints")
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)

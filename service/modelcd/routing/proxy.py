@@ -21,6 +21,8 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -38,7 +40,14 @@ from urllib.parse import urlsplit
 import httptools
 
 from modelcd.errors import InvalidInput
-from modelcd.routing.base import Backend, RoutingTable, WeightedChoice
+from modelcd.routing.base import (
+    Backend,
+    EndpointRoute,
+    RoutingTable,
+    WeightedChoice,
+    listen_is_loopback,
+    next_candidate,
+)
 
 log = logging.getLogger("modelcd.router")
 
@@ -46,7 +55,8 @@ ADMIN_PREFIX = b"/-/"
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"})
 # Request headers the router reads or rewrites; all others pass through as they came.
-_REQUEST_SPECIAL = HOP_BY_HOP | {b"content-length", b"expect", b"host", b"x-forwarded-for"}
+_REQUEST_SPECIAL = HOP_BY_HOP | {b"authorization", b"content-length", b"expect", b"host", b"x-forwarded-for"}
+OPEN_SETTING = "MODELCD_ROUTER_ALLOW_OPEN_ENDPOINTS"
 RESPONSE_DROP = HOP_BY_HOP | {b"x-modelcd-version", b"x-modelcd-deployment"}
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 MAX_PIPELINED = 16  # requests queued on one client connection before we stop reading it
@@ -73,18 +83,33 @@ class Options:
     poll_interval: float = 0.5  # how often the table file's identity is checked
     drain_timeout: float = 30.0  # SIGTERM waits this long for in-flight requests
     max_idle_per_backend: int = 64
+    # Request heads are bounded so a hostile client cannot make the router grow or stall.
+    max_request_line: int = 8 * 1024  # bytes of URL; longer gets 414
+    max_header_bytes: int = 32 * 1024  # all header lines together; more gets 431
+    max_headers: int = 100  # header lines; more gets 431
+    header_timeout: float = 10.0  # a request head (or a new connection's first) not complete by then gets 408
+    backend_down_time: float = 1.0  # a backend that refused a connection is skipped this long (passive health)
+    allow_open_endpoints: bool = False  # serve auth "none" endpoints even when exposed (see ``exposed``)
+    # Whether clients beyond this machine can reach the router; None: computed from ``host``.
+    # Exposed routers refuse open endpoints unless allowed. Set it for a loopback listener
+    # that is reachable from outside anyway (a port forward), and in tests.
+    exposed: bool | None = None
 
 
-class _TooLarge(Exception):
-    """A request body passed the size cap."""
+class _Refused(Exception):
+    """A request passed a limit while being parsed: answer ``status`` and close."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.answer = (status, code, message)
 
 
 class Request:
     """One parsed client request, body fully read (scoring bodies are small and idempotent,
     so buffering makes a retry on another backend possible)."""
 
-    __slots__ = ("body", "error", "forwarded_for", "has_host", "http10", "keep_alive", "lines", "method", "named",
-                 "url")
+    __slots__ = ("auth_lines", "authorization", "body", "error", "forwarded_for", "has_host", "http10", "keep_alive",
+                 "lines", "method", "named", "url")
 
     def __init__(self, method: bytes, url: bytes, body: bytes, keep_alive: bool, http10: bool,
                  error: tuple[int, str, str] | None = None) -> None:
@@ -98,6 +123,10 @@ class Request:
         self.forwarded_for = b""  # the client's X-Forwarded-For, if any
         self.has_host = False
         self.named: set[bytes] | None = None  # extra hop-by-hop names from the Connection header
+        # The Authorization value, b"" when sent more than once (ambiguous: never a valid key);
+        # its lines go to the backends of open endpoints only.
+        self.authorization: bytes | None = None
+        self.auth_lines = b""
 
 
 class Target:
@@ -115,14 +144,44 @@ class Target:
             backend.version, backend.id.encode())
 
 
+class Route:
+    """One endpoint of the applied table: its backends, the weighted choice among them, and
+    what a request needs to be let through."""
+
+    __slots__ = ("choice", "digests", "key", "keyed", "name", "targets", "weights")
+
+    def __init__(self, key: bytes, route: EndpointRoute, targets: list[Target]) -> None:
+        self.key = key  # b"model/env"
+        self.name = key.decode("latin-1")  # the same, for messages
+        self.targets = targets
+        self.weights = [b.weight for b in route.backends]
+        self.choice = WeightedChoice(targets, self.weights)
+        self.keyed = route.auth == "key"
+        self.digests = tuple(bytes.fromhex(h) for h in route.key_hashes)
+
+
 class _State:
     """One applied table: the table itself and its routes keyed by b"model/env"."""
 
     __slots__ = ("routes", "table")
 
-    def __init__(self, table: RoutingTable, routes: dict[bytes, WeightedChoice[Target]]) -> None:
+    def __init__(self, table: RoutingTable, routes: dict[bytes, Route]) -> None:
         self.table = table
         self.routes = routes
+
+
+def key_accepted(authorization: bytes | None, digests: tuple[bytes, ...]) -> bool:
+    """Whether an Authorization value is ``Bearer <key>`` with sha256(key) among ``digests``.
+    The key is taken as sent (no trimming, no decoding). Every digest is compared, each in
+    constant time, whatever matched before: the timing tells nothing about which key matched
+    or how close a guess came."""
+    if authorization is None or not authorization.startswith(b"Bearer "):
+        return False
+    presented = hashlib.sha256(authorization[7:]).digest()
+    accepted = False
+    for digest in digests:
+        accepted |= hmac.compare_digest(presented, digest)
+    return accepted
 
 
 class UpstreamPool:
@@ -135,6 +194,7 @@ class UpstreamPool:
         self.options = options
         self.idle: list[UpstreamConnection] = []
         self.closed = False
+        self.down_until = 0.0  # loop time until which requests skip this backend (0: up)
 
     def take(self) -> UpstreamConnection | None:
         """An idle open connection, or None."""
@@ -226,24 +286,24 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class Forward:
-    """One client request on its way to a backend: picks the backend, and on failure before
-    any response byte tries a fresh connection (when a pooled one was stale) and then one
-    other backend of weight > 0. Answers the client with 502/504 when all that fails."""
+    """One client request on its way to a backend. When an attempt fails before any response
+    byte it tries a fresh connection (a pooled one may have gone stale), then marks the
+    backend down and goes on with the next candidate of the endpoint (``next_candidate``:
+    other weighted backends, then standbys). Answers the client with 502/504 when all that
+    fails."""
 
-    __slots__ = ("choice", "client", "fresh_tried", "has_host", "headers", "key", "other_tried", "req", "rest",
-                 "server", "target")
+    __slots__ = ("client", "fresh_tried", "has_host", "headers", "req", "rest", "route", "server", "target", "tried")
 
-    def __init__(self, server: RouterServer, client: ClientConnection, req: Request,
-                 choice: WeightedChoice[Target], key: bytes, rest: bytes) -> None:
+    def __init__(self, server: RouterServer, client: ClientConnection, req: Request, route: Route,
+                 rest: bytes) -> None:
         self.server = server
         self.client = client
         self.req = req
-        self.choice = choice
-        self.key = key
+        self.route = route
         self.rest = rest
-        self.headers, self.has_host = server.request_headers(client, req, key)
+        self.headers, self.has_host = server.request_headers(client, req, route)
         self.fresh_tried = False
-        self.other_tried = False
+        self.tried: list[Target] = []
         self.target: Target | None = None
 
     def send(self, target: Target, fresh: bool = False) -> None:
@@ -267,25 +327,15 @@ class Forward:
 
     def attempt_done(self, exchange: Exchange | None, outcome: str) -> None:
         """Called once per attempt: retry, fail over, or settle the request."""
-        target, client, req, key = self.target, self.client, self.req, self.key
+        target, client, req = self.target, self.client, self.req
         assert target is not None
         if outcome == RETRY:
-            if exchange is not None and exchange.reused and not self.fresh_tried:
-                self.fresh_tried = True  # a stale keep-alive connection; its siblings likely too
-                target.pool.close_idle()
-                self.send(target, fresh=True)
-                return
-            other = None if self.other_tried else self.choice.pick_other(random.random(), target)
-            if other is not None:
-                log.warning("backend %s of %s unreachable; retrying on %s",
-                            target.backend.id, key.decode("latin-1"), other.backend.id)
-                self.other_tried = True
-                self.fresh_tried = False
-                self.send(other)
-                return
-            log.warning("no backend of %s reachable", key.decode("latin-1"))
-            client.respond_error(req, 502, "bad_gateway", f"no backend of {key.decode('latin-1')!r} answered")
-        elif outcome != OK and exchange is not None and exchange.flushed:
+            self._fail_over(exchange, target)
+            return
+        if outcome == OK:
+            if target.pool.down_until:
+                self.server.mark_up(target.pool)
+        elif exchange is not None and exchange.flushed:
             log.warning("backend %s: response %s midway; closing the client connection",
                         target.backend.id, "timed out" if outcome == TIMEOUT else "cut")
             client.closing = True
@@ -294,6 +344,28 @@ class Forward:
         elif outcome == ABORT:
             client.respond_error(req, 502, "bad_gateway", "the backend's response was cut or malformed")
         client.request_done()
+
+    def _fail_over(self, exchange: Exchange | None, target: Target) -> None:
+        """The attempt on ``target`` failed before any response byte: safe to send elsewhere."""
+        server = self.server
+        stale = exchange is not None and exchange.reused and not self.fresh_tried
+        if stale and target.pool.down_until <= server.loop.time():
+            self.fresh_tried = True  # a stale keep-alive connection; its siblings likely too
+            target.pool.close_idle()
+            self.send(target, fresh=True)
+            return
+        server.mark_down(target.pool)
+        self.tried.append(target)
+        other = server.next_target(self.route, self.tried)
+        if other is not None:
+            log.warning("backend %s of %s unreachable (skipped for %gs); retrying on %s", target.backend.id,
+                        self.route.name, server.options.backend_down_time, other.backend.id)
+            self.fresh_tried = False
+            self.send(other)
+            return
+        log.warning("no backend of %s reachable", self.route.name)
+        self.client.respond_error(self.req, 502, "bad_gateway", f"no backend of {self.route.name!r} answered")
+        self.client.request_done()
 
 
 class Exchange:
@@ -511,6 +583,12 @@ class ClientConnection(asyncio.Protocol):
         self._has_body = False
         self._expect = False
         self._error: tuple[int, str, str] | None = None
+        self._in_head = False  # a request head has begun and is not complete
+        self._head_bytes = 0  # bytes of that head received so far (see _count_head)
+        self._headers = 0  # its header lines parsed so far ...
+        self._header_bytes = 0  # ... and their size
+        self._begun = 0  # requests begun on this connection
+        self.head_deadline = 0.0  # loop time by which the awaited head must be complete (0: none awaited)
 
     # -- transport callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -519,6 +597,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.peer_bytes = self.peer.encode()
         self.last_active = self.server.loop.time()
+        self.head_deadline = self.last_active + self.server.options.header_timeout  # a silent client is cut too
         self.server.clients.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -529,6 +608,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.server.loop.time()
+        size, carried, idle, begun = len(data), self._in_head, not self.in_message, self._begun
         while data and not self.discarding:
             try:
                 self.parser.feed_data(data)
@@ -539,16 +619,36 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     data = data[e.args[0]:]  # upgrade ignored, as HTTP allows: go on with HTTP/1.1
             except httptools.HttpParserCallbackError as e:
-                if isinstance(e.__context__, _TooLarge):
-                    self._reject(413, "payload_too_large",
-                                 f"request body is larger than {self.server.options.max_body} bytes")
+                if isinstance(e.__context__, _Refused):
+                    self._reject(*e.__context__.answer)
                 else:
                     log.error("internal error parsing a request", exc_info=e.__context__)
                     self._reject(500, "internal_error", "the router failed; see its log")
             except httptools.HttpParserError as e:
                 self._reject(400, "bad_request", f"malformed HTTP request: {e}")
+        if self._in_head and not self.discarding:
+            self._count_head(size, (carried and self._begun == begun) or (idle and self._begun == begun + 1))
         if self.in_message and not self.discarding:
             _quickack(self.transport)
+        self._next()
+
+    def _count_head(self, size: int, whole: bool) -> None:
+        """Bound a head still incomplete after a read. httptools buffers a header line until
+        it ends, unseen by us, so its growth is counted here by reads: a read that began
+        inside this head (``whole``) counts in full; one where it began after another
+        request counts 0, so a head may overshoot the limit by one read (<= 256 KiB) at most."""
+        if whole:
+            self._head_bytes += size
+        options = self.server.options
+        if self._head_bytes > options.max_request_line + options.max_header_bytes:
+            self._reject(431, "headers_too_large",
+                         f"request head is larger than {options.max_request_line + options.max_header_bytes} bytes")
+
+    def head_timed_out(self) -> None:
+        """The awaited request head did not arrive in time (a slow or silent client)."""
+        self.head_deadline = 0.0
+        self._reject(408, "request_timeout",
+                     f"the request head was not complete within {self.server.options.header_timeout:g}s")
         self._next()
 
     def pause_writing(self) -> None:
@@ -562,6 +662,10 @@ class ClientConnection(asyncio.Protocol):
     # -- request parser callbacks --------------------------------------------------------
     def on_message_begin(self) -> None:
         self.in_message = True
+        self._in_head = True
+        self._head_bytes = self._headers = self._header_bytes = 0
+        self._begun += 1
+        self.head_deadline = self.last_active + self.server.options.header_timeout
         self._url = b""
         self._req = Request(b"", b"", b"", False, False)
         self._body = []
@@ -570,18 +674,31 @@ class ClientConnection(asyncio.Protocol):
         self._error = None
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        self._url += url  # httptools passes the URL in pieces as they arrive: checked as it grows
+        limit = self.server.options.max_request_line
+        if len(self._url) > limit:
+            raise _Refused(414, "uri_too_long", f"request URL is longer than {limit} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers += 1
+        self._header_bytes += len(name) + len(value) + 4
+        options = self.server.options
+        if self._headers > options.max_headers or self._header_bytes > options.max_header_bytes:
+            raise _Refused(431, "headers_too_large", f"request has more than {options.max_headers} headers or "
+                           f"more than {options.max_header_bytes} bytes of them")
         lname = name.lower()
         if lname not in _REQUEST_SPECIAL:
             self._req.lines.append(b"%s: %s\r\n" % (name, value))
+        elif lname == b"authorization":
+            req = self._req
+            req.authorization = value if req.authorization is None else b""
+            req.auth_lines += b"%s: %s\r\n" % (name, value)
         elif lname == b"host":
             self._req.has_host = True
             self._req.lines.append(b"%s: %s\r\n" % (name, value))
         elif lname == b"content-length":
-            if value.strip().isdigit() and int(value) > self.server.options.max_body:
-                raise _TooLarge()
+            if value.strip().isdigit() and int(value) > options.max_body:
+                raise self._too_large()
             self._has_body = self._has_body or value.strip() not in (b"0", b"")
         elif lname == b"transfer-encoding":
             self._has_body = True
@@ -595,6 +712,8 @@ class ClientConnection(asyncio.Protocol):
                 self._req.named = (self._req.named or set()) | named
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self.head_deadline = 0.0
         if self.parser.should_upgrade() and (self._has_body or self.parser.get_method() == b"CONNECT"):
             # llhttp skips the body of an upgrade request, so we could not forward it whole;
             # a bodiless one (curl's h2c offer) is served as plain HTTP/1.1 instead.
@@ -605,8 +724,11 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self.server.options.max_body:
-            raise _TooLarge()
+            raise self._too_large()
         self._body.append(body)
+
+    def _too_large(self) -> _Refused:
+        return _Refused(413, "payload_too_large", f"request body is larger than {self.server.options.max_body} bytes")
 
     def on_message_complete(self) -> None:
         self.in_message = False
@@ -629,8 +751,9 @@ class ClientConnection(asyncio.Protocol):
         close: the rest of the byte stream cannot be trusted, so it is read and dropped
         until then (closing with unread input would reset the connection before the client
         reads our answer)."""
-        self.in_message = False
+        self.in_message = self._in_head = False
         self.discarding = True
+        self.head_deadline = 0.0
         self.queue.append(Request(b"", b"", b"", False, False, (status, code, message)))
 
     def _next(self) -> None:
@@ -687,17 +810,17 @@ class ClientConnection(asyncio.Protocol):
             return b"connection: close\r\n"
         return b"connection: keep-alive\r\n" if req.http10 else b""
 
-    def respond(self, req: Request, status: int, body: bytes) -> None:
-        """Write a complete response generated by the router itself."""
-        self.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (
-            status, _reason(status), len(body), self.connection_header(req),
+    def respond(self, req: Request, status: int, body: bytes, extra: bytes = b"") -> None:
+        """Write a complete response generated by the router itself; ``extra``: more header lines."""
+        self.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s%s\r\n%s" % (
+            status, _reason(status), len(body), extra, self.connection_header(req),
             b"" if req.method == b"HEAD" else body))
 
-    def respond_json(self, req: Request, status: int, payload: dict[str, Any]) -> None:
-        self.respond(req, status, json.dumps(payload).encode())
+    def respond_json(self, req: Request, status: int, payload: dict[str, Any], extra: bytes = b"") -> None:
+        self.respond(req, status, json.dumps(payload).encode(), extra)
 
-    def respond_error(self, req: Request, status: int, code: str, message: str) -> None:
-        self.respond_json(req, status, {"error": code, "message": message})
+    def respond_error(self, req: Request, status: int, code: str, message: str, extra: bytes = b"") -> None:
+        self.respond_json(req, status, {"error": code, "message": message}, extra)
 
 
 class RouterServer:
@@ -714,11 +837,14 @@ class RouterServer:
         self.file_id: tuple[int, int, int] | None = None
         self.draining = False
         self.ticks = 0
+        self.down_pools: set[UpstreamPool] = set()  # backends marked down; empty: every pick takes the fast path
+        exposed = options.exposed if options.exposed is not None else not listen_is_loopback(options.host)
+        self.refuse_open = exposed and not options.allow_open_endpoints
 
     # -- table ---------------------------------------------------------------------------
     def apply(self, table: RoutingTable) -> None:
         """Swap in ``table`` (one reference assignment), then drop pools nobody routes to."""
-        routes: dict[bytes, WeightedChoice[Target]] = {}
+        routes: dict[bytes, Route] = {}
         used: set[tuple[str, int]] = set()
         for key, route in table.endpoints.items():
             targets = []
@@ -730,11 +856,13 @@ class RouterServer:
                 if pool is None:
                     pool = self.pools[addr] = UpstreamPool(addr[0], addr[1], self.options)
                 targets.append(Target(backend, pool))
-            routes[key.encode()] = WeightedChoice(targets, [b.weight for b in route.backends])
+            routes[key.encode()] = Route(key.encode(), route, targets)
         old = self.state.table.generation
         self.state = _State(table, routes)
         for addr in set(self.pools) - used:
-            self.pools.pop(addr).close()
+            pool = self.pools.pop(addr)
+            pool.close()
+            self.down_pools.discard(pool)
         log.info("applied table generation %d (was %d): %d endpoint(s)", table.generation, old, len(routes))
 
     def reload(self) -> int:
@@ -777,6 +905,7 @@ class RouterServer:
         late = now - self.options.upstream_timeout
         for exchange in [e for e in self.inflight if e.started < late]:
             exchange.timed_out()
+        self._tick_clients(now)
         self.ticks += 1
         if self.ticks % 4:
             return
@@ -786,6 +915,33 @@ class RouterServer:
         for client in list(self.clients):
             if not client.busy and client.last_active < limit:
                 client.transport.close()  # type: ignore[union-attr]
+
+    def _tick_clients(self, now: float) -> None:
+        """Cut clients whose request head is late; forget down marks that ran out."""
+        for client in [c for c in self.clients if c.head_deadline and c.head_deadline < now]:
+            client.head_timed_out()
+        for pool in [p for p in self.down_pools if p.down_until <= now]:
+            self.mark_up(pool)
+
+    # -- backend health (passive: learned from failed connections) ------------------------
+    def mark_down(self, pool: UpstreamPool) -> None:
+        """Skip this backend for ``backend_down_time``; then it is tried again."""
+        pool.down_until = self.loop.time() + self.options.backend_down_time
+        self.down_pools.add(pool)
+
+    def mark_up(self, pool: UpstreamPool) -> None:
+        pool.down_until = 0.0
+        self.down_pools.discard(pool)
+
+    def next_target(self, route: Route, tried: list[Target]) -> Target | None:
+        """The backend for a request's next attempt (see ``next_candidate``)."""
+        if not self.down_pools and not tried:
+            return route.choice.pick(random.random())  # the common case: nothing is down
+        now = self.loop.time()
+        down = [t for t in route.targets if t.pool.down_until > now]
+        if not down and not tried:
+            return route.choice.pick(random.random())
+        return next_candidate(route.targets, route.weights, tried, down, random.random())
 
     # -- requests ------------------------------------------------------------------------
     def dispatch(self, client: ClientConnection, req: Request) -> None:
@@ -802,35 +958,60 @@ class RouterServer:
             return
         path, sep, query = url.partition(b"?")
         parts = path.split(b"/", 3)
-        choice, key = None, b""
+        route, key = None, b""
         if len(parts) >= 3 and not parts[0] and parts[1] and parts[2]:
             key = parts[1] + b"/" + parts[2]
-            choice = self.state.routes.get(key)  # the one read of the table for this request
-        if choice is None:
+            route = self.state.routes.get(key)  # the one read of the table for this request
+        if route is None:
             where = repr(key.decode("latin-1")) if key else "here: use /{model}/{env}/..."
             client.respond_error(req, 404, "not_found", f"no endpoint {where}")
             client.request_done()
             return
-        target = choice.pick(random.random())
+        if self.refused(client, req, route):
+            client.request_done()
+            return
+        target = self.next_target(route, []) if route.choice else None
         if target is None:
-            client.respond_error(req, 503, "no_backend",
-                                 f"endpoint {key.decode('latin-1')!r} has no backend with weight > 0")
+            client.respond_error(req, 503, "no_backend", f"endpoint {route.name!r} has no backend with weight > 0")
             client.request_done()
             return
         rest = b"/" + parts[3] if len(parts) == 4 else b"/"
         if sep:
             rest += b"?" + query
-        Forward(self, client, req, choice, key, rest).send(target)
+        Forward(self, client, req, route, rest).send(target)
+
+    def refused(self, client: ClientConnection, req: Request, route: Route) -> bool:
+        """The access check, the only one: answer 401 (keyed endpoint, no valid key) or 403
+        (open endpoint on an exposed router) and return True, or return False to go on."""
+        if route.keyed:
+            if key_accepted(req.authorization, route.digests):
+                return False
+            model, _, env = route.name.partition("/")
+            client.respond_error(req, 401, "unauthorized", (
+                f"endpoint {route.name!r} needs a key: send Authorization: Bearer <endpoint key>; "
+                f"get the keys with `modelcd endpoints keys {model} --env {env}`"),
+                b'www-authenticate: Bearer realm="modelcd"\r\n')
+            return True
+        if self.refuse_open:
+            client.respond_error(req, 403, "open_endpoint_refused", (
+                f"endpoint {route.name!r} has no key (auth none) and this router listens on {self.options.host!r}, "
+                f"which other machines may reach: give the endpoint a key (auth: key), or set "
+                f"{OPEN_SETTING}=true to serve open endpoints there anyway"))
+            return True
+        return False
 
     @staticmethod
-    def request_headers(client: ClientConnection, req: Request, key: bytes) -> tuple[bytes, bool]:
+    def request_headers(client: ClientConnection, req: Request, route: Route) -> tuple[bytes, bool]:
         """The request's headers as backends get them (end-to-end ones, forwarding headers, a
-        known length; no blank line) and whether they hold a Host."""
+        known length; no blank line) and whether they hold a Host. The key of a keyed endpoint
+        stays here: its backends never see it."""
         lines = req.lines
+        if req.auth_lines and not route.keyed:
+            lines = [*lines, req.auth_lines]
         if req.named:  # rare: headers the client declared hop-by-hop in Connection
             lines = [line for line in lines if line.split(b":", 1)[0].lower() not in req.named]
         out = [*lines, b"x-forwarded-for: ", req.forwarded_for, client.peer_bytes, b"\r\nx-forwarded-prefix: /",
-               key, b"\r\n"]
+               route.key, b"\r\n"]
         if req.body or req.method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             out.append(b"content-length: %d\r\n" % len(req.body))
         return b"".join(out), req.has_host
@@ -859,7 +1040,8 @@ class RouterServer:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "router": "modelcd", "generation": self.state.table.generation,
-                "pid": os.getpid(), "table": str(self.options.table), "table_error": self.table_error}
+                "pid": os.getpid(), "table": str(self.options.table), "table_error": self.table_error,
+                "open_endpoints": "refused" if self.refuse_open else "served"}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def drain(self) -> None:
@@ -910,6 +1092,9 @@ async def serve(options: Options) -> int:
     loop.call_later(options.poll_interval, server.tick)
     log.info("router pid %d listening on %s:%d, table %s, loop %s", os.getpid(), options.host, options.port,
              options.table, type(loop).__module__)
+    if server.refuse_open:
+        log.warning("other machines may reach %s: endpoints without a key (auth none) answer 403; "
+                    "set %s=true to serve them", options.host, OPEN_SETTING)
     await stop.wait()
     log.info("stopping: draining %d connection(s)", len(server.clients))
     listener.close()
@@ -941,11 +1126,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
     p.add_argument("--upstream-timeout", type=float, default=Options.upstream_timeout)
     p.add_argument("--poll-interval", type=float, default=Options.poll_interval)
     p.add_argument("--drain-timeout", type=float, default=Options.drain_timeout)
+    p.add_argument("--max-request-line", type=int, default=Options.max_request_line, help="URL bytes; longer: 414")
+    p.add_argument("--max-header-bytes", type=int, default=Options.max_header_bytes, help="more: 431")
+    p.add_argument("--max-headers", type=int, default=Options.max_headers, help="more header lines: 431")
+    p.add_argument("--header-timeout", type=float, default=Options.header_timeout, help="seconds; then 408")
+    p.add_argument("--backend-down-time", type=float, default=Options.backend_down_time,
+                   help="seconds a backend that refused a connection is skipped")
+    p.add_argument("--allow-open-endpoints", action="store_true",
+                   help=f"serve endpoints without a key on a non-loopback address too ({OPEN_SETTING})")
+    p.add_argument("--exposed", choices=("auto", "yes", "no"), default="auto",
+                   help="whether other machines reach this router; auto: from --host (loopback or not)")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     a = p.parse_args(argv)
     options = Options(table=a.table.resolve(), host=a.host, port=a.port, max_body=a.max_body,
                       connect_timeout=a.connect_timeout, upstream_timeout=a.upstream_timeout,
-                      poll_interval=a.poll_interval, drain_timeout=a.drain_timeout)
+                      poll_interval=a.poll_interval, drain_timeout=a.drain_timeout,
+                      max_request_line=a.max_request_line, max_header_bytes=a.max_header_bytes,
+                      max_headers=a.max_headers, header_timeout=a.header_timeout,
+                      backend_down_time=a.backend_down_time, allow_open_endpoints=a.allow_open_endpoints,
+                      exposed={"auto": None, "yes": True, "no": False}[a.exposed])
     return options, a.loop
 
 
