@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from modelcd.auth import token_matches
+from modelcd.auth import bearer, token_matches
 from modelcd.context import Context
 from modelcd.errors import InvalidInput, Unauthorized
 from modelcd.registry.service import parse_metadata, version_to_dict
@@ -42,12 +42,11 @@ def release_write(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(release_id: str, *args: Any, **kwargs: Any) -> Any:
-        header = request.headers.get("Authorization") or ""
-        if not token_matches(current_app.extensions["modelcd_token"], header):
-            given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
-            if not _ctx().pipeline_runs.token_valid(release_id, given):
-                raise Unauthorized("missing or wrong token: send `Authorization: Bearer <token>` with the API token "
-                                   "or this release's pipeline token (MODELCD_RELEASE_TOKEN)")
+        header = request.headers.get("Authorization")
+        if not (token_matches(current_app.extensions["modelcd_token"], header)
+                or _ctx().pipeline_runs.token_valid(release_id, bearer(header))):
+            raise Unauthorized("missing or wrong token: send `Authorization: Bearer <token>` with the API token "
+                               "or this release's pipeline token (MODELCD_RELEASE_TOKEN)")
         return fn(release_id, *args, **kwargs)
 
     return wrapper
