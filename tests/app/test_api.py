@@ -191,5 +191,5 @@ def test_openapi_document_lists_every_route(app: Flask, client: FlaskClient) -> 
 def test_not_found_errors_name_the_fix(client: FlaskClient) -> None:
     r = client.get("/api/v1/models/nope")
     assert r.status_code == 404 and "modelcd models" in r.json["message"]
-    assert client.get("/api/v1/releases/r-missing").status_code == 404
+    assert client.get("/api/v1/releases/r-000000000000").status_code == 404
     assert client.get("/api/v1/endpoints/nope/production").status_code == 404

@@ -3,10 +3,13 @@ itself. Domain errors become ``{code, message, field}`` JSON with their HTTP sta
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from modelcd.context import Context
@@ -14,8 +17,36 @@ from modelcd.errors import ModelcdError
 from modelcd.inbox.intake import Intake
 
 
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is not a finite number")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number; send a finite number or null")
+
+
+def strict_json_loads(raw: str | bytes) -> Any:
+    """``json.loads`` refusing NaN/Infinity (not JSON; served back, they break every client)
+    and nesting too deep for the parser, both as ValueError."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON with ``strict_json_loads`` for every request body."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return strict_json_loads(s)
+
+
 def create_app(ctx: Context, token: str) -> Flask:
     app = Flask("modelcd")
+    app.json = StrictJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = ctx.settings.max_artifact_bytes
     app.extensions["modelcd"] = ctx
     app.extensions["modelcd_token"] = token

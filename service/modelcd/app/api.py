@@ -4,17 +4,25 @@ Handlers parse, call the domain, and return JSON."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import yaml
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from modelcd.auth import bearer, token_matches
 from modelcd.context import Context
-from modelcd.errors import InvalidInput, Unauthorized
+from modelcd.domain import JobState
+from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from modelcd.inbox.store import DeliveryState
+from modelcd.registry.names import validate_environment_name, validate_model_name
 from modelcd.registry.service import parse_metadata, version_to_dict
 from modelcd.releases.deployments import deployment_to_dict
+from modelcd.releases.machine import Phase
 from modelcd.releases.manual import rollback_endpoint, start_release
+from modelcd.releases.service import Release
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -52,21 +60,140 @@ def release_write(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+MAX_INT = 2**63 - 1  # SQLite's INTEGER: a larger number names nothing stored
+JSON_MAX_BYTES = 1024 * 1024  # JSON and YAML bodies (artifacts are multipart, capped by MODELCD_MAX_ARTIFACT_BYTES)
+LIST_LIMIT_MAX = 1000
+MAX_WAIT_S = 30.0
+SET = "(set)"  # what reads show instead of a policy env value
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_IDS = {"release_id": (re.compile(r"r-[0-9a-f]{12}"), "a release id such as r-3f9a1c2b7d10 (`modelcd releases list`)"),
+        "job_id": (re.compile(r"j-[0-9a-f]{12}"), "a job id such as j-3f9a1c2b7d10 (`modelcd jobs list`)")}
+
+
+def _check_id(value: str, field: str) -> str:
+    pattern, what = _IDS[field]
+    if not pattern.fullmatch(value):
+        raise InvalidInput(f"{field} {value[:80]!r} is not {what}", field=field)
+    return value
+
+
+@bp.url_value_preprocessor
+def _check_path_values(_endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """Refuse path values that cannot name anything, before any handler (or token check) runs."""
+    values = values or {}
+    for field in ("release_id", "job_id"):
+        if field in values:
+            _check_id(values[field], field)
+    for field in ("name", "model"):
+        if field in values:
+            validate_model_name(values[field], field=field)
+    if "environment" in values:
+        validate_environment_name(values["environment"], field="environment")
+    if values.get("number", 0) > MAX_INT:
+        name = values.get("name")
+        raise NotFound(f"model {name!r} has no version {values['number']}; list them with `modelcd versions {name}`",
+                       field="version")
+    if values.get("row_id", 0) > MAX_INT:
+        raise NotFound(f"delivery {values['row_id']} not found; list them with `modelcd inbox list`", field="id")
+
+
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    """The request body as a JSON object: 400 naming ``body`` for anything else (NaN, Infinity,
+    nesting too deep, not JSON), 413 past ``JSON_MAX_BYTES``."""
+    if (request.content_length or 0) > JSON_MAX_BYTES:
+        raise PayloadTooLarge(f"request body over {JSON_MAX_BYTES} bytes; send a small JSON object", field="body")
+    raw = request.get_data(cache=True)
+    try:
+        body = current_app.json.loads(raw) if raw.strip() else None
+    except ValueError as e:
+        raise InvalidInput(f"request body is not valid JSON ({e}); send a JSON object", field="body") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", field="body")
     return body
 
 
 def _int(value: Any, field: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"{field} must be an integer (got {value!r})", field=field) from None
-    if number < 1:
-        raise InvalidInput(f"{field} must be 1 or more (got {number})", field=field)
+    """A whole number from 1 to MAX_INT, given as a JSON integer or a string of digits."""
+    text = value.strip() if isinstance(value, str) else value
+    ok = (isinstance(text, int) and not isinstance(text, bool)) or (isinstance(text, str) and _DIGITS.fullmatch(text))
+    number = int(text) if ok else 0
+    if not 1 <= number <= MAX_INT:
+        raise InvalidInput(f"{field} must be a whole number from 1 to {MAX_INT} (got {str(value)[:40]!r})",
+                           field=field)
     return number
+
+
+def _arg_int(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    number = int(raw) if _DIGITS.fullmatch(raw) else low - 1
+    if not low <= number <= high:
+        raise InvalidInput(f"{name} must be a whole number from {low} to {high} (got {raw[:40]!r})", field=name)
+    return number
+
+
+def _limit() -> int:
+    return _arg_int("limit", 100, 1, LIST_LIMIT_MAX)
+
+
+def _arg_choice(name: str, choices: Iterable[str]) -> str | None:
+    raw = request.args.get(name)
+    known = sorted(str(c) for c in choices)
+    if raw is not None and raw not in known:
+        raise InvalidInput(f"{name} must be one of {', '.join(known)} (got {raw[:40]!r})", field=name)
+    return raw
+
+
+def _arg_bool(name: str) -> bool:
+    raw = (request.args.get(name) or "false").lower()
+    if raw not in ("1", "true", "yes", "0", "false", "no"):
+        raise InvalidInput(f"{name} must be true or false (got {raw[:40]!r})", field=name)
+    return raw in ("1", "true", "yes")
+
+
+def _arg_model() -> str | None:
+    model = request.args.get("model")
+    return validate_model_name(model, field="model") if model is not None else None
+
+
+def _arg_environment() -> str | None:
+    environment = request.args.get("environment")
+    return validate_environment_name(environment, field="environment") if environment is not None else None
+
+
+def public_policy(policy: dict[str, Any]) -> dict[str, Any]:
+    """A policy as the API shows it: each environment's ``env`` variables as set, never their
+    values (the stored policy keeps them for the deploy stage). Every route that answers with
+    a policy, or a release carrying one, goes through this."""
+    environments = policy.get("environments")
+    if not isinstance(environments, list | tuple):
+        return policy
+    return {**policy, "environments": [_public_environment(e) for e in environments]}
+
+
+def _public_environment(environment: Any) -> Any:
+    if not isinstance(environment, dict) or not environment.get("env"):
+        return environment
+    return {**environment, "env": {name: SET for name in environment["env"]}}
+
+
+def _public_policy_text(text: str) -> str:
+    """The policy's YAML as stored, or, when it sets env values, re-written without them."""
+    try:
+        data = yaml.safe_load(text) if "env" in text else None
+    except yaml.YAMLError:
+        return "# (hidden: the stored text could not be read back)\n"
+    if not isinstance(data, dict) or public_policy(data) == data:
+        return text
+    return "# env values hidden; names kept\n" + yaml.safe_dump(public_policy(data), sort_keys=False)
+
+
+def _release_doc(rel: Release | dict[str, Any]) -> dict[str, Any]:
+    doc = rel.to_dict() if isinstance(rel, Release) else dict(rel)
+    if isinstance(doc.get("policy"), dict):
+        doc["policy"] = public_policy(doc["policy"])
+    return doc
 
 
 @bp.get("/openapi.json")
@@ -114,10 +241,9 @@ def register_version(name: str) -> tuple[Response, int]:
 # releases and jobs
 @bp.get("/releases")
 def list_releases() -> Response:
-    args = request.args
-    rels = _ctx().releases.list(model=args.get("model"), environment=args.get("environment"),
-                                phase=args.get("phase"), limit=min(int(args.get("limit", 100)), 1000))
-    return jsonify({"releases": [r.to_dict() for r in rels]})
+    rels = _ctx().releases.list(model=_arg_model(), environment=_arg_environment(),
+                                phase=_arg_choice("phase", Phase), limit=_limit())
+    return jsonify({"releases": [_release_doc(r) for r in rels]})
 
 
 @bp.get("/releases/<release_id>")
@@ -125,7 +251,7 @@ def get_release(release_id: str) -> Response:
     ctx = _ctx()
     rel = ctx.releases.get(release_id)
     jobs = sorted(ctx.jobs.list(release_id=release_id), key=lambda j: j.created_at)
-    return jsonify({**rel.to_dict(), "jobs": [j.to_dict() for j in jobs],
+    return jsonify({**_release_doc(rel), "jobs": [j.to_dict() for j in jobs],
                     "events": ctx.jobs.events(release_id=release_id)})
 
 
@@ -137,13 +263,13 @@ def create_release() -> tuple[Response, int]:
         if key not in body:
             raise InvalidInput(f"missing `{key}`: send {{model, version, environment}}", field=key)
     rid = start_release(_ctx(), str(body["model"]), _int(body["version"], "version"), str(body["environment"]))
-    return jsonify(_ctx().releases.get(rid).to_dict()), 202
+    return jsonify(_release_doc(_ctx().releases.get(rid))), 202
 
 
 @bp.post("/releases/<release_id>/stop")
 @write
 def stop_release(release_id: str) -> tuple[Response, int]:
-    return jsonify(_ctx().releases.request_cancel(release_id).to_dict()), 202
+    return jsonify(_release_doc(_ctx().releases.request_cancel(release_id))), 202
 
 
 @bp.post("/releases/<release_id>/approve")
@@ -151,7 +277,7 @@ def stop_release(release_id: str) -> tuple[Response, int]:
 def approve_release(release_id: str) -> tuple[Response, int]:
     rel = _ctx().releases.approve(release_id, _comment())
     _ctx().wake.set()
-    return jsonify(rel.to_dict()), 200
+    return jsonify(_release_doc(rel)), 200
 
 
 @bp.post("/releases/<release_id>/reject")
@@ -159,7 +285,7 @@ def approve_release(release_id: str) -> tuple[Response, int]:
 def reject_release(release_id: str) -> tuple[Response, int]:
     rel = _ctx().releases.reject(release_id, _comment())
     _ctx().wake.set()
-    return jsonify(rel.to_dict()), 200
+    return jsonify(_release_doc(rel)), 200
 
 
 def _comment() -> str:
@@ -173,10 +299,17 @@ def _comment() -> str:
 
 
 def _wait_arg() -> float:
+    raw = request.args.get("wait")
+    if raw is None:
+        return 20.0
     try:
-        return float(request.args.get("wait", 20))
+        wait = float(raw)
     except ValueError:
-        raise InvalidInput("wait must be a number of seconds (0-30)", field="wait") from None
+        wait = math.nan
+    if not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT_S):
+        raise InvalidInput(f"wait must be a number of seconds from 0 to {MAX_WAIT_S:g} (got {raw[:40]!r})",
+                           field="wait")
+    return wait
 
 
 @bp.post("/releases/<release_id>/stages/<stage>")
@@ -205,14 +338,15 @@ def report_release_stage(release_id: str) -> Response:
     for key in ("stage", "outcome"):
         if key not in body:
             raise InvalidInput(f"missing `{key}`: send {{stage, outcome, message}}", field=key)
-    return jsonify(report(_ctx(), release_id, str(body["stage"]), str(body["outcome"]), str(body.get("message", ""))))
+    return jsonify(_release_doc(report(_ctx(), release_id, str(body["stage"]), str(body["outcome"]),
+                                       str(body.get("message", "")))))
 
 
 @bp.get("/jobs")
 def list_jobs() -> Response:
-    args = request.args
-    jobs = _ctx().jobs.list(release_id=args.get("release_id"), state=args.get("state"),
-                            limit=min(int(args.get("limit", 100)), 1000))
+    release_id = request.args.get("release_id")
+    jobs = _ctx().jobs.list(release_id=_check_id(release_id, "release_id") if release_id is not None else None,
+                            state=_arg_choice("state", JobState), limit=_limit())
     return jsonify({"jobs": [j.to_dict() for j in jobs]})
 
 
@@ -225,8 +359,9 @@ def get_job(job_id: str) -> Response:
 @bp.get("/jobs/<job_id>/logs")
 def job_logs(job_id: str) -> Response:
     ctx = _ctx()
+    after = _arg_int("after", 0, 0, MAX_INT)
     ctx.jobs.get(job_id)
-    return jsonify({"logs": ctx.jobs.logs(job_id, after=int(request.args.get("after", 0)))})
+    return jsonify({"logs": ctx.jobs.logs(job_id, after=after)})
 
 
 @bp.post("/jobs/<job_id>/stop")
@@ -255,7 +390,7 @@ def get_endpoint(model: str, environment: str) -> Response:
 def promote(model: str, environment: str) -> tuple[Response, int]:
     body = _json_body()
     rid = start_release(_ctx(), model, _int(body.get("version"), "version"), environment)
-    return jsonify(_ctx().releases.get(rid).to_dict()), 202
+    return jsonify(_release_doc(_ctx().releases.get(rid))), 202
 
 
 @bp.post("/endpoints/<model>/<environment>/rollback")
@@ -266,9 +401,7 @@ def rollback(model: str, environment: str) -> Response:
 
 @bp.get("/deployments")
 def list_deployments() -> Response:
-    args = request.args
-    deps = _ctx().deployments.list(model=args.get("model"), environment=args.get("environment"),
-                                   live_only=args.get("live") in ("1", "true"))
+    deps = _ctx().deployments.list(model=_arg_model(), environment=_arg_environment(), live_only=_arg_bool("live"))
     return jsonify({"deployments": [deployment_to_dict(d) for d in deps]})
 
 
@@ -280,17 +413,23 @@ def list_policies() -> Response:
 
 @bp.get("/policies/<name>")
 def get_policy(name: str) -> Response:
-    return jsonify(_ctx().policies.get(name))
+    doc = _ctx().policies.get(name)
+    return jsonify({**doc, "policy": public_policy(doc["policy"]), "text": _public_policy_text(doc["text"])})
 
 
 @bp.put("/policies")
 @write
 def put_policy() -> tuple[Response, int]:
+    if (request.content_length or 0) > JSON_MAX_BYTES:
+        raise PayloadTooLarge(f"policy over {JSON_MAX_BYTES} bytes; send a smaller YAML document", field="body")
     text = request.get_data(as_text=True)
     if not text.strip():
         raise InvalidInput("send the policy YAML as the request body", field="body")
-    policy, revision = _ctx().policies.put(text, "request body")
-    return jsonify({"name": policy.name, "revision": revision, "policy": policy.to_dict()}), 200
+    try:
+        policy, revision = _ctx().policies.put(text, "request body")
+    except RecursionError:
+        raise InvalidInput("request body: the policy YAML is nested too deeply", field="body") from None
+    return jsonify({"name": policy.name, "revision": revision, "policy": public_policy(policy.to_dict())}), 200
 
 
 @bp.delete("/policies/<name>")
@@ -303,9 +442,8 @@ def delete_policy(name: str) -> tuple[Response, int]:
 # webhook inbox (dead letters included)
 @bp.get("/inbox")
 def list_inbox() -> Response:
-    args = request.args
-    rows = _ctx().inbox.list(state=args.get("state"), source=args.get("source"),
-                             limit=min(int(args.get("limit", 100)), 1000))
+    states = (DeliveryState.PENDING, DeliveryState.DONE, DeliveryState.IGNORED, DeliveryState.DEAD)
+    rows = _ctx().inbox.list(state=_arg_choice("state", states), source=request.args.get("source"), limit=_limit())
     return jsonify({"deliveries": [d.to_dict() for d in rows]})
 
 

@@ -5,6 +5,7 @@ every external source take this one path."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 from sqlalchemy import func, select
 
 from modelcd.domain import Flavor, ModelVersion, Source
@@ -36,12 +37,23 @@ class RegisterMetadata(BaseModel):
     requirements: str | None = Field(None, description="requirements.txt text; default: from the files")
     sample: Any | None = None
     expected: Any | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, FiniteFloat] = Field(default_factory=dict)  # NaN/Infinity: not JSON, refused
     tags: dict[str, str] = Field(default_factory=dict)
     description: str = ""
     source: Source = Source.NATIVE
     external_ref: str | None = None
     release: bool = Field(True, description="false: record the version without starting a release")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is not a finite number")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number; send finite numbers")
 
 
 def parse_metadata(raw: str | bytes | dict[str, Any] | None) -> RegisterMetadata:
@@ -50,7 +62,9 @@ def parse_metadata(raw: str | bytes | dict[str, Any] | None) -> RegisterMetadata
         return RegisterMetadata()
     if isinstance(raw, str | bytes):
         try:
-            raw = json.loads(raw)
+            raw = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+        except RecursionError:
+            raise InvalidInput("metadata: nested too deeply; send a JSON object", field="metadata") from None
         except ValueError as e:
             raise InvalidInput(f"metadata: not valid JSON ({e}); send a JSON object", field="metadata") from e
     if not isinstance(raw, dict):
