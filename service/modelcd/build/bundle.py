@@ -11,8 +11,9 @@ Layout under ``home``::
         bundle.json                     python, env key, created time
     locks/env-{env_key}.lock            fcntl lock held while that env is built
 
-Everything is written into a temporary sibling and renamed into place, so a crash never
-leaves a half-built env or bundle under its final name and a re-run is idempotent.
+Everything is written into a temporary beside its final name and renamed into place
+(``fsutil.atomic_dir``), so a crash never leaves a half-built env or bundle under its final
+name, a re-run is idempotent, and ``fsutil.clean_temporaries`` finds what a crash left.
 Registry-supplied strings never reach a shell: subprocesses get argv lists and the
 requirements go through a file.
 """
@@ -33,7 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -45,6 +45,7 @@ import yaml
 import modelcd
 from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.errors import BuildError, Cancelled
+from modelcd.fsutil import atomic_dir, remove_abandoned, temp_file, write_atomic
 
 Log = Callable[[str], None]
 
@@ -177,21 +178,15 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
             return final / "bin" / "python", True
         if final.exists():  # incomplete: never reused
             shutil.rmtree(final, ignore_errors=True)
-        for stale in final.parent.glob(f".tmp-{key[:12]}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
+        remove_abandoned(final.parent)  # e.g. an earlier build of this env that was killed
         started = time.monotonic()
-        try:
+        with atomic_dir(final) as tmp:
             _create_env(tmp, requirements, interpreter, log, cancel)
             _retarget_scripts(tmp, final)
             marker = {"env_key": key, "python": str(interpreter), "requirements": list(requirements),
                       "created_at": now_iso()}
             (tmp / ENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             check_cancel(cancel)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         log(f"environment {key[:12]} ready in {time.monotonic() - started:.1f}s")
         return final / "bin" / "python", False
 
@@ -226,10 +221,9 @@ def exclusive_lock(home: Path, key: str, log: Log, cancel: threading.Event) -> I
 
 def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: Log,
                 cancel: threading.Event) -> None:
-    """Create a virtualenv at ``tmp`` and install ``requirements`` into it."""
-    reqs_file = tmp.parent / f"{tmp.name}.requirements.txt"
-    reqs_file.write_text("".join(f"{r}\n" for r in requirements))
-    try:
+    """Create a virtualenv at ``tmp`` (an empty folder) and install ``requirements`` into it."""
+    with temp_file(tmp.parent, "requirements.txt") as reqs_file:
+        reqs_file.write_text("".join(f"{r}\n" for r in requirements))
         uv = find_uv()
         if uv:
             log(f"creating environment with uv ({interpreter})")
@@ -247,8 +241,6 @@ def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: 
             log(f"installing {len(requirements)} requirements with pip")
             _run_step([str(tmp / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
                        "-r", str(reqs_file)], "install the requirements", log, cancel, requirements)
-    finally:
-        reqs_file.unlink(missing_ok=True)
 
 
 def find_uv() -> str | None:
@@ -357,30 +349,24 @@ def _ensure_bundle_dir(home: Path, version: ModelVersion, files_dir: Path, env_p
     if (final / BUNDLE_MARKER).is_file():
         old = json.loads((final / BUNDLE_MARKER).read_text())
         if old.get("env_key") != key:  # same files, other interpreter/runtime: repoint in place
-            _write_atomic(final / BUNDLE_MARKER, json.dumps(meta, indent=2) + "\n")
+            write_atomic(final / BUNDLE_MARKER, json.dumps(meta, indent=2) + "\n")
             log(f"bundle {final.name} repointed to environment {key[:12]}")
         else:
             log(f"reusing bundle {final.name}")
         return final
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
-        write_scoring_files(tmp, version, files_dir, cancel)
-        (tmp / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        check_cancel(cancel)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / BUNDLE_MARKER).is_file():  # not a concurrent twin: a real failure
-                raise
-            log(f"bundle {final.name} was built concurrently; using it")
-        else:
-            log(f"bundle ready: {final}")
+        with atomic_dir(final) as tmp:
+            write_scoring_files(tmp, version, files_dir, cancel)
+            (tmp / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+            check_cancel(cancel)
+    except FileExistsError as e:
+        if not (final / BUNDLE_MARKER).is_file():  # not a concurrent twin: a real failure
+            raise BuildError(f"cannot write bundle {final}: {e}") from e
+        log(f"bundle {final.name} was built concurrently; using it")
     except OSError as e:
         raise BuildError(f"cannot write bundle {final}: {e}") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        log(f"bundle ready: {final}")
     return final
 
 
@@ -420,12 +406,6 @@ def _copy_runtime(dest: Path) -> None:
         raise BuildError(f"the scoring runtime is missing from the installed modelcd ({package / 'scoring'})")
     shutil.copytree(package / "scoring", dest / "modelcd" / "scoring",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- checks --------------------------------------------------------------------------------

@@ -22,12 +22,10 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from modelcd.build.wheelhouse import ImagePython, Wheelhouse, ensure_wheelhouse
 from modelcd.docker_engine import check_reference, connect, engine_url, repository_component
 from modelcd.domain import Bundle, ModelVersion
 from modelcd.errors import BuildError, Cancelled
+from modelcd.fsutil import atomic_dir, write_atomic
 from modelcd.templating import render
 
 ROOT = "/opt/modelcd"  # where everything lives inside the image
@@ -216,7 +215,7 @@ def _probe_python(client: Any, home: Path, base: Any, base_image: str, log: Log)
         python = ImagePython(command=command, version=info["version"], implementation=impl,
                              machine=info["machine"], libc=info["libc"])
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(asdict(python)))
+        write_atomic(cache, json.dumps(asdict(python)))
         log(f"base image {base_image}: {command} {python.version} ({python.abi}, {python.machine}, "
             f"glibc {python.libc or 'none'})")
         return python
@@ -230,24 +229,17 @@ def _probe_python(client: Any, home: Path, base: Any, base_image: str, log: Log)
 
 def _ensure_context(home: Path, version: ModelVersion, files_dir: Path, cancel: threading.Event) -> Path:
     """The version's build context folder with its scoring files (written once, temp + rename)."""
-    parent = home / "images" / version.model
-    final = parent / f"{version.version}-{version.digest12}"
+    final = home / "images" / version.model / f"{version.version}-{version.digest12}"
     if (final / "scoring.json").is_file():
         return final
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
-        write_scoring_files(tmp, version, files_dir, cancel)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "scoring.json").is_file():
-                raise
+        with atomic_dir(final) as tmp:
+            write_scoring_files(tmp, version, files_dir, cancel)
+    except FileExistsError as e:
+        if not (final / "scoring.json").is_file():  # not a concurrent twin: a real failure
+            raise BuildError(f"cannot write the build context {final}: {e}") from e
     except OSError as e:
         raise BuildError(f"cannot write the build context {final}: {e}") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -255,9 +247,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     with contextlib.suppress(OSError):
         if path.read_text() == text:
             return
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def context_tar(context: Path, wheelhouse: Wheelhouse, out: IO[bytes]) -> None:

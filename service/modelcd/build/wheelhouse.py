@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from modelcd.build.bundle import (
     run_streaming,
 )
 from modelcd.errors import BuildError
+from modelcd.fsutil import atomic_dir
 
 MARKER = "wheelhouse.json"
 _UV_GLIBC = (17, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40)  # manylinux_2_X values uv knows
@@ -119,20 +118,14 @@ def ensure_wheelhouse(home: Path, requirements: Sequence[str], python: ImagePyth
             log(f"reusing wheelhouse {key[:12]} (filled meanwhile)")
             return Wheelhouse(final, key, reused=True)
         shutil.rmtree(final, ignore_errors=True)
-        tmp = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
         started = time.monotonic()
-        try:
-            tmp.mkdir()
+        with atomic_dir(final) as tmp:
             (tmp / "requirements.in").write_text("".join(f"{r}\n" for r in requirements))
             _lock(tmp, requirements, python, log, cancel)
             _download(tmp, python, log, cancel)
             meta = {"key": key, "python": asdict(python), "requirements": list(requirements), "created_at": now_iso()}
             (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
             check_cancel(cancel)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     count = len(list((final / "wheels").glob("*.whl")))
     log(f"wheelhouse {key[:12]} ready: {count} wheels in {time.monotonic() - started:.1f}s")
     return Wheelhouse(final, key, reused=False)

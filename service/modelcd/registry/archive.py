@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import secrets
-import shutil
 import stat
 import tarfile
 import zlib
@@ -23,12 +22,14 @@ from pathlib import Path
 from typing import IO
 
 from modelcd.errors import ArtifactStoreError, InvalidInput, PayloadTooLarge
+from modelcd.fsutil import TEMP_PREFIX, atomic_dir, is_temporary
 
 CHUNK = 1024 * 1024
 MAX_MEMBERS = 100_000  # more entries than any model needs; bounds work on a flood of empty members
 MAX_HEADER_BYTES = 1024 * 1024  # pax / GNU long-name headers are read whole into memory: bound them
 SIZE_SETTING = "MODELCD_MAX_ARTIFACT_BYTES"
 _FIX_ARCHIVE = "make it with `tar czf model.tar.gz -C <folder> .` from regular files and folders only"
+_RESERVED = f"uses the name form modelcd reserves for its temporary files ({TEMP_PREFIX}...)"
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def safe_relpath(name: str) -> str | None:
     """Normalise an archive or manifest member name to a relative posix path.
 
     Returns None for the root itself (``.``, ``./``); raises ValueError (with the reason)
-    for absolute paths, ``..`` segments, backslashes and NUL characters."""
+    for absolute paths, ``..`` segments, backslashes, NUL characters and names in the form
+    modelcd reserves for its temporaries."""
     if "\x00" in name:
         raise ValueError("contains a NUL character")
     if "\\" in name:
@@ -64,6 +66,8 @@ def safe_relpath(name: str) -> str | None:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ValueError("contains a '..' segment")
+    if any(is_temporary(p) for p in parts):
+        raise ValueError(_RESERVED)
     return "/".join(parts) or None
 
 
@@ -77,6 +81,8 @@ def iter_tree(src: Path) -> Iterator[TreeEntry]:
         with os.scandir(folder) as it:
             for entry in it:
                 rel = f"{prefix}{entry.name}"
+                if is_temporary(entry.name):
+                    raise InvalidInput(f"path: {rel} in {src} {_RESERVED}; rename it", field="path")
                 mode = entry.stat(follow_symlinks=False).st_mode
                 if stat.S_ISDIR(mode):
                     entries.append(TreeEntry(rel, Path(entry.path), True))
@@ -281,14 +287,18 @@ def prepare_dest(dest: Path) -> None:
 
 def temp_sibling(dest: Path) -> Path:
     """A fresh, empty hidden folder next to ``dest``, on the same file system, so that a
-    finished tree can be renamed into place atomically."""
+    finished tree can be renamed into place atomically.
+
+    Unlocked, hence in the old name form that ``fsutil.clean_temporaries`` only removes once a
+    day old: kept for sources/mlflow_server.py until it uses ``fsutil.atomic_dir``."""
     tmp = dest.parent / f".{dest.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir(mode=0o755)
     return tmp
 
 
 def move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``dest`` (which may be an empty folder)."""
+    """Rename the finished folder ``tmp`` to ``dest`` (which may be an empty folder); the
+    other half of ``temp_sibling``."""
     if dest.is_dir():
         dest.rmdir()  # only succeeds when empty; rename cannot replace a non-empty folder
     os.rename(tmp, dest)
@@ -305,25 +315,23 @@ def safe_extract(archive: Path | IO[bytes], dest: Path, max_bytes: int) -> Extra
     any failure nothing is left in ``dest``."""
     prepare_dest(dest)
     try:
-        tmp = temp_sibling(dest)
-    except OSError as e:
-        raise ArtifactStoreError(f"cannot create a folder beside {dest}: {e.strerror}; check permissions "
+        with atomic_dir(dest) as tmp:
+            return _extract_from(archive, tmp, max_bytes)
+    except OSError as e:  # the body turns its own into ModelcdErrors: this is the temporary or the rename
+        raise ArtifactStoreError(f"cannot write the model files beside {dest}: {e.strerror}; check permissions "
                                  "and free space there") from e
+
+
+def _extract_from(archive: Path | IO[bytes], tmp: Path, max_bytes: int) -> ExtractResult:
+    if not isinstance(archive, Path):
+        return _extract_stream(archive, tmp, max_bytes)
     try:
-        if isinstance(archive, Path):
-            try:
-                f: IO[bytes] = archive.open("rb")
-            except OSError as e:
-                raise InvalidInput(f"archive: cannot read {archive}: {e.strerror}; pass a tar.gz file",
-                                   field="archive") from e
-            with f:
-                result = _extract_stream(f, tmp, max_bytes)
-        else:
-            result = _extract_stream(archive, tmp, max_bytes)
-        move_into_place(tmp, dest)
-        return result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        f: IO[bytes] = archive.open("rb")
+    except OSError as e:
+        raise InvalidInput(f"archive: cannot read {archive}: {e.strerror}; pass a tar.gz file",
+                           field="archive") from e
+    with f:
+        return _extract_stream(f, tmp, max_bytes)
 
 
 def _extract_stream(fileobj: IO[bytes], tmp: Path, max_bytes: int) -> ExtractResult:

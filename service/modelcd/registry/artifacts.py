@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -15,7 +14,8 @@ from urllib.parse import unquote, urlsplit
 
 from modelcd.config import Settings
 from modelcd.errors import ArtifactStoreError, ConfigError, Conflict, InvalidInput, NotFound
-from modelcd.registry.archive import iter_tree, move_into_place, prepare_dest, temp_sibling, tree_digest
+from modelcd.fsutil import atomic_dir, discard
+from modelcd.registry.archive import iter_tree, prepare_dest, tree_digest
 
 KEY_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 KEY_MAX = 512
@@ -76,7 +76,7 @@ class ArtifactStore(ABC):
 
 class LocalArtifactStore(ArtifactStore):
     """Trees as folders under ``root`` (``root/key``), URIs ``file:///abs/root/key``. Writes go
-    to a hidden temporary folder beside the target and are renamed into place."""
+    to a hidden temporary folder beside the target and are renamed into place (``fsutil``)."""
 
     name = "local"
 
@@ -111,21 +111,15 @@ class LocalArtifactStore(ArtifactStore):
             return self._same_or_conflict(uri, target, digest)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = temp_sibling(target)
         except OSError as e:
             raise self._error("create", target, e) from e
         try:
-            copy_tree(src_dir, tmp)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if target.is_dir():  # another writer finished first
-                    return self._same_or_conflict(uri, target, digest)
-                raise
+            with atomic_dir(target) as tmp:
+                copy_tree(src_dir, tmp)
+        except FileExistsError:  # another writer finished first
+            return self._same_or_conflict(uri, target, digest)
         except OSError as e:
             raise self._error("write", target, e) from e
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return uri
 
     def _same_or_conflict(self, uri: str, target: Path, digest: str) -> str:
@@ -140,27 +134,22 @@ class LocalArtifactStore(ArtifactStore):
         if not path.is_dir():
             raise NotFound(f"artifact {uri} not found: it was deleted or never stored; register the version again")
         prepare_dest(dest)
-        tmp = temp_sibling(dest)
         try:
-            copy_tree(path, tmp)
-            move_into_place(tmp, dest)
+            with atomic_dir(dest) as tmp:
+                copy_tree(path, tmp)
         except OSError as e:
             raise self._error("copy", dest, e) from e
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def delete(self, uri: str) -> None:
         path = self.path_of(uri)
         if not path.is_dir():
             return
-        trash = path.parent / f".{path.name}.del-{secrets.token_hex(6)}"
         try:
-            os.rename(path, trash)  # invisible at once; the slow removal comes after
+            discard(path)  # invisible at once; the slow removal comes after
         except FileNotFoundError:
             return
         except OSError as e:
             raise self._error("delete", path, e) from e
-        shutil.rmtree(trash, ignore_errors=True)
         self._prune(path.parent)
 
     def _prune(self, folder: Path) -> None:

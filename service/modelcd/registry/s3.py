@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,15 +29,8 @@ from botocore.exceptions import (
 )
 
 from modelcd.errors import ArtifactStoreError, ConfigError, Conflict, InvalidInput, ModelcdError, NotFound
-from modelcd.registry.archive import (
-    digest_of,
-    file_sha256,
-    iter_tree,
-    move_into_place,
-    prepare_dest,
-    safe_relpath,
-    temp_sibling,
-)
+from modelcd.fsutil import atomic_dir
+from modelcd.registry.archive import digest_of, file_sha256, iter_tree, prepare_dest, safe_relpath
 from modelcd.registry.artifacts import ArtifactStore, check_source_folder, validate_key
 
 MANIFEST = ".modelcd-manifest.json"
@@ -217,13 +209,9 @@ class S3ArtifactStore(ArtifactStore):
                 raise NotFound(f"artifact {uri} not found: it was deleted or never completely uploaded; register "
                                "the version again")
             prepare_dest(dest)
-            tmp = temp_sibling(dest)
-            try:
+            with atomic_dir(dest) as tmp:
                 for item in manifest["files"]:
                     self._download(uri, f"{base}/{item['path']}", tmp / item["path"], item)
-                move_into_place(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def _download(self, uri: str, key: str, target: Path, item: dict[str, Any]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,11 @@ every external source take this one path."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,6 +17,7 @@ from sqlalchemy import func, select
 
 from modelcd.domain import Flavor, ModelVersion, Source
 from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge
+from modelcd.fsutil import atomic_dir, scratch_dir
 from modelcd.registry.archive import safe_extract, tree_digest
 from modelcd.registry.artifacts import ArtifactStore
 from modelcd.registry.metadata import detect_flavor, parse_expected, parse_sample, read_requirements
@@ -172,15 +172,10 @@ class Registry:
         validate_tags(meta.tags)
         validate_description(meta.description)
 
-    @contextmanager
-    def _workdir(self) -> Iterator[Path]:
-        tmp_root = self.home / "tmp"
-        tmp_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=tmp_root, prefix="register-"))
-        try:
-            yield work
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    def _workdir(self) -> AbstractContextManager[Path]:
+        """Where an upload is unpacked: a temporary under ``home/tmp`` that a restart clears
+        (``fsutil.clean_temporaries``) if this process dies before removing it."""
+        return scratch_dir(self.home / "tmp", "register")
 
     def _register_files(self, name: str, files: Path, size: int, meta: RegisterMetadata) -> ModelVersion:
         self._check_meta(meta)
@@ -231,14 +226,8 @@ class Registry:
         dest = self.files_dir(digest)
         if dest.exists():
             return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
-        shutil.rmtree(tmp)
-        shutil.copytree(files, tmp)
-        try:
-            tmp.rename(dest)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(FileExistsError), atomic_dir(dest) as tmp:  # exists: cached meanwhile
+            shutil.copytree(files, tmp, dirs_exist_ok=True)
 
     def files_dir(self, digest: str) -> Path:
         return self.home / "files" / digest
@@ -247,15 +236,10 @@ class Registry:
         """The version's files on local disk (fetched from the artifact store once per digest)."""
         dest = self.files_dir(version.digest)
         if not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
-            try:
+            with contextlib.suppress(FileExistsError), atomic_dir(dest) as tmp:  # exists: fetched meanwhile
                 self.store.get_tree(version.artifact_uri, tmp)
                 if tree_digest(tmp) != version.digest:
                     raise InvalidInput(f"artifact {version.artifact_uri} does not match digest {version.digest}")
-                tmp.rename(dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     def get_version(self, name: str, number: int) -> ModelVersion:
