@@ -40,6 +40,7 @@ environments:
   - name: production
     target: docker
     scoring_workers: 1
+    auth: none  # the bench times releases, not keys (loopback only)
 smoke: {requests: 5}
 """
 PROCESS_POLICY = """\
@@ -49,6 +50,7 @@ environments:
   - name: production
     target: process
     scoring_workers: 1
+    auth: none  # the bench times releases, not keys (loopback only)
 smoke: {requests: 5}
 """
 

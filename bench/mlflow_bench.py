@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modelcd.client import Client
 from modelcd.config import load_settings
+from release_bench import OPEN_POLICY  # bench/ is on sys.path when run as a script
 from tests.sources.mlflow_fixture import free_port, start_mlflow_server
 
 
@@ -60,6 +61,8 @@ def main() -> None:
     try:
         while not client.healthy():
             time.sleep(0.1)
+        client.request("PUT", "/api/v1/policies", data=OPEN_POLICY.encode(),
+                       headers={"Content-Type": "application/yaml"})
         time.sleep(2)  # MLflow's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL=1 in the fixture)
         times = []
         for i in range(1, args.versions + 2):

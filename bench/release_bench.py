@@ -35,6 +35,15 @@ TOKEN = "bench-token-0123456789abcdef"
 
 
 
+OPEN_POLICY = """\
+name: bench
+match: {models: ["bench*"]}
+environments:
+  - name: production
+    auth: none  # the bench times releases, not keys (loopback only)
+"""
+
+
 def wait_version(url: str, body: dict[str, Any], version: int, timeout_s: float = 120) -> float:
     """Poll the endpoint until it answers with ``version``; return the monotonic time it did."""
     session = requests.Session()
@@ -92,6 +101,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="modelcd-bench-"))
     proc, env, client = start_service(tmp)
     try:
+        client.request("PUT", "/api/v1/policies", data=OPEN_POLICY.encode(),
+                       headers={"Content-Type": "application/yaml"})
         # v1: cold environment (not measured), then warm versions
         meta = make_model(tmp / "v1", 1.0)
         client.register("bench", tmp / "v1", meta)

@@ -55,6 +55,7 @@ class Service:
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
+    keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, env) → primary key
 
     @property
     def url(self) -> str:
@@ -147,6 +148,18 @@ class Service:
     def endpoint(self, name: str, env: str = "production") -> dict[str, Any]:
         return self.api("GET", f"/endpoints/{name}/{env}").json()
 
+    def auth(self, endpoint: dict[str, Any]) -> dict[str, str]:
+        """``Authorization`` with the primary key of ``endpoint`` (as ``endpoint()`` returns it):
+        asked for once (a key is shown only when it is made), then kept."""
+        where = (endpoint["model"], endpoint["environment"])
+        if where not in self.keys:
+            r = self.api("POST", f"/endpoints/{where[0]}/{where[1]}/keys", json={})
+            assert r.status_code == 200, r.text
+            if r.json()["primary"] is None:  # shown earlier, to someone else: make a new one
+                r = self.api("POST", f"/endpoints/{where[0]}/{where[1]}/keys", json={"regenerate": "primary"})
+            self.keys[where] = r.json()["primary"]
+        return {"Authorization": f"Bearer {self.keys[where]}"}
+
     def shutdown_data_plane(self) -> None:
         from modelcd.lifecycle import stop_data_plane
 
@@ -203,8 +216,10 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 120, poll_s: flo
 class Hammer:
     """A bounded concurrent client scoring through an endpoint URI until stopped."""
 
-    def __init__(self, url: str, body: dict[str, Any], threads: int = 4, max_s: float = 120) -> None:
+    def __init__(self, url: str, body: dict[str, Any], headers: dict[str, str] | None = None, threads: int = 4,
+                 max_s: float = 120) -> None:
         self.url, self.body, self.max_s = url, json.dumps(body), max_s
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.ok = 0
         self.failures: list[str] = []
         self.versions: dict[str, int] = {}
@@ -217,7 +232,7 @@ class Hammer:
         deadline = time.monotonic() + self.max_s
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                r = session.post(self.url, data=self.body, headers={"Content-Type": "application/json"}, timeout=10)
+                r = session.post(self.url, data=self.body, headers=self.headers, timeout=10)
                 with self._lock:
                     if r.status_code == 200:
                         self.ok += 1

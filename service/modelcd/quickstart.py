@@ -76,8 +76,19 @@ def _release(client: Client, meta: dict[str, Any], folder: Path) -> tuple[dict[s
     return version, time.monotonic() - t0
 
 
-def _score(uri: str, body: dict[str, Any]) -> tuple[str, Any]:
-    resp = requests.post(f"{uri}/score", json=body, timeout=10)
+def _key(client: Client) -> str:
+    """A key of the endpoint: shown when made; on a second tour the secondary is made anew."""
+    path = f"/api/v1/endpoints/{MODEL}/production/keys"
+    keys = client.post(path, json={})
+    if keys["primary"] is None:
+        click.echo("   (its keys were shown on an earlier run; making a new secondary key)")
+        keys = client.post(path, json={"regenerate": "secondary"})
+        return str(keys["secondary"])
+    return str(keys["primary"])
+
+
+def _score(uri: str, key: str, body: dict[str, Any]) -> tuple[str, Any]:
+    resp = requests.post(f"{uri}/score", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10)
     resp.raise_for_status()
     return resp.headers.get("X-Modelcd-Version", "?"), resp.json()["predictions"]
 
@@ -100,9 +111,12 @@ def run(settings: Settings, exit_after: bool) -> int:
         ep = client.get(f"/api/v1/endpoints/{MODEL}/production")
         click.echo(f"   in production after {took:.1f} s. Endpoint (stable across versions):\n     {ep['scoring_uri']}")
         body = {"data": meta1["sample"]["data"][:2]}
+        key = _key(client)
+        click.echo(f"   its keys: `modelcd endpoints keys {MODEL} --env production` (shown once; this is one):"
+                   f"\n     {key}")
         click.echo(f"   try it:\n     curl -s -X POST {ep['scoring_uri']} -H 'Content-Type: application/json' "
-                   f"-d '{json.dumps(body)}'")
-        served, preds = _score(ep["uri"], body)
+                   f"-H 'Authorization: Bearer {key}' -d '{json.dumps(body)}'")
+        served, preds = _score(ep["uri"], key, body)
         click.echo(f"   → v{served} answered {preds}")
 
         click.echo("\n2. version 2: LogisticRegression(C=0.05) — same requirements, so the environment is reused")
@@ -112,7 +126,7 @@ def run(settings: Settings, exit_after: bool) -> int:
         ep = client.get(f"/api/v1/endpoints/{MODEL}/production")
         click.echo(f"   traffic after:  {ep['traffic']}  (switched in one step after smoke checks; "
                    f"v1 stays warm for `modelcd rollback {MODEL} --env production`)")
-        served, preds = _score(ep["uri"], body)
+        served, preds = _score(ep["uri"], key, body)
         click.echo(f"   → v{served} answered {preds}  ({took:.1f} s from register to serving)")
         click.echo("\nsee it all: modelcd releases list · modelcd jobs list · modelcd endpoints list")
         if exit_after:

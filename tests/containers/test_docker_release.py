@@ -56,7 +56,7 @@ def test_release_to_docker_target_reaches_production(docker_service: Service, tm
     svc = docker_service
     meta = _first_version(svc, tmp_path)
     ep = svc.endpoint("dk-iris")
-    r = requests.post(ep["scoring_uri"], json=meta["sample"], timeout=10)
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=meta["sample"], timeout=10)
     assert r.status_code == 200 and r.json()["predictions"] == meta["expected"]
     assert r.headers["X-Modelcd-Version"] == "1"
     (dep,) = _live(svc, "dk-iris")
@@ -72,7 +72,7 @@ def test_promote_and_rollback_under_load_drop_no_request(docker_service: Service
         _first_version(svc, tmp_path)
     meta = iris_model(tmp_path / "v2", c=0.05)
     ep = svc.endpoint("dk-iris")
-    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer:
+    with Hammer(ep["scoring_uri"], meta["sample"], headers=svc.auth(ep), threads=4) as hammer:
         time.sleep(0.3)
         v = svc.register("dk-iris", tmp_path / "v2", meta)
         rel = svc.wait_release_for("dk-iris", v["version"])
@@ -85,7 +85,7 @@ def test_promote_and_rollback_under_load_drop_no_request(docker_service: Service
     assert hammer.versions.get(new, 0) > 0 and len(hammer.versions) >= 2, hammer.versions
     assert "reusing wheelhouse" in log and "steps from cache" in log
 
-    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer:
+    with Hammer(ep["scoring_uri"], meta["sample"], headers=svc.auth(ep), threads=4) as hammer:
         time.sleep(0.3)
         r = svc.api("POST", "/endpoints/dk-iris/production/rollback")
         assert r.status_code == 200, r.text
@@ -93,7 +93,8 @@ def test_promote_and_rollback_under_load_drop_no_request(docker_service: Service
     assert hammer.failures == [], hammer.failures[:5]
     previous = str(int(new) - 1)
     assert svc.endpoint("dk-iris")["traffic"] == {previous: 100}
-    assert requests.post(ep["scoring_uri"], json=meta["sample"], timeout=10).headers["X-Modelcd-Version"] == previous
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=meta["sample"], timeout=10)
+    assert r.headers["X-Modelcd-Version"] == previous
 
 
 def _fails_and_leaves_production(svc: Service, engine: Any, name: str, version: int, why: str) -> str:
@@ -128,7 +129,7 @@ def test_failing_build_container_or_smoke_leave_production_alone(docker_service:
     _fails_and_leaves_production(svc, engine, "dk-guard", v["version"], "smoke")
 
     ep = svc.endpoint("dk-guard")
-    r = requests.post(ep["scoring_uri"], json=base["sample"], timeout=10)
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=base["sample"], timeout=10)
     assert r.status_code == 200 and r.headers["X-Modelcd-Version"] == "1"
 
 
@@ -143,7 +144,7 @@ def test_restarted_service_adopts_running_containers(docker_service: Service, tm
     ep = svc.endpoint("dk-iris")
     deadline = time.monotonic() + 30
     while True:
-        r = requests.post(ep["scoring_uri"], json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=10)
+        r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=10)
         if r.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -151,3 +152,32 @@ def test_restarted_service_adopts_running_containers(docker_service: Service, tm
     time.sleep(1.0)  # let the reconciler look at every deployment
     assert {d["id"] for d in _live(svc, "dk-iris")} == live_before
     assert {c.id for c in containers_of(engine, svc.home)} == before
+
+
+def test_a_container_started_again_after_a_crash_keeps_its_limits_and_env(docker_service: Service, tmp_path: Path,
+                                                                          engine: Any) -> None:
+    svc = docker_service
+    if svc.api("GET", "/models/dk-iris").status_code == 404:
+        _first_version(svc, tmp_path)
+    serving = next(d for d in _live(svc, "dk-iris") if d["state"] == "serving")
+    [container] = [c for c in containers_of(engine, svc.home) if serving["id"] in c.name]
+    container.remove(force=True)  # the scoring container dies (kill -9 and gone)
+    svc.kill9()  # and so does the control plane
+    svc.start()  # reconcile finds the container gone and starts the deployment again from its record
+    ep = svc.endpoint("dk-iris")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json={"data": [[5.1, 3.5, 1.4, 0.2]]},
+                              timeout=10)
+            if r.status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the deployment did not come back"
+        time.sleep(0.5)
+    [again] = [c for c in containers_of(engine, svc.home) if serving["id"] in c.name]
+    assert again.id != container.id
+    host = again.attrs["HostConfig"]
+    assert host["NanoCpus"] == 1_000_000_000 and host["Memory"] == 512 * 1024 * 1024, host
+    assert "OMP_NUM_THREADS=1" in again.attrs["Config"]["Env"]

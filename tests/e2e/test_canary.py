@@ -88,7 +88,8 @@ def test_canary_moves_traffic_through_its_steps_without_failing_a_request(
 
     meta2 = iris_model(tmp_path / "v2", c=0.05)
     ep = svc.endpoint("cn-iris")
-    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer, TrafficWatch(svc, "cn-iris") as watch:
+    with Hammer(ep["scoring_uri"], meta["sample"], headers=svc.auth(ep), threads=4) as hammer, \
+            TrafficWatch(svc, "cn-iris") as watch:
         svc.register("cn-iris", tmp_path / "v2", meta2)
         rel = svc.wait_release_for("cn-iris", 2)
         time.sleep(0.3)
@@ -112,7 +113,7 @@ def test_canary_that_fails_real_traffic_is_rolled_back(canary_service: Service, 
 
     ep = svc.endpoint("cn-custom")
     bad = custom_model(tmp_path / "v2", FAILS_ON_NINE)  # passes smoke (its sample has no 9)
-    with Hammer(ep["scoring_uri"], {"data": [[9.0, 1.0]]}, threads=2) as hammer, \
+    with Hammer(ep["scoring_uri"], {"data": [[9.0, 1.0]]}, headers=svc.auth(ep), threads=2) as hammer, \
             TrafficWatch(svc, "cn-custom") as watch:
         svc.register("cn-custom", tmp_path / "v2", bad)
         rel = svc.wait_release_for("cn-custom", 2)
@@ -126,7 +127,7 @@ def test_canary_that_fails_real_traffic_is_rolled_back(canary_service: Service, 
     # only the canary's share failed, and nothing after the rollback
     assert hammer.failures and all(f.startswith("500") for f in hammer.failures), hammer.failures[:3]
     assert len(hammer.failures) == failures_at_end and hammer.ok > len(hammer.failures)
-    r = requests.post(ep["scoring_uri"], json={"data": [[9.0, 1.0]]}, timeout=10)
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json={"data": [[9.0, 1.0]]}, timeout=10)
     assert r.status_code == 200 and r.headers["X-Modelcd-Version"] == "1"
     live = svc.api("GET", "/deployments", params={"model": "cn-custom", "live": "1"}).json()["deployments"]
     assert [d["version"] for d in live] == [1]  # the canary's deployment is stopped

@@ -31,7 +31,7 @@ def test_kill9_while_scoring_drops_nothing_and_restart_readopts(service: Service
     ep = svc.endpoint("iris")
     router_pid = int((svc.home / "router" / "router.pid").read_text().split()[0])
 
-    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer:
+    with Hammer(ep["scoring_uri"], meta["sample"], headers=svc.auth(ep), threads=4) as hammer:
         time.sleep(0.5)
         svc.kill9()
         time.sleep(2)  # control plane down: the data plane answers alone
@@ -68,7 +68,8 @@ def test_kill9_mid_release_then_restart_finishes_or_rolls_back(service: Service,
         serving = svc.endpoint("iris")["traffic"]
         if done["phase"] == "succeeded":
             assert serving == {str(v["version"]): 100}
-        r = requests.post(svc.endpoint("iris")["scoring_uri"], json=meta["sample"], timeout=10)
+        ep = svc.endpoint("iris")
+        r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=meta["sample"], timeout=10)
         assert r.status_code == 200
         assert r.headers["X-Modelcd-Version"] == next(iter(serving))
         events = [e["kind"] for e in svc.release_detail(rel["id"])["events"]]

@@ -106,7 +106,8 @@ def test_signed_delivery_releases_once_and_forgeries_are_refused(hook_service: t
     rel = svc.wait_release_for("churn", 1)
     assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
     ep = svc.endpoint("churn")
-    assert requests.post(ep["scoring_uri"], json={"data": [[1.0]]}, timeout=10).json() == {"predictions": [7]}
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json={"data": [[1.0]]}, timeout=10)
+    assert r.json() == {"predictions": [7]}
     deliveries = wait_until(lambda: [d for d in svc.api("GET", "/inbox").json()["deliveries"] if d["state"] == "done"]
                        if len(svc.api("GET", "/inbox", params={"state": "done"}).json()["deliveries"]) == 2 else None)
     assert {d["delivery_id"] for d in deliveries} == {"d-1", "d-2"}

@@ -54,7 +54,7 @@ def test_mlflow_registration_reaches_production(mlflow_service: Service, mlflow_
     assert delivery["state"] == "done"
     assert "x-mlflow-signature" not in {k.lower() for k in delivery["headers"]}  # secrets are not kept
     ep = svc.endpoint(name)
-    r = requests.post(ep["scoring_uri"], json=v["sample"], timeout=10)
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=v["sample"], timeout=10)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 3
 
 

@@ -33,13 +33,14 @@ def test_register_releases_to_production_and_scores(shared_service: Service, tmp
     ep = svc.endpoint("iris")
     assert ep["uri"] == f"{svc.router_url}/iris/production"
     assert ep["traffic"] == {"1": 100}
-    r = requests.post(ep["scoring_uri"], json=meta["sample"], timeout=10)
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=meta["sample"], timeout=10)
     assert r.status_code == 200
     assert r.json()["predictions"] == meta["expected"]
     assert r.headers["X-Modelcd-Version"] == "1"
     # MLflow's request formats work through the endpoint too
     split = {"dataframe_split": {"columns": ["a", "b", "c", "d"], "data": meta["sample"]["data"]}}
-    assert requests.post(ep["scoring_uri"], json=split, timeout=10).json()["predictions"] == meta["expected"]
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=split, timeout=10)
+    assert r.json()["predictions"] == meta["expected"]
 
 
 def test_blue_green_switch_and_rollback_drop_no_request(shared_service: Service, tmp_path: Path) -> None:
@@ -49,7 +50,7 @@ def test_blue_green_switch_and_rollback_drop_no_request(shared_service: Service,
     before = svc.endpoint("iris")["traffic"]
     meta = iris_model(tmp_path / "v2", c=0.05)
     ep = svc.endpoint("iris")
-    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer:
+    with Hammer(ep["scoring_uri"], meta["sample"], headers=svc.auth(ep), threads=4) as hammer:
         time.sleep(0.5)
         v = svc.register("iris", tmp_path / "v2", meta)
         t0 = time.monotonic()
@@ -65,7 +66,7 @@ def test_blue_green_switch_and_rollback_drop_no_request(shared_service: Service,
     # the build reused the environment of the previous version
     assert "reusing environment" in svc.job_log(rel["id"])
 
-    with Hammer(ep["scoring_uri"], meta["sample"], threads=4) as hammer:
+    with Hammer(ep["scoring_uri"], meta["sample"], headers=svc.auth(ep), threads=4) as hammer:
         time.sleep(0.5)
         r = svc.api("POST", "/endpoints/iris/production/rollback")
         assert r.status_code == 200, r.text
@@ -73,8 +74,8 @@ def test_blue_green_switch_and_rollback_drop_no_request(shared_service: Service,
         time.sleep(0.5)
     assert hammer.failures == [], hammer.failures[:5]
     assert svc.endpoint("iris")["traffic"] == {str(int(new) - 1): 100}
-    assert requests.post(ep["scoring_uri"], json=meta["sample"], timeout=10).headers["X-Modelcd-Version"] == str(
-        int(new) - 1)
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=meta["sample"], timeout=10)
+    assert r.headers["X-Modelcd-Version"] == str(int(new) - 1)
 
 
 def _assert_failed_and_untouched(svc: Service, name: str, version: int, why: str) -> str:
@@ -114,7 +115,7 @@ def test_failing_versions_leave_production_alone(shared_service: Service, tmp_pa
 
     # production still answers with the first version
     ep = svc.endpoint("guard")
-    r = requests.post(ep["scoring_uri"], json=base["sample"], timeout=10)
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=base["sample"], timeout=10)
     assert r.status_code == 200 and r.headers["X-Modelcd-Version"] == "1"
 
 

@@ -208,7 +208,7 @@ def test_registration_runs_the_workflow_under_act_to_production(
     assert token not in json.dumps(detail) and token not in svc.job_log(detail["id"])
 
     ep = svc.endpoint("gh-iris")
-    r = requests.post(ep["scoring_uri"], json=meta["sample"], timeout=10)
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=meta["sample"], timeout=10)
     assert r.status_code == 200 and r.headers["X-Modelcd-Version"] == "1"
     # the run's token is revoked once the release finished
     deadline = time.monotonic() + 10
@@ -238,5 +238,6 @@ def test_failing_smoke_runs_the_rollback_job_and_production_stays(
     assert [j["type"] for j in detail["jobs"]] == ["build", "deploy", "smoke", "rollback"]
     assert svc.endpoint("gh-iris")["traffic"] == before
     assert stand_in.runs[run_id]["conclusion"] == "failure"  # the workflow run fails as a whole
-    r = requests.post(svc.endpoint("gh-iris")["scoring_uri"], json=wrong["sample"], timeout=10)
+    ep = svc.endpoint("gh-iris")
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=wrong["sample"], timeout=10)
     assert r.status_code == 200 and r.headers["X-Modelcd-Version"] == "1"

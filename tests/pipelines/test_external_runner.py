@@ -142,7 +142,8 @@ def test_stages_driven_with_the_release_token_reach_production(scripted: tuple[S
             assert again.json()["already"] is True
     rel = svc.release_detail(rid)
     assert rel["phase"] == "succeeded" and [j["type"] for j in rel["jobs"]] == ["build", "deploy", "smoke", "promote"]
-    r = requests.post(svc.endpoint("ext-a")["scoring_uri"], json=meta["sample"], timeout=10)
+    ep = svc.endpoint("ext-a")
+    r = requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=meta["sample"], timeout=10)
     assert r.headers["X-Modelcd-Version"] == "1"
     # this release's token cannot drive another release
     seen = len(stub.dispatches)

@@ -70,8 +70,8 @@ def stores(tmp_path: Path) -> tuple[Database, Jobs, Releases]:
 
 def _queue(db: Database, releases: Releases, version: int, env: str = "production") -> str:
     with db.write() as conn:
-        return releases.create_in(conn, model="iris", version=version, environment=env, policy_name="default",
-                                  policy=DEFAULT_POLICY.to_dict(), env_index=0, trigger="auto")
+        return releases.create_in(conn, model="iris", version=version, environment=env, policy=DEFAULT_POLICY,
+                                  env_index=0, trigger="auto")
 
 
 def test_newer_queued_version_supersedes_older_queued_one(stores: tuple[Database, Jobs, Releases]) -> None:

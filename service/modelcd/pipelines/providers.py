@@ -1,5 +1,6 @@
-"""``PipelineProvider``: how the external runner starts a release's pipeline run and asks
-how it is doing, one implementation per CI system, chosen by the policy's ``runner``.
+"""The ``PipelineProvider`` port: how the external runner starts a release's pipeline run and
+asks how it is doing. One implementation per CI system, each in its own module
+(``provider_github``, ``provider_azure``), chosen by the policy's ``runner`` from ``PROVIDERS``.
 
 Credentials come by reference (``pipeline.token_env`` names an environment variable,
 ``pipeline.token_file`` a file under ``$MODELCD_HOME/secrets/``) and are read when needed;
@@ -11,15 +12,16 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
+from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from modelcd.errors import ConfigError, StageFailed
-from modelcd.pipelines.render import PATHS, Provider
+from modelcd.errors import ConfigError
 
 if TYPE_CHECKING:
     from modelcd.context import Context
+    from modelcd.releases.policy import PipelineSpec
     from modelcd.releases.service import Release
 
 
@@ -46,7 +48,14 @@ STAGE_NAMES = ("build", "deploy", "smoke", "promote", "rollback")  # job ids in 
 
 
 class PipelineProvider(ABC):
+    """A CI system that runs release pipelines. Made with the policy's ``pipeline`` spec and
+    the credential it names (already read)."""
+
     name: str
+
+    @abstractmethod
+    def __init__(self, spec: PipelineSpec, token: str) -> None:
+        """Keep the spec; make the API client (no request yet)."""
 
     @abstractmethod
     def trigger(self, release: Release, token: str, callback_url: str) -> RunRef:
@@ -62,17 +71,17 @@ class PipelineProvider(ABC):
         return None
 
 
-def resolve_credential(spec: dict[str, Any], home: Path) -> str:
+def resolve_credential(spec: PipelineSpec, home: Path) -> str:
     """The secret a policy names: ``token_env`` (environment variable) or ``token_file``
     (file under ``home/secrets``); ConfigError naming the reference when it is not there."""
-    if spec.get("token_env"):
-        value = os.environ.get(str(spec["token_env"]), "").strip()
+    if spec.token_env:
+        value = os.environ.get(spec.token_env, "").strip()
         if not value:
-            raise ConfigError(f"pipeline.token_env: environment variable {spec['token_env']} is not set in the "
+            raise ConfigError(f"pipeline.token_env: environment variable {spec.token_env} is not set in the "
                               "service's environment", field="pipeline.token_env")
         return value
-    if spec.get("token_file"):
-        path = home / "secrets" / str(spec["token_file"])
+    if spec.token_file:
+        path = home / "secrets" / spec.token_file
         try:
             value = path.read_text().strip()
         except OSError as e:
@@ -91,86 +100,27 @@ def release_inputs(release: Release, callback_url: str) -> dict[str, str]:
             "release_id": release.id, "callback_url": callback_url}
 
 
-class GitHubProvider(PipelineProvider):
-    """GitHub Actions: ``workflow_dispatch`` (default; run id returned at once) or
-    ``repository_dispatch`` (``model-registered``; the run is found by its title)."""
-
-    name = "github"
-
-    def __init__(self, spec: dict[str, Any], token: str) -> None:
-        from modelcd.pipelines.github import GitHubClient
-
-        self.spec = spec
-        self.client = GitHubClient(spec["repo"], token, api_url=spec.get("api_url") or "https://api.github.com")
-
-    def workflow(self, model: str) -> str:
-        return str(self.spec.get("workflow") or Path(PATHS[Provider.GITHUB].format(model=model)).name)
-
-    def trigger(self, release: Release, token: str, callback_url: str) -> RunRef:
-        inputs = {**release_inputs(release, callback_url), "release_token": token}
-        started = datetime.now(UTC) - timedelta(seconds=5)
-        workflow = self.workflow(release.model)
-        if self.spec.get("trigger") == "repository_dispatch":
-            self.client.repository_dispatch("model-registered", inputs)
-            run_id = None
-        else:
-            run_id = self.client.workflow_dispatch(workflow, str(self.spec.get("ref") or "main"), inputs)
-        if run_id is None:
-            return self.locate(release, started) or RunRef(None, None)
-        return RunRef(str(run_id), None)
-
-    def locate(self, release: Release, since: datetime) -> RunRef | None:
-        """The run whose title carries ``[release id]`` (the template's ``run-name``)."""
-        event = str(self.spec.get("trigger") or "workflow_dispatch")
-        found = self.client.find_run(self.workflow(release.model), event, since, f"[{release.id}]")
-        return RunRef(str(found.id), found.html_url) if found is not None else None
-
-    def status(self, run_id: str) -> RunStatus:
-        from modelcd.pipelines.github import run_outcome
-
-        run = self.client.get_run(int(run_id))
-        stages: dict[str, str] = {}
-        if run.completed:  # which stage the run stopped at (jobs are named like the stages)
-            stages = dict(run_outcome(run, self.client.list_jobs(run.id), {s: s for s in STAGE_NAMES}))
-        return RunStatus(finished=run.completed, conclusion=run.conclusion, url=run.html_url, stages=stages)
+# runner name -> "module:class"; a new CI system adds one line here (imported when used).
+PROVIDERS: dict[str, str] = {
+    "github": "modelcd.pipelines.provider_github:GitHubProvider",
+    "azure": "modelcd.pipelines.provider_azure:AzureProvider",
+}
 
 
-class AzureProvider(PipelineProvider):
-    """Azure Pipelines: the Runs API with ``templateParameters``; the release token goes as
-    the secret variable ``MODELCD_RELEASE_TOKEN``."""
-
-    name = "azure"
-
-    def __init__(self, spec: dict[str, Any], token: str) -> None:
-        from modelcd.pipelines.azure import AzureDevOpsClient
-
-        self.spec = spec
-        self.client = AzureDevOpsClient(spec["organization_url"], spec["project"], token)
-
-    def trigger(self, release: Release, token: str, callback_url: str) -> RunRef:
-        run = self.client.run_pipeline(int(self.spec["pipeline_id"]), release_inputs(release, callback_url),
-                                       branch=str(self.spec.get("ref") or "main"),
-                                       secret_variables={"MODELCD_RELEASE_TOKEN": token})
-        return RunRef(str(run.id), run.web_url)
-
-    def status(self, run_id: str) -> RunStatus:
-        from modelcd.pipelines.azure import stage_outcome
-
-        run = self.client.get_run(int(self.spec["pipeline_id"]), int(run_id))
-        stages: dict[str, str] = {}
-        if run.completed:  # stages are named like modelcd's, capitalised
-            records = self.client.timeline(run.id)
-            stages = dict(stage_outcome(records, {s: s.capitalize() for s in STAGE_NAMES}, run))
-        return RunStatus(finished=run.completed, conclusion=run.result, url=run.web_url, stages=stages)
+def provider_class(runner: str) -> type[PipelineProvider]:
+    """The provider for ``runner``; ConfigError lists the known ones."""
+    where = PROVIDERS.get(runner)
+    if where is None:
+        raise ConfigError(f"runner {runner!r} has no pipeline provider; known: {', '.join(sorted(PROVIDERS))}",
+                          field="runner")
+    module, name = where.split(":")
+    cls: type[PipelineProvider] = getattr(import_module(module), name)
+    return cls
 
 
 def get_provider(ctx: Context, release: Release) -> PipelineProvider:
     """The provider of the release's policy runner, with its credential resolved."""
-    runner = release.runner
-    spec = dict(release.policy.get("pipeline") or {})
-    token = resolve_credential(spec, ctx.home)
-    if runner == "github":
-        return GitHubProvider(spec, token)
-    if runner == "azure":
-        return AzureProvider(spec, token)
-    raise StageFailed(f"runner {runner!r} has no pipeline provider", field="runner")
+    from modelcd.releases.policy import PipelineSpec
+
+    spec = release.policy.pipeline or PipelineSpec()
+    return provider_class(str(release.runner))(spec, resolve_credential(spec, ctx.home))

@@ -68,7 +68,7 @@ def _on_registered(ctx: Context, event_id: int, payload: dict[str, Any]) -> str 
             _mark(ctx, event_id, f"policy {policy.name} has auto: false; release by hand", conn)
             return None
         env = policy.environments[0]
-        ctx.releases.create_in(conn, model=model, version=version, environment=env.name, policy_name=policy.name,
-                               policy=policy.to_dict(), env_index=0, trigger="auto")
+        ctx.releases.create_in(conn, model=model, version=version, environment=env.name, policy=policy,
+                               env_index=0, trigger="auto")
         _mark(ctx, event_id, None, conn)
     return None

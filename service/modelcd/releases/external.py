@@ -4,7 +4,7 @@ The service claims the release as for the local runner, then, instead of running
 itself, mints a per-release token and starts the model's pipeline through the CI system's API
 (``modelcd.pipelines.providers``). The pipeline's jobs run ``modelcd build|deploy|smoke|
 promote --release ID`` and, when something fails, ``modelcd rollback --release ID``: the same
-stage functions, jobs and events as a local run (``stage_commands``).
+stage functions, jobs and events as a local run (the release engine runs them for both).
 
 This driver only watches: it retries a trigger that failed transiently until
 ``pipeline.start_timeout_s``; it asks the CI system for the run's status every
@@ -19,16 +19,15 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from modelcd.context import Context
 from modelcd.domain import JobState
 from modelcd.errors import ModelcdError
 from modelcd.pipelines.providers import PipelineProvider, RunStatus, get_provider
+from modelcd.releases.engine import fail_and_roll_back, is_busy
 from modelcd.releases.machine import Phase
-from modelcd.releases.runner import run_stage
+from modelcd.releases.policy import PipelineSpec
 from modelcd.releases.service import Release
-from modelcd.releases.stage_commands import _lock, stage_in_flight
 
 log = logging.getLogger(__name__)
 _FINISHED_GRACE_S = 15.0  # a run that just finished may still have its last report in flight
@@ -57,24 +56,24 @@ class ExternalDriver:
         self._close_finished()
 
     def _watch(self, rel: Release) -> None:
-        spec = rel.policy.get("pipeline") or {}
+        spec = rel.policy.pipeline or PipelineSpec()
         run = self.ctx.pipeline_runs.get(rel.id)
         if run is None or run.state == "minted":
             self._trigger(rel, spec, run.attempts if run else 0, run.created_at if run else None)
             return
         # a stage in flight is a sign of life; checked before the last report is read, because
         # a stage command records its report before it stops counting as in flight
-        busy = stage_in_flight(rel.id) or any(job.state is JobState.RUNNING
+        busy = is_busy(rel.id) or any(job.state is JobState.RUNNING
                                               for job in self.ctx.jobs.list(release_id=rel.id))
         run = self.ctx.pipeline_runs.get(rel.id) or run
         silent_s = time.time() - _ts(run.last_report_at or run.triggered_at or run.created_at)
-        if silent_s > float(spec.get("report_timeout_s", 3600)) and not busy:
+        if silent_s > spec.report_timeout_s and not busy:
             self._fail(rel, f"pipeline run {run.run_id or '?'} reported nothing for {silent_s:.0f}s "
                             f"(pipeline.report_timeout_s); production untouched")
             return
         if time.monotonic() < self._next_poll.get(rel.id, 0.0):
             return
-        self._next_poll[rel.id] = time.monotonic() + float(spec.get("poll_interval_s", 30))
+        self._next_poll[rel.id] = time.monotonic() + spec.poll_interval_s
         run_id = run.run_id or self._locate(rel, run.triggered_at or run.created_at)
         if run_id is None:
             return
@@ -83,7 +82,7 @@ class ExternalDriver:
             self._finished_seen.pop(rel.id, None)
             return
         seen = self._finished_seen.setdefault(rel.id, time.monotonic())
-        grace = min(_FINISHED_GRACE_S, 3 * float(spec.get("poll_interval_s", 30)))
+        grace = min(_FINISHED_GRACE_S, 3 * spec.poll_interval_s)
         if time.monotonic() - seen < grace:
             self._next_poll[rel.id] = seen + grace
             return
@@ -93,10 +92,10 @@ class ExternalDriver:
             self._fail(current, f"pipeline run {run_id} finished ({status.conclusion}){stages} before the release "
                                 f"did; {status.url or ''}".rstrip("; "))
 
-    def _trigger(self, rel: Release, spec: dict[str, Any], attempts: int, created_at: str | None) -> None:
+    def _trigger(self, rel: Release, spec: PipelineSpec, attempts: int, created_at: str | None) -> None:
         if attempts and created_at:
             waited = time.time() - _ts(created_at)
-            if waited > float(spec.get("start_timeout_s", 300)):
+            if waited > spec.start_timeout_s:
                 self._fail(rel, f"the pipeline could not be started within {waited:.0f}s "
                                 f"(pipeline.start_timeout_s); last error: {self.ctx.pipeline_runs.get(rel.id).error}")
                 return
@@ -109,7 +108,7 @@ class ExternalDriver:
             return
         token = self.ctx.pipeline_runs.mint(rel.id, provider.name)
         self.ctx.redact.add(token)
-        callback = spec.get("callback_url") or self.ctx.settings.url
+        callback = spec.callback_url or self.ctx.settings.url
         try:
             ref = provider.trigger(rel, token, callback)
         except ModelcdError as e:
@@ -146,14 +145,7 @@ class ExternalDriver:
 
     def _fail(self, rel: Release, reason: str) -> None:
         """Fail the release here: roll back what it started, production as before."""
-        with _lock(rel.id):
-            current = self.ctx.releases.get(rel.id)
-            if not current.phase.active:
-                return
-            if current.phase is not Phase.ROLLING_BACK:
-                self.ctx.releases.advance(rel.id, Phase.ROLLING_BACK, reason, error=reason)
-            run_stage(self.ctx, rel.id, Phase.ROLLING_BACK, self.ctx.jobs.cancel_event(rel.id))
-        self.ctx.wake.set()
+        fail_and_roll_back(self.ctx, rel.id, reason)
 
     def _close_finished(self) -> None:
         """Revoke the tokens of releases that finished (their pipeline has nothing left to do)."""

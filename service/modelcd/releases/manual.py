@@ -9,6 +9,8 @@ from modelcd.domain import Deployment, JobState, JobType
 from modelcd.errors import Conflict
 from modelcd.registry.names import validate_environment_name, validate_model_name
 from modelcd.releases.deployments import handle_of
+from modelcd.releases.endpoint_keys import SLOTS, KeysShown, create_missing_keys, key_slots, regenerate_key
+from modelcd.releases.policy import Environment
 
 
 def start_release(ctx: Context, model: str, version: int, environment: str, trigger: str = "manual") -> str:
@@ -17,17 +19,17 @@ def start_release(ctx: Context, model: str, version: int, environment: str, trig
     validate_model_name(model)
     validate_environment_name(environment, field="environment")
     v = ctx.registry.get_version(model, version)
-    policy = ctx.policies.select(model, v.tags, str(v.source)).to_dict()
-    names = [e["name"] for e in policy["environments"]]
+    policy = ctx.policies.select(model, v.tags, str(v.source))
+    names = [e.name for e in policy.environments]
     if environment in names:
         index = names.index(environment)
-    else:
-        policy["environments"].append({"name": environment, "target": "process", "strategy": "blue-green",
-                                       "steps": None, "scoring_workers": ctx.settings.scoring_workers})
+    else:  # an environment the policy does not name: blue-green on the process target
+        policy = policy.model_copy(update={"environments": (
+            *policy.environments, Environment(name=environment, scoring_workers=ctx.settings.scoring_workers))})
         index = len(names)
     with ctx.db.write() as conn:
-        rid = ctx.releases.create_in(conn, model=model, version=version, environment=environment,
-                                     policy_name=policy["name"], policy=policy, env_index=index, trigger=trigger)
+        rid = ctx.releases.create_in(conn, model=model, version=version, environment=environment, policy=policy,
+                                     env_index=index, trigger=trigger)
     ctx.wake.set()
     return rid
 
@@ -81,3 +83,24 @@ def _previous_version(model: str, environment: str, live: dict[int, int], previo
         raise Conflict(f"{model}/{environment} already serves v{versions[-1]}, the version it served before; "
                        "nothing to roll back", field="environment")
     return max(v for v in versions if v not in live_versions)
+
+
+def endpoint_keys(ctx: Context, model: str, environment: str, regenerate: str | None = None) -> KeysShown:
+    """The endpoint's keys: made (and shown, this once) when it has none, or one regenerated.
+    A change reaches the router, verified, before it is committed: the old key stops working
+    when this returns, and the other one never does."""
+    endpoint = ctx.traffic.get(model, environment)
+    if regenerate is not None or not _has_keys(ctx, model, environment):
+        what = f"keys of {model}/{environment}"
+        shown, _ = ctx.traffic.change(what, lambda conn: regenerate_key(conn, model, environment, regenerate)
+                                      if regenerate is not None else create_missing_keys(conn, model, environment))
+    else:
+        shown = {}
+    with ctx.db.read() as conn:
+        slots = key_slots(conn, model, environment)
+    return KeysShown(model=model, environment=environment, auth=endpoint.auth, shown=shown, slots=slots)
+
+
+def _has_keys(ctx: Context, model: str, environment: str) -> bool:
+    with ctx.db.read() as conn:
+        return len(key_slots(conn, model, environment)) == len(SLOTS)

@@ -1,4 +1,5 @@
-"""The local runner: worker threads in the service process that advance releases.
+"""The local runner: worker threads in the service process that advance releases through
+the release engine (``engine.run_release``).
 
 One release per endpoint runs at a time (``Releases.claim``); a newer queued version
 supersedes an older queued one (``Releases.create_in``). After a restart, releases that
@@ -9,86 +10,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from modelcd.context import Context
 from modelcd.domain import JobState
-from modelcd.errors import Cancelled, Conflict, ModelcdError
+from modelcd.errors import Conflict
 from modelcd.releases.dispatcher import dispatch_outbox
-from modelcd.releases.machine import STAGE_OF, Phase, after_rollback, after_success
+from modelcd.releases.engine import run_release
+from modelcd.releases.machine import Phase
 from modelcd.releases.policy import DEFAULT_APPROVAL_TIMEOUT_S
-from modelcd.releases.stages import STAGES, StageRun
 
 log = logging.getLogger(__name__)
 
 
-def run_release(ctx: Context, release_id: str) -> Phase:
-    """Advance one release stage by stage until it is terminal or waits at its approval gate;
-    return the phase it stopped in."""
-    cancel = ctx.jobs.cancel_event(release_id)
-    try:
-        while True:
-            rel = ctx.releases.get(release_id)
-            if rel.phase.terminal or rel.phase is Phase.AWAITING_APPROVAL:
-                return rel.phase
-            run_stage(ctx, release_id, rel.phase, cancel)
-    finally:
-        ctx.jobs.forget_cancel([release_id])
-
-
-def run_stage(ctx: Context, release_id: str, phase: Phase, cancel: threading.Event) -> None:
-    rel = ctx.releases.get(release_id)
-    job = ctx.jobs.create(STAGE_OF[phase], release_id=rel.id, model=rel.model, version=rel.version,
-                          environment=rel.environment)
-    ctx.jobs.transition(job.id, JobState.SCHEDULED)
-    ctx.jobs.transition(job.id, JobState.RUNNING)
-    job_log = ctx.jobs.logger(job.id)
-    run = StageRun(ctx=ctx, release=rel, log=job_log, cancel=cancel)
-    try:
-        if phase is not Phase.ROLLING_BACK and phase is not Phase.PROMOTING:
-            run.check_cancel()
-        values = STAGES[phase](run)
-    except Cancelled as e:
-        job_log(f"stopped: {e.message}")
-        ctx.jobs.transition(job.id, JobState.CANCELLED, e.message)
-        ctx.releases.advance(rel.id, Phase.ROLLING_BACK, f"{STAGE_OF[phase]} stopped; rolling back",
-                             error=f"{STAGE_OF[phase]} stopped by a person")
-        return
-    except Exception as e:
-        message = e.message if isinstance(e, ModelcdError) else f"internal error: {type(e).__name__}: {e}"
-        if not isinstance(e, ModelcdError):
-            job_log(traceback.format_exc())
-        job_log(f"failed: {message}")
-        ctx.jobs.transition(job.id, JobState.FAILED, error=message)
-        if phase is Phase.ROLLING_BACK:
-            ctx.releases.advance(rel.id, after_rollback(rel.cancel_requested), "rollback incomplete",
-                                 error=f"{rel.error or ''}; rollback incomplete: {message}".lstrip("; "))
-        else:
-            ctx.releases.advance(rel.id, Phase.ROLLING_BACK, f"{STAGE_OF[phase]} failed; rolling back",
-                                 error=f"{STAGE_OF[phase]} failed: {message}")
-        return
-    ctx.jobs.transition(job.id, JobState.SUCCEEDED)
-    if phase is Phase.ROLLING_BACK:
-        ctx.releases.advance(rel.id, after_rollback(rel.cancel_requested), "rolled back; production as before")
-    else:
-        # a rollback a person asked for redeploys what served before: no second question
-        nxt = after_success(phase, bool(rel.env_spec.get("approval")) and rel.trigger != "rollback")
-        message = f"{STAGE_OF[phase]} succeeded"
-        if nxt is Phase.AWAITING_APPROVAL:
-            message += "; waiting for a person to approve (modelcd releases approve) before traffic moves"
-        ctx.releases.advance(rel.id, nxt, message, **values)
-
-
 class LocalRunner:
-    """Dispatches the outbox and runs queued releases on a pool of worker threads."""
+    """Dispatches the outbox, claims queued releases, and runs the local ones on a pool of
+    worker threads. Releases another driver runs (a pipeline) are claimed here and left to it;
+    ``also`` are that driver's ticks, called from this loop."""
 
-    def __init__(self, ctx: Context, workers: int | None = None, poll_s: float = 0.5) -> None:
-        from modelcd.releases.external import ExternalDriver
-
+    def __init__(self, ctx: Context, workers: int | None = None, poll_s: float = 0.5,
+                 also: Sequence[Callable[[], None]] = ()) -> None:
         self.ctx = ctx
-        self.external = ExternalDriver(ctx)  # releases whose pipeline runs in GitHub Actions / Azure Pipelines
+        self.also = tuple(also)
         self.workers = workers or ctx.settings.runner_workers
         self.poll_s = poll_s
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="release")
@@ -130,7 +75,8 @@ class LocalRunner:
                 dispatch_outbox(self.ctx)
                 self.schedule()
                 self.gates()
-                self.external.tick()
+                for tick in self.also:
+                    tick()
             except Exception:
                 log.exception("runner loop")
             self.ctx.wake.wait(self.poll_s)
@@ -152,7 +98,7 @@ class LocalRunner:
             if rel.external or rel.id in self.active:
                 continue
             if rel.phase is Phase.AWAITING_APPROVAL:
-                limit = float(rel.env_spec.get("approval_timeout_s") or DEFAULT_APPROVAL_TIMEOUT_S)
+                limit = rel.environment_policy.approval_timeout_s or DEFAULT_APPROVAL_TIMEOUT_S
                 waited = time.time() - datetime.fromisoformat(rel.updated_at).timestamp()
                 why = None
                 if rel.cancel_requested:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import select, update
@@ -10,6 +12,7 @@ from sqlalchemy import select, update
 from modelcd.errors import Conflict, InvalidInput, NotFound
 from modelcd.jobs.service import Jobs
 from modelcd.releases.machine import Phase, check_transition
+from modelcd.releases.policy import Environment, Policy, Runner, Strategy
 from modelcd.store import schema
 from modelcd.store.db import Database, new_id, now
 
@@ -23,7 +26,7 @@ class Release:
     version: int
     environment: str
     policy_name: str
-    policy: dict[str, Any]
+    policy: Policy  # the validated snapshot of the policy revision it runs under
     env_index: int
     trigger: str
     phase: Phase
@@ -38,29 +41,38 @@ class Release:
     finished_at: str | None
 
     @property
-    def runner(self) -> str:
+    def runner(self) -> Runner:
         """Who runs the stages: ``local`` (this service) or a pipeline (``github``, ``azure``)."""
-        return str(self.policy.get("runner") or "local")
+        return self.policy.runner
 
     @property
     def external(self) -> bool:
         """Its stages run in a pipeline; the service starts and watches it (``releases.external``)."""
-        return self.runner != "local"
+        return self.runner is not Runner.LOCAL
 
     @property
-    def env_spec(self) -> dict[str, Any]:
-        return dict(self.policy["environments"][self.env_index])
+    def environment_policy(self) -> Environment:
+        """The policy's step for this release's environment: target, strategy, gates…"""
+        return self.policy.environments[self.env_index]
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["phase"] = str(self.phase)
+        d["policy"] = self.policy.to_dict()
         return d
+
+
+@lru_cache(maxsize=256)
+def _policy(text: str) -> Policy:
+    """Snapshots are validated once per process, not on every read of a release."""
+    return Policy.from_dict(json.loads(text))
 
 
 def _release(row: Any) -> Release:
     m = dict(row._mapping)
     m["phase"] = Phase(m["phase"])
     m["cancel_requested"] = bool(m["cancel_requested"])
+    m["policy"] = _policy(json.dumps(m["policy"], sort_keys=True))
     return Release(**m)
 
 
@@ -71,8 +83,8 @@ class Releases:
         self.db = db
         self.jobs = jobs
 
-    def create_in(self, conn: Any, *, model: str, version: int, environment: str, policy_name: str,
-                  policy: dict[str, Any], env_index: int, trigger: str) -> str:
+    def create_in(self, conn: Any, *, model: str, version: int, environment: str, policy: Policy, env_index: int,
+                  trigger: str) -> str:
         """Insert a queued release inside the caller's transaction. Older queued releases of the
         same endpoint are superseded: only the newest waiting version matters."""
         rid = new_id("r")
@@ -87,12 +99,12 @@ class Releases:
             conn.execute(schema.events.insert().values(
                 release_id=old_id, ts=ts, kind="release.superseded", message=f"superseded by release {rid}"))
         conn.execute(schema.releases.insert().values(
-            id=rid, model=model, version=version, environment=environment, policy_name=policy_name,
-            policy=policy, env_index=env_index, trigger=trigger, phase=str(Phase.QUEUED),
+            id=rid, model=model, version=version, environment=environment, policy_name=policy.name,
+            policy=policy.to_dict(), env_index=env_index, trigger=trigger, phase=str(Phase.QUEUED),
             cancel_requested=False, created_at=ts, updated_at=ts))
         conn.execute(schema.events.insert().values(
             release_id=rid, ts=ts, kind="release.queued",
-            message=f"{model} v{version} → {environment} ({trigger}, policy {policy_name})"))
+            message=f"{model} v{version} → {environment} ({trigger}, policy {policy.name})"))
         return rid
 
     def get(self, release_id: str) -> Release:
@@ -195,7 +207,7 @@ class Releases:
         rel = self.get(release_id)
         if rel.phase.terminal:
             raise Conflict(f"release {release_id} already {rel.phase}; nothing to stop")
-        if rel.phase is Phase.PROMOTING and rel.env_spec.get("strategy") != "canary":  # canary: stop between steps
+        if rel.phase is Phase.PROMOTING and rel.environment_policy.strategy is not Strategy.CANARY:  # between steps
             raise Conflict(f"release {release_id} is promoting; traffic is moving and cannot be stopped now. "
                            f"Use `modelcd rollback {rel.model} --env {rel.environment}` afterwards")
         with self.db.write() as conn:

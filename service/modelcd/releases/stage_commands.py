@@ -2,7 +2,7 @@
 does when a pipeline (GitHub Actions, Azure Pipelines) drives a release, and what
 ``modelcd report`` tells the service.
 
-The work is the local runner's own (``runner.run_stage``): a pipeline run and a local run do
+The work is the release engine's (``engine.run_stage``): a pipeline run and a local run do
 exactly the same thing, with the same jobs, events and logs. A stage asked for twice (a CI
 retry) answers with what happened the first time instead of running again.
 """
@@ -16,21 +16,12 @@ from typing import Any
 
 from modelcd.context import Context
 from modelcd.errors import Conflict, InvalidInput
+from modelcd.releases.engine import STAGE_PHASE, busy, done_before, release_lock, run_stage, stage_name
 from modelcd.releases.machine import NEXT_ON_SUCCESS, Phase
-from modelcd.releases.runner import run_stage
 from modelcd.releases.service import Release
 
-STAGE_PHASE: dict[str, Phase] = {
-    "build": Phase.BUILDING,
-    "deploy": Phase.DEPLOYING,
-    "smoke": Phase.SMOKE_TESTING,
-    "promote": Phase.PROMOTING,
-    "rollback": Phase.ROLLING_BACK,
-}
-_ORDER = [Phase.BUILDING, Phase.DEPLOYING, Phase.SMOKE_TESTING, Phase.PROMOTING, Phase.SUCCEEDED]
 OUTCOMES = ("succeeded", "failed", "cancelled")
-_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
+_guard = threading.Lock()
 # Stages asked for over HTTP run here, not in the request: a build can outlast any proxy's
 # idle timeout, so the request waits a little and then answers "running" (the CLI polls).
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="stage")
@@ -50,10 +41,10 @@ def start_stage_command(ctx: Context, release_id: str, stage: str, wait_s: float
     rel = ctx.releases.get(release_id)
     _check_external(rel)
     key = (release_id, stage)
-    with _locks_guard:
+    with _guard:
         future = _inflight.get(key)
         if future is None or future.done():
-            future = _pool.submit(run_stage_command, ctx, release_id, stage)
+            future = _pool.submit(_in_flight, ctx, release_id, stage)
             _inflight[key] = future
     return _wait(future, rel, stage, min(max(wait_s, 0.0), MAX_WAIT_S))
 
@@ -63,24 +54,24 @@ def stage_command_status(ctx: Context, release_id: str, stage: str, wait_s: floa
     runs), or what the release's phase says of the stage when none was started here."""
     _check_stage(stage)
     rel = ctx.releases.get(release_id)
-    with _locks_guard:
+    with _guard:
         future = _inflight.get((release_id, stage))
     if future is not None:
         return _wait(future, rel, stage, min(max(wait_s, 0.0), MAX_WAIT_S))
     wanted = STAGE_PHASE[stage]
     if rel.phase is wanted:
         return _result(stage, rel, "pending")
-    if stage != "rollback" and rel.phase in _ORDER and _ORDER.index(rel.phase) > _ORDER.index(wanted):
+    if stage != "rollback" and done_before(rel.phase, wanted):
         return _result(stage, rel, "succeeded", already=True)
     return _result(stage, rel, "failed" if rel.phase in (Phase.FAILED, Phase.CANCELLED) else "pending",
                    already=True)
 
 
-def stage_in_flight(release_id: str) -> bool:
-    """Whether a stage command of the release is running here (a sign of life of its pipeline;
-    its last report is written before the command counts as finished)."""
-    with _locks_guard:
-        return any(not f.done() for (rid, _), f in _inflight.items() if rid == release_id)
+def _in_flight(ctx: Context, release_id: str, stage: str) -> dict[str, Any]:
+    """``run_stage_command`` marked busy for the engine until its closing report is written
+    (a stage command in flight is a sign of life of its pipeline)."""
+    with busy(release_id):
+        return run_stage_command(ctx, release_id, stage)
 
 
 def _wait(future: Future[dict[str, Any]], rel: Release, stage: str, wait_s: float) -> dict[str, Any]:
@@ -90,11 +81,6 @@ def _wait(future: Future[dict[str, Any]], rel: Release, stage: str, wait_s: floa
         return _result(stage, rel, "running")
 
 
-def _lock(release_id: str) -> threading.Lock:
-    with _locks_guard:
-        return _locks.setdefault(release_id, threading.Lock())
-
-
 def run_stage_command(ctx: Context, release_id: str, stage: str) -> dict[str, Any]:
     """Run ``stage`` of the release now (blocking) and return its outcome:
     ``{"stage", "outcome": succeeded|failed|skipped, "phase", "error", "already"}``."""
@@ -102,7 +88,7 @@ def run_stage_command(ctx: Context, release_id: str, stage: str) -> dict[str, An
     wanted = STAGE_PHASE[stage]
     ctx.pipeline_runs.reported(release_id)  # the pipeline is alive (no-op for a release it does not drive)
     try:
-        with _lock(release_id):  # one stage of a release at a time, even if the pipeline retries meanwhile
+        with release_lock(release_id):  # one stage of a release at a time, even if the pipeline retries meanwhile
             return _run_locked(ctx, release_id, stage, wanted)
     finally:
         ctx.pipeline_runs.reported(release_id)
@@ -130,12 +116,12 @@ def _run_locked(ctx: Context, release_id: str, stage: str, wanted: Phase) -> dic
         ok = after.phase is NEXT_ON_SUCCESS[wanted]
         ctx.wake.set()
         return _result(stage, after, "succeeded" if ok else "failed")
-    if rel.phase in _ORDER and _ORDER.index(rel.phase) > _ORDER.index(wanted):
+    if done_before(rel.phase, wanted):
         return _result(stage, rel, "succeeded", already=True)
     if rel.phase.terminal or rel.phase is Phase.ROLLING_BACK:
         return _result(stage, rel, "failed", already=True)
     raise Conflict(f"release {release_id} is {rel.phase}: stage {stage} cannot run before "
-                   f"{_stage_of(rel.phase)}", field="stage")
+                   f"{stage_name(rel.phase)}", field="stage")
 
 
 def _rollback(ctx: Context, rel: Release) -> dict[str, Any]:
@@ -145,7 +131,7 @@ def _rollback(ctx: Context, rel: Release) -> dict[str, Any]:
         return _result("rollback", rel, "succeeded", already=True)
     if rel.phase is not Phase.ROLLING_BACK:  # the pipeline failed outside a modelcd stage
         ctx.releases.advance(rel.id, Phase.ROLLING_BACK, "the pipeline asked for a rollback",
-                             error=rel.error or f"the pipeline failed before {_stage_of(rel.phase)} finished")
+                             error=rel.error or f"the pipeline failed before {stage_name(rel.phase)} finished")
     run_stage(ctx, rel.id, Phase.ROLLING_BACK, ctx.jobs.cancel_event(rel.id))
     after = ctx.releases.get(rel.id)
     ctx.wake.set()
@@ -174,10 +160,6 @@ def report(ctx: Context, release_id: str, stage: str, outcome: str, message: str
                              error=f"{stage} {outcome} in the pipeline" + (f": {message}" if message else ""))
         ctx.wake.set()
     return ctx.releases.get(release_id).to_dict()
-
-
-def _stage_of(phase: Phase) -> str:
-    return next((s for s, p in STAGE_PHASE.items() if p is phase), str(phase))
 
 
 def _result(stage: str, rel: Release, outcome: str, already: bool = False) -> dict[str, Any]:

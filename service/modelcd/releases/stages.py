@@ -16,7 +16,7 @@ from modelcd.domain import DeploymentState
 from modelcd.errors import BuildError, Cancelled, NotFound, RouterError, StageFailed
 from modelcd.releases.deployments import deploy_spec, handle_of, spec_values
 from modelcd.releases.machine import Phase
-from modelcd.releases.policy import Policy, Strategy, TargetKind
+from modelcd.releases.policy import Environment, Policy, Strategy, TargetKind
 from modelcd.releases.service import Release
 from modelcd.stages.canary import hold_step, step_traffic
 from modelcd.stages.smoke import SmokeChecks, run_smoke
@@ -36,7 +36,12 @@ class StageRun:
 
     @property
     def policy(self) -> Policy:
-        return Policy.from_dict(self.release.policy)
+        return self.release.policy
+
+    @property
+    def env(self) -> Environment:
+        """The policy's step for the release's environment (validated, defaults filled in)."""
+        return self.release.environment_policy
 
     def stopped(self) -> bool:
         return self.cancel.is_set() or self.ctx.releases.get(self.release.id).cancel_requested
@@ -48,9 +53,8 @@ class StageRun:
 
 def check_supported(run: StageRun) -> None:
     """Refuse, with the fix, what the stages cannot do yet."""
-    policy, env = run.policy, run.release.env_spec
-    if env["target"] not in TARGETS:
-        raise StageFailed(f"policy {policy.name}: target {env['target']} is not available; use one of "
+    if run.env.target not in TARGETS:
+        raise StageFailed(f"policy {run.policy.name}: target {run.env.target} is not available; use one of "
                           f"{', '.join(sorted(TARGETS))}", field="target")
 
 
@@ -64,7 +68,7 @@ def build(run: StageRun) -> dict[str, Any]:
     run.log(f"building {rel.model} v{rel.version} ({version.flavor}, digest {version.digest12})")
     files = run.ctx.registry.materialize(version)
     run.check_cancel()
-    if rel.env_spec["target"] == TargetKind.DOCKER:
+    if run.env.target is TargetKind.DOCKER:
         bundle = build_image(run.ctx.home, version, files, ImageOptions.from_settings(run.ctx.settings), run.log,
                              run.cancel)
     else:
@@ -74,7 +78,7 @@ def build(run: StageRun) -> dict[str, Any]:
 
 def deploy(run: StageRun) -> dict[str, Any]:
     rel, ctx = run.release, run.ctx
-    target = ctx.target(rel.env_spec["target"])
+    target = ctx.target(run.env.target)
     for d in ctx.deployments.list(model=rel.model, environment=rel.environment, version=rel.version, live_only=True):
         if d.bundle == rel.bundle and target.adopt(d) is not None:
             run.log(f"reusing live deployment {d.id} of v{d.version} at {d.url}")
@@ -88,7 +92,7 @@ def deploy(run: StageRun) -> dict[str, Any]:
         ctx.deployments.update(rec.id, state=DeploymentState.FAILED)
     if not rel.bundle:
         raise BuildError("release has no bundle; the build stage did not finish")
-    env = run.policy.environments[rel.env_index]
+    env = run.env
     dep = ctx.deployments.create(model=rel.model, version=rel.version, environment=rel.environment,
                                  target=target.name, release_id=rel.id,
                                  spec=spec_values(env, ctx.settings, rel.bundle))
@@ -121,7 +125,7 @@ def smoke(run: StageRun) -> dict[str, Any]:
 def promote(run: StageRun) -> dict[str, Any]:
     rel, ctx = run.release, run.ctx
     dep_id = rel.deployment_id or ""
-    env = run.policy.environments[rel.env_index]
+    env = run.env
     current = ctx.traffic.current(rel.model, rel.environment)
     previous = record_previous(run)
     wanted = {dep_id: 100}
@@ -158,7 +162,7 @@ def _switch(run: StageRun, traffic: dict[str, int], previous: dict[str, int]) ->
     rel, ctx = run.release, run.ctx
     try:
         ctx.traffic.switch(rel.model, rel.environment, traffic, run.log, previous=previous or None,
-                           auth=str(run.policy.environments[rel.env_index].auth))
+                           auth=str(run.env.auth))
     except RouterError as e:
         run.log(f"router refused the switch: {e.message}; restoring {previous}")
         _restore(run, previous)
@@ -170,7 +174,7 @@ def _canary_steps(run: StageRun, dep_id: str, previous: dict[str, int]) -> None:
     each while its answers to real traffic stay within ``max_error_rate``. A failed step
     raises: the rollback stage puts ``previous`` back."""
     rel, ctx = run.release, run.ctx
-    env = run.policy.environments[rel.env_index]  # validated: the canary defaults are filled in
+    env = run.env  # validated: the canary defaults are filled in
     if not any(w > 0 for d, w in previous.items() if d != dep_id):
         run.log("canary: nothing served before, so all traffic moves at once")
         return
@@ -200,14 +204,13 @@ def _restore(run: StageRun, previous: dict[str, int]) -> None:
 
 def _queue_next_environment(run: StageRun) -> None:
     rel, ctx = run.release, run.ctx
-    envs = rel.policy["environments"]
+    envs = rel.policy.environments
     if rel.trigger != "auto" or rel.env_index + 1 >= len(envs):
         return
-    nxt = envs[rel.env_index + 1]["name"]
+    nxt = envs[rel.env_index + 1].name
     with ctx.db.write() as conn:
         rid = ctx.releases.create_in(conn, model=rel.model, version=rel.version, environment=nxt,
-                                     policy_name=rel.policy_name, policy=rel.policy, env_index=rel.env_index + 1,
-                                     trigger="auto")
+                                     policy=rel.policy, env_index=rel.env_index + 1, trigger="auto")
     run.log(f"queued release {rid}: v{rel.version} → {nxt}")
     ctx.wake.set()
 

@@ -9,13 +9,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, select, update
 
 from modelcd.domain import Deployment, DeploymentState
 from modelcd.errors import ModelcdError, NotFound, RouterError
 from modelcd.releases.deployments import LIVE_STATES, Deployments, deployment_from_row, handle_of
+from modelcd.releases.endpoint_keys import key_hashes
 from modelcd.routing.base import Backend, EndpointRoute, Router, RoutingTable
 from modelcd.store import schema
 from modelcd.store.db import Database, now
@@ -25,6 +26,7 @@ GENERATION_KEY = "router_generation"
 SWAP = object()  # Traffic.switch's default: the split being replaced becomes the previous one
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Endpoint:
     environment: str
     traffic: dict[str, int]  # deployment id → weight
     previous_traffic: dict[str, int] | None
+    auth: str  # key | none
     uri: str
     versions: dict[int, int]  # version → weight, for people
     updated_at: str
@@ -42,7 +45,7 @@ class Endpoint:
             "model": self.model, "environment": self.environment, "uri": self.uri,
             "scoring_uri": f"{self.uri}/score",
             "traffic": {str(v): w for v, w in self.versions.items()}, "deployments": self.traffic,
-            "previous_traffic": self.previous_traffic, "updated_at": self.updated_at,
+            "previous_traffic": self.previous_traffic, "auth": self.auth, "updated_at": self.updated_at,
         }
 
 
@@ -57,6 +60,7 @@ def build_table(conn: Connection, generation: int) -> RoutingTable:
     live = [deployment_from_row(r) for r in conn.execute(
         select(schema.deployments).where(schema.deployments.c.state.in_(LIVE_STATES)))]
     routes: dict[str, EndpointRoute] = {}
+    keys = key_hashes(conn)
     for row in conn.execute(select(schema.endpoints)):
         m = row._mapping
         traffic: dict[str, int] = dict(m["traffic"])
@@ -67,7 +71,10 @@ def build_table(conn: Connection, generation: int) -> RoutingTable:
             if d.state is DeploymentState.READY and d.id not in traffic:
                 continue  # under smoke test: reached on its own URI only
             backends.append(Backend(id=d.id, version=d.version, url=d.url, weight=int(traffic.get(d.id, 0))))
-        routes[endpoint_key(m["model"], m["environment"])] = EndpointRoute(backends=tuple(backends))
+        auth = m["auth"] or "none"  # endpoints made before keys existed stay open until a release sets auth
+        routes[endpoint_key(m["model"], m["environment"])] = EndpointRoute(
+            backends=tuple(backends), auth=auth,
+            key_hashes=keys.get((m["model"], m["environment"]), ()) if auth == "key" else ())
     return RoutingTable(generation=generation, endpoints=routes)
 
 
@@ -104,7 +111,7 @@ class Traffic:
             if r is not None:
                 versions[int(r[0])] = versions.get(int(r[0]), 0) + int(weight)
         return Endpoint(model=m["model"], environment=m["environment"], traffic=traffic,
-                        previous_traffic=m["previous_traffic"],
+                        previous_traffic=m["previous_traffic"], auth=m["auth"] or "none",
                         uri=self.router.endpoint_uri(m["model"], m["environment"]),
                         versions=versions, updated_at=m["updated_at"])
 
@@ -117,48 +124,58 @@ class Traffic:
     def switch(self, model: str, environment: str, traffic: dict[str, int],
                log: Callable[[str], None] = lambda _: None, *, previous: dict[str, int] | object | None = SWAP,
                auth: str | None = None) -> int:
-        """Give the endpoint its new split and apply the whole table to the router, verified
-        by reading it back, *before* the store commits: either both hold the new split, or
-        neither does and RouterError says "unchanged". ``previous`` becomes the endpoint's
-        ``previous_traffic`` (what rollback returns to): a release passes the split it found
-        when it began; the default (a person's rollback) swaps, so rolling back twice returns.
-        Serving deployments that lose all traffic go to standby. Returns the generation."""
+        """Give the endpoint its new split (see ``change``: applied and read back, or not
+        committed). ``previous`` becomes the endpoint's ``previous_traffic`` (what rollback
+        returns to): a release passes the split it found when it began; the default (a
+        person's rollback) swaps, so rolling back twice returns. Serving deployments that
+        lose all traffic go to standby. Returns the applied generation."""
+
+        def mutate(conn: Connection) -> None:
+            row = conn.execute(select(schema.endpoints).where(
+                schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)).first()
+            old = dict(row._mapping["traffic"]) if row is not None else {}
+            values: dict[str, Any] = {"traffic": traffic, "updated_at": now()}
+            if previous is not SWAP:
+                values["previous_traffic"] = previous
+            elif old != traffic:
+                values["previous_traffic"] = old or None
+            if auth is not None:
+                values["auth"] = auth
+            if row is None:
+                conn.execute(schema.endpoints.insert().values(
+                    model=model, environment=environment, **{"auth": "key", **values}))
+            else:
+                conn.execute(schema.endpoints.update().where(
+                    schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)
+                    .values(**values))
+            for dep_id, weight in traffic.items():
+                if weight > 0:
+                    self.deployments.update(dep_id, conn, state=DeploymentState.SERVING)
+            for dep_id in old:
+                if traffic.get(dep_id, 0) == 0:
+                    self.deployments.update(dep_id, conn, state=DeploymentState.STANDBY)
+
         key = endpoint_key(model, environment)
+        _, applied = self.change(f"traffic of {key}", mutate)
+        log(f"router applied generation {applied}: {key} → {traffic}")
+        return applied
+
+    def change(self, what: str, mutate: Callable[[Connection], T]) -> tuple[T, int]:
+        """Run ``mutate`` in a write transaction, then apply the whole routing table it leaves
+        to the router and read it back *before* the store commits: either both hold the
+        change, or neither does and RouterError says ``what`` is unchanged. Returns what
+        ``mutate`` returned and the applied generation."""
         with self._lock:
             generation = self._allocate_generation()
             try:
                 with self.db.write() as conn:
-                    row = conn.execute(select(schema.endpoints).where(
-                        schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)).first()
-                    old = dict(row._mapping["traffic"]) if row is not None else {}
-                    values: dict[str, Any] = {"traffic": traffic, "updated_at": now()}
-                    if previous is not SWAP:
-                        values["previous_traffic"] = previous
-                    elif old != traffic:
-                        values["previous_traffic"] = old or None
-                    if auth is not None:
-                        values["auth"] = auth
-                    if row is None:
-                        conn.execute(schema.endpoints.insert().values(
-                            model=model, environment=environment, **{"auth": "key", **values}))
-                    else:
-                        conn.execute(schema.endpoints.update().where(
-                            schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)
-                            .values(**values))
-                    for dep_id, weight in traffic.items():
-                        if weight > 0:
-                            self.deployments.update(dep_id, conn, state=DeploymentState.SERVING)
-                    for dep_id in old:
-                        if traffic.get(dep_id, 0) == 0:
-                            self.deployments.update(dep_id, conn, state=DeploymentState.STANDBY)
+                    result = mutate(conn)
                     applied = self._apply(build_table(conn, generation))
             except Exception as e:
                 self._restore_router(generation)
                 reason = e.message if isinstance(e, ModelcdError) else f"{type(e).__name__}: {e}"
-                raise RouterError(f"traffic of {key} unchanged ({reason}); the router serves the split "
-                                  "from before") from e
-            log(f"router applied generation {applied}: {key} → {traffic}")
-            return applied
+                raise RouterError(f"{what} unchanged ({reason}); the router serves what it served before") from e
+            return result, applied
 
     def sync_router(self) -> int:
         """Apply the table from the store as it is (after a restart or a deployment change)."""

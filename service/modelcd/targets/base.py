@@ -79,6 +79,12 @@ class Target(ABC):
         """True when ``rd`` still runs (the same deployment, not a recycled id) and answers
         its health check. Never raises for a dead or unknown deployment."""
 
+    def exited(self, record: Deployment) -> bool:
+        """A cheap look, without asking the deployment anything: True when its process (or
+        container) is known to be gone, so the supervisor starts it again at once rather than
+        at the next reconcile. Never raises; the default (False) leaves it to reconcile."""
+        return False
+
     @abstractmethod
     def adopt(self, record: Deployment) -> RunningDeployment | None:
         """Find again a deployment the control plane recorded (pid, port, url, bundle).

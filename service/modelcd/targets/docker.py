@@ -105,6 +105,14 @@ class DockerTarget(Target):
         return (container is not None and container.status == "running"
                 and probe(rd.port, host=self.url_host) is not None)
 
+    def exited(self, record: Deployment) -> bool:
+        """See ``Target.exited``: our container for it is gone or not running."""
+        try:
+            container = self._own(record.id)
+        except DeployError:
+            return False  # the engine did not answer: reconcile will look again
+        return container is None or container.status != "running"
+
     def adopt(self, record: Deployment) -> RunningDeployment | None:
         """See ``Target.adopt``: our container for this deployment, running, healthy for the
         recorded model and version on the recorded port."""
