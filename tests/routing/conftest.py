@@ -7,6 +7,8 @@ import contextlib
 import hashlib
 import http.client
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -133,6 +135,81 @@ def make_backend() -> Iterator[Callable[[str], EchoBackend]]:
     yield make
     for b in made:
         b.close()
+
+
+PROCESS_BACKEND = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+port, name = int(sys.argv[1]), sys.argv[2]
+answer = json.dumps({"name": name}).encode()
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+Server(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+class ProcessBackend:
+    """A named backend in its own process (so it can die by SIGKILL like a deployment);
+    answers every GET/POST with ``{"name": name}``. Restartable on the same port."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", PROCESS_BACKEND, str(self.port), self.name])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            assert self.proc.poll() is None, f"backend {self.name} exited with {self.proc.returncode}"
+            time.sleep(0.02)
+        raise AssertionError(f"backend {self.name} did not listen on {self.port}")
+
+    def backend(self, weight: int, version: int = 1) -> Backend:
+        return Backend(self.name, version, self.url, weight)
+
+    def kill(self) -> None:
+        """kill -9, then reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def spawn_backend() -> Iterator[Callable[[str], ProcessBackend]]:
+    made: list[ProcessBackend] = []
+
+    def spawn(name: str) -> ProcessBackend:
+        made.append(ProcessBackend(name))
+        return made[-1]
+
+    yield spawn
+    for b in made:
+        b.kill()
 
 
 def table(generation: int, routes: dict[str, list[Backend]]) -> RoutingTable:
