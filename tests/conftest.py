@@ -222,6 +222,7 @@ class Hammer:
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.ok = 0
         self.failures: list[str] = []
+        self.failed_at: list[float] = []  # time.monotonic() of each failure
         self.versions: dict[str, int] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -240,9 +241,11 @@ class Hammer:
                         self.versions[v] = self.versions.get(v, 0) + 1
                     else:
                         self.failures.append(f"{r.status_code} {r.text[:200]}")
+                        self.failed_at.append(time.monotonic())
             except requests.RequestException as e:
                 with self._lock:
                     self.failures.append(repr(e))
+                    self.failed_at.append(time.monotonic())
 
     def __enter__(self) -> Hammer:
         for t in self._threads:
