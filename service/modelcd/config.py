@@ -38,6 +38,8 @@ class Settings(BaseModel):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     max_artifact_bytes: int = Field(2 * 1024**3, gt=0)
+    http_header_timeout_s: float = Field(10.0, gt=0, description="API port: a connection that has not sent a "
+                                         "request's complete headers within this is answered 408 and closed")
     runner_workers: int = Field(2, ge=1, le=64)
     health_timeout_s: float = Field(60.0, gt=0)
     scoring_workers: int = Field(2, ge=1, le=64)

@@ -17,6 +17,7 @@ import uvicorn
 
 from modelcd.app import create_app
 from modelcd.app.asgi import ControlPlaneASGI
+from modelcd.app.http_limits import HEADER_TIMEOUT_S, limited_protocol
 from modelcd.auth import ensure_token
 from modelcd.config import Settings
 from modelcd.context import Context, build_context
@@ -91,7 +92,7 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
 
     ctx.inbox.start_group_commit()
     app = ControlPlaneASGI(create_app(ctx, token))
-    server = http_server(app, settings.host, settings.port)
+    server = http_server(app, settings.host, settings.port, settings.http_header_timeout_s)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         raise SystemExit(0)
@@ -114,10 +115,13 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
         echo("modelcd control plane stopped; the router and deployments keep serving")
 
 
-def http_server(app: ControlPlaneASGI, host: str, port: int) -> uvicorn.Server:
-    """uvicorn (httptools, uvloop where installed) serving ``app``; ``run()`` blocks until a
-    signal. Access logs off: the API counts requests in /metrics."""
-    config = uvicorn.Config(app, host=host, port=port, http="httptools", loop="auto", lifespan="off", ws="none",
+def http_server(app: ControlPlaneASGI, host: str, port: int,
+                header_timeout_s: float = HEADER_TIMEOUT_S) -> uvicorn.Server:
+    """uvicorn (httptools with request line, header and header-time limits; uvloop where
+    installed) serving ``app``; ``run()`` blocks until a signal. Access logs off: the API
+    counts requests in /metrics."""
+    config = uvicorn.Config(app, host=host, port=port, http=limited_protocol(header_timeout_s), loop="auto",
+                            lifespan="off", ws="none",
                             access_log=False, log_config=None, log_level="warning", server_header=False,
                             proxy_headers=False, timeout_keep_alive=30, timeout_graceful_shutdown=10, backlog=2048)
     return uvicorn.Server(config)

@@ -44,6 +44,16 @@ class StrictJSONProvider(DefaultJSONProvider):
         return strict_json_loads(s)
 
 
+def too_large_message(limit: int) -> str:
+    return f"request body over the limit of {limit} bytes; raise MODELCD_MAX_ARTIFACT_BYTES or send a smaller artifact"
+
+
+def http_error_doc(e: HTTPException) -> dict[str, Any]:
+    """``{code, message, field}`` of a routing or HTTP error (404, 405, 413…)."""
+    code = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}.get(e.code or 500, "http_error")
+    return {"code": code, "message": e.description or e.name, "field": None}
+
+
 def create_app(ctx: Context, token: str) -> Flask:
     app = Flask("modelcd")
     app.json = StrictJSONProvider(app)
@@ -65,12 +75,10 @@ def create_app(ctx: Context, token: str) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> tuple[Response, int]:
-        code = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}.get(e.code or 500, "http_error")
-        message = e.description or e.name
+        doc = http_error_doc(e)
         if e.code == 413:
-            message = (f"request body over the limit of {ctx.settings.max_artifact_bytes} bytes; "
-                       "raise MODELCD_MAX_ARTIFACT_BYTES or send a smaller artifact")
-        return jsonify({"code": code, "message": message, "field": None}), e.code or 500
+            doc["message"] = too_large_message(ctx.settings.max_artifact_bytes)
+        return jsonify(doc), e.code or 500
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception) -> tuple[Response, int]:

@@ -17,6 +17,7 @@ from modelcd.context import Context
 from modelcd.domain import JobState
 from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from modelcd.inbox.store import DeliveryState
+from modelcd.pipelines.runs import PipelineRuns
 from modelcd.registry.names import validate_environment_name, validate_model_name
 from modelcd.registry.service import parse_metadata, version_to_dict
 from modelcd.releases.deployments import deployment_to_dict
@@ -31,16 +32,37 @@ def _ctx() -> Context:
     return current_app.extensions["modelcd"]
 
 
+API_TOKEN_HINT = ("missing or wrong API token: send `Authorization: Bearer <token>` "
+                  "(the token is in $MODELCD_HOME/token or MODELCD_TOKEN)")
+RELEASE_TOKEN_HINT = ("missing or wrong token: send `Authorization: Bearer <token>` with the API token "
+                      "or this release's pipeline token (MODELCD_RELEASE_TOKEN)")
+AUTH = "modelcd_auth"  # attribute of a view function: "api" (the API token) or "release" (or its pipeline token)
+
+
+def auth_kind(view: Callable[..., Any] | None) -> str | None:
+    """Which token a view needs (None: none), so a server can check it before reading a body."""
+    return getattr(view, AUTH, None)
+
+
+def authorized(kind: str, token: str, header: str | None, release_id: str | None, runs: PipelineRuns) -> bool:
+    """Whether ``header`` carries the API token, or for ``kind == "release"`` that release's
+    pipeline token."""
+    if token_matches(token, header):
+        return True
+    return kind == "release" and release_id is not None and runs.token_valid(release_id, bearer(header))
+
+
 def write(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Require the API token."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not token_matches(current_app.extensions["modelcd_token"], request.headers.get("Authorization")):
-            raise Unauthorized("missing or wrong API token: send `Authorization: Bearer <token>` "
-                               "(the token is in $MODELCD_HOME/token or MODELCD_TOKEN)")
+        if not authorized("api", current_app.extensions["modelcd_token"], request.headers.get("Authorization"),
+                          None, _ctx().pipeline_runs):
+            raise Unauthorized(API_TOKEN_HINT)
         return fn(*args, **kwargs)
 
+    setattr(wrapper, AUTH, "api")
     return wrapper
 
 
@@ -50,13 +72,12 @@ def release_write(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(release_id: str, *args: Any, **kwargs: Any) -> Any:
-        header = request.headers.get("Authorization")
-        if not (token_matches(current_app.extensions["modelcd_token"], header)
-                or _ctx().pipeline_runs.token_valid(release_id, bearer(header))):
-            raise Unauthorized("missing or wrong token: send `Authorization: Bearer <token>` with the API token "
-                               "or this release's pipeline token (MODELCD_RELEASE_TOKEN)")
+        if not authorized("release", current_app.extensions["modelcd_token"], request.headers.get("Authorization"),
+                          release_id, _ctx().pipeline_runs):
+            raise Unauthorized(RELEASE_TOKEN_HINT)
         return fn(release_id, *args, **kwargs)
 
+    setattr(wrapper, AUTH, "release")
     return wrapper
 
 

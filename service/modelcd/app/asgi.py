@@ -5,7 +5,8 @@ without Flask: read the body (size-capped), verify it with the source's adapter,
 to the inbox's group committer, and answer when its transaction has committed. Thousands of
 deliveries a second pass this way with a few milliseconds of latency, where a thread per
 request behind Flask manages a few hundred. Every other path goes to the Flask app through
-``WSGIBridge``, unchanged."""
+``WSGIBridge``, which first asks ``admit``: a write to no route, or without its token, is
+refused before a byte of its body is read."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from flask import Flask
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Rule
 
-from modelcd.app.wsgi_bridge import Receive, Scope, Send, WSGIBridge, body_chunks
-from modelcd.errors import ModelcdError, PayloadTooLarge
+from modelcd.app import http_error_doc, too_large_message
+from modelcd.app.api import API_TOKEN_HINT, RELEASE_TOKEN_HINT, auth_kind, authorized
+from modelcd.app.wsgi_bridge import Receive, Refusal, Scope, Send, WSGIBridge, body_chunks
+from modelcd.errors import ModelcdError, PayloadTooLarge, Unauthorized
 from modelcd.inbox.intake import MAY_BLOCK, Intake
 from modelcd.sources.base import Respond
 
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 HOOKS_PREFIX = "/hooks/"
 HOOK_METHODS = frozenset({"POST", "OPTIONS", "HEAD"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # never need a token; their bodies are capped like any
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -79,7 +85,11 @@ class ControlPlaneASGI:
         self.flask_app = flask_app
         self.intake: Intake = flask_app.extensions["modelcd_intake"]
         self.metrics: dict[Any, float] = flask_app.extensions["modelcd_metrics"]
-        self.wsgi = WSGIBridge(flask_app, threads=threads, max_body=flask_app.config.get("MAX_CONTENT_LENGTH"))
+        self.token: str = flask_app.extensions["modelcd_token"]
+        self.urls = flask_app.url_map.bind("localhost")
+        max_body = flask_app.config.get("MAX_CONTENT_LENGTH")
+        self.wsgi = WSGIBridge(flask_app, threads=threads, max_body=max_body, admit=self.admit,
+                               too_large=too_large_message(max_body or 0))
 
     def close(self) -> None:
         self.wsgi.close()
@@ -95,6 +105,33 @@ class ControlPlaneASGI:
             self.metrics[key] = self.metrics.get(key, 0) + 1
             return
         await self.wsgi(scope, receive, send)
+
+    async def admit(self, scope: Scope) -> Refusal | None:
+        """Refuse a write before its body is read: no such route or method, or not the token
+        its route needs (the API token, or for a release's stages that release's token)."""
+        if scope["method"] in SAFE_METHODS:
+            return None
+        try:
+            rule, args = self.urls.match(scope["path"], scope["method"], return_rule=True)
+        except (NotFound, MethodNotAllowed) as e:
+            return Refusal(e.code or 404, http_error_doc(e))
+        except HTTPException:
+            return None  # a redirect: Flask answers it
+        assert isinstance(rule, Rule)
+        kind = auth_kind(self.flask_app.view_functions.get(str(rule.endpoint)))
+        if kind is None:
+            return None
+        header = _headers(scope).get("authorization")
+        if authorized(kind, self.token, header, None, self.intake.ctx.pipeline_runs):
+            return None
+        if kind == "release" and "release_id" in args:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self.wsgi.executor, authorized, kind, self.token, header,
+                                            str(args["release_id"]), self.intake.ctx.pipeline_runs)
+            if ok:
+                return None
+        hint = RELEASE_TOKEN_HINT if kind == "release" else API_TOKEN_HINT
+        return Refusal(401, Unauthorized(hint).to_dict())
 
     async def hook(self, scope: Scope, receive: Receive, send: Send, source: str) -> int:
         """Answer one webhook delivery; return the status sent."""
@@ -116,7 +153,8 @@ class ControlPlaneASGI:
             status, doc = intake.acknowledgement(result, new)
         except ModelcdError as e:
             status = int(e.http_status)
-            await _answer(send, status, _json(e.to_dict()))
+            close = {"connection": "close"} if status == 413 else None  # the rest of the body stays unread
+            await _answer(send, status, _json(e.to_dict()), close)
             return status
         except Exception as e:
             log.exception("webhook delivery to /hooks/%s", source)

@@ -1,16 +1,22 @@
 """Running the Flask (WSGI) app under an ASGI server: the request body is read on the event
 loop into a spooled file (memory up to 1 MiB, then disk, as waitress does), the app runs on a
 pool of threads, and its response goes back to the loop chunk by chunk (each ``send`` waited
-for, so a slow client slows the thread, not the memory)."""
+for, so a slow client slows the thread, not the memory).
+
+Before a byte of the body is read, ``admit`` may refuse the request (no token, no such route),
+and a body over ``max_body`` (declared, or chunked and counted as it arrives) is refused with
+413 as soon as it passes the cap. A refusal closes the connection: the rest is never read."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO, Any
 
 log = logging.getLogger(__name__)
@@ -33,6 +39,31 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
             yield chunk
         more = message.get("more_body", False)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer given instead of running the app, before the body is read; the connection closes."""
+
+    status: int
+    doc: dict[str, Any]
+
+
+Admit = Callable[[Scope], Awaitable[Refusal | None]]
+
+
+class BodyTooLarge(Exception):
+    """The body passed the cap while it was being read."""
+
+
+async def refuse(send: Send, refusal: Refusal) -> None:
+    """Answer ``refusal`` as JSON with ``connection: close`` (uvicorn then closes the
+    connection instead of reading, and discarding, the rest of the body)."""
+    body = json.dumps(refusal.doc, separators=(",", ":")).encode() + b"\n"
+    await send({"type": "http.response.start", "status": refusal.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 SPOOL_BYTES = 1024 * 1024
 FLUSH_BYTES = 64 * 1024
@@ -75,25 +106,35 @@ def _content_length(scope: Scope) -> int | None:
 
 
 class WSGIBridge:
-    """An ASGI app that runs ``app`` (WSGI) on ``threads`` threads. Bodies declared larger than
-    ``max_body`` are not read: the app sees their Content-Length and refuses them (413)."""
+    """An ASGI app that runs ``app`` (WSGI) on ``threads`` threads, after ``admit`` let the
+    request in. Bodies over ``max_body`` get 413 with ``too_large`` as the message."""
 
-    def __init__(self, app: WSGIApp, threads: int = 8, max_body: int | None = None) -> None:
+    def __init__(self, app: WSGIApp, threads: int = 8, max_body: int | None = None, admit: Admit | None = None,
+                 too_large: str = "request body too large") -> None:
         self.app = app
         self.max_body = max_body
+        self.admit = admit
+        self.too_large = Refusal(413, {"code": "payload_too_large", "message": too_large, "field": "body"})
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="api")
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = await self.admit(scope) if self.admit is not None else None
         declared = _content_length(scope)
+        if refusal is None and self.max_body is not None and declared is not None and declared > self.max_body:
+            refusal = self.too_large
+        if refusal is not None:
+            await refuse(send, refusal)
+            return
         body: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - closed below
         try:
-            if self.max_body is not None and declared is not None and declared > self.max_body:
-                length: int | None = declared  # left unread: the app answers 413 from the header alone
-            else:
-                length = await self._read_body(receive, body)
+            try:
+                length = await self._read_body(receive, body, self.max_body)
+            except BodyTooLarge:
+                await refuse(send, self.too_large)
+                return
             environ = _environ(scope, body, length)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self.executor, self._run, environ, send, loop)
@@ -101,11 +142,14 @@ class WSGIBridge:
             body.close()
 
     @staticmethod
-    async def _read_body(receive: Receive, body: IO[bytes]) -> int:
+    async def _read_body(receive: Receive, body: IO[bytes], limit: int | None) -> int:
+        """Spool the body; BodyTooLarge the moment it passes ``limit`` (the rest stays unread)."""
         size = 0
         async for chunk in body_chunks(receive):
-            body.write(chunk)
             size += len(chunk)
+            if limit is not None and size > limit:
+                raise BodyTooLarge
+            body.write(chunk)
         body.seek(0)
         return size
 
