@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -19,7 +21,7 @@ from modelcd.app import create_app
 from modelcd.app.asgi import ControlPlaneASGI
 from modelcd.app.http_limits import HEADER_TIMEOUT_S, limited_protocol
 from modelcd.auth import ensure_token
-from modelcd.config import Settings
+from modelcd.config import HOME_SETTINGS, Settings
 from modelcd.context import Context, build_context
 from modelcd.errors import ConfigError
 from modelcd.releases.reconcile import reconcile
@@ -39,6 +41,20 @@ def _check_port(host: str, port: int) -> None:
                                   "serve`?); stop it or choose another port with --port / MODELCD_PORT",
                                   field="port") from e
             raise ConfigError(f"MODELCD_HOST: cannot listen on {host}:{port}: {e.strerror}", field="host") from e
+
+
+def make_home_private(home: Path) -> None:
+    """Everything this process (and its children: worker, router, deployments) creates is for
+    its user only (umask 077); the home folder and the files an older version may have left
+    readable are tightened (folder 0700, database, token and settings 0600)."""
+    os.umask(0o077)
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    for name in ("modelcd.db", "modelcd.db-wal", "modelcd.db-shm", "modelcd.db-writer.lock", "token",
+                 HOME_SETTINGS):
+        path = home / name
+        if path.is_file():
+            os.chmod(path, 0o600)
 
 
 class Supervisor(threading.Thread):
@@ -67,6 +83,7 @@ class Supervisor(threading.Thread):
 def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     """Run until SIGTERM/SIGINT. The data plane keeps running after this returns."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    make_home_private(settings.home)
     _check_port(settings.host, settings.port)
     token, created = ensure_token(settings)
     ctx = build_context(settings)

@@ -1,13 +1,16 @@
 """A real `modelcd serve` against hostile clients on 127.0.0.1, every test bounded in bytes and
 time: floods without a token, bodies over the cap, oversize request lines and headers,
-slowloris, broken framing, a token file left empty."""
+slowloris, broken framing, a token file left empty, the files of the home."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -238,3 +241,36 @@ def test_a_service_with_an_empty_token_file_does_not_start(tmp_path: Path) -> No
     r = subprocess.run([sys.executable, "-m", "modelcd", "serve"], env={**env, "MODELCD_TOKEN": ""},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "MODELCD_TOKEN" in r.stderr, r.stderr
+
+
+# -- the home's files -----------------------------------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_home_and_everything_modelcd_makes_in_it_are_private(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)
+    for name, text in (("token", "older-token-0123456789\n"), ("settings.yaml", "{}\n")):
+        (home / name).write_text(text)
+        os.chmod(home / name, 0o644)
+    sqlite3.connect(home / "modelcd.db").close()  # a database an older version left readable
+    os.chmod(home / "modelcd.db", 0o644)
+    svc = make_service(tmp_path)
+    svc.env.pop("MODELCD_TOKEN")
+    svc.start()
+    try:
+        headers = {"Authorization": "Bearer older-token-0123456789"}
+        assert svc.api("PUT", "/policies", data="name: p\n", headers=headers).status_code == 200
+        assert _mode(home) == 0o700
+        for name in ("modelcd.db", "token", "settings.yaml"):
+            assert _mode(home / name) == 0o600, name
+        made = [p for p in home.rglob("*") if not p.name.startswith("serve-")]  # serve-N.log: the test's own
+        assert any(p.is_dir() for p in made) and len(made) > 4, made
+        loose = {str(p.relative_to(home)): oct(_mode(p)) for p in made if _mode(p) & 0o077}
+        assert loose == {}, loose
+    finally:
+        svc.stop()
+        svc.shutdown_data_plane()

@@ -60,6 +60,8 @@ class Database:
                 self._file_lock = _FileLock(f"{database}-writer.lock")
         schema.metadata.create_all(self.engine)
         add_missing_columns(self.engine)
+        if self.sqlite_path is not None:
+            _make_private(self.sqlite_path)
 
     def _sqlite_pragmas(self) -> None:
         @event.listens_for(self.engine, "connect")
@@ -145,3 +147,11 @@ class _FileLock:
         if self._fd is not None and self._depth == 0:
             os.close(self._fd)
             self._fd = None
+
+
+def _make_private(database: str) -> None:
+    """The database file (and the WAL files SQLite gives the same mode) for this user only,
+    even when an older version or another umask made it readable to others."""
+    for path in (database, f"{database}-wal", f"{database}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, 0o600)
