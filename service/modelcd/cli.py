@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from modelcd.client import GATE_PHASE, TERMINAL_PHASES, Client
+from modelcd.client import GATE_PHASE, TERMINAL_PHASES, Client, api_path
 from modelcd.config import Settings, load_settings
 from modelcd.errors import ModelcdError
 
@@ -169,7 +169,7 @@ def register(obj: Obj, name: str, path: Path, flavor: str | None, requirements: 
         if as_json:
             _out({"version": version, "release": rel, "endpoint": None})
         return
-    ep = client.get(f"/api/v1/endpoints/{name}/{rel['environment']}")
+    ep = client.get(api_path("endpoints", name, rel['environment']))
     click.echo(f"{name} v{version['version']} serves {rel['environment']}: {ep['scoring_uri']}")
     if as_json:
         _out({"version": version, "release": rel, "endpoint": ep})
@@ -190,7 +190,7 @@ def models(obj: Obj, as_json: bool) -> None:
 @pass_obj
 def versions(obj: Obj, name: str, as_json: bool) -> None:
     """List the versions of model NAME."""
-    data = obj.client.get(f"/api/v1/models/{name}/versions")
+    data = obj.client.get(api_path("models", name, "versions"))
     rows = [{**v, "digest": v["digest"][:12]} for v in data["versions"]]
     _out(data) if as_json else _table(rows, ["model", "version", "flavor", "digest", "source", "created_at"])
 
@@ -216,7 +216,7 @@ def releases_list(obj: Obj, model: str | None, environment: str | None, as_json:
 @click.option("--json", "as_json", is_flag=True)
 @pass_obj
 def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
-    rel = obj.client.get(f"/api/v1/releases/{release_id}")
+    rel = obj.client.get(api_path("releases", release_id))
     if as_json:
         _out(rel)
         return
@@ -234,7 +234,7 @@ def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_obj
 def releases_stop(obj: Obj, release_id: str, as_json: bool) -> None:
-    rel = obj.client.post(f"/api/v1/releases/{release_id}/stop")
+    rel = obj.client.post(api_path("releases", release_id, "stop"))
     _out(rel) if as_json else click.echo(f"stop requested for release {release_id} ({rel['phase']})")
 
 
@@ -259,7 +259,7 @@ def releases_reject(obj: Obj, release_id: str, comment: str, as_json: bool) -> N
 
 
 def _answer_gate(obj: Obj, release_id: str, verb: str, comment: str, as_json: bool) -> None:
-    rel = obj.client.post(f"/api/v1/releases/{release_id}/{verb}", json={"comment": comment})
+    rel = obj.client.post(api_path("releases", release_id, verb), json={"comment": comment})
     if as_json:
         _out(rel)
         return
@@ -288,7 +288,7 @@ def jobs_list(obj: Obj, release_id: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_obj
 def jobs_show(obj: Obj, job_id: str, as_json: bool) -> None:
-    job = obj.client.get(f"/api/v1/jobs/{job_id}")
+    job = obj.client.get(api_path("jobs", job_id))
     if as_json:
         _out(job)
         return
@@ -304,10 +304,10 @@ def jobs_show(obj: Obj, job_id: str, as_json: bool) -> None:
 def jobs_logs(obj: Obj, job_id: str, follow: bool) -> None:
     client, after = obj.client, 0
     while True:
-        for line in client.get(f"/api/v1/jobs/{job_id}/logs", params={"after": after})["logs"]:
+        for line in client.get(api_path("jobs", job_id, "logs"), params={"after": after})["logs"]:
             click.echo(line["line"])
             after = line["id"]
-        if not follow or client.get(f"/api/v1/jobs/{job_id}")["state"] in ("succeeded", "failed", "cancelled"):
+        if not follow or client.get(api_path("jobs", job_id))["state"] in ("succeeded", "failed", "cancelled"):
             return
         time.sleep(0.5)
 
@@ -316,7 +316,7 @@ def jobs_logs(obj: Obj, job_id: str, follow: bool) -> None:
 @click.argument("job_id")
 @pass_obj
 def jobs_stop(obj: Obj, job_id: str) -> None:
-    obj.client.post(f"/api/v1/jobs/{job_id}/stop")
+    obj.client.post(api_path("jobs", job_id, "stop"))
     click.echo(f"stop requested for job {job_id}")
 
 
@@ -340,7 +340,7 @@ def endpoints_list(obj: Obj, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_obj
 def endpoints_show(obj: Obj, name: str, environment: str, as_json: bool) -> None:
-    ep = obj.client.get(f"/api/v1/endpoints/{name}/{environment}")
+    ep = obj.client.get(api_path("endpoints", name, environment))
     if as_json:
         _out(ep)
         return
@@ -389,7 +389,7 @@ def _run_stage(obj: Obj, stage: str, release_id: str | None, name: str | None, v
         if name is None or version is None:
             raise click.UsageError("give --release ID, or MODEL VERSION [--env ENV]")
         release_id = _find_release(client, name, version, environment)
-    path = f"/api/v1/releases/{release_id}/stages/{stage}"
+    path = api_path("releases", release_id, "stages", stage)
     result = client.post(path, params={"wait": 20}, timeout=90)
     while result["outcome"] == "running":  # a long stage: ask again (each answer within ~20 s)
         if not as_json:
@@ -441,10 +441,10 @@ def promote(obj: Obj, name: str | None, version: int | None, environment: str, r
     if name is None or version is None:
         raise click.UsageError("give MODEL VERSION [--env ENV], or --release ID")
     client = obj.client
-    rel = client.post(f"/api/v1/endpoints/{name}/{environment}/promote", json={"version": version})
+    rel = client.post(api_path("endpoints", name, environment, "promote"), json={"version": version})
     click.echo(f"release {rel['id']} queued: {name} v{version} → {environment}")
     if wait and _wait(client, rel["id"])["phase"] != GATE_PHASE:
-        click.echo(json.dumps(client.get(f"/api/v1/endpoints/{name}/{environment}")["traffic"]))
+        click.echo(json.dumps(client.get(api_path("endpoints", name, environment))["traffic"]))
 
 
 @main.command()
@@ -463,12 +463,12 @@ def rollback(obj: Obj, name: str | None, environment: str, release_id: str | Non
     if name is None:
         raise click.UsageError("give MODEL [--env ENV], or --release ID")
     client = obj.client
-    result = client.post(f"/api/v1/endpoints/{name}/{environment}/rollback")
+    result = client.post(api_path("endpoints", name, environment, "rollback"))
     if result["release_id"]:
         click.echo(f"previous deployment was retired; release {result['release_id']} redeploys it")
         if wait:
             _wait(client, result["release_id"])
-    ep = client.get(f"/api/v1/endpoints/{name}/{environment}")
+    ep = client.get(api_path("endpoints", name, environment))
     click.echo(f"{name}/{environment} traffic: {json.dumps(ep['traffic'])}")
 
 
@@ -482,7 +482,7 @@ def rollback(obj: Obj, name: str | None, environment: str, release_id: str | Non
 @pass_obj
 def report(obj: Obj, release_id: str, stage: str, outcome: str, message: str, as_json: bool) -> None:
     """Tell the service a stage's outcome from a pipeline (uses MODELCD_RELEASE_TOKEN there)."""
-    rel = _stage_client(obj).post(f"/api/v1/releases/{release_id}/report",
+    rel = _stage_client(obj).post(api_path("releases", release_id, "report"),
                                   json={"stage": stage, "outcome": outcome, "message": message})
     if as_json:
         _out(rel)
@@ -507,7 +507,7 @@ def policies_list(obj: Obj, as_json: bool) -> None:
 @click.argument("name")
 @pass_obj
 def policies_show(obj: Obj, name: str) -> None:
-    _out(obj.client.get(f"/api/v1/policies/{name}"))
+    _out(obj.client.get(api_path("policies", name)))
 
 
 @policies.command("validate")
@@ -536,7 +536,7 @@ def policies_apply(obj: Obj, file: Path) -> None:
 @click.argument("name")
 @pass_obj
 def policies_delete(obj: Obj, name: str) -> None:
-    obj.client.request("DELETE", f"/api/v1/policies/{name}")
+    obj.client.request("DELETE", api_path("policies", name))
     click.echo(f"policy {name} deleted")
 
 
@@ -586,14 +586,14 @@ def inbox_list(obj: Obj, state: str | None, source: str | None, as_json: bool) -
 @click.argument("delivery", type=int)
 @pass_obj
 def inbox_show(obj: Obj, delivery: int) -> None:
-    _out(obj.client.get(f"/api/v1/inbox/{delivery}"))
+    _out(obj.client.get(api_path("inbox", delivery)))
 
 
 @inbox.command("retry")
 @click.argument("delivery", type=int)
 @pass_obj
 def inbox_retry(obj: Obj, delivery: int) -> None:
-    d = obj.client.post(f"/api/v1/inbox/{delivery}/retry")
+    d = obj.client.post(api_path("inbox", delivery, "retry"))
     click.echo(f"delivery {delivery} ({d['source']} {d['delivery_id']}) queued again")
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -16,6 +17,18 @@ from modelcd.errors import ModelcdError
 
 TERMINAL_PHASES = {"succeeded", "failed", "cancelled", "superseded"}
 GATE_PHASE = "awaiting_approval"  # a release waits here for a person; waiting clients stop too
+
+
+def api_path(*segments: str | int) -> str:
+    """``/api/v1/`` and the segments, each percent-encoded whole: a name or id holding ``/``,
+    ``?`` or ``#`` stays one segment (the API refuses it) and can never reach another route."""
+    parts = []
+    for segment in segments:
+        text = str(segment)
+        if text in ("", ".", ".."):  # dot segments are removed by URL normalisation, not encoded
+            raise ModelcdError(f"{text!r} is not a valid name or id in an API path")
+        parts.append(quote(text, safe=""))
+    return "/api/v1/" + "/".join(parts)
 
 
 class ApiError(ModelcdError):
@@ -64,7 +77,7 @@ class Client:
         """Upload ``path`` (file or folder, packed as tar.gz) as a new version of ``name``."""
         from modelcd.registry.archive import pack_tree
 
-        return self.post(f"/api/v1/models/{name}/versions",
+        return self.post(api_path("models", name, "versions"),
                          files={"artifact": ("artifact.tar.gz", pack_tree(path), "application/gzip")},
                          data={"metadata": json.dumps(meta)})
 
@@ -81,7 +94,7 @@ class Client:
         deadline = time.monotonic() + timeout_s
         last = None
         while True:
-            rel = self.get(f"/api/v1/releases/{release_id}")
+            rel = self.get(api_path("releases", release_id))
             if rel["phase"] != last:
                 last = rel["phase"]
                 if on_change:

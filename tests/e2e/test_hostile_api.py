@@ -1,6 +1,7 @@
 """A real `modelcd serve` against hostile clients on 127.0.0.1, every test bounded in bytes and
 time: floods without a token, bodies over the cap, oversize request lines and headers,
-slowloris, broken framing, a token file left empty, the files of the home."""
+slowloris, broken framing, a token file left empty, the files of the home, path tricks
+through the CLI."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from click.testing import CliRunner
 
-from tests.conftest import TOKEN, Service, make_service, running_service
+from modelcd.cli import main
+from tests.conftest import TOKEN, Service, iris_model, make_service, running_service
 
 FLOOD_MAX = 64 * 1024 * 1024  # the most a flood sends before the test gives up on an answer
 PIECE = 1024 * 1024
@@ -274,3 +277,44 @@ def test_the_home_and_everything_modelcd_makes_in_it_are_private(tmp_path: Path)
     finally:
         svc.stop()
         svc.shutdown_data_plane()
+
+
+# -- the CLI: names and ids stay one path segment ---------------------------------------------------
+
+POLICY = """name: trick
+match:
+  models: ["trick*"]
+environments:
+  - name: production
+    env: {MY_VAR: "s3cr3t-value-never-shown"}
+smoke: {requests: 3}
+"""
+
+
+def _cli(svc: Service, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env=svc.env, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_a_release_id_cannot_walk_to_another_route(tmp_path: Path) -> None:
+    """`releases stop 'x/../../endpoints/NAME/production/rollback?'` once rolled NAME back;
+    the id is now one encoded segment, which the API refuses. Policy env values stay hidden
+    in the CLI's output of releases and policies."""
+    with running_service(tmp_path / "s", policy=POLICY) as svc:
+        meta = iris_model(tmp_path / "m")
+        for _ in range(2):
+            assert svc.wait_release_for("trick", svc.register("trick", tmp_path / "m", meta)["version"])[
+                "phase"] == "succeeded"
+        assert svc.endpoint("trick")["traffic"] == {"2": 100}
+        for command in (["releases", "stop"], ["releases", "show"], ["jobs", "stop"], ["releases", "approve"]):
+            code, out = _cli(svc, *command, "x/../../endpoints/trick/production/rollback?")
+            assert code != 0, (command, out)
+        code, out = _cli(svc, "releases", "stop", "..")
+        assert code != 0 and "not a valid" in out, out
+        assert svc.endpoint("trick")["traffic"] == {"2": 100}
+
+        rel = json.loads(_cli(svc, "releases", "list", "--model", "trick", "--json")[1])["releases"][0]
+        for args in (["releases", "show", rel["id"], "--json"], ["releases", "list", "--json"],
+                     ["policies", "show", "trick"]):
+            code, out = _cli(svc, *args)
+            assert code == 0 and "s3cr3t" not in out and "(set)" in out, (args, out)
