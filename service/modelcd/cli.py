@@ -732,11 +732,34 @@ def base_image_build(obj: Obj, tag: str | None, suite: str, mirror: str | None, 
 @main.command()
 @pass_obj
 def shutdown(obj: Obj) -> None:
-    """Stop this home's data plane: the router and every process deployment."""
+    """Stop this home's data plane: the router and every process deployment. A running
+    service is asked to do it (it then leaves them down until it restarts)."""
+    client = obj.client
+    if client.healthy():
+        for line in client.post(api_path("data-plane", "stop"), timeout=180)["stopped"]:
+            click.echo(line)
+        click.echo(f"the service at {client.base} keeps running without a data plane until it restarts")
+        return
     from modelcd.lifecycle import stop_data_plane
 
+    running = _router_address(obj.settings.home)
     for line in stop_data_plane(obj.settings):
+        if line.startswith("stopped router on "):
+            line = f"stopped router on {running}" if running else "no router was running"
         click.echo(line)
+
+
+def _router_address(home: Path) -> str | None:
+    """Where the router recorded in this home listens, from its own command line (which may
+    differ from this shell's settings)."""
+    try:
+        pid = int((home / "router" / "router.pid").read_text())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+        if "modelcd.routing.proxy" in args:
+            return f"http://{args[args.index('--host') + 1]}:{args[args.index('--port') + 1]}"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @main.command()

@@ -24,6 +24,7 @@ from modelcd.auth import ensure_token
 from modelcd.config import HOME_SETTINGS, Settings
 from modelcd.context import Context, build_context
 from modelcd.errors import ConfigError
+from modelcd.lifecycle import stop_data_plane
 from modelcd.releases.reconcile import reconcile
 from modelcd.releases.runner import LocalRunner
 
@@ -66,11 +67,15 @@ class Supervisor(threading.Thread):
         self.every_s = every_s
         self.reconcile_every = reconcile_every
         self.stopped = threading.Event()
+        self.pause_requested = threading.Event()  # `modelcd shutdown`: leave the data plane down
+        self.parked = threading.Event()  # set by this thread once paused: no tick runs any more
 
     def run(self) -> None:
         ticks = 0
         while not self.stopped.wait(self.every_s):
             ticks += 1
+            if self._parked():
+                continue
             try:
                 if self.ctx.router.supervise():
                     log.warning("router was down; restarted it")
@@ -78,6 +83,19 @@ class Supervisor(threading.Thread):
                     reconcile(self.ctx, log.warning)
             except Exception:
                 log.exception("supervisor")
+
+    def _parked(self) -> bool:
+        if self.pause_requested.is_set():
+            self.parked.set()
+        return self.parked.is_set()
+
+    def stop_data_plane(self) -> list[str]:
+        """Stop the router and every deployment, and supervise neither again until the service
+        restarts (waits for a tick in progress first, so nothing is restarted behind us)."""
+        self.pause_requested.set()
+        if self.is_alive():
+            self.parked.wait(60)
+        return list(stop_data_plane(self.ctx.settings))
 
 
 def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
@@ -108,7 +126,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
         poller.start()
 
     ctx.inbox.start_group_commit()
-    app = ControlPlaneASGI(create_app(ctx, token))
+    flask_app = create_app(ctx, token)
+    flask_app.extensions["modelcd_data_plane_stop"] = supervisor.stop_data_plane  # POST /api/v1/data-plane/stop
+    app = ControlPlaneASGI(flask_app)
     server = http_server(app, settings.host, settings.port, settings.http_header_timeout_s)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

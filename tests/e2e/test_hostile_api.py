@@ -1,7 +1,7 @@
 """A real `modelcd serve` against hostile clients on 127.0.0.1, every test bounded in bytes and
 time: floods without a token, bodies over the cap, oversize request lines and headers,
 slowloris, broken framing, a token file left empty, the files of the home, path tricks
-through the CLI."""
+through the CLI, and `modelcd shutdown` while the service runs."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import requests
 from click.testing import CliRunner
 
 from modelcd.cli import main
-from tests.conftest import TOKEN, Service, iris_model, make_service, running_service
+from tests.conftest import TOKEN, Service, free_port, iris_model, make_service, running_service
 
 FLOOD_MAX = 64 * 1024 * 1024  # the most a flood sends before the test gives up on an answer
 PIECE = 1024 * 1024
@@ -318,3 +318,26 @@ def test_a_release_id_cannot_walk_to_another_route(tmp_path: Path) -> None:
                      ["policies", "show", "trick"]):
             code, out = _cli(svc, *args)
             assert code == 0 and "s3cr3t" not in out and "(set)" in out, (args, out)
+
+
+# -- modelcd shutdown while the service runs ------------------------------------------------------
+
+def test_shutdown_asks_the_running_service_and_the_router_stays_down(tmp_path: Path) -> None:
+    with running_service(tmp_path / "s") as svc:
+        router = f"{svc.router_url}/-/healthz"
+        assert requests.get(router, timeout=5).ok
+        wrong = CliRunner().invoke(main, ["shutdown"], env={**svc.env, "MODELCD_TOKEN": "wrong-token-0123"})
+        assert wrong.exit_code != 0 and "token" in wrong.output.lower(), wrong.output
+        assert requests.get(router, timeout=5).ok
+        other_port = str(free_port())  # this shell's settings name another router port
+        result = CliRunner().invoke(main, ["shutdown"], env={**svc.env, "MODELCD_ROUTER_PORT": other_port})
+        assert result.exit_code == 0, result.output
+        assert f"stopped router on http://127.0.0.1:{svc.router_port}" in result.output, result.output
+        assert other_port not in result.output
+        time.sleep(3)  # the supervisor ticks every second: it must not bring the router back
+        with pytest.raises(requests.ConnectionError):
+            requests.get(router, timeout=5)
+        assert _healthy(svc)
+        svc.stop()
+        svc.start()  # a restart supervises the data plane again
+        assert requests.get(router, timeout=5).ok

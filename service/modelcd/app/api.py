@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from modelcd.auth import bearer, token_matches
 from modelcd.context import Context
 from modelcd.domain import JobState
-from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from modelcd.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from modelcd.inbox.store import DeliveryState
 from modelcd.pipelines.runs import PipelineRuns
 from modelcd.registry.names import validate_environment_name, validate_model_name
@@ -424,6 +424,18 @@ def rollback(model: str, environment: str) -> Response:
 def list_deployments() -> Response:
     deps = _ctx().deployments.list(model=_arg_model(), environment=_arg_environment(), live_only=_arg_bool("live"))
     return jsonify({"deployments": [deployment_to_dict(d) for d in deps]})
+
+
+# the data plane (router and deployments)
+@bp.post("/data-plane/stop")
+@write
+def stop_data_plane() -> Response:
+    """Stop the router and every deployment; this service leaves them down until it restarts."""
+    stop: Callable[[], list[str]] | None = current_app.extensions.get("modelcd_data_plane_stop")
+    if stop is None:
+        raise Conflict("this server does not supervise a data plane (only `modelcd serve` does); "
+                       "run `modelcd shutdown` where no service runs")
+    return jsonify({"stopped": stop()})
 
 
 # policies

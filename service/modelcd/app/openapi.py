@@ -38,6 +38,8 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("post", "/endpoints/{model}/{environment}/promote", "Release {version} to this endpoint", True, "json"),
     ("post", "/endpoints/{model}/{environment}/rollback", "Back to the previous version", True, None),
     ("get", "/deployments", "List deployments", False, None),
+    ("post", "/data-plane/stop", "Stop the router and every deployment; the service leaves them down until it "
+     "restarts (what `modelcd shutdown` asks a running service)", True, None),
     ("get", "/policies", "List release policies", False, None),
     ("put", "/policies", "Create or replace a release policy (YAML body)", True, "yaml"),
     ("get", "/policies/{name}", "Show a release policy", False, None),
