@@ -347,6 +347,30 @@ def endpoints_show(obj: Obj, name: str, environment: str, as_json: bool) -> None
     click.echo(f"uri:      {ep['uri']}\nscoring:  {ep['scoring_uri']}\ntraffic:  {json.dumps(ep['traffic'])}")
 
 
+@endpoints.command("keys")
+@click.argument("name")
+@click.option("--env", "environment", required=True)
+@click.option("--regenerate", type=click.Choice(["primary", "secondary"]),
+              help="make a new key for this slot; the other keeps working")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def endpoints_keys(obj: Obj, name: str, environment: str, regenerate: str | None, as_json: bool) -> None:
+    """The endpoint's scoring keys (Authorization: Bearer KEY). Shown once: when they are made
+    (the first time you ask) and when one is regenerated; only their hashes are kept."""
+    body = {"regenerate": regenerate} if regenerate else {}
+    keys = obj.client.post(api_path("endpoints", name, environment, "keys"), json=body)
+    if as_json:
+        _out(keys)
+        return
+    for slot in ("primary", "secondary"):
+        shown = keys.get(slot)
+        click.echo(f"{slot + ':':<11}{shown if shown else '(hidden: shown once when it was made)'}")
+    if keys.get("auth") == "none":
+        click.echo(f"note: {name}/{environment} has auth: none in its policy, so the router does not ask for a key")
+    if keys.get("note"):
+        click.echo(keys["note"])
+
+
 @main.command()
 @click.option("--model")
 @click.option("--env", "environment")

@@ -23,8 +23,11 @@ from modelcd.app.http_limits import HEADER_TIMEOUT_S, limited_protocol
 from modelcd.auth import ensure_token
 from modelcd.config import HOME_SETTINGS, Settings
 from modelcd.context import Context, build_context
+from modelcd.domain import DeploymentState
 from modelcd.errors import ConfigError
+from modelcd.fsutil import clean_temporaries
 from modelcd.lifecycle import stop_data_plane
+from modelcd.releases.external import ExternalDriver
 from modelcd.releases.reconcile import reconcile
 from modelcd.releases.runner import LocalRunner
 
@@ -79,7 +82,7 @@ class Supervisor(threading.Thread):
             try:
                 if self.ctx.router.supervise():
                     log.warning("router was down; restarted it")
-                if ticks % self.reconcile_every == 0:
+                if ticks % self.reconcile_every == 0 or self._deployment_exited():
                     reconcile(self.ctx, log.warning)
             except Exception:
                 log.exception("supervisor")
@@ -97,6 +100,16 @@ class Supervisor(threading.Thread):
             self.parked.wait(60)
         return list(stop_data_plane(self.ctx.settings))
 
+    def _deployment_exited(self) -> bool:
+        """A serving or standby deployment whose process is gone: restart it now, not at the
+        next reconcile tick (the router already sends its traffic to the others meanwhile)."""
+        for d in self.ctx.deployments.list(live_only=True):
+            if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY) and self.ctx.target(d.target).exited(d):
+                log.warning("deployment %s (%s v%s, pid %s) exited; starting it again", d.id, d.model, d.version,
+                            d.pid)
+                return True
+        return False
+
 
 def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     """Run until SIGTERM/SIGINT. The data plane keeps running after this returns."""
@@ -104,6 +117,8 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     make_home_private(settings.home)
     _check_port(settings.host, settings.port)
     token, created = ensure_token(settings)
+    for path in clean_temporaries(settings.home):  # what an interrupted upload or build left behind
+        echo(f"removed a leftover temporary: {path}")
     ctx = build_context(settings)
     ctx.redact.add(token)
     if created:
@@ -111,7 +126,7 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     report = reconcile(ctx, echo)
     echo(f"data plane: router {settings.router_url} (generation synced: {report.router_synced}); "
          f"deployments adopted {len(report.adopted)}, restarted {len(report.restarted)}, failed {len(report.failed)}")
-    runner = LocalRunner(ctx)
+    runner = LocalRunner(ctx, also=[ExternalDriver(ctx).tick])  # pipelines' releases: started and watched
     runner.start()
     supervisor = Supervisor(ctx)
     supervisor.start()

@@ -22,7 +22,7 @@ from modelcd.registry.names import validate_environment_name, validate_model_nam
 from modelcd.registry.service import parse_metadata, version_to_dict
 from modelcd.releases.deployments import deployment_to_dict
 from modelcd.releases.machine import Phase
-from modelcd.releases.manual import rollback_endpoint, start_release
+from modelcd.releases.manual import endpoint_keys, rollback_endpoint, start_release
 from modelcd.releases.service import Release
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -418,6 +418,16 @@ def promote(model: str, environment: str) -> tuple[Response, int]:
 @write
 def rollback(model: str, environment: str) -> Response:
     return jsonify(rollback_endpoint(_ctx(), model, environment))
+
+
+@bp.post("/endpoints/<model>/<environment>/keys")
+@write
+def keys(model: str, environment: str) -> Response:
+    """The endpoint's keys, shown once: made on the first call, or one regenerated."""
+    slot = _json_body().get("regenerate")
+    if slot is not None and not isinstance(slot, str):
+        raise InvalidInput(f"regenerate must be primary or secondary (got {slot!r})", field="regenerate")
+    return jsonify(endpoint_keys(_ctx(), model, environment, slot).to_dict())
 
 
 @bp.get("/deployments")

@@ -37,6 +37,9 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("get", "/endpoints/{model}/{environment}", "Show an endpoint: uri and traffic {version: weight}", False, None),
     ("post", "/endpoints/{model}/{environment}/promote", "Release {version} to this endpoint", True, "json"),
     ("post", "/endpoints/{model}/{environment}/rollback", "Back to the previous version", True, None),
+    ("post", "/endpoints/{model}/{environment}/keys",
+     "The endpoint's scoring keys, shown once: made on the first call, or {regenerate: primary|secondary}", True,
+     "json"),
     ("get", "/deployments", "List deployments", False, None),
     ("post", "/data-plane/stop", "Stop the router and every deployment; the service leaves them down until it "
      "restarts (what `modelcd shutdown` asks a running service)", True, None),

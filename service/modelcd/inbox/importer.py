@@ -5,8 +5,6 @@ record the version as referenced only. Imports are idempotent per external versi
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -14,6 +12,7 @@ from urllib.parse import urlparse
 from modelcd.context import Context
 from modelcd.domain import ModelVersion, Source
 from modelcd.errors import ArtifactStoreError, InvalidInput
+from modelcd.fsutil import scratch_dir
 from modelcd.registry.archive import safe_extract
 from modelcd.registry.service import RegisterMetadata
 
@@ -30,8 +29,7 @@ def import_event(ctx: Context, event: Any) -> ModelVersion:
     uri = event.artifact_uri
     if not uri:
         return ctx.registry.register_reference(event.model, meta)
-    work = Path(tempfile.mkdtemp(dir=_tmp(ctx), prefix="import-"))
-    try:
+    with scratch_dir(ctx.home / "tmp", "import") as work:  # locked: a start-up cleaner leaves it alone
         files = work / "files"
         if uri.startswith("models:/"):
             meta = _fetch_mlflow(ctx, uri, files, meta)
@@ -41,14 +39,6 @@ def import_event(ctx: Context, event: Any) -> ModelVersion:
             raise InvalidInput(f"cannot fetch artifacts from {uri!r}: modelcd reads models:/ (MLflow) and s3:// URIs",
                                field="artifact_uri")
         return ctx.registry.import_files(event.model, files, meta)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _tmp(ctx: Context) -> Path:
-    path = ctx.home / "tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _fetch_mlflow(ctx: Context, uri: str, dest: Path, meta: RegisterMetadata) -> RegisterMetadata:
