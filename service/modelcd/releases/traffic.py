@@ -166,8 +166,9 @@ class Traffic:
         change, or neither does and RouterError says ``what`` is unchanged. Returns what
         ``mutate`` returned and the applied generation."""
         with self._lock:
-            generation = self._allocate_generation()
+            generation = self._applied
             try:
+                generation = self._allocate_generation()
                 with self.db.write() as conn:
                     result = mutate(conn)
                     applied = self._apply(build_table(conn, generation))
