@@ -112,13 +112,13 @@ def test_an_unauthenticated_chunked_flood_is_refused_before_its_body(svc: Servic
 
 def test_unauthenticated_writes_with_declared_bodies_are_refused_at_once(svc: Service) -> None:
     for path in (b"/api/v1/releases", b"/api/v1/policies", b"/api/v1/releases/r-0123456789ab/report",
-                 b"/api/v1/nowhere", b"/hooks/generic/extra"):
+                 b"/api/v1/nowhere", b"/hooks/generic/extra", b"/api/v1//releases", b"//api/v1/policies"):
         with _connect(svc) as sock:
             method = b"PUT" if path.endswith(b"policies") else b"POST"
             sock.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xa0\r\nContent-Length: 10000000000\r\n"
                          b"\r\n" % (method, path))
             answer = _read_until_closed(sock)
-        assert _status(answer) in (401, 404), (path, answer[:300])
+        assert _status(answer) in (401, 404, 405), (path, answer[:300])
         assert answer.endswith(b"\n"), answer  # the whole answer, then the server closed the connection
 
 

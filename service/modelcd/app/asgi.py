@@ -15,11 +15,11 @@ import json
 import logging
 import time
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from flask import Flask
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
-from werkzeug.routing import Rule
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect, Rule
 
 from modelcd.app import http_error_doc, too_large_message
 from modelcd.app.api import API_TOKEN_HINT, RELEASE_TOKEN_HINT, auth_kind, authorized
@@ -112,12 +112,9 @@ class ControlPlaneASGI:
         if scope["method"] in SAFE_METHODS:
             return None
         try:
-            rule, args = self.urls.match(scope["path"], scope["method"], return_rule=True)
+            rule, args = self._match(scope["path"], scope["method"])
         except (NotFound, MethodNotAllowed) as e:
             return Refusal(e.code or 404, http_error_doc(e))
-        except HTTPException:
-            return None  # a redirect: Flask answers it
-        assert isinstance(rule, Rule)
         kind = auth_kind(self.flask_app.view_functions.get(str(rule.endpoint)))
         if kind is None:
             return None
@@ -132,6 +129,15 @@ class ControlPlaneASGI:
                 return None
         hint = RELEASE_TOKEN_HINT if kind == "release" else API_TOKEN_HINT
         return Refusal(401, Unauthorized(hint).to_dict())
+
+    def _match(self, path: str, method: str) -> tuple[Rule, dict[str, Any]]:
+        """The route of ``path``, or of where Flask would redirect it (``//`` merged)."""
+        try:
+            rule, args = self.urls.match(path, method, return_rule=True)
+        except RequestRedirect as e:
+            rule, args = self.urls.match(urlsplit(e.new_url).path, method, return_rule=True)
+        assert isinstance(rule, Rule)
+        return rule, args
 
     async def hook(self, scope: Scope, receive: Receive, send: Send, source: str) -> int:
         """Answer one webhook delivery; return the status sent."""
