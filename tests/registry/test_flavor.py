@@ -9,7 +9,7 @@ import pytest
 
 from modelcd.domain import Flavor
 from modelcd.errors import InvalidInput
-from modelcd.registry.metadata import DetectedFlavor, defined_names, detect_flavor, parse_flavor
+from modelcd.registry.flavors import DetectedFlavor, defined_names, detect_flavor, parse_flavor
 
 SCORE = "import json\n\nmodel = None\n\ndef init():\n    global model\n\ndef run(raw_data):\n    return []\n"
 

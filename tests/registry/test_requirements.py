@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from modelcd.errors import InvalidInput
-from modelcd.registry.metadata import (
+from modelcd.registry.requirements import (
     conda_to_pip,
     load_requirements,
     parse_conda_text,
@@ -201,7 +201,7 @@ def test_no_requirements_at_all(tmp_path: Path, caplog: pytest.LogCaptureFixture
     result = load_requirements(tmp_path)
     assert result.requirements == () and result.source == "none"
     assert "scoring image's packages" in result.notes[0]
-    with caplog.at_level(logging.INFO, logger="modelcd.registry.metadata"):
+    with caplog.at_level(logging.INFO, logger="modelcd.registry.requirements"):
         assert read_requirements(tmp_path, None) == ()
     assert "no requirements.txt" in caplog.text
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from modelcd.errors import InvalidInput, PayloadTooLarge
-from modelcd.registry.metadata import MAX_SAMPLE_BYTES, parse_expected, parse_sample, sample_rows
+from modelcd.registry.samples import MAX_SAMPLE_BYTES, parse_expected, parse_sample, sample_rows
 
 
 @pytest.mark.parametrize(("value", "body", "rows"), [

@@ -22,7 +22,8 @@ from packaging.requirements import Requirement
 
 from modelcd.domain import Flavor
 from modelcd.errors import InvalidInput, NotFound
-from modelcd.registry.metadata import detect_flavor, parse_sample
+from modelcd.registry.flavors import detect_flavor
+from modelcd.registry.samples import parse_sample
 from modelcd.sources.mlflow_server import (
     PollCursor,
     SourceUnavailable,

@@ -4,20 +4,15 @@ detection (flavor, requirements, samples) and artifact stores. The database side
 
 from modelcd.registry.archive import ExtractResult, pack_tree, safe_extract, tree_digest, write_tree_archive
 from modelcd.registry.artifacts import ArtifactStore, LocalArtifactStore, get_artifact_store
-from modelcd.registry.metadata import (
-    DetectedFlavor,
-    detect_flavor,
-    load_requirements,
-    parse_expected,
-    parse_sample,
-    read_requirements,
-)
+from modelcd.registry.flavors import DetectedFlavor, detect_flavor
 from modelcd.registry.names import (
     validate_description,
     validate_environment_name,
     validate_model_name,
     validate_tags,
 )
+from modelcd.registry.requirements import load_requirements, read_requirements
+from modelcd.registry.samples import parse_expected, parse_sample
 
 __all__ = [
     "ArtifactStore",

@@ -20,8 +20,10 @@ from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge
 from modelcd.fsutil import atomic_dir, scratch_dir
 from modelcd.registry.archive import safe_extract, tree_digest
 from modelcd.registry.artifacts import ArtifactStore
-from modelcd.registry.metadata import detect_flavor, parse_expected, parse_sample, read_requirements
+from modelcd.registry.flavors import detect_flavor
 from modelcd.registry.names import validate_description, validate_model_name, validate_tags
+from modelcd.registry.requirements import read_requirements
+from modelcd.registry.samples import parse_expected, parse_sample
 from modelcd.store import schema
 from modelcd.store.db import Database, now
 

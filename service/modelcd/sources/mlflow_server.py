@@ -36,7 +36,9 @@ import yaml
 from modelcd.domain import Flavor
 from modelcd.errors import ArtifactStoreError, ConfigError, InvalidInput, ModelcdError, NotFound
 from modelcd.registry.archive import iter_tree, move_into_place, prepare_dest, safe_relpath, temp_sibling
-from modelcd.registry.metadata import load_requirements, parse_sample, yaml_problem
+from modelcd.registry.requirements import load_requirements
+from modelcd.registry.samples import parse_sample
+from modelcd.registry.yaml_errors import yaml_problem
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
