@@ -112,6 +112,7 @@ def test_a_pipeline_token_must_match_exactly(client: FlaskClient, ctx: Context, 
     ("/api/v1/jobs?release_id=x%2F..", "release_id"),
     ("/api/v1/inbox?limit=-1", "limit"),
     ("/api/v1/inbox?state=bogus", "state"),
+    ("/api/v1/inbox?source=%00", "source"),
     ("/api/v1/deployments?live=maybe", "live"),
     ("/api/v1/deployments?model=..", "model"),
     ("/api/v1/releases/r-0123456789ab/stages/build?wait=nan", "wait"),
@@ -133,7 +134,7 @@ def test_good_query_values_still_work(client: FlaskClient, release_id: str) -> N
     assert len(client.get("/api/v1/releases?limit=1&phase=queued&model=iris").json["releases"]) == 1
     assert client.get("/api/v1/releases?limit=1000&environment=production").status_code == 200
     assert client.get("/api/v1/jobs?state=running&limit=10").status_code == 200
-    assert client.get("/api/v1/inbox?state=dead").status_code == 200
+    assert client.get("/api/v1/inbox?state=dead&source=generic").status_code == 200
     assert client.get("/api/v1/deployments?live=1").status_code == 200
     assert client.get("/api/v1/deployments?live=false").status_code == 200
 
@@ -179,6 +180,8 @@ def test_well_formed_missing_ids_are_not_found(client: FlaskClient) -> None:
     ({"model": "iris", "version": True, "environment": "production"}, "version"),
     ({"model": "iris", "version": "1e3", "environment": "production"}, "version"),
     ({"model": "iris", "version": -1, "environment": "production"}, "version"),
+    ({"model": ["iris"], "version": 1, "environment": "production"}, "model"),
+    ({"model": "iris", "version": 1, "environment": {"name": "production"}}, "environment"),
 ])
 def test_bad_release_bodies_are_400(client: FlaskClient, body: dict[str, Any], field: str) -> None:
     r = client.post("/api/v1/releases", data=json.dumps(body), content_type="application/json", headers=AUTH)

@@ -24,6 +24,7 @@ from modelcd.releases.deployments import deployment_to_dict
 from modelcd.releases.machine import Phase
 from modelcd.releases.manual import endpoint_keys, rollback_endpoint, start_release
 from modelcd.releases.service import Release
+from modelcd.sources.base import KNOWN_SOURCES
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -283,7 +284,9 @@ def create_release() -> tuple[Response, int]:
     for key in ("model", "version", "environment"):
         if key not in body:
             raise InvalidInput(f"missing `{key}`: send {{model, version, environment}}", field=key)
-    rid = start_release(_ctx(), str(body["model"]), _int(body["version"], "version"), str(body["environment"]))
+    model = validate_model_name(body["model"], field="model")
+    environment = validate_environment_name(body["environment"], field="environment")
+    rid = start_release(_ctx(), model, _int(body["version"], "version"), environment)
     return jsonify(_release_doc(_ctx().releases.get(rid))), 202
 
 
@@ -486,7 +489,8 @@ def delete_policy(name: str) -> tuple[Response, int]:
 @bp.get("/inbox")
 def list_inbox() -> Response:
     states = (DeliveryState.PENDING, DeliveryState.DONE, DeliveryState.IGNORED, DeliveryState.DEAD)
-    rows = _ctx().inbox.list(state=_arg_choice("state", states), source=request.args.get("source"), limit=_limit())
+    rows = _ctx().inbox.list(state=_arg_choice("state", states), source=_arg_choice("source", KNOWN_SOURCES),
+                             limit=_limit())
     return jsonify({"deliveries": [d.to_dict() for d in rows]})
 
 
