@@ -2,12 +2,15 @@
 time a table switch takes, and failures during switches under load.
 
     python bench/router_bench.py [--duration 5] [--repeat 3] [--switches 50] [--compare] [--no-scoring]
+                                 [--only-auth]
 
 Everything runs on 127.0.0.1: a minimal fast backend (asyncio, fixed JSON answer), modelcd's
 own scoring server with a small sklearn model (when ``modelcd.scoring`` and scikit-learn are
 installed), the real router process started through ``BuiltinRouter``, and ``wrk`` (bounded by
-``--duration``) posting a small scoring body. Prints markdown. ``--compare`` also measures the
-other designs that were considered for the router (same backend, same load):
+``--duration``) posting a small scoring body. Prints markdown. A keyed endpoint (``auth: key``,
+four valid keys, the request's key the last one checked) and an open one on the same backend are
+measured side by side, their runs interleaved; ``--only-auth`` runs just that section.
+``--compare`` also measures the other designs that were considered for the router (same backend, same load):
 
 - ``asyncio+httptools (uvloop)``: the router as shipped (``modelcd.routing.proxy``)
 - ``asyncio+httptools (asyncio loop)``: the same code on the standard event loop
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -42,6 +46,7 @@ from typing import Any
 from modelcd.targets.process import free_port
 
 BODY = b'{"data": [[5.1, 3.5, 1.4, 0.2]]}'
+BENCH_KEYS = ("bench-key-1", "bench-key-2", "bench-key-3", "mk_8wJ2pQx0V7rL4nZs1Tq9uHcE3yBgD6fA")
 ANSWER = b'{"predictions": [0]}'
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
@@ -275,6 +280,7 @@ def main() -> int:
     p.add_argument("--switches", type=int, default=50)
     p.add_argument("--compare", action="store_true", help="also measure the alternative designs")
     p.add_argument("--no-scoring", action="store_true", help="skip the modelcd.scoring backend")
+    p.add_argument("--only-auth", action="store_true", help="only the keyed vs open endpoint section")
     p.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
     p.add_argument("--serve-alt", nargs=3, metavar=("KIND", "PORT", "BACKEND_PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -302,13 +308,19 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     script.write_text(
         f"wrk.method = 'POST'\nwrk.body = '{BODY.decode()}'\nwrk.headers['Content-Type'] = 'application/json'\n"
     )
+    keyed_script = tmp / "post_keyed.lua"
+    keyed_script.write_text(script.read_text() + f"wrk.headers['Authorization'] = 'Bearer {BENCH_KEYS[-1]}'\n")
     b1, b2 = free_port(), free_port()
     stack.enter_context(process(__file__, "--serve-backend", str(b1)))
     stack.enter_context(process(__file__, "--serve-backend", str(b2)))
     wait_http(b1, "/score")
     wait_http(b2, "/score")
-    extra: dict[str, EndpointRoute] = {}
-    scoring_port = None if args.no_scoring else start_scoring(tmp, stack)
+    digests = tuple(hashlib.sha256(k.encode()).hexdigest() for k in BENCH_KEYS)
+    extra: dict[str, EndpointRoute] = {
+        "iris/open": EndpointRoute((Backend("o1", 1, f"http://127.0.0.1:{b1}", 100),)),
+        "iris/keyed": EndpointRoute((Backend("k1", 1, f"http://127.0.0.1:{b1}", 100),), "key", digests),
+    }
+    scoring_port = None if args.no_scoring or args.only_auth else start_scoring(tmp, stack)
     if scoring_port is not None:
         extra["iris/scoring"] = EndpointRoute((Backend("s1", 1, f"http://127.0.0.1:{scoring_port}", 100),))
 
@@ -338,6 +350,10 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
         f"{args.repeat} runs, POST of a {len(BODY)} B JSON body. Router CPU/req is the router process's "
         "user+system CPU time divided by the requests it served.\n"
     )
+    wait_http(router.port, "/iris/open/score")
+    if args.only_auth:
+        auth_overhead(router, args, script, keyed_script)
+        return
     latency_table(
         "fast backend (asyncio + httptools, fixed answer)",
         f"http://127.0.0.1:{b1}/score",
@@ -355,6 +371,7 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
             script,
             router.pid(),
         )
+    auth_overhead(router, args, script, keyed_script)
     gen = switch_times(router, split, args.switches)
     switch_under_load(router, split, uri, gen, args, script)
     if args.compare:
@@ -422,6 +439,40 @@ def latency_table(
             flush=True,
         )
     print()
+
+
+def auth_overhead(router: Any, args: argparse.Namespace, script: Path, keyed_script: Path) -> None:
+    """The same fast backend behind an open endpoint and a keyed one, wrk runs alternating
+    between them (open first on even rounds, keyed first on odd ones) so drift in the
+    machine's load hits both alike; medians of ``--repeat`` runs each."""
+    from modelcd.routing.proxy import key_accepted
+
+    base = f"http://127.0.0.1:{router.port}/iris"
+    pid = router.pid()
+    print(f"## Keyed endpoint vs open endpoint (fast backend, {len(BENCH_KEYS)} valid keys)\n")
+    print("| concurrency | open p50 | keyed p50 | added p50 | open p99 | keyed p99 | open req/s | keyed req/s "
+          "| open CPU/req | keyed CPU/req | failed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in (1, 16):
+        runs: dict[str, list[dict[str, float]]] = {"open": [], "keyed": []}
+        for i in range(args.repeat):
+            for name in (("open", "keyed") if i % 2 == 0 else ("keyed", "open")):
+                runs[name].append(wrk(f"{base}/{name}/score", c, args.duration,
+                                      keyed_script if name == "keyed" else script, pid))
+        o, k = ({key: statistics.median(r[key] for r in runs[n]) for key in runs[n][0]} for n in ("open", "keyed"))
+        failed = sum(r["failed"] for n in runs for r in runs[n])
+        print(f"| {c} | {fmt(o['p50'])} | {fmt(k['p50'])} | **{fmt(k['p50'] - o['p50'])}** | {fmt(o['p99'])} "
+              f"| {fmt(k['p99'])} | {o['rps']:.0f} | {k['rps']:.0f} | {o['cpu_us']:.0f} µs | {k['cpu_us']:.0f} µs "
+              f"| {int(failed)} |", flush=True)
+    digests = tuple(hashlib.sha256(key.encode()).digest() for key in BENCH_KEYS)
+    header = f"Bearer {BENCH_KEYS[-1]}".encode()
+    n = 200_000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        key_accepted(header, digests)
+    per_check = (time.perf_counter() - t0) / n * 1e6
+    print(f"\nThe check alone (`key_accepted`, sha256 + {len(digests)} constant-time compares, in-process): "
+          f"**{per_check:.2f} µs** per request.\n")
 
 
 def switch_times(router: Any, split: Any, n: int) -> int:

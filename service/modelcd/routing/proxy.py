@@ -10,6 +10,13 @@ it is re-read on ``/-/reload``, on SIGHUP and when the file changes (polled), an
 file leaves the old table serving. One table is one immutable ``_State``: a request takes the
 reference once, so it sees the old or the new table, never a mix.
 
+A keyed endpoint (``auth: key``) answers 401 unless ``Authorization: Bearer <key>`` hashes to
+one of its digests, and its backends never see the key; a router that other machines may
+reach answers 403 for open endpoints unless ``--allow-open-endpoints``. Request heads are
+bounded (URL, header bytes and count, a header timeout) and answered 414/431/408 without
+buffering the rest. A backend that refuses a connection is skipped for a second (passive
+health) and the request goes to another backend of the endpoint, standbys last.
+
 Implementation: asyncio protocols with ``httptools`` (llhttp) parsing both sides, uvloop when
 installed, keep-alive connection pools to the backends; chosen by measurement (see
 docs/benchmarks-router.md). Standard library + httptools (+ uvloop) only: it starts fast.
@@ -585,10 +592,11 @@ class ClientConnection(asyncio.Protocol):
         self._error: tuple[int, str, str] | None = None
         self._in_head = False  # a request head has begun and is not complete
         self._head_bytes = 0  # bytes of that head received so far (see _count_head)
-        self._headers = 0  # its header lines parsed so far ...
-        self._header_bytes = 0  # ... and their size
+        self._headers_left = 0  # header lines it may still have ...
+        self._header_room = 0  # ... and bytes of them
         self._begun = 0  # requests begun on this connection
         self.head_deadline = 0.0  # loop time by which the awaited head must be complete (0: none awaited)
+        self.options = server.options  # read per request and per header: kept at hand
 
     # -- transport callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -663,9 +671,12 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_message = True
         self._in_head = True
-        self._head_bytes = self._headers = self._header_bytes = 0
+        options = self.options
+        self._head_bytes = 0
+        self._headers_left = options.max_headers
+        self._header_room = options.max_header_bytes
         self._begun += 1
-        self.head_deadline = self.last_active + self.server.options.header_timeout
+        self.head_deadline = self.last_active + options.header_timeout
         self._url = b""
         self._req = Request(b"", b"", b"", False, False)
         self._body = []
@@ -675,17 +686,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url  # httptools passes the URL in pieces as they arrive: checked as it grows
-        limit = self.server.options.max_request_line
-        if len(self._url) > limit:
-            raise _Refused(414, "uri_too_long", f"request URL is longer than {limit} bytes")
+        if len(self._url) > self.options.max_request_line:
+            raise _Refused(414, "uri_too_long", f"request URL is longer than {self.options.max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers += 1
-        self._header_bytes += len(name) + len(value) + 4
-        options = self.server.options
-        if self._headers > options.max_headers or self._header_bytes > options.max_header_bytes:
-            raise _Refused(431, "headers_too_large", f"request has more than {options.max_headers} headers or "
-                           f"more than {options.max_header_bytes} bytes of them")
+        self._headers_left -= 1
+        self._header_room -= len(name) + len(value) + 4
+        if self._headers_left < 0 or self._header_room < 0:
+            raise _Refused(431, "headers_too_large", f"request has more than {self.options.max_headers} headers or "
+                           f"more than {self.options.max_header_bytes} bytes of them")
         lname = name.lower()
         if lname not in _REQUEST_SPECIAL:
             self._req.lines.append(b"%s: %s\r\n" % (name, value))
@@ -697,7 +706,7 @@ class ClientConnection(asyncio.Protocol):
             self._req.has_host = True
             self._req.lines.append(b"%s: %s\r\n" % (name, value))
         elif lname == b"content-length":
-            if value.strip().isdigit() and int(value) > options.max_body:
+            if value.strip().isdigit() and int(value) > self.server.options.max_body:
                 raise self._too_large()
             self._has_body = self._has_body or value.strip() not in (b"0", b"")
         elif lname == b"transfer-encoding":
@@ -967,10 +976,13 @@ class RouterServer:
             client.respond_error(req, 404, "not_found", f"no endpoint {where}")
             client.request_done()
             return
-        if self.refused(client, req, route):
+        if (route.keyed or self.refuse_open) and self.refused(client, req, route):
             client.request_done()
             return
-        target = self.next_target(route, []) if route.choice else None
+        if not self.down_pools:  # the common case, inlined: every backend is up
+            target = route.choice.pick(random.random())
+        else:
+            target = self.next_target(route, []) if route.choice else None
         if target is None:
             client.respond_error(req, 503, "no_backend", f"endpoint {route.name!r} has no backend with weight > 0")
             client.request_done()
