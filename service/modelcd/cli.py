@@ -764,6 +764,10 @@ def shutdown(obj: Obj) -> None:
             click.echo(line)
         click.echo(f"the service at {client.base} keeps running without a data plane until it restarts")
         return
+    if _home_in_use(obj.settings.home):
+        raise click.ClickException(f"a modelcd service works on {obj.settings.home} but does not answer at "
+                                   f"{client.base}, and it would start the router again: point MODELCD_URL at it "
+                                   "(then shutdown asks it), or stop it first")
     from modelcd.lifecycle import stop_data_plane
 
     running = _router_address(obj.settings.home)
@@ -771,6 +775,24 @@ def shutdown(obj: Obj) -> None:
         if line.startswith("stopped router on "):
             line = f"stopped router on {running}" if running else "no router was running"
         click.echo(line)
+
+
+def _home_in_use(home: Path) -> bool:
+    """Whether a `modelcd serve` holds this home's serve lock."""
+    import fcntl
+
+    from modelcd.serve import SERVE_LOCK
+
+    path = home / SERVE_LOCK
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 def _router_address(home: Path) -> str | None:

@@ -5,6 +5,7 @@ of the data plane (router process, deployments), and the inbox worker process it
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import uvicorn
 
@@ -32,6 +34,7 @@ from modelcd.releases.reconcile import reconcile
 from modelcd.releases.runner import LocalRunner
 
 log = logging.getLogger("modelcd.serve")
+SERVE_LOCK = "serve.lock"
 
 
 def _check_port(host: str, port: int) -> None:
@@ -59,6 +62,14 @@ def make_home_private(home: Path) -> None:
         path = home / name
         if path.is_file():
             os.chmod(path, 0o600)
+
+
+def hold_serve_lock(home: Path) -> IO[bytes]:
+    """A shared lock on ``$MODELCD_HOME/serve.lock`` for as long as the returned file stays
+    open (this process; not its children): `modelcd shutdown` sees that a service works here."""
+    f = open(home / SERVE_LOCK, "a+b")  # noqa: SIM115 - kept open on purpose
+    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+    return f
 
 
 class Supervisor(threading.Thread):
@@ -116,6 +127,7 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     make_home_private(settings.home)
     _check_port(settings.host, settings.port)
+    serve_lock = hold_serve_lock(settings.home)  # noqa: F841 - held (shared) until this process ends
     token, created = ensure_token(settings)
     for path in clean_temporaries(settings.home):  # what an interrupted upload or build left behind
         echo(f"removed a leftover temporary: {path}")

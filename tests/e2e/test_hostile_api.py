@@ -328,6 +328,8 @@ def test_shutdown_asks_the_running_service_and_the_router_stays_down(tmp_path: P
         assert requests.get(router, timeout=5).ok
         wrong = CliRunner().invoke(main, ["shutdown"], env={**svc.env, "MODELCD_TOKEN": "wrong-token-0123"})
         assert wrong.exit_code != 0 and "token" in wrong.output.lower(), wrong.output
+        elsewhere = CliRunner().invoke(main, ["shutdown"], env={**svc.env, "MODELCD_URL": f"http://127.0.0.1:{free_port()}"})
+        assert elsewhere.exit_code != 0 and "does not answer" in elsewhere.output, elsewhere.output
         assert requests.get(router, timeout=5).ok
         other_port = str(free_port())  # this shell's settings name another router port
         result = CliRunner().invoke(main, ["shutdown"], env={**svc.env, "MODELCD_ROUTER_PORT": other_port})
