@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modelcd.build.base_image import build_base_image
-from modelcd.build.bundle import build_bundle
-from modelcd.build.image import ImageOptions, build_image
+from modelcd.builders.base_image import build_base_image
+from modelcd.builders.bundle import build_bundle
+from modelcd.builders.image import ImageOptions, build_image
 from modelcd.config import load_settings
 from modelcd.domain import Flavor, ModelVersion
 from modelcd.quickstart import make_model

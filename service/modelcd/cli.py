@@ -746,7 +746,7 @@ def base_image_build(obj: Obj, tag: str | None, suite: str, mirror: str | None, 
     to the tag it prints."""
     import threading
 
-    from modelcd.build.base_image import build_base_image, default_tag
+    from modelcd.builders.base_image import build_base_image, default_tag
 
     tag = tag or default_tag(suite)
     build_base_image(tag, suite, mirror, obj.settings.docker_host, click.echo, threading.Event(), tuple(include))

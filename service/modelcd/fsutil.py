@@ -29,8 +29,8 @@ TEMP_PREFIX = ".modelcd-tmp-"  # model names, artifact keys and digests never st
 # looked at): they sit beside what they become, so this follows the home's layout.
 TEMP_PLACES: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("tmp", (0,)),  # scratch folders of uploads (registry) and imports (inbox)
-    ("envs", (0,)),  # build/bundle.py: virtualenvs, and their requirements file while installing
-    ("wheelhouse", (0,)),  # build/wheelhouse.py
+    ("envs", (0,)),  # builders/bundle.py: virtualenvs, and their requirements file while installing
+    ("wheelhouse", (0,)),  # builders/wheelhouse.py
     ("bundles", (1, 2)),  # bundles/{model}/{version}-{digest12}/, and files rewritten inside one
     ("images", (0, 1, 2)),  # base images' interpreter cache; images/{model}/{version}-{digest12}/, likewise
     ("files", (0,)),  # registry: local copies of versions' files, by digest

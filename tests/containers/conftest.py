@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from modelcd.build.base_image import build_base_image
-from modelcd.build.image import ImageOptions
+from modelcd.builders.base_image import build_base_image
+from modelcd.builders.image import ImageOptions
 from modelcd.domain import Flavor, ModelVersion
 from modelcd.quickstart import make_model
 from modelcd.targets.docker import DockerTarget

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from modelcd.build.image import ImageOptions, build_image
+from modelcd.builders.image import ImageOptions, build_image
 from modelcd.domain import Bundle, Deployment, DeploymentState, Flavor
 from modelcd.errors import DeployError
 from modelcd.targets.base import DeploySpec

@@ -14,7 +14,7 @@ import bcrypt
 import pytest
 import requests
 
-from modelcd.build.image import ImageOptions, build_image
+from modelcd.builders.image import ImageOptions, build_image
 from modelcd.domain import Flavor
 from modelcd.errors import BuildError
 from modelcd.targets.process import free_port

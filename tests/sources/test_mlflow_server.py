@@ -78,7 +78,7 @@ def test_fetch_sklearn_version(mlflow_server: MlflowServer, tmp_path: Path) -> N
 def test_fetch_skops_model_is_sklearn_with_its_trusted_types(mlflow_server: MlflowServer, tmp_path: Path) -> None:
     """skops is MLflow 3's default format for scikit-learn: served by the sklearn flavor, with
     the types the MLmodel trusts carried into the scoring config."""
-    from modelcd.build.bundle import skops_trusted_types
+    from modelcd.builders.bundle import skops_trusted_types
 
     name = mlflow_server.unique_name("skops")
     version = mlflow_server.register_sklearn(name, serialization_format="skops",

@@ -1,4 +1,4 @@
-"""Fixtures for the process target: real bundles (the virtualenv is shared with tests/build
+"""Fixtures for the process target: real bundles (the virtualenv is shared with tests/builders
 through one session home) and a target that stops every deployment a test left running."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sklearn
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from modelcd.build.bundle import build_bundle
+from modelcd.builders.bundle import build_bundle
 from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.targets.base import DeploySpec, RunningDeployment
 from modelcd.targets.process import ID_ENV, ProcessTarget
@@ -45,7 +45,7 @@ def _version(model: str, version: int) -> ModelVersion:
 
 @pytest.fixture(scope="session")
 def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One home per session (the same path tests/build uses): envs are built once."""
+    """One home per session (the same path tests/builders uses): envs are built once."""
     home = tmp_path_factory.getbasetemp() / "modelcd-home"
     home.mkdir(exist_ok=True)
     return home

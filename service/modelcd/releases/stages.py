@@ -9,14 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from modelcd.build.bundle import build_bundle
-from modelcd.build.image import ImageOptions, build_image
+from modelcd.builders import BuildSpec, get_builder
 from modelcd.context import Context
 from modelcd.domain import DeploymentState
 from modelcd.errors import BuildError, Cancelled, NotFound, RouterError, StageFailed
 from modelcd.releases.deployments import deploy_spec, handle_of, spec_values
 from modelcd.releases.machine import Phase
-from modelcd.releases.policy import Environment, Policy, Strategy, TargetKind
+from modelcd.releases.policy import Environment, Policy, Strategy
 from modelcd.releases.service import Release
 from modelcd.stages.canary import hold_step, step_traffic
 from modelcd.stages.smoke import SmokeChecks, run_smoke
@@ -68,11 +67,7 @@ def build(run: StageRun) -> dict[str, Any]:
     run.log(f"building {rel.model} v{rel.version} ({version.flavor}, digest {version.digest12})")
     files = run.ctx.registry.materialize(version)
     run.check_cancel()
-    if run.env.target is TargetKind.DOCKER:
-        bundle = build_image(run.ctx.home, version, files, ImageOptions.from_settings(run.ctx.settings), run.log,
-                             run.cancel)
-    else:
-        bundle = build_bundle(run.ctx.home, version, files, run.log, run.cancel, python=run.ctx.settings.python)
+    bundle = get_builder(run.env.target, run.ctx.settings).build(BuildSpec(version, files), run.log, run.cancel)
     return {"bundle": str(bundle.path)}
 
 

@@ -27,7 +27,7 @@ from modelcd.targets.base import DeploySpec, Log, RunningDeployment, Target
 from modelcd.targets.process import ID_ENV, KEY_ENV, free_port, probe, tail_lines
 
 LABEL = "io.modelcd."
-IMAGE_PORT = 8080  # the port scoring images listen on in bridge mode (modelcd.build.image.PORT)
+IMAGE_PORT = 8080  # the port scoring images listen on in bridge mode (modelcd.builders.image.PORT)
 _POLL_S = 0.1
 
 

@@ -1,5 +1,5 @@
 """The ``process`` target: each deployment is a scoring process on 127.0.0.1, started from
-a bundle (see ``modelcd.build.bundle``) in its own session so that it outlives the control
+a bundle (see ``modelcd.builders.bundle``) in its own session so that it outlives the control
 plane, and found again after a restart by pid, identity and health."""
 
 from __future__ import annotations

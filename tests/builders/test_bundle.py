@@ -13,8 +13,8 @@ from typing import Any
 import psutil
 import pytest
 
-from modelcd.build import bundle as bundle_mod
-from modelcd.build.bundle import env_key, install_error_excerpt, normalise_requirements, runtime_requirements
+from modelcd.builders import bundle as bundle_mod
+from modelcd.builders.bundle import env_key, install_error_excerpt, normalise_requirements, runtime_requirements
 from modelcd.domain import Flavor
 from modelcd.errors import BuildError, Cancelled
 

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from modelcd.build.bundle import Log, run_streaming
+from modelcd.builders.bundle import Log, run_streaming
 from modelcd.docker_engine import check_reference, connect
 from modelcd.errors import BuildError
 

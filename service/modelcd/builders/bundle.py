@@ -43,6 +43,7 @@ from queue import Empty, Queue
 import yaml
 
 import modelcd
+from modelcd.builders.base import Builder, BuildSpec
 from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.errors import BuildError, Cancelled
 from modelcd.fsutil import atomic_dir, remove_abandoned, temp_file, write_atomic
@@ -77,6 +78,18 @@ def build_bundle(home: Path, version: ModelVersion, files_dir: Path, log: Log,
     env_python, reused = ensure_env(home, key, [*reqs, *runtime_requirements()], interpreter, log, cancel)
     bundle = _ensure_bundle_dir(home, version, Path(files_dir), env_python, key, log, cancel)
     return Bundle(path=bundle, python=env_python, env_key=key, reused_env=reused)
+
+
+class BundleBuilder(Builder):
+    """The ``process`` target's builder: ``build_bundle`` under ``home``, its virtualenvs made
+    with ``python`` (None: the interpreter running modelcd)."""
+
+    def __init__(self, home: Path, python: str | None = None) -> None:
+        self.home = home
+        self.python = python
+
+    def build(self, spec: BuildSpec, log: Log, cancel: threading.Event) -> Bundle:
+        return build_bundle(self.home, spec.version, spec.files_dir, log, cancel, python=self.python)
 
 
 # -- pure helpers -------------------------------------------------------------------------

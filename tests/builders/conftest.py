@@ -17,7 +17,7 @@ import sklearn
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from modelcd.build.bundle import build_bundle
+from modelcd.builders.bundle import build_bundle
 from modelcd.domain import Bundle, Flavor, ModelVersion
 
 SAMPLE = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]

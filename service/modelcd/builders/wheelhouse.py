@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from modelcd.build.bundle import (
+from modelcd.builders.bundle import (
     Log,
     check_cancel,
     exclusive_lock,

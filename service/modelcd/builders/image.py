@@ -32,7 +32,8 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import IO, Any
 
-from modelcd.build.bundle import (
+from modelcd.builders.base import Builder, BuildSpec
+from modelcd.builders.bundle import (
     Log,
     check_cancel,
     check_files,
@@ -42,7 +43,7 @@ from modelcd.build.bundle import (
     runtime_requirements,
     write_scoring_files,
 )
-from modelcd.build.wheelhouse import ImagePython, Wheelhouse, ensure_wheelhouse
+from modelcd.builders.wheelhouse import ImagePython, Wheelhouse, ensure_wheelhouse
 from modelcd.docker_engine import check_reference, connect, engine_url, repository_component
 from modelcd.domain import Bundle, ModelVersion
 from modelcd.errors import BuildError, Cancelled
@@ -169,6 +170,17 @@ def build_image(home: Path, version: ModelVersion, files_dir: Path, options: Ima
     _write_if_changed(context / MARKER, json.dumps(meta, indent=2) + "\n")
     return Bundle(path=context, python=Path(PYTHON_IN_IMAGE), env_key=wheelhouse.key, reused_env=wheelhouse.reused,
                   image=ref, image_id=image_id)
+
+
+class ImageBuilder(Builder):
+    """The ``docker`` target's builder: ``build_image`` under ``home`` with ``options``."""
+
+    def __init__(self, home: Path, options: ImageOptions) -> None:
+        self.home = home
+        self.options = options
+
+    def build(self, spec: BuildSpec, log: Log, cancel: threading.Event) -> Bundle:
+        return build_image(self.home, spec.version, spec.files_dir, self.options, log, cancel)
 
 
 # -- base image --------------------------------------------------------------------------

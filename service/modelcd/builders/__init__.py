@@ -1,0 +1,32 @@
+"""Builders: what the build stage makes from a version's files for a deployment of a given
+target (a bundle for ``process``, a scoring image for ``docker``). One interface
+(``Builder``), chosen by the environment's target kind from the settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from modelcd.builders.base import Builder, BuildSpec
+from modelcd.builders.bundle import BundleBuilder, build_bundle
+from modelcd.builders.image import ImageBuilder, ImageOptions
+from modelcd.config import Settings
+from modelcd.errors import ConfigError
+
+# target kind -> factory; a new target whose deployments run something else adds one line here.
+BUILDERS: dict[str, Callable[[Settings], Builder]] = {
+    "process": lambda settings: BundleBuilder(settings.home, python=settings.python),
+    "docker": lambda settings: ImageBuilder(settings.home, ImageOptions.from_settings(settings)),
+}
+
+
+def get_builder(target: str, settings: Settings) -> Builder:
+    """The builder for deployments of the target kind ``target``, configured from ``settings``;
+    ConfigError lists the known target kinds."""
+    factory = BUILDERS.get(target)
+    if factory is None:
+        known = ", ".join(sorted(BUILDERS))
+        raise ConfigError(f"no builder for target {target!r}; known targets: {known}", field="target")
+    return factory(settings)
+
+
+__all__ = ["BUILDERS", "BuildSpec", "Builder", "BundleBuilder", "ImageBuilder", "build_bundle", "get_builder"]
