@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from modelcd.analysis.canary import hold_step, step_traffic
+from modelcd.analysis.smoke import SmokeChecks, run_smoke
 from modelcd.builders import BuildSpec, get_builder
 from modelcd.context import Context
 from modelcd.domain import DeploymentState
@@ -17,8 +19,6 @@ from modelcd.releases.deployments import deploy_spec, handle_of, spec_values
 from modelcd.releases.machine import Phase
 from modelcd.releases.policy import Environment, Policy, Strategy
 from modelcd.releases.service import Release
-from modelcd.stages.canary import hold_step, step_traffic
-from modelcd.stages.smoke import SmokeChecks, run_smoke
 from modelcd.targets import TARGETS
 
 Log = Callable[[str], None]

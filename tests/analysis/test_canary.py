@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from modelcd.analysis.canary import Counts, assess_step, hold_step, parse_counts, score_counts, step_traffic
 from modelcd.errors import Cancelled, StageFailed
-from modelcd.stages.canary import Counts, assess_step, hold_step, parse_counts, score_counts, step_traffic
 from tests.scoring.conftest import Launcher
 
 
@@ -88,14 +88,14 @@ def test_assess_step_judges_latency_once_enough_requests_were_seen() -> None:
 
 
 def test_hold_step_fails_as_soon_as_the_error_rate_is_over(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("modelcd.stages.canary.SAMPLE_EVERY_S", 0.01)
+    monkeypatch.setattr("modelcd.analysis.canary.SAMPLE_EVERY_S", 0.01)
     readings = iter([Counts(10, 0), Counts(20, 0), Counts(30, 5)])
     with pytest.raises(StageFailed, match=r"canary: 5 of 20 scoring requests failed \(25.0%\)"):
         hold_step("http://unused", 30, 0.1, lambda: False, lambda _: None, read=lambda _: next(readings))
 
 
 def test_hold_step_stops_when_a_person_stops_the_release(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("modelcd.stages.canary.SAMPLE_EVERY_S", 0.01)
+    monkeypatch.setattr("modelcd.analysis.canary.SAMPLE_EVERY_S", 0.01)
     with pytest.raises(Cancelled):
         hold_step("http://unused", 30, 0.1, lambda: True, lambda _: None, read=lambda _: Counts())
 

@@ -14,9 +14,7 @@ from typing import Any
 
 import pytest
 
-from modelcd.errors import Cancelled, InvalidInput, SmokeFailed
-from modelcd.releases.policy import DEFAULT_POLICY, parse_policy
-from modelcd.stages.smoke import (
+from modelcd.analysis.smoke import (
     CheckResult,
     Outcome,
     SmokeChecks,
@@ -31,6 +29,8 @@ from modelcd.stages.smoke import (
     run_smoke,
     worst,
 )
+from modelcd.errors import Cancelled, InvalidInput, SmokeFailed
+from modelcd.releases.policy import DEFAULT_POLICY, parse_policy
 
 P, F, E, INC = Outcome.PASSED, Outcome.FAILED, Outcome.ERROR, Outcome.INCONCLUSIVE
 
