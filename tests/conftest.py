@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import requests
@@ -256,3 +256,32 @@ class Hammer:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30)
+
+
+class Watcher:
+    """Calls ``sample()`` every ``every_s`` on a thread while the ``with`` block runs (bounded:
+    at most ``max_s``); subclasses record what they see."""
+
+    every_s = 0.1
+    max_s = 300.0
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.sample()
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -5,7 +5,6 @@ rolled back with production on the old version."""
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Hammer, Service, custom_model, iris_model, running_service, wait_until
+from tests.conftest import Hammer, Service, Watcher, custom_model, iris_model, running_service, wait_until
 
 POLICY = """\
 name: canary
@@ -51,30 +50,18 @@ def canary_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
         yield svc
 
 
-class TrafficWatch:
+class TrafficWatch(Watcher):
     """Records every distinct traffic split the endpoint reports while a release runs."""
 
     def __init__(self, svc: Service, name: str) -> None:
+        super().__init__()
         self.svc, self.name = svc, name
         self.seen: list[dict[str, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        deadline = time.monotonic() + 300
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            traffic = self.svc.endpoint(self.name).get("traffic")
-            if traffic and (not self.seen or self.seen[-1] != traffic):
-                self.seen.append(traffic)
-            time.sleep(0.1)
-
-    def __enter__(self) -> TrafficWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def sample(self) -> None:
+        traffic = self.svc.endpoint(self.name).get("traffic")
+        if traffic and (not self.seen or self.seen[-1] != traffic):
+            self.seen.append(traffic)
 
 
 def test_canary_moves_traffic_through_its_steps_without_failing_a_request(

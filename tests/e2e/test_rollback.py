@@ -5,8 +5,6 @@ nothing to return to is refused instead of re-releasing the live version."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import Service, iris_model, running_service
+from tests.conftest import Service, Watcher, iris_model, running_service
 
 CANARY = """\
 name: rb-canary
@@ -70,30 +68,18 @@ def _served_by(svc: Service, name: str, sample: dict[str, Any]) -> str:
     return r.headers["X-Modelcd-Version"]
 
 
-class StateWatch:
-    """Polls one deployment's state while a release runs; records every state it had."""
+class StateWatch(Watcher):
+    """Records every state one deployment had while a release runs."""
+
+    every_s = 0.05
 
     def __init__(self, svc: Service, name: str, dep_id: str) -> None:
+        super().__init__()
         self.svc, self.name, self.dep_id = svc, name, dep_id
         self.states: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        deadline = time.monotonic() + 300
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            for d in _deployments(self.svc, self.name, live=False):
-                if d["id"] == self.dep_id:
-                    self.states.add(d["state"])
-            time.sleep(0.05)
-
-    def __enter__(self) -> StateWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def sample(self) -> None:
+        self.states |= {d["state"] for d in _deployments(self.svc, self.name, live=False) if d["id"] == self.dep_id}
 
 
 def test_rollback_after_a_canary_restores_the_split_from_before_it(svc: Service, tmp_path: Path) -> None:
