@@ -64,8 +64,7 @@ def build_context(settings: Settings) -> Context:
     jobs = Jobs(db, redact)
     registry = Registry(db, get_artifact_store(settings), home, settings.max_artifact_bytes)
     deployments = Deployments(db)
-    router = get_router("builtin", home=home, host=settings.router_host, port=settings.router_port,
-                        allow_open_endpoints=settings.router_allow_open_endpoints)
+    router = get_router("builtin", settings)
     return Context(
         settings=settings, db=db, redact=redact, jobs=jobs, registry=registry, policies=Policies(db),
         releases=Releases(db, jobs), deployments=deployments, router=router,

@@ -15,7 +15,7 @@ from modelcd.errors import ConfigError
 from modelcd.pipelines.http import PipelineApiError
 from modelcd.pipelines.provider_azure import AzureProvider
 from modelcd.pipelines.provider_github import GitHubProvider
-from modelcd.pipelines.providers import provider_class, resolve_credential
+from modelcd.pipelines.providers import PROVIDERS, resolve_credential
 from modelcd.releases.machine import Phase
 from modelcd.releases.policy import PipelineSpec, Policy
 from modelcd.releases.service import Release
@@ -120,6 +120,7 @@ def test_github_repository_dispatch_finds_its_run_by_title(server: ContractServe
 
 
 def test_providers_are_chosen_by_runner_name() -> None:
-    assert provider_class("github") is GitHubProvider and provider_class("azure") is AzureProvider
-    with pytest.raises(ConfigError, match="known: azure, github"):
-        provider_class("jenkins")
+    assert PROVIDERS.factory("github") is GitHubProvider and PROVIDERS.factory("azure") is AzureProvider
+    with pytest.raises(ConfigError, match="known: azure, github") as e:
+        PROVIDERS.factory("jenkins")
+    assert e.value.field == "runner"

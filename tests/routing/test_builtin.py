@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from modelcd.config import Settings
 from modelcd.errors import RouterError
-from modelcd.routing import get_router
+from modelcd.routing.base import get_router
 from modelcd.routing.builtin import BuiltinRouter
 
 from .conftest import Client, EchoBackend, call, free_port, table
@@ -40,7 +41,7 @@ def test_ensure_running_adopts_instead_of_starting_twice(router: BuiltinRouter, 
     assert pid is not None and router.pid_path.read_text().strip() == str(pid)
     router.ensure_running()
     assert router.pid() == pid
-    again = get_router("builtin", home=tmp_path / "home", host="127.0.0.1", port=router.port)
+    again = get_router("builtin", Settings(home=tmp_path / "home", router_host="127.0.0.1", router_port=router.port))
     assert isinstance(again, BuiltinRouter)
     again.ensure_running()  # a restarted control plane: same home, same port
     assert again.pid() == pid

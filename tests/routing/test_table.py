@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
+from modelcd.config import Settings
 from modelcd.errors import ConfigError, InvalidInput
-from modelcd.routing import Backend, EndpointRoute, RoutingTable, WeightedChoice, get_router
-from modelcd.routing.base import listen_is_loopback, next_candidate
+from modelcd.routing.base import get_router
+from modelcd.routing.builtin import BuiltinRouter
 from modelcd.routing.proxy import key_accepted
+from modelcd.routing.table import (
+    Backend,
+    EndpointRoute,
+    RoutingTable,
+    WeightedChoice,
+    listen_is_loopback,
+    next_candidate,
+)
 
 H1 = hashlib.sha256(b"k1").hexdigest()
 H2 = hashlib.sha256(b"k2").hexdigest()
@@ -97,11 +107,15 @@ def test_weighted_choice_skips_zero_weights() -> None:
     assert not WeightedChoice(["x", "y"], [0, 0])
 
 
-def test_get_router_lists_known_names() -> None:
-    with pytest.raises(ConfigError, match="known routers: builtin"):
-        get_router("nginx")
-    with pytest.raises(ConfigError, match="bad options"):
-        get_router("builtin", nonsense=1)
+def test_get_router_lists_known_names(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, router_host="127.0.0.2", router_port=8123, router_allow_open_endpoints=True)
+    with pytest.raises(ConfigError, match="unknown router 'nginx'; known routers: builtin") as e:
+        get_router("nginx", settings)
+    assert e.value.field == "router"
+    router = get_router("builtin", settings)  # configured from the settings; nothing is started
+    assert isinstance(router, BuiltinRouter)
+    assert (router.host, router.port, router.allow_open_endpoints) == ("127.0.0.2", 8123, True)
+    assert router.table_path == tmp_path.resolve() / "router" / "table.json"
 
 
 # -- keyed endpoints ------------------------------------------------------------------------

@@ -4,29 +4,24 @@ target (a bundle for ``process``, a scoring image for ``docker``). One interface
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from modelcd.builders.base import Builder, BuildSpec
 from modelcd.builders.bundle import BundleBuilder, build_bundle
 from modelcd.builders.image import ImageBuilder, ImageOptions
 from modelcd.config import Settings
-from modelcd.errors import ConfigError
+from modelcd.ports import Ports
 
-# target kind -> factory; a new target whose deployments run something else adds one line here.
-BUILDERS: dict[str, Callable[[Settings], Builder]] = {
-    "process": lambda settings: BundleBuilder(settings.home, python=settings.python),
-    "docker": lambda settings: ImageBuilder(settings.home, ImageOptions.from_settings(settings)),
-}
+# target kind -> factory of a Builder from the settings; a new target whose deployments run
+# something else adds one line here.
+BUILDERS: Ports[[Settings], Builder] = Ports(
+    {"docker": lambda settings: ImageBuilder(settings.home, ImageOptions.from_settings(settings)),
+     "process": lambda settings: BundleBuilder(settings.home, python=settings.python)},
+    unknown="no builder for target {name!r}; known targets: {known}", field="target")
 
 
 def get_builder(target: str, settings: Settings) -> Builder:
     """The builder for deployments of the target kind ``target``, configured from ``settings``;
     ConfigError lists the known target kinds."""
-    factory = BUILDERS.get(target)
-    if factory is None:
-        known = ", ".join(sorted(BUILDERS))
-        raise ConfigError(f"no builder for target {target!r}; known targets: {known}", field="target")
-    return factory(settings)
+    return BUILDERS.create(target, settings)
 
 
 __all__ = ["BUILDERS", "BuildSpec", "Builder", "BundleBuilder", "ImageBuilder", "build_bundle", "get_builder"]

@@ -13,11 +13,11 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelcd.errors import ConfigError
+from modelcd.ports import Ports
 
 if TYPE_CHECKING:
     from modelcd.context import Context
@@ -100,22 +100,12 @@ def release_inputs(release: Release, callback_url: str) -> dict[str, str]:
             "release_id": release.id, "callback_url": callback_url}
 
 
-# runner name -> "module:class"; a new CI system adds one line here (imported when used).
-PROVIDERS: dict[str, str] = {
-    "github": "modelcd.pipelines.provider_github:GitHubProvider",
-    "azure": "modelcd.pipelines.provider_azure:AzureProvider",
-}
-
-
-def provider_class(runner: str) -> type[PipelineProvider]:
-    """The provider for ``runner``; ConfigError lists the known ones."""
-    where = PROVIDERS.get(runner)
-    if where is None:
-        raise ConfigError(f"runner {runner!r} has no pipeline provider; known: {', '.join(sorted(PROVIDERS))}",
-                          field="runner")
-    module, name = where.split(":")
-    cls: type[PipelineProvider] = getattr(import_module(module), name)
-    return cls
+# runner name -> the provider class, called with the policy's pipeline spec and the
+# credential; a new CI system adds one line here (imported when used).
+PROVIDERS: Ports[[PipelineSpec, str], PipelineProvider] = Ports(
+    {"azure": "modelcd.pipelines.provider_azure:AzureProvider",
+     "github": "modelcd.pipelines.provider_github:GitHubProvider"},
+    unknown="runner {name!r} has no pipeline provider; known: {known}", field="runner")
 
 
 def get_provider(ctx: Context, release: Release) -> PipelineProvider:
@@ -123,4 +113,5 @@ def get_provider(ctx: Context, release: Release) -> PipelineProvider:
     from modelcd.releases.policy import PipelineSpec
 
     spec = release.policy.pipeline or PipelineSpec()
-    return provider_class(str(release.runner))(spec, resolve_credential(spec, ctx.home))
+    provider = PROVIDERS.factory(str(release.runner))  # an unknown runner is named before a missing credential
+    return provider(spec, resolve_credential(spec, ctx.home))

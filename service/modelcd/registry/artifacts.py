@@ -8,13 +8,13 @@ import os
 import re
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from modelcd.config import Settings
-from modelcd.errors import ArtifactStoreError, ConfigError, Conflict, InvalidInput, NotFound
+from modelcd.errors import ArtifactStoreError, Conflict, InvalidInput, NotFound
 from modelcd.fsutil import atomic_dir, discard
+from modelcd.ports import Ports
 from modelcd.registry.archive import iter_tree, prepare_dest, tree_digest
 
 KEY_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -192,14 +192,13 @@ def _s3(settings: Settings) -> ArtifactStore:
     return S3ArtifactStore(settings.s3_bucket, settings.s3_prefix, settings.s3_endpoint_url, settings.s3_region)
 
 
-ARTIFACT_STORES: dict[str, Callable[[Settings], ArtifactStore]] = {"local": _local, "s3": _s3}
+# name -> factory of an ArtifactStore from the settings
+ARTIFACT_STORES: Ports[[Settings], ArtifactStore] = Ports(
+    {"local": _local, "s3": _s3},
+    unknown="MODELCD_ARTIFACT_STORE: unknown artifact store {name!r}; known: {known}", field="artifact_store")
 
 
 def get_artifact_store(settings: Settings) -> ArtifactStore:
     """The artifact store ``settings.artifact_store`` names; ConfigError listing the known
     names for an unknown one."""
-    factory = ARTIFACT_STORES.get(str(settings.artifact_store))
-    if factory is None:
-        raise ConfigError(f"MODELCD_ARTIFACT_STORE: unknown artifact store {settings.artifact_store!r}; known: "
-                          f"{', '.join(sorted(ARTIFACT_STORES))}", field="artifact_store")
-    return factory(settings)
+    return ARTIFACT_STORES.create(str(settings.artifact_store), settings)

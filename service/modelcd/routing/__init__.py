@@ -1,14 +1,8 @@
-"""Routers: what applies an endpoint's traffic split. One interface (``Router``), chosen by
-name with ``get_router``; the built-in router is the embedded default."""
+"""Routers: what applies an endpoint's traffic split. One interface (``Router``, in
+``routing.base``), chosen by name with ``routing.base.get_router``; the built-in router is
+the embedded default. This package's own names are the table's values only, so the router
+process (``routing.proxy``) imports nothing of the control plane."""
 
-from modelcd.routing.base import (
-    Backend,
-    EndpointRoute,
-    Router,
-    RoutingTable,
-    WeightedChoice,
-    endpoint_key,
-    get_router,
-)
+from modelcd.routing.table import Backend, EndpointRoute, RoutingTable, WeightedChoice, endpoint_key
 
-__all__ = ["Backend", "EndpointRoute", "Router", "RoutingTable", "WeightedChoice", "endpoint_key", "get_router"]
+__all__ = ["Backend", "EndpointRoute", "RoutingTable", "WeightedChoice", "endpoint_key"]

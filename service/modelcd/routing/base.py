@@ -1,4 +1,4 @@
-"""The ``Router`` interface and the routing table it applies.
+"""The ``Router`` port and the routing table it applies.
 
 A router is the data plane's front door: it holds, for each endpoint (``model/env``), the
 deployments (backends) that serve it and their traffic weights, and sends every scoring
@@ -6,305 +6,28 @@ request to one of them. The control plane decides the table; a router applies it
 reports back what it is really serving (read from the live router, never from a record the
 control plane keeps), so a promotion is recorded only after the split is verified.
 
-This module is standard library only: the router process imports it too.
+The table's values live in ``routing.table`` (standard library only: the router process
+imports that module, not this one) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import inspect
-import ipaddress
-import json
-import re
 from abc import ABC, abstractmethod
-from bisect import bisect_right
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from importlib import import_module
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar
 
-from modelcd.errors import ConfigError, InvalidInput
+from modelcd.ports import Ports
+from modelcd.routing.table import (
+    Backend,
+    EndpointRoute,
+    RoutingTable,
+    WeightedChoice,
+    endpoint_key,
+    listen_is_loopback,
+    next_candidate,
+)
 
-# One path segment of an endpoint key: a model name or an environment name as the registry
-# allows them. It can never start with '-', so the router's admin prefix "/-/" is free.
-SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-BACKEND_URL_RE = re.compile(r"http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[^\s?#]*)?")
-ID_RE = re.compile(r"[!-~]{1,128}")  # it goes into a response header: printable ASCII, no spaces
-MAX_WEIGHT = 1_000_000
-AUTH_MODES = ("none", "key")  # "key": the router answers 401 unless the request bears a valid key
-KEY_HASH_RE = re.compile(r"[0-9a-f]{64}")  # lowercase hex sha256 of a key's UTF-8 bytes
-MAX_KEYS = 4  # valid keys per endpoint: enough to rotate without a gap, few enough to try them all
-
-T = TypeVar("T")
-
-
-def endpoint_key(model: str, env: str) -> str:
-    """The table key of the endpoint of ``model`` in ``env``: ``"model/env"``."""
-    return f"{model}/{env}"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _backend_problems(where: str, id: object, version: object, url: object, weight: object) -> list[str]:
-    """Every reason these values cannot make a ``Backend``; ``where`` prefixes each."""
-    problems: list[str] = []
-    if not isinstance(id, str) or not ID_RE.fullmatch(id):
-        problems.append(f"{where}.id: must be 1-128 printable ASCII characters without spaces (got {id!r})")
-    if not _is_int(version) or version < 0:  # type: ignore[operator]
-        problems.append(f"{where}.version: must be an integer >= 0 (got {version!r})")
-    if not isinstance(url, str) or not BACKEND_URL_RE.fullmatch(url):
-        problems.append(f"{where}.url: must be an http:// URL like http://127.0.0.1:8000 (got {url!r})")
-    if not _is_int(weight) or not 0 <= weight <= MAX_WEIGHT:  # type: ignore[operator]
-        problems.append(f"{where}.weight: must be an integer from 0 to {MAX_WEIGHT} (got {weight!r})")
-    return problems
-
-
-def _route_problems(where: str, backends: Sequence[Backend]) -> list[str]:
-    ids = [b.id for b in backends]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    return [f"{where}.backends: duplicate backend id(s) {', '.join(dupes)}"] if dupes else []
-
-
-def _auth_problems(where: str, auth: object, key_hashes: object) -> list[str]:
-    """Every reason these values cannot be an endpoint's ``auth`` and ``key_hashes``."""
-    problems: list[str] = []
-    if auth not in AUTH_MODES or not isinstance(auth, str):
-        problems.append(f"{where}.auth: must be one of {', '.join(map(repr, AUTH_MODES))} (got {auth!r})")
-    if not isinstance(key_hashes, list | tuple):
-        return [*problems, f"{where}.key_hashes: must be a list of sha256 hex digests (got {key_hashes!r})"]
-    if len(key_hashes) > MAX_KEYS:
-        problems.append(f"{where}.key_hashes: at most {MAX_KEYS} keys per endpoint (got {len(key_hashes)})")
-    bad = [h for h in key_hashes if not isinstance(h, str) or not KEY_HASH_RE.fullmatch(h)]
-    if bad:  # a digest is not a secret, but a malformed one could be a key pasted by mistake: don't echo it
-        problems.append(f"{where}.key_hashes: {len(bad)} item(s) are not lowercase hex sha256 digests (64 of 0-9a-f)")
-    if auth == "none" and key_hashes:
-        problems.append(f"{where}.key_hashes: must be empty when auth is 'none' (set auth to 'key' to use them)")
-    return problems
-
-
-def _key_problems(key: object) -> list[str]:
-    parts = key.split("/") if isinstance(key, str) else []
-    if len(parts) != 2 or not all(SEGMENT_RE.fullmatch(p) for p in parts):
-        return [f"endpoints: key {key!r} must be 'model/env' (letters, digits, '.', '_', '-'; no leading '-')"]
-    return []
-
-
-def _raise(problems: list[str]) -> None:
-    if problems:
-        field_name = problems[0].split(":", 1)[0]
-        raise InvalidInput("invalid routing table: " + "; ".join(problems), field=field_name)
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One deployment behind an endpoint. ``weight`` is its share of the endpoint's traffic
-    relative to the other backends; 0 means warm standby: listed, healthy, but sent nothing."""
-
-    id: str  # deployment id, echoed to clients as X-Modelcd-Deployment
-    version: int  # model version, echoed to clients as X-Modelcd-Version
-    url: str  # base URL of the deployment; the request's path after model/env is appended
-    weight: int
-
-    def __post_init__(self) -> None:
-        _raise(_backend_problems("backend", self.id, self.version, self.url, self.weight))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "version": self.version, "url": self.url, "weight": self.weight}
-
-
-@dataclass(frozen=True)
-class EndpointRoute:
-    """The backends of one endpoint and who may call it. Backend ids are unique within it.
-
-    ``auth`` is "none" (anyone who reaches the router) or "key": then a scoring request must
-    carry ``Authorization: Bearer <key>`` with ``sha256(key.encode()).hexdigest()`` in
-    ``key_hashes`` (at most ``MAX_KEYS``; none means every request is refused). The router
-    holds digests only, never keys."""
-
-    backends: tuple[Backend, ...]
-    auth: str = "none"
-    key_hashes: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "backends", tuple(self.backends))
-        if isinstance(self.key_hashes, list):
-            object.__setattr__(self, "key_hashes", tuple(self.key_hashes))
-        _raise(_route_problems("route", self.backends) + _auth_problems("route", self.auth, self.key_hashes))
-
-    @property
-    def total_weight(self) -> int:
-        return sum(b.weight for b in self.backends)
-
-    def split(self) -> dict[str, int]:
-        """Weight by backend id, e.g. ``{"d12": 90, "d13": 10}``."""
-        return {b.id: b.weight for b in self.backends}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"backends": [b.to_dict() for b in self.backends], "auth": self.auth,
-                "key_hashes": list(self.key_hashes)}
-
-
-@dataclass(frozen=True)
-class RoutingTable:
-    """Everything a router serves, stamped with a generation that only grows: the control
-    plane writes generation N+1 to change anything, and a router reports the generation it
-    has applied, so "is my change live?" is one integer comparison plus a content check."""
-
-    generation: int
-    endpoints: dict[str, EndpointRoute] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        problems = [] if _is_int(self.generation) and self.generation >= 0 else [
-            f"generation: must be an integer >= 0 (got {self.generation!r})"]
-        for key in self.endpoints:
-            problems += _key_problems(key)
-        _raise(problems)
-
-    def route(self, model: str, env: str) -> EndpointRoute | None:
-        """The route of one endpoint, or None when the table does not have it."""
-        return self.endpoints.get(endpoint_key(model, env))
-
-    def with_route(self, model: str, env: str, route: EndpointRoute | None) -> RoutingTable:
-        """A copy with one endpoint set (or removed when ``route`` is None), generation + 1."""
-        endpoints = dict(self.endpoints)
-        if route is None:
-            endpoints.pop(endpoint_key(model, env), None)
-        else:
-            endpoints[endpoint_key(model, env)] = route
-        return RoutingTable(self.generation + 1, endpoints)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"generation": self.generation,
-                "endpoints": {k: r.to_dict() for k, r in sorted(self.endpoints.items())}}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: object) -> RoutingTable:
-        """Validate a decoded table; raise InvalidInput listing every problem at once."""
-        if not isinstance(data, Mapping):
-            raise InvalidInput("invalid routing table: must be a JSON object", field="table")
-        problems: list[str] = []
-        generation = data.get("generation")
-        if not _is_int(generation) or generation < 0:  # type: ignore[operator]
-            problems.append(f"generation: must be an integer >= 0 (got {generation!r})")
-        extra = sorted(set(data) - {"generation", "endpoints"})
-        if extra:
-            problems.append(f"table: unknown field(s) {', '.join(map(str, extra))}")
-        raw_endpoints = data.get("endpoints")
-        if not isinstance(raw_endpoints, Mapping):
-            problems.append("endpoints: must be an object of 'model/env': {backends: [...]}")
-            raw_endpoints = {}
-        endpoints: dict[str, EndpointRoute] = {}
-        for key, raw in raw_endpoints.items():
-            route, route_problems = _parse_route(key, raw)
-            problems += _key_problems(key) + route_problems
-            if route is not None:
-                endpoints[key] = route
-        _raise(problems)
-        return cls(generation, endpoints)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> RoutingTable:
-        """Parse and validate a table written by ``to_json``; raise InvalidInput if bad."""
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"invalid routing table: not JSON ({e})", field="table") from e
-        return cls.from_dict(data)
-
-
-ROUTE_FIELDS = frozenset({"backends", "auth", "key_hashes"})
-
-
-def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[str]]:
-    where = f"endpoints[{key!r}]"
-    raw = raw if isinstance(raw, Mapping) else {}
-    items = raw.get("backends")
-    if not isinstance(items, list):
-        return None, [f"{where}.backends: must be a list of {{id, version, url, weight}}"]
-    # Tables written before keyed endpoints have neither field: they mean an open endpoint.
-    auth, key_hashes = raw.get("auth", "none"), raw.get("key_hashes", [])
-    extra = sorted(map(str, set(raw) - ROUTE_FIELDS))
-    problems = [f"{where}: unknown field(s) {', '.join(extra)}"] if extra else []
-    problems += _auth_problems(where, auth, key_hashes)
-    backends: list[Backend] = []
-    for i, item in enumerate(items):
-        at = f"{where}.backends[{i}]"
-        if not isinstance(item, Mapping):
-            problems.append(f"{at}: must be an object {{id, version, url, weight}}")
-            continue
-        values = [item.get(k) for k in ("id", "version", "url", "weight")]
-        extra = sorted(set(item) - {"id", "version", "url", "weight"})
-        if extra:
-            problems.append(f"{at}: unknown field(s) {', '.join(map(str, extra))}")
-        found = _backend_problems(at, *values)
-        problems += found
-        if not found:
-            backends.append(Backend(*values))  # type: ignore[arg-type]
-    problems += _route_problems(where, backends)
-    return (None if problems else EndpointRoute(tuple(backends), auth, tuple(key_hashes))), problems
-
-
-class WeightedChoice(Generic[T]):
-    """Pick one of several items in proportion to integer weights; items of weight 0 are
-    never picked. ``r`` is a uniform number in [0, 1) supplied by the caller, which keeps
-    this pure (tests pass literal values, the router passes ``random.random()``)."""
-
-    __slots__ = ("_cum", "_items", "_total", "_weights")
-
-    def __init__(self, items: Sequence[T], weights: Sequence[int]) -> None:
-        self._items = [i for i, w in zip(items, weights, strict=True) if w > 0]
-        self._weights = [w for w in weights if w > 0]
-        self._cum: list[int] = []
-        total = 0
-        for w in self._weights:
-            total += w
-            self._cum.append(total)
-        self._total = total
-
-    def __bool__(self) -> bool:
-        return self._total > 0
-
-    def pick(self, r: float) -> T | None:
-        """The item whose cumulative-weight interval holds ``r * total``; None if all are 0."""
-        if not self._total:
-            return None
-        return self._items[min(bisect_right(self._cum, r * self._total), len(self._items) - 1)]
-
-
-
-def next_candidate(items: Sequence[T], weights: Sequence[int], tried: Collection[T], down: Collection[T],
-                   r: float) -> T | None:
-    """Where a request goes next (first try or failover) among an endpoint's backends.
-
-    In order: a weighted pick among the weighted items (weight > 0) neither tried nor down;
-    then a standby (weight 0) neither tried nor down, picked evenly; then the same two among
-    the down items (a mark may be stale, and trying beats answering 502 unasked). None once
-    every item was tried. ``r`` is uniform in [0, 1), as for ``WeightedChoice``."""
-    fresh = [(i, w) for i, w in zip(items, weights, strict=True) if i not in tried]
-    for usable in ([p for p in fresh if p[0] not in down], [p for p in fresh if p[0] in down]):
-        weighted = [p for p in usable if p[1] > 0]
-        pool = weighted or [(i, 1) for i, _ in usable]
-        if pool:
-            return WeightedChoice([i for i, _ in pool], [w for _, w in pool]).pick(r)
-    return None
-
-
-def listen_is_loopback(host: str) -> bool:
-    """Whether a router listening on ``host`` is reachable from this machine only:
-    127.0.0.0/8, ::1 and "localhost" are; every other name or address ("", 0.0.0.0, ::, a
-    LAN address) is not."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
-    except ValueError:
-        return False  # a name other than localhost may resolve anywhere
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+if TYPE_CHECKING:
+    from modelcd.config import Settings
 
 
 class Router(ABC):
@@ -355,22 +78,17 @@ class Router(ABC):
         return False
 
 
-ROUTERS: dict[str, str] = {
-    "builtin": "modelcd.routing.builtin:BuiltinRouter",
-}
+# name -> factory of a Router from the settings (imported when chosen).
+ROUTERS: Ports[[Settings], Router] = Ports(
+    {"builtin": "modelcd.routing.builtin:from_settings"},
+    unknown="unknown router {name!r}; known routers: {known}", field="router")
 
 
-def get_router(name: str, **opts: Any) -> Router:
-    """The router called ``name`` (see ``ROUTERS``) built with ``opts``; raise ConfigError
-    listing the known names for an unknown one, or naming the bad option."""
-    target = ROUTERS.get(name)
-    if target is None:
-        raise ConfigError(f"unknown router {name!r}; known routers: {', '.join(sorted(ROUTERS))}",
-                          field="router")
-    module, _, attr = target.partition(":")
-    factory: Callable[..., Router] = getattr(import_module(module), attr)
-    try:
-        inspect.signature(factory).bind(**opts)
-    except TypeError as e:
-        raise ConfigError(f"router {name!r}: bad options {sorted(opts)}: {e}", field="router") from e
-    return factory(**opts)
+def get_router(name: str, settings: Settings) -> Router:
+    """The router called ``name`` (see ``ROUTERS``), configured from ``settings``; raise
+    ConfigError listing the known names for an unknown one."""
+    return ROUTERS.create(name, settings)
+
+
+__all__ = ["ROUTERS", "Backend", "EndpointRoute", "Router", "RoutingTable", "WeightedChoice", "endpoint_key",
+           "get_router", "listen_is_loopback", "next_candidate"]

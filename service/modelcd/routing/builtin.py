@@ -20,11 +20,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from modelcd.errors import InvalidInput, RouterError
 from modelcd.routing.base import Router, RoutingTable
+
+if TYPE_CHECKING:
+    from modelcd.config import Settings
 
 PORT_SETTING = "MODELCD_ROUTER_PORT"
 LOG_ROTATE_BYTES = 10 * 1024 * 1024  # at start, a larger router.log becomes router.log.1
@@ -336,6 +339,12 @@ class BuiltinRouter(Router):
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
+
+
+def from_settings(settings: Settings) -> BuiltinRouter:
+    """The built-in router of ``settings.home`` on ``router_host:router_port`` (``ROUTERS``' factory)."""
+    return BuiltinRouter(settings.home, host=settings.router_host, port=settings.router_port,
+                         allow_open_endpoints=settings.router_allow_open_endpoints)
 
 def _alive(pid: int) -> bool:
     try:

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from modelcd.errors import InvalidInput
-from modelcd.routing.base import (
+from modelcd.routing.table import (
     Backend,
     EndpointRoute,
     RoutingTable,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import json
 import re
 from abc import ABC, abstractmethod
@@ -32,15 +31,7 @@ from typing import Any, ClassVar
 from modelcd import domain
 from modelcd.config import ENV_PREFIX, Settings
 from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge, Unauthorized
-
-# name → "module:Class"; modules are imported on first use (sagemaker pulls in cryptography)
-KNOWN_SOURCES: dict[str, str] = {
-    "mlflow": "modelcd.sources.mlflow:MlflowSource",
-    "azureml": "modelcd.sources.azureml:AzureMLSource",
-    "sagemaker": "modelcd.sources.sagemaker:SageMakerSource",
-    "s3": "modelcd.sources.s3:S3Source",
-    "generic": "modelcd.sources.generic:GenericSource",
-}
+from modelcd.ports import Ports
 
 # A delivery id that is not 1-128 printable ASCII characters is replaced by a digest of it,
 # so ids are always safe to store, log and show.
@@ -169,16 +160,22 @@ class Source(ABC):
         """The events a stored delivery announces (pure; InvalidInput if unreadable)."""
 
 
+# name → the Source class, called with the settings (and an adapter's own keyword options,
+# which tests pass); modules are imported on first use (sagemaker pulls in cryptography).
+KNOWN_SOURCES: Ports[..., Source] = Ports(
+    {"mlflow": "modelcd.sources.mlflow:MlflowSource",
+     "azureml": "modelcd.sources.azureml:AzureMLSource",
+     "sagemaker": "modelcd.sources.sagemaker:SageMakerSource",
+     "s3": "modelcd.sources.s3:S3Source",
+     "generic": "modelcd.sources.generic:GenericSource"},
+    unknown="unknown webhook source {name!r}; known sources: {known} (POST to /hooks/<source>)", field="source",
+    error=NotFound)
+
+
 def get_source(name: str, settings: Settings, **opts: Any) -> Source:
     """The source adapter called ``name``, configured from ``settings`` (and ``opts``,
     passed to its constructor); NotFound listing the known names otherwise."""
-    target = KNOWN_SOURCES.get(name)
-    if target is None:
-        raise NotFound(f"unknown webhook source {name!r}; known sources: {', '.join(KNOWN_SOURCES)} "
-                       "(POST to /hooks/<source>)", field="source")
-    module_name, _, class_name = target.partition(":")
-    cls: type[Source] = getattr(importlib.import_module(module_name), class_name)
-    return cls(settings, **opts)
+    return KNOWN_SOURCES.create(name, settings, **opts)
 
 
 # --- helpers shared by the sources -------------------------------------------------------
