@@ -12,7 +12,7 @@ from modelcd.config import Settings
 from modelcd.errors import ConfigError, InvalidInput
 from modelcd.routing.base import get_router
 from modelcd.routing.builtin import BuiltinRouter
-from modelcd.routing.proxy import key_accepted
+from modelcd.routing.client import key_accepted
 from modelcd.routing.table import (
     Backend,
     EndpointRoute,
