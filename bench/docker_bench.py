@@ -16,7 +16,6 @@ loop is bounded.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import tempfile
 import threading
@@ -31,7 +30,7 @@ from modelcd.config import load_settings
 from modelcd.domain import Flavor, ModelVersion
 from modelcd.quickstart import make_model
 from modelcd.targets.docker import DockerTarget
-from release_bench import row, start_service, wait_version  # bench/ is on sys.path when run as a script
+from release_bench import row, start_service, stop_service, wait_version  # bench/ is on sys.path when run as a script
 
 POLICY = """\
 name: bench-docker
@@ -140,12 +139,7 @@ def releases(tmp: Path, base: str, versions: int, switches: int) -> None:
         print(row("rollback → endpoint answers other version, docker", switch["dk-bench"]))
         print(row("rollback → endpoint answers other version, process", switch["pr-bench"]))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        from modelcd.lifecycle import stop_data_plane
-
-        for _ in stop_data_plane(settings):
-            pass
+        stop_service(proc, env)
         import docker
 
         engine = docker.from_env()

@@ -27,9 +27,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from modelcd.client import Client
-from modelcd.config import load_settings
 from modelcd.quickstart import make_model
-from release_bench import start_service
+from release_bench import start_service, stop_service
 
 
 class Load:
@@ -122,12 +121,7 @@ def main() -> None:
               f"{100 * med['failed'] / med['requests']:.2f} % | {med['last_failure_ms']:.0f} ms | "
               f"{med['standby_answers']:.0f} | {med['back_s']:.2f} s |")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        from modelcd.lifecycle import stop_data_plane
-
-        for _ in stop_data_plane(load_settings(environ=env)):
-            pass
+        stop_service(proc, env)
 
 
 if __name__ == "__main__":

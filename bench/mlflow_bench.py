@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modelcd.client import Client
 from modelcd.config import load_settings
-from release_bench import OPEN_POLICY  # bench/ is on sys.path when run as a script
+from release_bench import OPEN_POLICY, stop_service  # bench/ is on sys.path when run as a script
 from tests.sources.mlflow_fixture import free_port, start_mlflow_server
 
 
@@ -81,12 +80,7 @@ def main() -> None:
               f"{max(t[1] for t in warm):.2f} s |")
         print(f"| same, first version (cold environment) | 1 | {cold[1]:.2f} s | | |")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        from modelcd.lifecycle import stop_data_plane
-
-        for _ in stop_data_plane(load_settings(environ=env)):
-            pass
+        stop_service(proc, env)
         server.stop()
 
 

@@ -74,6 +74,16 @@ def row(name: str, values: list[float], unit: str = "ms", scale: float = 1000) -
             f"{pct(v, 99):.1f} {unit} | {min(v):.1f} {unit} | {max(v):.1f} {unit} |")
 
 
+def stop_service(proc: subprocess.Popen[bytes], env: dict[str, str], timeout_s: float = 30) -> None:
+    """Stop the service ``start_service`` started, then its data plane (router, deployments)."""
+    from modelcd.lifecycle import stop_data_plane
+
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=timeout_s)
+    for _ in stop_data_plane(load_settings(environ=env)):
+        pass
+
+
 def start_service(tmp: Path, **extra_env: str) -> tuple[subprocess.Popen[bytes], dict[str, str], Client]:
     """A `modelcd serve` on free loopback ports with its home in ``tmp``, once it answers."""
     port, rport = free_port(), free_port()
@@ -141,12 +151,7 @@ def main() -> None:
         print(row("rollback: API call returns (router read back)", call))
         print(row("rollback: call start → endpoint answers other version", switch))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        from modelcd.lifecycle import stop_data_plane
-
-        for _ in stop_data_plane(load_settings(environ=env)):
-            pass
+        stop_service(proc, env)
 
 
 if __name__ == "__main__":

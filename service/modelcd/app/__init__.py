@@ -3,8 +3,6 @@ itself. Domain errors become ``{code, message, field}`` JSON with their HTTP sta
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from typing import Any
 
@@ -15,26 +13,7 @@ from werkzeug.exceptions import HTTPException
 from modelcd.context import Context
 from modelcd.errors import ModelcdError
 from modelcd.inbox.intake import Intake
-
-
-def _finite(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"{text} is not a finite number")
-    return number
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number; send a finite number or null")
-
-
-def strict_json_loads(raw: str | bytes) -> Any:
-    """``json.loads`` refusing NaN/Infinity (not JSON; served back, they break every client)
-    and nesting too deep for the parser, both as ValueError."""
-    try:
-        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
+from modelcd.strict_json import strict_json_loads
 
 
 class StrictJSONProvider(DefaultJSONProvider):

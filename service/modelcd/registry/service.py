@@ -5,8 +5,6 @@ every external source take this one path."""
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import shutil
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -26,6 +24,7 @@ from modelcd.registry.requirements import read_requirements
 from modelcd.registry.samples import parse_expected, parse_sample
 from modelcd.store import schema
 from modelcd.store.db import Database, now
+from modelcd.strict_json import strict_json_loads
 
 REGISTERED = "model_version.registered"
 
@@ -47,26 +46,13 @@ class RegisterMetadata(BaseModel):
     release: bool = Field(True, description="false: record the version without starting a release")
 
 
-def _finite(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"{text} is not a finite number")
-    return number
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number; send finite numbers")
-
-
 def parse_metadata(raw: str | bytes | dict[str, Any] | None) -> RegisterMetadata:
     """Parse the JSON metadata part of a registration; errors name the field."""
     if raw is None or raw == "" or raw == b"":
         return RegisterMetadata()
     if isinstance(raw, str | bytes):
         try:
-            raw = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
-        except RecursionError:
-            raise InvalidInput("metadata: nested too deeply; send a JSON object", field="metadata") from None
+            raw = strict_json_loads(raw)
         except ValueError as e:
             raise InvalidInput(f"metadata: not valid JSON ({e}); send a JSON object", field="metadata") from e
     if not isinstance(raw, dict):
