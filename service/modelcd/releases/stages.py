@@ -131,8 +131,8 @@ def promote(run: StageRun) -> dict[str, Any]:
         if env.strategy == Strategy.CANARY:
             _canary_steps(run, dep_id, previous)
         _switch(run, wanted, previous)
-    ctx.traffic.retire(rel.model, rel.environment, run.policy.retention.keep_deployments if
-                       env.strategy != Strategy.RECREATE else 1, ctx.target(env.target), ctx.home, run.log)
+    keep = 1 if env.strategy is Strategy.RECREATE else run.policy.retention.keep_deployments
+    ctx.traffic.retire(rel.model, rel.environment, keep, ctx.target(env.target), ctx.home, run.log)
     _queue_next_environment(run)
     return {}
 
