@@ -23,10 +23,12 @@ environments:
     scoring_workers: 1
     env:
       MY_VAR: hello
+      MY_SECRET: {secret_env: FIDELITY_SECRET}
 smoke:
   requests: 2
 """
 
+SECRET = "s3cr3t-by-reference"
 SHOWS_ENV = """\
 import os
 
@@ -34,21 +36,24 @@ def init():
     pass
 
 def run(raw_data):
-    return [os.environ.get("MY_VAR", "<unset>")]
+    return [os.environ.get("MY_VAR", "<unset>"), os.environ.get("MY_SECRET", "<unset>")]
 """
 
 
 def test_a_restarted_deployment_keeps_the_policy_env_and_workers(tmp_path: Path) -> None:
-    with running_service(tmp_path, POLICY) as svc:
+    with running_service(tmp_path, POLICY, FIDELITY_SECRET=SECRET) as svc:
         svc.register("fid-env", tmp_path / "v1", custom_model(tmp_path / "v1", SHOWS_ENV))
         rel = svc.wait_release_for("fid-env", 1)
         assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
         ep = svc.endpoint("fid-env")
         headers = svc.auth(ep)
         assert requests.post(ep["scoring_uri"], headers=headers, json={"data": [[1.0]]}, timeout=10).json() \
-            == ["hello"]
+            == ["hello", SECRET]
         [dep] = svc.api("GET", "/deployments", params={"model": "fid-env", "live": "1"}).json()["deployments"]
-        assert dep["spec"]["env"] == {"MY_VAR": "(set)"} and dep["spec"]["workers"] == 1  # names only in reads
+        assert dep["spec"]["env"] == {"MY_VAR": "(set)", "MY_SECRET": "(set)"}  # names only in reads
+        assert dep["spec"]["workers"] == 1
+        for stored in svc.home.glob("modelcd.db*"):  # a reference is stored, never the value
+            assert SECRET.encode() not in stored.read_bytes(), stored
 
         os.killpg(dep["pid"], signal.SIGKILL)  # the scoring process and its workers
         svc.kill9()  # and the control plane
@@ -64,7 +69,7 @@ def test_a_restarted_deployment_keeps_the_policy_env_and_workers(tmp_path: Path)
             return r if r.status_code == 200 else None
 
         r = wait_until(answered, timeout_s=90, poll_s=0.2)
-        assert r.json() == ["hello"]
+        assert r.json() == ["hello", SECRET]
         [again] = svc.api("GET", "/deployments", params={"model": "fid-env", "live": "1"}).json()["deployments"]
         assert again["id"] == dep["id"] and again["pid"] != dep["pid"]  # the same deployment, started anew
         workers = [p for p in psutil.Process(again["pid"]).children(recursive=True) if p.status() != "zombie"]

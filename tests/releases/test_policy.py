@@ -13,6 +13,7 @@ from modelcd.releases.policy import (
     Policy,
     Problem,
     Runner,
+    SecretRef,
     Strategy,
     TargetKind,
     parse_policy,
@@ -458,3 +459,24 @@ environments:
     with pytest.raises(InvalidPolicy, match="approval gates of runner github are the CI system's own"):
         parse_policy("name: a\nrunner: github\npipeline: {repo: acme/m, token_env: GH}\n"
                      "environments:\n  - name: production\n    approval: true\n")
+
+
+def test_env_values_can_be_secret_references() -> None:
+    p = Policy.from_dict({"name": "p", "environments": [{"name": "production", "env": {
+        "A": "text", "N": 3, "B": {"secret_env": "DB_PASSWORD"}, "C": {"secret_file": "api-key"}}}]})
+    env = p.environments[0].env
+    assert env["A"] == "text" and env["N"] == "3"
+    assert env["B"] == SecretRef(secret_env="DB_PASSWORD") and env["C"] == SecretRef(secret_file="api-key")
+    assert Policy.from_dict(p.to_dict()) == p  # snapshots replay
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"secret_env": "DB", "secret_file": "x"}, "environments[0].env.B: give exactly one of secret_env or secret_file"),
+    ({"secret_env": "1bad"}, "environments[0].env.B.secret_env: must be an environment variable name"),
+    ({"secret_file": "../etc/passwd"}, "environments[0].env.B.secret_file: must be a file name"),
+    ({"secret_envv": "X"}, "environments[0].env.B.secret_envv: unknown key (did you mean 'secret_env'?)"),
+])
+def test_bad_secret_references_name_the_field(value: object, message: str) -> None:
+    with pytest.raises(InvalidPolicy) as e:
+        Policy.from_dict({"name": "p", "environments": [{"name": "production", "env": {"B": value}}]})
+    assert message in str(e.value)

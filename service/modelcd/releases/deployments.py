@@ -4,6 +4,7 @@ or to start the very same deployment again (its whole spec is kept from the star
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,39 @@ def load_bundle(path: str | Path) -> Bundle:
                   image=meta.get("image"), image_id=meta.get("image_id"))
 
 
+def resolve_env(env: Mapping[str, Any], home: Path) -> dict[str, str]:
+    """The variables a deployment starts with: text as it is; a secret reference read now, from
+    the service's environment (``secret_env``) or ``home/secrets/`` (``secret_file``), so its
+    value is never in the policy, the store or a log. DeployError names the reference."""
+    out: dict[str, str] = {}
+    for name, value in env.items():
+        if isinstance(value, str):
+            out[name] = value
+        elif value.get("secret_env"):
+            found = os.environ.get(value["secret_env"])
+            if not found:
+                raise DeployError(f"env.{name}: secret_env {value['secret_env']} is not set in the service's "
+                                  "environment; set it and restart `modelcd serve`", field=f"env.{name}")
+            out[name] = found
+        else:
+            path = home / "secrets" / str(value.get("secret_file"))
+            try:
+                found = path.read_text().rstrip("\r\n")
+            except OSError as e:
+                raise DeployError(f"env.{name}: cannot read secret_file {path} ({e.strerror}); write the value "
+                                  "there (mode 0600)", field=f"env.{name}") from None
+            if not found:
+                raise DeployError(f"env.{name}: secret_file {path} is empty", field=f"env.{name}")
+            out[name] = found
+    return out
+
+
 def spec_values(env: Environment, settings: Settings, bundle: str) -> dict[str, Any]:
     """What a deployment of policy environment ``env`` records when it is created: all that
     ``deploy_spec`` needs to start it (and start it again after a restart) the same way."""
+    variables = {k: v if isinstance(v, str) else v.model_dump(exclude_none=True) for k, v in env.env.items()}
     return {"bundle": bundle, "workers": env.scoring_workers or settings.scoring_workers,
-            "health_timeout_s": settings.health_timeout_s, "env": dict(env.env),
+            "health_timeout_s": settings.health_timeout_s, "env": variables,
             "cpu": env.resources.cpu, "memory": env.resources.memory,
             "network": str(env.network) if env.network else None}
 
@@ -72,7 +101,7 @@ def deploy_spec(d: Deployment, settings: Settings) -> DeploySpec:
                       bundle=load_bundle(s.get("bundle") or d.bundle or ""),
                       workers=int(s.get("workers") or settings.scoring_workers),
                       health_timeout_s=float(s.get("health_timeout_s") or settings.health_timeout_s),
-                      env=dict(s.get("env") or {}), cpu=s.get("cpu"), memory=s.get("memory"),
+                      env=resolve_env(s.get("env") or {}, settings.home), cpu=s.get("cpu"), memory=s.get("memory"),
                       network=s.get("network"))
 
 

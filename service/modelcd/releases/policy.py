@@ -30,7 +30,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -198,6 +200,21 @@ _MEMORY_RE = re.compile(r"^([1-9][0-9]{0,12})([kmg]|[KMG]i)?$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
+_REPO_RE = re.compile(r"^[A-Za-z0-9-]{1,39}/[A-Za-z0-9._-]{1,100}$")
+_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+_HTTP_RE = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?$")
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not regex.match(value)):
+            raise PydanticCustomError("pattern", "must be {what} (got {got})", {"what": what, "got": _show(value)})
+        return value
+
+    return BeforeValidator(check)
+
+
 def _check_memory(value: Any) -> Any:
     """``512m``, ``1g``, ``512Mi``, ``1Gi`` or a byte count; returned in docker's spelling."""
     if value is None:
@@ -219,8 +236,31 @@ def _check_env(value: Any) -> Any:
                 raise PydanticCustomError(
                     "env_name", "variable names are letters, digits and '_' not starting with a digit, and not "
                     "MODELCD_* (got {got})", {"got": _show(key)})
-        return {k: _scalar_text(v) for k, v in value.items()}
+        return {k: v if isinstance(v, Mapping | SecretRef) else _scalar_text(v) for k, v in value.items()}
     return value
+
+
+class SecretRef(_Edge):
+    """An environment variable's value kept out of the policy and the store: read when the
+    deployment starts (and starts again) from the service's own environment
+    (``secret_env``) or from a file under ``$MODELCD_HOME/secrets/`` (``secret_file``)."""
+
+    secret_env: Annotated[str | None, _pattern(_ENV_NAME_RE, "an environment variable name")] = None
+    secret_file: Annotated[str | None, _pattern(_FILE_RE, "a file name under $MODELCD_HOME/secrets/")] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise PydanticCustomError("secret_ref", "give exactly one of secret_env or secret_file", {})
+        return self
+
+
+def _env_kind(value: Any) -> str:
+    return "secret" if isinstance(value, Mapping | SecretRef) else "text"
+
+
+# a variable's value: text, or a reference to a secret (a mapping)
+EnvValue = Annotated[Annotated[str, Tag("text")] | Annotated[SecretRef, Tag("secret")], Discriminator(_env_kind)]
 
 
 class Resources(_Edge):
@@ -244,7 +284,7 @@ class Environment(_Edge):
     approval_timeout_s: float | None = Field(default=None, gt=0, le=30 * 86_400, allow_inf_nan=False)
     scoring_workers: int | None = Field(default=None, ge=1, le=64)  # None: the service's setting
     resources: Resources = Field(default_factory=Resources)
-    env: Annotated[dict[str, str], BeforeValidator(_check_env)] = Field(default_factory=dict)  # passed to scoring
+    env: Annotated[dict[str, EnvValue], BeforeValidator(_check_env)] = Field(default_factory=dict)  # for scoring
     network: Annotated[Network | None, _optional(_choice(Network))] = None  # docker only; None: docker_network
     auth: AuthName = Auth.KEY  # the endpoint's scoring requests need one of its keys
 
@@ -305,21 +345,6 @@ class Retention(_Edge):
     """What stays after a promotion."""
 
     keep_deployments: int = Field(default=2, ge=1, le=100)  # per endpoint, including the serving one
-
-
-_REPO_RE = re.compile(r"^[A-Za-z0-9-]{1,39}/[A-Za-z0-9._-]{1,100}$")
-_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
-_HTTP_RE = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?$")
-
-
-def _pattern(regex: re.Pattern[str], what: str) -> BeforeValidator:
-    def check(value: Any) -> Any:
-        if value is not None and (not isinstance(value, str) or not regex.match(value)):
-            raise PydanticCustomError("pattern", "must be {what} (got {got})", {"what": what, "got": _show(value)})
-        return value
-
-    return BeforeValidator(check)
 
 
 class PipelineSpec(_Edge):
@@ -504,6 +529,8 @@ def _duplicate_environments(names: Sequence[Any]) -> list[Problem]:
 
 def _known_keys(parent: tuple[str | int, ...]) -> list[str]:
     shape = tuple(0 if isinstance(p, int) else p for p in parent)
+    if shape[:3] == ("environments", 0, "env") and len(shape) == 4:
+        return list(SecretRef.model_fields)  # a variable given as a mapping
     model = _MODEL_AT.get(shape)
     return list(model.model_fields) if model else []
 
@@ -514,7 +541,7 @@ def _describe(err: ErrorDetails) -> str:
     if kind == "missing":
         return "required"
     if kind == "extra_forbidden":
-        key, known = str(err["loc"][-1]), _known_keys(tuple(err["loc"][:-1]))
+        key, known = str(err["loc"][-1]), _known_keys(_untag(tuple(err["loc"][:-1])))
         hint = difflib.get_close_matches(key, known, n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"unknown key{did_you_mean}; known keys: {', '.join(known)}"
@@ -551,8 +578,15 @@ def _problem(err: ErrorDetails, lines: Mapping[tuple[str | int, ...], int]) -> P
     ctx = err.get("ctx") or {}
     if "path" in ctx:  # a whole-policy check that knows which field to blame
         return Problem(str(ctx["path"]), _describe(err), lines.get(_parse_path(str(ctx["path"]))))
-    loc = tuple(err["loc"])
+    loc = _untag(tuple(err["loc"]))
     return Problem(render_path(loc), _describe(err), _line_for(loc, lines))
+
+
+def _untag(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """Drop the union tag pydantic puts after an env variable's name (``env.DB.secret``)."""
+    if len(loc) > 4 and loc[0] == "environments" and loc[2] == "env" and loc[4] in ("text", "secret"):
+        return loc[:4] + loc[5:]
+    return loc
 
 
 def _parse_path(path: str) -> tuple[str | int, ...]:

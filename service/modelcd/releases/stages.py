@@ -93,6 +93,9 @@ def deploy(run: StageRun) -> dict[str, Any]:
                                  spec=spec_values(env, ctx.settings, rel.bundle))
     ctx.releases.update(rel.id, deployment_id=dep.id)  # recorded before starting: findable after a crash
     spec = deploy_spec(dep, ctx.settings)
+    for name, value in dep.spec["env"].items():
+        if not isinstance(value, str):  # a secret's value: never in this release's logs or events
+            ctx.redact.add(spec.env[name])
     if target.name == "process" and (spec.cpu or spec.memory):
         run.log("resources (cpu, memory) are not enforced on the process target; use target: docker for limits")
     try:
