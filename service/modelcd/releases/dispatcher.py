@@ -1,4 +1,5 @@
-"""The outbox dispatcher: turns ``model_version.registered`` events into releases.
+"""The outbox dispatcher: turns ``model_version.registered`` events into releases, and hands
+``release.phase`` events to the observers (``releases.observers``).
 
 Runs at least once per event: the release rows and the event's ``processed_at`` are
 written in one transaction, so a crash either did both or neither."""
@@ -12,6 +13,7 @@ from sqlalchemy import select, update
 
 from modelcd.context import Context
 from modelcd.registry.service import REGISTERED
+from modelcd.releases.observers import RELEASE_PHASE, notify
 from modelcd.store import schema
 from modelcd.store.db import now
 
@@ -37,7 +39,10 @@ def _handle(ctx: Context, event: dict[str, Any]) -> None:
         if event["kind"] == REGISTERED:
             note = _on_registered(ctx, event["id"], payload)
             return
-        note = f"ignored: unknown event kind {event['kind']}"
+        if event["kind"] == RELEASE_PHASE:
+            note = notify(ctx, payload)
+        else:
+            note = f"ignored: unknown event kind {event['kind']}"
     except Exception as e:  # a bad event must not block the ones after it
         log.exception("outbox event %s failed", event["id"])
         note = f"error: {type(e).__name__}: {e}"

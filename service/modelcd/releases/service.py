@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 from modelcd.errors import Conflict, InvalidInput, NotFound
 from modelcd.jobs.service import Jobs
 from modelcd.releases.machine import Phase, check_transition
+from modelcd.releases.observers import RELEASE_PHASE, ReleaseMoved
 from modelcd.releases.policy import Environment, Policy, Runner, Strategy
 from modelcd.store import schema
 from modelcd.store.db import Database, new_id, now
@@ -74,6 +75,16 @@ def _release(row: Any) -> Release:
     m["cancel_requested"] = bool(m["cancel_requested"])
     m["policy"] = _policy(json.dumps(m["policy"], sort_keys=True))
     return Release(**m)
+
+
+def _moved(conn: Any, release_id: str, ts: str) -> None:
+    """The outbox event of the phase the release just entered, in the caller's transaction
+    (``releases.observers``: registry write-back, GitHub deployments)."""
+    rel = _release(conn.execute(select(schema.releases).where(schema.releases.c.id == release_id)).one())
+    moved = ReleaseMoved(release_id=rel.id, model=rel.model, version=rel.version, environment=rel.environment,
+                         phase=str(rel.phase), trigger=rel.trigger, runner=str(rel.runner),
+                         deployment_id=rel.deployment_id, error=rel.error)
+    conn.execute(schema.outbox.insert().values(kind=RELEASE_PHASE, payload=moved.to_payload(), created_at=ts))
 
 
 class Releases:
@@ -150,6 +161,7 @@ class Releases:
                          .values(phase=str(Phase.BUILDING), updated_at=ts))
             conn.execute(schema.events.insert().values(
                 release_id=release_id, ts=ts, kind=f"release.{Phase.BUILDING}", message="started"))
+            _moved(conn, release_id, ts)
         return True
 
     def advance(self, release_id: str, to: Phase, message: str = "", **values: Any) -> Release:
@@ -168,6 +180,7 @@ class Releases:
             conn.execute(update(schema.releases).where(schema.releases.c.id == release_id).values(**values))
             conn.execute(schema.events.insert().values(
                 release_id=release_id, ts=ts, kind=f"release.{to}", message=self.jobs.redact(message)))
+            _moved(conn, release_id, ts)
         return self.get(release_id)
 
     def update(self, release_id: str, **values: Any) -> None:
