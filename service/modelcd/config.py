@@ -49,6 +49,17 @@ class Settings(BaseModel):
     hooks_generic_secret: str | None = Field(None, repr=False, description="HMAC-SHA256 secret for /hooks/generic")
     hooks_s3_token: str | None = Field(None, repr=False, description="auth token MinIO sends (Bearer)")
     hooks_azureml_secret: str | None = Field(None, repr=False, description="secret in ?code= or X-Modelcd-Secret")
+    # Azure ML versions are fetched with a service principal (AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET)
+    azureml_management_url: str = Field("https://management.azure.com", description="Azure Resource Manager: "
+                                        "model versions and datastores are read there")
+    azureml_login_url: str = Field("https://login.microsoftonline.com", description="Microsoft identity platform "
+                                   "that issues the service principal's tokens")
+    azureml_api_version: str = Field("2025-09-01", description="api-version of the Azure ML REST calls")
+    azureml_storage_credential: Literal["datastore", "account_key"] = Field(
+        "datastore", description="datastore: the key or SAS Azure ML keeps for the datastore (listSecrets); "
+        "account_key: the key in AZURE_STORAGE_KEY")
+    azureml_blob_url: str | None = Field(None, description="blob service URL, {account} replaced by the datastore's "
+                                         "account; default {protocol}://{account}.blob.{endpoint}")
     hooks_sagemaker_api_key: str | None = Field(None, repr=False, description="EventBridge API destination key")
     hooks_sagemaker_api_key_header: str = "x-modelcd-api-key"
     hooks_sns_topic_arns: list[str] = Field(default_factory=list, description="SNS topics accepted")

@@ -24,8 +24,8 @@ REGISTERED = "Microsoft.MachineLearningServices.ModelRegistered"
 WORKSPACE = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws"
 DATA = {"ModelName": "churn", "ModelVersion": "3", "ModelTags": {"deploy": "true", "stage": "candidate"},
         "ModelProperties": {}}
-EXPECTED = Registered(Kind.AZUREML, "churn", "3", "models/churn:3", None, {"deploy": "true", "stage": "candidate"},
-                      dedup_key=f"azureml:{WORKSPACE}/models/churn:3")
+EXPECTED = Registered(Kind.AZUREML, "churn", "3", "models/churn:3", f"azureml:{WORKSPACE}/models/churn/versions/3",
+                      {"deploy": "true", "stage": "candidate"}, dedup_key=f"azureml:{WORKSPACE}/models/churn:3")
 
 
 @pytest.fixture

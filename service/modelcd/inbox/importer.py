@@ -1,6 +1,7 @@
 """Turning a normalised external event into a registry version: fetch the files where they
-can be reached (MLflow ``models:/``, S3 folders or SageMaker ``model.tar.gz``), otherwise
-record the version as referenced only. Imports are idempotent per external version."""
+can be reached (MLflow ``models:/``, S3 folders, SageMaker ``model.tar.gz``, Azure ML model
+versions), otherwise record the version as referenced only. Imports are idempotent per
+external version."""
 
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ def import_event(ctx: Context, event: Any) -> ModelVersion:
             meta = _fetch_mlflow(ctx, uri, files, meta)
         elif uri.startswith("s3://"):
             _fetch_s3(ctx, uri, files, work)
+        elif uri.startswith("azureml:"):
+            meta = _fetch_azureml(ctx, uri, files, meta)
         else:
-            raise InvalidInput(f"cannot fetch artifacts from {uri!r}: modelcd reads models:/ (MLflow) and s3:// URIs",
-                               field="artifact_uri")
+            raise InvalidInput(f"cannot fetch artifacts from {uri!r}: modelcd reads models:/ (MLflow), s3:// and "
+                               "azureml: (Azure ML model version) URIs", field="artifact_uri")
         return ctx.registry.import_files(event.model, files, meta)
 
 
@@ -61,6 +64,15 @@ def _fetch_mlflow(ctx: Context, uri: str, dest: Path, meta: RegisterMetadata) ->
 
 def _req_name(requirement: str) -> str:
     return re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _fetch_azureml(ctx: Context, uri: str, dest: Path, meta: RegisterMetadata) -> RegisterMetadata:
+    """An Azure ML model version: its datastore blobs, with its tags and description."""
+    from modelcd.sources.azureml_fetch import fetch_model_version as fetch_azureml
+
+    fetched = fetch_azureml(ctx.settings, uri, dest)
+    return meta.model_copy(update={"tags": {**fetched.info.tags, **meta.tags},
+                                   "description": meta.description or fetched.info.description})
 
 
 def _s3_client(ctx: Context) -> Any:

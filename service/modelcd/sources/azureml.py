@@ -20,8 +20,12 @@ when the source is configured; if it presents a secret, the secret must match (s
 ``?code=`` fails when the subscription is created rather than on every delivery).
 
 The delivery id is the event ``id``; a batch is one delivery, named by ``batch_id``.
-``ModelRegistered`` becomes a referenced-only ``Registered`` (files stay in Azure);
-everything else (``RunCompleted``, ``ModelDeployed``...) is ignored."""
+``ModelRegistered`` becomes a ``Registered`` whose ``artifact_uri`` is the version's asset id
+(``azureml:/subscriptions/…/workspaces/{ws}/models/{name}/versions/{v}``, from the event's
+``topic`` or ``source`` and its data): the inbox importer resolves its files through the
+Azure ML REST API and downloads them (``azureml_fetch.py``). An event that names no workspace
+is recorded by reference only. Everything else (``RunCompleted``, ``ModelDeployed``...) is
+ignored."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from typing import Any
 
 from modelcd import domain
 from modelcd.errors import InvalidInput, Unauthorized
+from modelcd.sources.azureml_api import ModelVersionRef, parse_workspace
 from modelcd.sources.base import (
     Accepted,
     Event,
@@ -108,7 +113,7 @@ class AzureMLSource(Source):
                                   "WebHook-Allowed-Rate": "*", "Allow": "POST"})
 
     def normalise(self, body: bytes, headers: Mapping[str, str]) -> list[Event]:
-        """``ModelRegistered`` (either schema) → Registered by reference; others → Ignored."""
+        """``ModelRegistered`` (either schema) → Registered with the version's asset id; others → Ignored."""
         hdrs = lower_keys(headers)
         if "ce-specversion" in hdrs:
             events = [{"id": hdrs.get("ce-id"), "type": hdrs.get("ce-type"), "source": hdrs.get("ce-source"),
@@ -150,7 +155,9 @@ def _normalise_one(event: dict[str, Any], where: str) -> Event:
     if not isinstance(subject, str) or not subject:
         subject = f"models/{name}:{version}"
     workspace = event.get("topic", event.get("source"))
+    found = parse_workspace(workspace) if isinstance(workspace, str) else None
     return Registered(source=domain.Source.AZUREML, model=name, external_version=version, external_ref=subject,
-                      artifact_uri=None, tags=tag_map(data.get("ModelTags"), f"{where}.data.ModelTags"),
+                      artifact_uri=ModelVersionRef(found, name, version).uri if found else None,
+                      tags=tag_map(data.get("ModelTags"), f"{where}.data.ModelTags"),
                       dedup_key=f"azureml:{workspace}/{subject}" if isinstance(workspace, str) and workspace
                       else "")
