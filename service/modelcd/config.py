@@ -69,6 +69,9 @@ class Settings(BaseModel):
     hooks_max_attempts: int = Field(6, ge=1, le=100, description="tries before a delivery goes to the dead letter")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow server that models:/ URIs are fetched from")
     mlflow_poll_interval_s: float = Field(0.0, ge=0, description="poll MLflow for new versions (0: off; webhooks)")
+    # what a release's end writes back (releases.observers): MLflow aliases and tags, GitHub deployments
+    github_deployments: bool = Field(False, description="a release run by GitHub Actions shows as a GitHub "
+                                     "deployment of its environment (the token needs Deployments: write)")
     s3_poll_bucket: str | None = Field(None, description="bucket to poll for models/<name>/<version>/<marker>")
     s3_poll_interval_s: float = Field(0.0, ge=0, description="poll that bucket (0: off; bucket notifications)")
     # docker target and scoring images

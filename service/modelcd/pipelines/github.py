@@ -7,6 +7,10 @@
   ``list_jobs`` follow it; ``run_outcome`` turns its jobs into modelcd's stage outcomes.
 - ``create_pull_request`` proposes rendered pipeline files; an already open pull request
   for the same branch is returned instead of failing.
+- ``create_deployment``, ``list_deployments`` and ``create_deployment_status`` show a
+  release on the repository's Environments page (``reference/integrations.md`` §10):
+  deployments are made with ``auto_merge: false`` and ``required_contexts: []``, so GitHub
+  neither merges nor waits for checks.
 
 Inputs are checked before anything is sent (GitHub's limits: ``event_type`` 1-100
 characters, ``client_payload`` at most 10 top-level keys and under 64 KB, at most 25 inputs
@@ -17,6 +21,7 @@ retries); the token never appears in a message, a log line or a repr.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -82,6 +87,17 @@ _JOB_STATUS: dict[str, Outcome] = {
     "queued": "pending", "waiting": "pending", "requested": "pending", "pending": "pending",
     "in_progress": "running",
 }
+DEPLOYMENT_STATES = ("error", "failure", "inactive", "in_progress", "queued", "pending", "success")
+MAX_STATUS_DESCRIPTION = 140  # characters GitHub keeps of a deployment status's description
+DEPLOYMENTS_PAGE = 100
+DEPLOYMENT_HINTS = {
+    202: "GitHub merged the default branch into the ref instead of creating a deployment (auto_merge); "
+         "send the request again",
+    403: "the token lacks Deployments: write (fine-grained) or repo_deployment (classic)",
+    409: "a merge conflict, or a required status check is not successful on the ref",
+    422: "GitHub refused the deployment as invalid (e.g. the ref does not exist)",
+}
+
 _CONCLUSION: dict[str, Outcome] = {
     "success": "succeeded", "neutral": "succeeded", "skipped": "skipped", "cancelled": "cancelled",
     "failure": "failed", "timed_out": "failed", "startup_failure": "failed", "stale": "failed",
@@ -118,6 +134,34 @@ class Job:
     status: str
     conclusion: str | None
     html_url: str = ""
+
+
+@dataclass(frozen=True)
+class GitHubDeployment:
+    """A GitHub deployment: a request to deploy ``ref`` (``sha``) to ``environment``;
+    ``payload`` is what it was created with (an object; GitHub echoes it back)."""
+
+    id: int
+    ref: str
+    sha: str
+    environment: str
+    payload: dict[str, Any]
+    created_at: datetime | None = None
+
+
+def _deployment(doc: Any) -> GitHubDeployment:
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("id"), int) or isinstance(doc.get("id"), bool):
+        raise ValueError("not a deployment")
+    payload = doc.get("payload")
+    if isinstance(payload, str):  # GitHub keeps a payload sent as a JSON string as a string
+        try:
+            payload = json.loads(payload) if payload else {}
+        except ValueError:
+            payload = {}
+    return GitHubDeployment(id=doc["id"], ref=str(doc.get("ref") or ""), sha=str(doc.get("sha") or ""),
+                            environment=str(doc.get("environment") or ""),
+                            payload=dict(payload) if isinstance(payload, Mapping) else {},
+                            created_at=_dt(doc.get("created_at")))
 
 
 def _dt(value: Any) -> datetime | None:
@@ -349,6 +393,86 @@ class GitHubClient(ApiClient):
         docs = reply.body if isinstance(reply.body, list) else []
         return next((p for p in map(_pull, docs) if p is not None), None)
 
+    # ----------------------------------------------------------------------- deployments
+
+    def create_deployment(self, ref: str, environment: str, payload: Mapping[str, Any], description: str = "", *,
+                          production_environment: bool | None = None) -> GitHubDeployment:
+        """Create a deployment of ``ref`` (branch, tag or SHA) to ``environment`` carrying
+        ``payload`` (an object, echoed in GitHub's ``deployment`` event): 201. Sent with
+        ``auto_merge: false`` and ``required_contexts: []``. Not idempotent: a timeout is not
+        re-sent (the PipelineApiError is ``ambiguous``); look for it with
+        ``list_deployments`` by its payload before creating it again."""
+        for field, value in (("ref", ref), ("environment", environment)):
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidInput(f"{field}: must be a non-empty string", field=field)
+        if not isinstance(payload, Mapping) or any(not isinstance(k, str) for k in payload):
+            raise InvalidInput("payload: must be a JSON object with string keys", field="payload")
+        body: dict[str, Any] = {"ref": ref, "task": "deploy", "auto_merge": False, "required_contexts": [],
+                                "payload": dict(payload), "environment": environment,
+                                "description": _description(description), "transient_environment": False}
+        if production_environment is not None:
+            body["production_environment"] = bool(production_environment)
+        reply = self._http.call("POST", f"{self._repo_path}/deployments",
+                                what=f"create a deployment of {ref!r} to {environment!r}", body=body, ok=(201,),
+                                hints=DEPLOYMENT_HINTS)
+        try:
+            made = _deployment(reply.body)
+        except ValueError:
+            raise self._bad_answer("POST", "/deployments", "a deployment", 201) from None
+        log.info("github %s: deployment %d of %s to %s", self.repo, made.id, ref, environment)
+        return made
+
+    def list_deployments(self, environment: str | None = None, ref: str | None = None,
+                         task: str | None = None) -> list[GitHubDeployment]:
+        """The repository's deployments (newest first), filtered by ``environment``, ``ref``
+        and ``task``; at most ``MAX_PAGES`` pages of 100."""
+        params: dict[str, str | int] = {k: v for k, v in (("environment", environment), ("ref", ref),
+                                                          ("task", task)) if v}
+        params["per_page"] = DEPLOYMENTS_PAGE
+        found: list[GitHubDeployment] = []
+        for page in range(1, MAX_PAGES + 1):
+            if page > 1:
+                params["page"] = page
+            reply = self._http.call("GET", f"{self._repo_path}/deployments", params=params,
+                                    what="list deployments")
+            if not isinstance(reply.body, list):
+                raise self._bad_answer("GET", "/deployments", "a list of deployments")
+            try:
+                found.extend(_deployment(d) for d in reply.body)
+            except ValueError:
+                raise self._bad_answer("GET", "/deployments", "a list of deployments") from None
+            if len(reply.body) < DEPLOYMENTS_PAGE:
+                break
+        return found
+
+    def create_deployment_status(self, deployment_id: int, state: str, description: str = "", *,
+                                 environment_url: str | None = None, log_url: str | None = None,
+                                 auto_inactive: bool | None = None) -> int:
+        """Post ``state`` (``in_progress``, ``success``, ``failure``, ``inactive``… see
+        ``DEPLOYMENT_STATES``) on deployment ``deployment_id`` and return the status's id.
+        ``description`` is cut to 140 characters; ``log_url`` links the run. Posting the same
+        status again only adds it to the history, so a retry after a timeout is safe."""
+        did = positive_id(deployment_id, "deployment_id")
+        if state not in DEPLOYMENT_STATES:
+            raise InvalidInput(f"state: {state!r} is not a deployment state; use one of "
+                               f"{', '.join(DEPLOYMENT_STATES)}", field="state")
+        body: dict[str, Any] = {"state": state, "description": _description(description)}
+        for field, url in (("environment_url", environment_url), ("log_url", log_url)):
+            if url is not None:
+                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                    raise InvalidInput(f"{field}: {url!r} is not an http(s) URL", field=field)
+                body[field] = url
+        if auto_inactive is not None:
+            body["auto_inactive"] = bool(auto_inactive)
+        reply = self._http.call("POST", f"{self._repo_path}/deployments/{did}/statuses",
+                                what=f"set deployment {did} {state}", body=body, ok=(201,), idempotent=True,
+                                hints=DEPLOYMENT_HINTS)
+        status_id = reply.body.get("id") if isinstance(reply.body, Mapping) else None
+        if not isinstance(status_id, int) or isinstance(status_id, bool):
+            raise self._bad_answer("POST", f"/deployments/{did}/statuses", "a deployment status", 201)
+        log.info("github %s: deployment %d %s", self.repo, did, state)
+        return status_id
+
     def _bad_answer(self, method: str, subpath: str, expected: str, status: int = 200) -> PipelineApiError:
         path = self._http.base_path + self._repo_path + subpath
         return PipelineApiError(f"GitHub API: {method} {path} answered {status} but not with {expected}",
@@ -359,6 +483,12 @@ def _pull(doc: Any) -> tuple[int, str] | None:
     if isinstance(doc, Mapping) and isinstance(doc.get("number"), int):
         return doc["number"], str(doc.get("html_url") or "")
     return None
+
+
+def _description(text: str) -> str:
+    if not isinstance(text, str):
+        raise InvalidInput("description: must be a string", field="description")
+    return text if len(text) <= MAX_STATUS_DESCRIPTION else text[:MAX_STATUS_DESCRIPTION - 1] + "…"
 
 
 def _workflow(workflow: str | int) -> str | int:

@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from modelcd.context import Context
 from modelcd.registry.service import REGISTERED
 from modelcd.releases.observers import RELEASE_PHASE, notify
+from modelcd.releases.rollback_event import ENDPOINT_ROLLED_BACK
 from modelcd.store import schema
 from modelcd.store.db import now
 
@@ -39,7 +40,7 @@ def _handle(ctx: Context, event: dict[str, Any]) -> None:
         if event["kind"] == REGISTERED:
             note = _on_registered(ctx, event["id"], payload)
             return
-        if event["kind"] == RELEASE_PHASE:
+        if event["kind"] in (RELEASE_PHASE, ENDPOINT_ROLLED_BACK):  # the instant rollback: observers too
             note = notify(ctx, payload)
         else:
             note = f"ignored: unknown event kind {event['kind']}"

@@ -46,7 +46,9 @@ class ReleaseMoved:
 Observer = Callable[["Context", ReleaseMoved], None]
 
 # "module:function" of each observer, imported when an event comes; a new one adds a line.
-OBSERVERS: list[str] = []
+OBSERVERS: list[str] = [
+    "modelcd.pipelines.deployments:observe",  # GitHub: a deployment per release run by GitHub Actions
+]
 
 
 def notify(ctx: Context, payload: dict[str, Any], observers: list[str] | None = None) -> str | None:

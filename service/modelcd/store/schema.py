@@ -178,6 +178,19 @@ pipeline_runs = Table(  # one per release driven by an external runner (GitHub A
     Column("error", Text),
 )
 
+github_deployments = Table(  # the GitHub deployment shown for a release run by GitHub (pipelines/deployments.py)
+    "github_deployments", metadata,
+    Column("release_id", String(32), primary_key=True),
+    Column("repo", String(160), nullable=False),  # owner/name
+    Column("model", String(64), nullable=False),
+    Column("environment", String(32), nullable=False),
+    Column("deployment_id", Integer),  # GitHub's id; NULL while it is being created
+    Column("state", String(16)),  # the last status posted: in_progress | success | failure | inactive
+    Column("claimed_at", Float, nullable=False),  # unix time its creation was claimed (one handler creates it)
+    Column("updated_at", String(32), nullable=False),
+)
+Index("ix_github_deployments_env", github_deployments.c.repo, github_deployments.c.environment)
+
 outbox = Table(
     "outbox", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
