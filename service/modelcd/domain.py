@@ -13,6 +13,7 @@ class Flavor(StrEnum):
     SKLEARN = "sklearn"  # a pickle/joblib file with .predict()
     ONNX = "onnx"  # an .onnx graph run with onnxruntime
     CUSTOM = "custom"  # an entry script with init() / run(raw_data), as in Azure ML
+    PYFUNC = "pyfunc"  # an MLflow model (MLmodel) served by mlflow.pyfunc in its own environment
     NONE = "none"  # referenced only: the files stay in the external registry
 
 
@@ -32,7 +33,7 @@ class ModelVersion:
     version: int
     digest: str  # sha256 of the file tree (see registry.archive.tree_digest)
     flavor: Flavor
-    model_file: str | None  # path inside the files of the model file (sklearn/onnx)
+    model_file: str | None  # path inside the files of the model file (sklearn/onnx) or MLmodel (pyfunc)
     entry_script: str | None  # path inside the files of the entry script (custom)
     requirements: tuple[str, ...]
     sample: Any | None  # request body used by smoke tests and swagger (e.g. {"data": [[...]]})

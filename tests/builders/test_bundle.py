@@ -215,3 +215,64 @@ def test_without_uv_falls_back_to_venv_and_pip(build: Callable[..., Built], tmp_
     # Scripts written while the env sat in its temp folder now point at its final place.
     pip = subprocess.run([str(env / "bin" / "pip"), "--version"], capture_output=True, text=True)
     assert pip.returncode == 0 and str(env) in pip.stdout, pip.stderr
+
+
+# -- MLflow pyfunc models --------------------------------------------------------------------
+
+
+def pyfunc_files(folder: Path, python: str) -> Path:
+    """The files of an MLflow pyfunc model saved with Python ``python`` (no model inside:
+    the build never loads it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    loader_module: mlflow.pyfunc.model\n    python_model: python_model.pkl\n"
+        f"    python_version: {python}\n    env: {{virtualenv: python_env.yaml}}\nmlflow_version: 3.17.2\n")
+    (folder / "python_env.yaml").write_text(f"python: {python}\ndependencies:\n- -r requirements.txt\n")
+    (folder / "requirements.txt").write_text("mlflow==3.17.2\n")
+    (folder / "python_model.pkl").write_bytes(b"not loaded at build time")
+    return folder
+
+
+def pyfunc_version(files: Path, requirements: tuple[str, ...]) -> Any:
+    return iris_version(files, flavor=Flavor.PYFUNC, model_file="MLmodel", requirements=requirements)
+
+
+def test_a_python_version_this_host_lacks_fails_the_build_naming_it(build: Callable[..., Built],
+                                                                   tmp_path: Path) -> None:
+    files = pyfunc_files(tmp_path / "files", "3.5.10")
+    with pytest.raises(BuildError) as err:
+        build(tmp_path / "home", pyfunc_version(files, ("mlflow-skinny==3.17.2",)), files)
+    message = err.value.message
+    assert "was saved with Python 3.5.10" in message and "no Python 3.5" in message and err.value.field == "python"
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in message  # what modelcd builds with
+    assert not (tmp_path / "home" / "envs").exists() or list((tmp_path / "home" / "envs").iterdir()) == []
+
+
+def test_check_model_python_compares_major_and_minor(tmp_path: Path) -> None:
+    files = pyfunc_files(tmp_path / "files", "3.11.2")
+    version = pyfunc_version(files, ())
+    bundle_mod.check_model_python(files, version, "3.11.9", "the base image python:3.11-slim")  # patch: fine
+    with pytest.raises(BuildError, match=r"saved with Python 3.11.2, but the base image python:3.12-slim has "
+                                         r"Python 3.12.1: use a base image with Python 3.11"):
+        bundle_mod.check_model_python(files, version, "3.12.1", "the base image python:3.12-slim")
+
+
+def test_a_pyfunc_environment_is_checked_by_importing_mlflow(build: Callable[..., Built], tmp_path: Path) -> None:
+    """A real build: the model's requirements with mlflow-skinny, then `import mlflow.pyfunc`
+    in the new environment; scoring.json names the MLmodel."""
+    import mlflow
+    import numpy
+    import pandas
+
+    version_text = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    files = pyfunc_files(tmp_path / "files", version_text)
+    reqs = (f"mlflow-skinny=={mlflow.__version__}", f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}")
+    result = build(tmp_path / "home", pyfunc_version(files, reqs), files)
+    assert "checking the environment: import mlflow.pyfunc" in result.log.text
+    assert f"the model was saved with Python {version_text}" in result.log.text
+    config = json.loads((result.bundle.path / "scoring.json").read_text())
+    assert (config["flavor"], config["model_file"]) == ("pyfunc", "MLmodel")
+    out = subprocess.run([str(result.bundle.python), "-c", "import mlflow.pyfunc, pandas; print('ok')"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+    print(f"\npyfunc environment built in {result.seconds:.1f} s")

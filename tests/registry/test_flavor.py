@@ -177,3 +177,36 @@ def test_bad_entry_scripts(tmp_path: Path, files: dict[str, str | bytes], given:
     assert e.value.field == "entry_script"
     for text in expected:
         assert text in e.value.message
+
+
+PYFUNC_MLMODEL = """flavors:
+  python_function:
+    loader_module: mlflow.pyfunc.model
+    python_model: python_model.pkl
+    python_version: 3.11.7
+mlflow_version: 3.17.2
+"""
+
+
+def test_an_mlflow_model_without_sklearn_or_onnx_is_pyfunc(tmp_path: Path) -> None:
+    root = tree(tmp_path / "m", {"MLmodel": PYFUNC_MLMODEL, "python_model.pkl": b"p"})
+    assert detect_flavor(root, None) == (Flavor.PYFUNC, "MLmodel", None)
+    nested = tree(tmp_path / "n", {"model/MLmodel": PYFUNC_MLMODEL, "model/python_model.pkl": b"p"})
+    assert detect_flavor(nested, None) == (Flavor.PYFUNC, "model/MLmodel", None)
+
+
+def test_an_sklearn_mlmodel_keeps_the_fast_path_unless_pyfunc_is_asked_for(tmp_path: Path) -> None:
+    both = PYFUNC_MLMODEL + "  sklearn:\n    pickled_model: model.pkl\n"
+    root = tree(tmp_path / "m", {"MLmodel": both.replace("mlflow_version: 3.17.2\n", "") + "mlflow_version: 3\n",
+                                 "model.pkl": b"p"})
+    assert detect_flavor(root, None) == (Flavor.SKLEARN, "model.pkl", None)
+    assert detect_flavor(root, "pyfunc") == (Flavor.PYFUNC, "MLmodel", None)
+
+
+def test_pyfunc_needs_an_mlmodel_with_python_function(tmp_path: Path) -> None:
+    root = tree(tmp_path / "m", {"model.pkl": b"p"})
+    with pytest.raises(InvalidInput, match="pyfunc needs one MLflow MLmodel file with a python_function flavor") as e:
+        detect_flavor(root, "pyfunc")
+    assert e.value.field == "flavor"
+    no_loader = tree(tmp_path / "n", {"MLmodel": "flavors:\n  python_function: {}\n", "model.pkl": b"p"})
+    assert detect_flavor(no_loader, None) == (Flavor.SKLEARN, "model.pkl", None)  # not servable by pyfunc

@@ -10,9 +10,12 @@ import pytest
 from modelcd.errors import InvalidInput
 from modelcd.registry.requirements import (
     conda_to_pip,
+    load_pyfunc_environment,
     load_requirements,
     parse_conda_text,
     parse_requirements_text,
+    pyfunc_requirements,
+    python_minor,
     read_requirements,
 )
 
@@ -215,3 +218,54 @@ def test_requirements_file_must_be_utf8(tmp_path: Path) -> None:
     (tmp_path / "requirements.txt").write_bytes(b"numpy\xff\n")
     with pytest.raises(InvalidInput, match="requirements.txt is not UTF-8 text; save it as UTF-8"):
         load_requirements(tmp_path)
+
+
+# --------------------------------------------------------------------------- MLflow pyfunc models
+
+
+def test_pyfunc_requirements_serve_mlflow_as_skinny_and_add_what_pyfunc_imports() -> None:
+    reqs, notes = pyfunc_requirements(("mlflow[genai]==3.17.2", "cloudpickle==3.1.3", "pandas==2.2.3"), "3.17.2")
+    assert reqs == ("mlflow-skinny==3.17.2", "cloudpickle==3.1.3", "pandas==2.2.3", "numpy")
+    assert "served as 'mlflow-skinny==3.17.2'" in notes[0]
+    reqs, notes = pyfunc_requirements(("lightgbm==4.7.0",), "3.17.2")
+    assert reqs == ("lightgbm==4.7.0", "mlflow-skinny==3.17.2", "numpy", "pandas")
+    assert "added 'mlflow-skinny==3.17.2'" in notes[0]
+    assert pyfunc_requirements(("mlflow-skinny>=3", "numpy", "pandas"), None) == (
+        ("mlflow-skinny>=3", "numpy", "pandas"), ())
+    assert pyfunc_requirements((), "3.1; rm -rf /")[0][0] == "mlflow-skinny"  # never a pin from an odd string
+
+
+def test_pyfunc_environment_from_python_env_yaml(tmp_path: Path) -> None:
+    (tmp_path / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: mlflow.pyfunc.model\n"
+                                      "    python_version: 3.11.7\n    env: {conda: conda.yaml, virtualenv: "
+                                      "python_env.yaml}\nmlflow_version: 3.17.2\n")
+    (tmp_path / "python_env.yaml").write_text("python: 3.12.1\nbuild_dependencies:\n- pip==23.2.1\n"
+                                              "dependencies:\n- -r requirements.txt\n- scipy\n")
+    (tmp_path / "requirements.txt").write_text("mlflow==3.17.2\ncloudpickle==3.1.3\n")
+    import yaml
+
+    env = load_pyfunc_environment(tmp_path, "MLmodel", yaml.safe_load((tmp_path / "MLmodel").read_text()))
+    assert env.python == "3.12.1" and env.source == "python_env.yaml"
+    assert env.requirements == ("mlflow-skinny==3.17.2", "cloudpickle==3.1.3", "scipy", "numpy", "pandas")
+    given = load_pyfunc_environment(tmp_path, "MLmodel", {"flavors": {}}, "lightgbm==4.7.0\n")
+    assert given.source == "given" and given.requirements[0] == "lightgbm==4.7.0"
+    assert given.python == "3.12.1"  # python_env.yaml beside the MLmodel still tells the version
+
+
+def test_pyfunc_environment_refuses_includes_outside_the_model(tmp_path: Path) -> None:
+    (tmp_path / "python_env.yaml").write_text("python: 3.11.7\ndependencies:\n- -r ../../etc/passwd\n")
+    with pytest.raises(InvalidInput, match="names '../../etc/passwd', which") as e:
+        load_pyfunc_environment(tmp_path, "MLmodel", {})
+    assert e.value.field == "requirements"
+    (tmp_path / "python_env.yaml").write_text("python: 3.11.7\ndependencies:\n- --index-url http://x/simple\n")
+    with pytest.raises(InvalidInput, match="python_env.yaml dependencies line 1: option"):
+        load_pyfunc_environment(tmp_path, "MLmodel", {})
+
+
+def test_python_version_falls_back_to_mlmodel_then_conda(tmp_path: Path) -> None:
+    conf = {"flavors": {"python_function": {"loader_module": "x", "python_version": "3.10.4"}}}
+    assert load_pyfunc_environment(tmp_path, "MLmodel", conf).python == "3.10.4"
+    (tmp_path / "conda.yaml").write_text("dependencies:\n- python=3.9.18\n- pip:\n  - mlflow==2.9.0\n")
+    env = load_pyfunc_environment(tmp_path, "MLmodel", {"mlflow_version": "2.9.0"})
+    assert env.python == "3.9.18" and env.requirements[0] == "mlflow-skinny==2.9.0"
+    assert python_minor("3.11.7") == (3, 11) and python_minor("3.12") == (3, 12) and python_minor("x") is None

@@ -166,7 +166,99 @@ class MlflowServer:
         return version
 
 
+    def _log(self, name: str, log_model: Any, tags: dict[str, str] | None, **kwargs: Any) -> str:
+        """Log a model in a new run through this server, registered as ``name``; the version."""
+        import mlflow
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _MLFLOW_LOCK, _use_tracking_uri(self.tracking_uri), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mlflow.start_run(experiment_id=self._experiment()):
+                info = log_model(name="model", registered_model_name=name, **kwargs)
+        version = str(info.registered_model_version)
+        client = self.client()
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, version, key, value)
+        return version
+
+    def register_pyfunc(self, name: str, python_model: Any, *, input_example: Any, tags: dict[str, str] | None = None,
+                        artifacts: dict[str, str] | None = None, signature: Any = None,
+                        pip_requirements: Sequence[str] | None = None) -> str:
+        """Log a custom ``mlflow.pyfunc.PythonModel`` (pickled by value) with
+        ``mlflow.pyfunc.log_model``, registered as ``name``; returns the version. The signature
+        is inferred from ``input_example`` unless given; requirements default to
+        ``pyfunc_requirements()`` (the same for every such model, so one environment serves them)."""
+        import mlflow.pyfunc
+
+        from tests.sources.pyfunc_models import register_by_value
+
+        register_by_value()
+        reqs = list(pip_requirements) if pip_requirements is not None else pyfunc_requirements()
+        return self._log(name, mlflow.pyfunc.log_model, tags, python_model=python_model, artifacts=artifacts,
+                         input_example=input_example, signature=signature, pip_requirements=reqs)
+
+    def register_pyfunc_folder(self, name: str, python_model: Any, *, input_example: Any, python: str,
+                               artifacts: dict[str, str] | None = None) -> str:
+        """Save a custom PythonModel with ``mlflow.pyfunc.save_model``, claim in its files that
+        it was saved with Python ``python``, log the folder as run artifacts and register it
+        (``runs:/<run>/model``) as ``name``; returns the version."""
+        import tempfile
+
+        import mlflow
+        import mlflow.pyfunc
+        import yaml
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        from tests.sources.pyfunc_models import register_by_value
+
+        register_by_value()
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folder = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(folder, python_model=python_model, artifacts=artifacts,
+                                     input_example=input_example, pip_requirements=pyfunc_requirements())
+            env = yaml.safe_load((folder / "python_env.yaml").read_text())
+            (folder / "python_env.yaml").write_text(yaml.safe_dump({**env, "python": python}))
+            mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+            mlmodel["flavors"]["python_function"]["python_version"] = python
+            (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+            with _MLFLOW_LOCK, _use_tracking_uri(self.tracking_uri):
+                with mlflow.start_run(experiment_id=self._experiment()) as run:
+                    mlflow.log_artifacts(str(folder), "model")
+                registered = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
+        return str(registered.version)
+
+    def register_lightgbm(self, name: str, tags: dict[str, str] | None = None) -> tuple[str, Any, Any]:
+        """Train a small LightGBM regressor (Booster) on the iris measurements and log it with
+        ``mlflow.lightgbm.log_model`` (input example: 3 rows), registered as ``name``; returns
+        (version, the Booster, the example DataFrame)."""
+        import lightgbm
+        import mlflow.lightgbm
+
+        X, _ = _iris()
+        frame = X.rename(columns=lambda c: c.replace(" (cm)", "").replace(" ", "_"))
+        data = lightgbm.Dataset(frame.iloc[:, :3], label=frame["petal_width"])
+        booster = lightgbm.train({"objective": "regression", "num_leaves": 7, "verbose": -1, "num_threads": 1},
+                                 data, num_boost_round=20)
+        example = frame.iloc[[0, 60, 120], :3]
+        reqs = [*pyfunc_requirements(), f"lightgbm=={lightgbm.__version__}"]  # as MLflow would infer
+        version = self._log(name, mlflow.lightgbm.log_model, tags, lgb_model=booster, input_example=example,
+                            pip_requirements=reqs)
+        return version, booster, example
+
+
 _MLFLOW_LOCK = threading.Lock()  # the fluent API's tracking URI is process-global
+
+
+def pyfunc_requirements() -> list[str]:
+    """Pinned requirements of the custom pyfunc test models, as MLflow would infer them."""
+    import cloudpickle
+    import mlflow
+    import numpy
+    import pandas
+
+    return [f"mlflow=={mlflow.__version__}", f"cloudpickle=={cloudpickle.__version__}",
+            f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}"]
 
 
 def default_requirements(serialization_format: str = "cloudpickle") -> list[str]:

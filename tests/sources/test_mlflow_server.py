@@ -92,6 +92,42 @@ def test_fetch_skops_model_is_sklearn_with_its_trusted_types(mlflow_server: Mlfl
     assert skops_trusted_types(got.files_dir, got.model_file) == ["datetime.date"]
 
 
+def test_fetch_pyfunc_version_with_its_environment_and_expected_output(mlflow_server: MlflowServer,
+                                                                     tmp_path: Path) -> None:
+    """Any other MLflow model is pyfunc: its requirements with mlflow-skinny, the Python it was
+    saved with, its serving example as the sample and the expected output of its tag."""
+    import platform
+
+    import mlflow
+
+    from tests.sources.pyfunc_models import ScaledSum
+
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps({"scale": 2.0, "offset": 0.0}))
+    example = pandas.DataFrame({"x": [1.0, 2.0], "y": [0.0, 1.0]})
+    name = mlflow_server.unique_name("pyfunc")
+    version = mlflow_server.register_pyfunc(name, ScaledSum(), input_example=example,
+                                            artifacts={"weights": str(weights)},
+                                            tags={"modelcd.expected": "[2.0, 5.0]"})
+
+    got = fetch_model_version(mlflow_server.tracking_uri, name, version, tmp_path / "files")
+
+    assert (got.flavor, got.model_file) == (Flavor.PYFUNC, "MLmodel")
+    assert detect_flavor(got.files_dir) == (Flavor.PYFUNC, "MLmodel", None)  # modelcd's own detection agrees
+    assert (got.files_dir / "artifacts" / "weights.json").is_file()
+    assert f"mlflow-skinny=={mlflow.__version__}" in got.requirements
+    assert not any(Requirement(r).name == "mlflow" for r in got.requirements)
+    assert got.python == platform.python_version()
+    assert got.sample == {"dataframe_split": {"columns": ["x", "y"], "data": [[1.0, 0.0], [2.0, 1.0]]}}
+    assert got.expected == [2.0, 5.0]
+
+    mlflow_server.client().set_model_version_tag(name, version, "modelcd.expected", "[1, 2, 3]")
+    with pytest.raises(InvalidInput, match=f"{name}/{version}, tag modelcd.expected: expected: 3 predictions for a "
+                                           "sample of 2 rows") as e:
+        fetch_model_version(mlflow_server.tracking_uri, name, version, tmp_path / "again")
+    assert e.value.field == "expected" and not (tmp_path / "again").exists()
+
+
 def test_fetch_missing_version_is_not_found(mlflow_server: MlflowServer, tmp_path: Path) -> None:
     name = mlflow_server.unique_name("missing")
     mlflow_server.register_sklearn(name)

@@ -47,6 +47,7 @@ from modelcd.builders.base import Builder, BuildSpec
 from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.errors import BuildError, Cancelled
 from modelcd.fsutil import atomic_dir, remove_abandoned, temp_file, write_atomic
+from modelcd.registry.requirements import python_minor
 
 Log = Callable[[str], None]
 
@@ -56,6 +57,7 @@ BUNDLE_MARKER = "bundle.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REQ_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(.*)$", re.DOTALL)
 _POLL_S = 0.1
+PYFUNC_PROBE = ("mlflow.pyfunc",)  # what a pyfunc model's environment must import
 
 
 def build_bundle(home: Path, version: ModelVersion, files_dir: Path, log: Log,
@@ -74,8 +76,13 @@ def build_bundle(home: Path, version: ModelVersion, files_dir: Path, log: Log,
     reqs = normalise_requirements(version.requirements)
     check_files(version, Path(files_dir))
     interpreter = resolve_python(python)
+    probe: tuple[str, ...] = ()
+    if version.flavor == Flavor.PYFUNC:
+        interpreter = pyfunc_interpreter(Path(files_dir), version, interpreter, log)
+        probe = PYFUNC_PROBE
     key = env_key(python_identity(interpreter), reqs, runtime_requirements())
-    env_python, reused = ensure_env(home, key, [*reqs, *runtime_requirements()], interpreter, log, cancel)
+    env_python, reused = ensure_env(home, key, [*reqs, *runtime_requirements()], interpreter, log, cancel,
+                                    probe=probe)
     bundle = _ensure_bundle_dir(home, version, Path(files_dir), env_python, key, log, cancel)
     return Bundle(path=bundle, python=env_python, env_key=key, reused_env=reused)
 
@@ -176,10 +183,11 @@ def python_identity(interpreter: Path) -> str:
 
 
 def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: Path, log: Log,
-               cancel: threading.Event) -> tuple[Path, bool]:
+               cancel: threading.Event, probe: Sequence[str] = ()) -> tuple[Path, bool]:
     """Return (python of env ``key``, reused?) building the env first if it is not complete.
 
     Two builders of one key serialise on an fcntl lock; the loser finds the env complete.
+    A new env must import the modules ``probe`` names before it counts as complete.
     """
     final = home / "envs" / key
     if _env_complete(final):
@@ -195,6 +203,7 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
         started = time.monotonic()
         with atomic_dir(final) as tmp:
             _create_env(tmp, requirements, interpreter, log, cancel)
+            _probe_imports(tmp, probe, log, cancel)
             _retarget_scripts(tmp, final)
             marker = {"env_key": key, "python": str(interpreter), "requirements": list(requirements),
                       "created_at": now_iso()}
@@ -254,6 +263,83 @@ def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: 
             log(f"installing {len(requirements)} requirements with pip")
             _run_step([str(tmp / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
                        "-r", str(reqs_file)], "install the requirements", log, cancel, requirements)
+
+
+def _probe_imports(env: Path, modules: Sequence[str], log: Log, cancel: threading.Event) -> None:
+    """Import ``modules`` with the env's interpreter; BuildError with the error when one fails
+    (the requirements installed, but do not work together here)."""
+    if not modules:
+        return
+    log(f"checking the environment: import {', '.join(modules)}")
+    rc, tail = run_streaming([str(env / "bin" / "python"), "-c", "; ".join(f"import {m}" for m in modules)],
+                             log, cancel)
+    if rc != 0:
+        raise BuildError(f"the requirements installed, but `import {', '.join(modules)}` fails in the environment "
+                         f"(exit code {rc}):\n{install_error_excerpt(tail)}\nfix the model's requirements "
+                         "(its requirements.txt / python_env.yaml)", field="requirements")
+
+
+def pyfunc_interpreter(files_dir: Path, version: ModelVersion, default: Path, log: Log) -> Path:
+    """The interpreter for an MLflow model's environment: ``default`` when it has the Python
+    version (major.minor) the model was saved with, else one of that version found on this
+    host (``uv python find``, never downloaded). BuildError naming both versions when none is."""
+    wanted = model_python(files_dir, version)
+    want = python_minor(wanted) if wanted else None
+    if want is None:
+        return default
+    have = python_identity(default)
+    if python_minor(have.split()[1] if len(have.split()) > 1 else "") == want:
+        log(f"the model was saved with Python {wanted}; building with {default} ({have})")
+        return default
+    found = find_python(f"{want[0]}.{want[1]}")
+    if found is not None:
+        log(f"the model was saved with Python {wanted}; building with {found}")
+        return found
+    raise BuildError(f"{version.model} v{version.version} was saved with Python {wanted}, and this build host has "
+                     f"no Python {want[0]}.{want[1]} (modelcd builds with {default}: {have}; `uv python find "
+                     f"{want[0]}.{want[1]}` found none and nothing is downloaded): install Python {want[0]}.{want[1]} "
+                     "on the build host, or log the model again with the Python modelcd uses", field="python")
+
+
+def check_model_python(files_dir: Path, version: ModelVersion, have: str, where: str) -> None:
+    """BuildError when an MLflow model was saved with another Python (major.minor) than the
+    ``have`` version of ``where`` (e.g. a base image's interpreter)."""
+    wanted = model_python(files_dir, version)
+    want = python_minor(wanted) if wanted else None
+    if want is not None and python_minor(have) != want:
+        raise BuildError(f"{version.model} v{version.version} was saved with Python {wanted}, but {where} has "
+                         f"Python {have}: use a base image with Python {want[0]}.{want[1]}, or log the model "
+                         f"again with Python {have}", field="python")
+
+
+def model_python(files_dir: Path, version: ModelVersion) -> str | None:
+    """The Python version an MLflow model says it was saved with (python_env.yaml, MLmodel)."""
+    from modelcd.errors import InvalidInput
+    from modelcd.registry.flavors import read_mlmodel
+    from modelcd.registry.requirements import load_pyfunc_environment
+
+    rel = version.model_file or "MLmodel"
+    try:
+        return load_pyfunc_environment(files_dir, rel, read_mlmodel(files_dir / rel, rel)).python
+    except (InvalidInput, OSError) as e:
+        raise BuildError(f"cannot read the environment of {rel}: {getattr(e, 'message', e)}",
+                         field="requirements") from e
+
+
+def find_python(version: str) -> Path | None:
+    """An installed interpreter of ``version`` (e.g. ``3.12``) as uv finds it, never downloading
+    one; without uv, ``python3.12`` on PATH."""
+    uv = find_uv()
+    if uv:
+        try:
+            out = subprocess.run([uv, "python", "find", "--no-python-downloads", version], capture_output=True,
+                                 text=True, timeout=60, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        path = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else ""
+        return Path(path) if path else None
+    found = shutil.which(f"python{version}")
+    return Path(found) if found else None
 
 
 def find_uv() -> str | None:

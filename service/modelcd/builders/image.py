@@ -37,6 +37,7 @@ from modelcd.builders.bundle import (
     Log,
     check_cancel,
     check_files,
+    check_model_python,
     check_name,
     normalise_requirements,
     now_iso,
@@ -45,7 +46,7 @@ from modelcd.builders.bundle import (
 )
 from modelcd.builders.wheelhouse import ImagePython, Wheelhouse, ensure_wheelhouse
 from modelcd.docker_engine import check_reference, connect, engine_url, repository_component
-from modelcd.domain import Bundle, ModelVersion
+from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.errors import BuildError, Cancelled
 from modelcd.fsutil import atomic_dir, write_atomic
 from modelcd.templating import render
@@ -151,6 +152,8 @@ def build_image(home: Path, version: ModelVersion, files_dir: Path, options: Ima
     try:
         base = _ensure_base(client, options.base_image, log)
         python = _probe_python(client, home, base, options.base_image, log)
+        if version.flavor == Flavor.PYFUNC:
+            check_model_python(Path(files_dir), version, python.version, f"the base image {options.base_image}")
         requirements = [*normalise_requirements(version.requirements), *runtime_requirements()]
         wheelhouse = ensure_wheelhouse(home, normalise_requirements(requirements), python, log, cancel)
         context = _ensure_context(home, version, Path(files_dir), cancel)

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from modelcd.context import Context
-from modelcd.domain import ModelVersion, Source
+from modelcd.domain import Flavor, ModelVersion, Source
 from modelcd.errors import ArtifactStoreError, InvalidInput
 from modelcd.fsutil import scratch_dir
 from modelcd.registry.archive import safe_extract
@@ -45,7 +45,7 @@ def import_event(ctx: Context, event: Any) -> ModelVersion:
 
 
 def _fetch_mlflow(ctx: Context, uri: str, dest: Path, meta: RegisterMetadata) -> RegisterMetadata:
-    from modelcd.sources.mlflow_server import fetch_model_version
+    from modelcd.sources.mlflow_server import EXPECTED_TAG, fetch_model_version
 
     tracking = ctx.settings.mlflow_tracking_uri
     if not tracking:
@@ -53,13 +53,16 @@ def _fetch_mlflow(ctx: Context, uri: str, dest: Path, meta: RegisterMetadata) ->
                            "MLflow server's URL", field="mlflow_tracking_uri")
     name, _, version = uri[len("models:/"):].rpartition("/")
     fetched = fetch_model_version(tracking, name, version, dest)
-    tags = {**fetched.tags, **meta.tags}
-    # the scoring runtime loads the model itself: MLflow is not needed at serving time
-    requirements = [r for r in fetched.requirements if _req_name(r) not in ("mlflow", "mlflow-skinny")]
+    tags = {k: v for k, v in {**fetched.tags, **meta.tags}.items() if k != EXPECTED_TAG}  # JSON, not a label
+    requirements = list(fetched.requirements)
+    if fetched.flavor is not Flavor.PYFUNC:
+        # the sklearn/onnx runtime loads the model itself: MLflow is not needed at serving time
+        requirements = [r for r in requirements if _req_name(r) not in ("mlflow", "mlflow-skinny")]
     return meta.model_copy(update={
         "flavor": str(fetched.flavor) if fetched.flavor else None,
         "requirements": "\n".join(requirements) + "\n" if requirements else None,
-        "sample": fetched.sample, "tags": tags, "description": meta.description or fetched.description or ""})
+        "sample": fetched.sample, "expected": meta.expected if meta.expected is not None else fetched.expected,
+        "tags": tags, "description": meta.description or fetched.description or ""})
 
 
 def _req_name(requirement: str) -> str:

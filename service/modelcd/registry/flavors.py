@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -20,12 +20,14 @@ MODEL_SUFFIXES: dict[Flavor, tuple[str, ...]] = {
     Flavor.ONNX: (".onnx",),
     Flavor.SKLEARN: (".pkl", ".pickle", ".joblib", ".skops"),
 }
+PYFUNC_FLAVOR = "python_function"  # the MLmodel flavor every MLflow model is served by
 _KNOWN_FLAVORS = ", ".join(f.value for f in Flavor if f is not Flavor.NONE)
 
 
 class DetectedFlavor(NamedTuple):
-    """How a version is served: ``model_file`` is set for sklearn/onnx, ``entry_script`` for
-    custom; both are relative posix paths inside the version's files."""
+    """How a version is served: ``model_file`` is set for sklearn/onnx (the model's file) and
+    pyfunc (the ``MLmodel`` file), ``entry_script`` for custom; both are relative posix paths
+    inside the version's files."""
 
     flavor: Flavor
     model_file: str | None
@@ -112,17 +114,32 @@ def _visible_files(root: Path) -> list[str]:
     return out
 
 
+def read_mlmodel(path: Path, shown_as: str) -> dict[str, Any]:
+    """An ``MLmodel`` file as a mapping ({} when it is not one); InvalidInput when it is not
+    YAML."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"flavor: {shown_as} is not valid MLflow YAML ({yaml_problem(e)}); re-save the "
+                           "model with mlflow, or remove MLmodel and set `flavor`", field="flavor") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def pyfunc_conf(mlmodel: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``python_function`` flavor of a parsed ``MLmodel``: what MLflow serves any model by."""
+    flavors = mlmodel.get("flavors")
+    conf = flavors.get(PYFUNC_FLAVOR) if isinstance(flavors, dict) else None
+    return conf if isinstance(conf, dict) and isinstance(conf.get("loader_module"), str) else None
+
+
 def _mlmodel_file(root: Path, files: list[str], flavor: Flavor | None) -> tuple[Flavor, str] | None:
-    """The model file an MLflow ``MLmodel`` names (sklearn ``pickled_model`` or onnx ``data``)."""
+    """The model file an MLflow ``MLmodel`` names (sklearn ``pickled_model`` or onnx ``data``),
+    else the ``MLmodel`` itself when it has a ``python_function`` flavor (pyfunc)."""
     mlmodels = [f for f in files if f.rsplit("/", 1)[-1] == "MLmodel"]
     if len(mlmodels) != 1:
         return None
-    try:
-        doc = yaml.safe_load((root / mlmodels[0]).read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"flavor: {mlmodels[0]} is not valid MLflow YAML ({yaml_problem(e)}); re-save the "
-                           "model with mlflow, or remove MLmodel and set `flavor`", field="flavor") from None
-    flavors = doc.get("flavors") if isinstance(doc, dict) else None
+    doc = read_mlmodel(root / mlmodels[0], mlmodels[0])
+    flavors = doc.get("flavors")
     if not isinstance(flavors, dict):
         return None
     base = mlmodels[0].rpartition("/")[0]
@@ -139,6 +156,8 @@ def _mlmodel_file(root: Path, files: list[str], flavor: Flavor | None) -> tuple[
             raise InvalidInput(f"flavor: {mlmodels[0]} names model file {conf[key]!r}, which is missing; "
                                "include it in the model files", field="flavor")
         return name, rel
+    if flavor in (None, Flavor.PYFUNC) and pyfunc_conf(doc) is not None:
+        return Flavor.PYFUNC, mlmodels[0]
     return None
 
 
@@ -189,7 +208,9 @@ def detect_flavor(root: Path, given: str | None = None, entry_script: str | None
     """Decide how the files under ``root`` are served.
 
     ``custom`` when ``entry_script`` (default ``score.py`` at the root) defines ``init`` and
-    ``run`` (checked by parsing); else the model file an MLflow ``MLmodel`` names; else
+    ``run`` (checked by parsing); else the model file an MLflow ``MLmodel`` names (its sklearn
+    or onnx flavor), or ``pyfunc`` for any other MLflow model with a ``python_function``
+    flavor (served by MLflow in the version's own environment); else
     ``onnx`` for exactly one ``*.onnx``, ``sklearn`` for exactly one pickle/joblib. ``given``
     forces a flavor. Ambiguity, nothing found, an unknown flavor or a broken entry script
     raise InvalidInput saying what to change."""
@@ -209,6 +230,10 @@ def detect_flavor(root: Path, given: str | None = None, entry_script: str | None
     from_mlmodel = _mlmodel_file(root, files, flavor)
     if from_mlmodel is not None:
         return DetectedFlavor(from_mlmodel[0], from_mlmodel[1], None)
+    if flavor is Flavor.PYFUNC:
+        raise InvalidInput("flavor: pyfunc needs one MLflow MLmodel file with a python_function flavor, found "
+                           f"none among: {_listing(files)}; save the model with mlflow (mlflow.<flavor>.save_model "
+                           "or log_model) and register the whole folder", field="flavor")
     if flavor is not None:
         return DetectedFlavor(flavor, _one_model_file(files, flavor), None)
     return _auto_model_file(files, score_hint)

@@ -1,12 +1,14 @@
 """A version's Python requirements, read from its requirements.txt or conda YAML (or given
-as text), each line checked and normalised to PEP 508."""
+as text), each line checked and normalised to PEP 508; for an MLflow pyfunc model, from the
+environment its ``MLmodel`` names (python_env.yaml, else requirements.txt, else conda.yaml),
+with the Python version it was saved with."""
 
 from __future__ import annotations
 
 import logging
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -18,6 +20,10 @@ from modelcd.registry.yaml_errors import yaml_problem
 log = logging.getLogger(__name__)
 
 REQUIREMENTS_FILE = "requirements.txt"
+PYTHON_ENV_FILE = "python_env.yaml"  # MLflow's virtualenv spec: python, build_dependencies, dependencies
+MLFLOW_PACKAGES = ("mlflow", "mlflow-skinny")
+# mlflow.pyfunc imports these, and mlflow-skinny does not bring them
+PYFUNC_SERVING_PACKAGES = ("numpy", "pandas")
 CONDA_FILES = ("conda.yaml", "conda.yml", "environment.yml", "environment.yaml")
 # conda package names whose pip name is obviously the same package
 CONDA_TO_PIP = {name: name for name in (
@@ -220,3 +226,161 @@ def read_requirements(root: Path, given_file_text: str | None = None) -> tuple[s
         log.info("requirements: %s", note)
     return result.requirements
 
+
+
+# -- MLflow pyfunc models ------------------------------------------------------------------
+
+
+class PyfuncEnvironment(NamedTuple):
+    """What an MLflow model needs to be served by ``mlflow.pyfunc``: its requirements with
+    ``mlflow`` as ``mlflow-skinny`` (``source`` and ``notes`` as in ``Requirements``) and the
+    Python version it was saved with (None when the files do not say)."""
+
+    requirements: tuple[str, ...]
+    source: str
+    python: str | None
+    notes: tuple[str, ...] = ()
+
+
+def _read_text(root: Path, rel: str) -> str:
+    try:
+        return (root / rel).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"requirements: {rel} is not UTF-8 text; save it as UTF-8", field="requirements") from None
+
+
+def _inside(root: Path, base: str, name: str, where: str) -> str:
+    """``base/name`` as a path inside ``root`` that exists; InvalidInput otherwise."""
+    from modelcd.registry.archive import safe_relpath
+
+    try:
+        rel = safe_relpath(f"{base}/{name}" if base else name)
+    except ValueError as e:
+        raise InvalidInput(f"requirements: {where} names {name!r}, which {e}; re-save the model with mlflow",
+                           field="requirements") from None
+    if rel is None or not (root / rel).is_file():
+        raise InvalidInput(f"requirements: {where} names {name!r}, which is not among the model's files; "
+                           "include it", field="requirements")
+    return rel
+
+
+def parse_python_env(root: Path, rel: str) -> tuple[str | None, tuple[str, ...]]:
+    """(python version, requirements) of an MLflow ``python_env.yaml`` at ``rel``: its
+    ``dependencies``, where ``-r FILE`` reads a requirements file beside it;
+    ``build_dependencies`` (pip, setuptools, wheel pins) are the installer's business."""
+    try:
+        doc = yaml.safe_load(_read_text(root, rel))
+    except yaml.YAMLError as e:
+        raise InvalidInput(f"requirements: {rel} is not valid YAML ({yaml_problem(e)}); re-save the model with "
+                           "mlflow", field="requirements") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"requirements: {rel} must be a mapping with `python:` and `dependencies:`",
+                           field="requirements")
+    deps = doc.get("dependencies") or []
+    if not isinstance(deps, list):
+        raise InvalidInput(f"requirements: {rel}: `dependencies` must be a list", field="requirements")
+    base = rel.rpartition("/")[0]
+    out: list[str] = []
+    for number, dep in enumerate(deps, start=1):
+        text = str(dep).strip()
+        option = re.match(r"^(?:-r|--requirement)(?:\s+|=)(?P<file>\S.*)$", text)
+        if option:
+            included = _inside(root, base, option["file"].strip(), rel)
+            out.extend(parse_requirements_text(_read_text(root, included), included))
+            continue
+        req = parse_requirement_line(text, f"{rel} dependencies", number)
+        if req is not None:
+            out.append(req)
+    python = doc.get("python")
+    return (str(python).strip() or None) if python is not None else None, tuple(dict.fromkeys(out))
+
+
+def _python_from_conda(root: Path, rel: str) -> str | None:
+    """The ``python=X.Y.Z`` pin of a conda YAML, if any."""
+    try:
+        doc = yaml.safe_load(_read_text(root, rel))
+    except yaml.YAMLError:
+        return None
+    deps = doc.get("dependencies") if isinstance(doc, dict) else None
+    for dep in deps if isinstance(deps, list) else ():
+        m = _CONDA_SPEC_RE.match(str(dep).strip()) if isinstance(dep, str) else None
+        if m and m["name"].lower() == "python":
+            version = m["spec"].lstrip("=<>~! ").split("=")[0].strip()
+            return version or None
+    return None
+
+
+def req_name(requirement: str) -> str:
+    """The normalised (PEP 503) project name of a requirement string."""
+    return re.sub(r"[-_.]+", "-", Requirement(requirement).name).lower()
+
+
+def pyfunc_requirements(requirements: tuple[str, ...], mlflow_version: str | None) -> tuple[tuple[str, ...],
+                                                                                             tuple[str, ...]]:
+    """(requirements, notes) to serve an MLflow model with ``mlflow.pyfunc``: ``mlflow`` becomes
+    ``mlflow-skinny`` with the same version and markers (the tracking server's Flask,
+    SQLAlchemy... are not needed to serve); with no MLflow named, ``mlflow-skinny`` at the
+    ``MLmodel``'s ``mlflow_version``; numpy and pandas are added when absent."""
+    out: list[str] = []
+    notes: list[str] = []
+    for line in requirements:
+        req = Requirement(line)
+        if req_name(line) == "mlflow":
+            skinny = Requirement(line)
+            skinny.name = "mlflow-skinny"
+            skinny.extras = set()
+            out.append(str(skinny))
+            notes.append(f"{line!r} served as {str(skinny)!r}: serving needs only MLflow's client side")
+        else:
+            out.append(str(req))
+    names = {req_name(r) for r in out}
+    if not names & set(MLFLOW_PACKAGES):
+        pin = f"=={mlflow_version}" if mlflow_version and re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", mlflow_version) \
+            else ""
+        out.append(f"mlflow-skinny{pin}")
+        notes.append(f"the requirements name no MLflow: added 'mlflow-skinny{pin}' (the MLmodel's mlflow_version)")
+    out.extend(p for p in PYFUNC_SERVING_PACKAGES if p not in names)
+    return tuple(dict.fromkeys(out)), tuple(notes)
+
+
+def load_pyfunc_environment(root: Path, mlmodel_rel: str, mlmodel: dict[str, Any],
+                            given_file_text: str | None = None) -> PyfuncEnvironment:
+    """The environment of the MLflow model whose ``MLmodel`` is ``mlmodel_rel`` under ``root``:
+    the requirements given, else those of the ``python_env.yaml`` it names, else its
+    requirements.txt or conda YAML (see ``load_requirements``), made servable by
+    ``pyfunc_requirements``; and its Python version (python_env.yaml, else the
+    ``python_function`` flavor's ``python_version``, else the conda YAML's)."""
+    base = mlmodel_rel.rpartition("/")[0]
+    folder = root / base if base else root
+    flavors = mlmodel.get("flavors")
+    conf = flavors.get("python_function") if isinstance(flavors, dict) else None
+    conf = conf if isinstance(conf, dict) else {}
+    env = conf.get("env") if isinstance(conf.get("env"), dict) else {}
+    python: str | None = None
+    found: Requirements | None = None
+    virtualenv = env.get("virtualenv") if isinstance(env.get("virtualenv"), str) else None
+    if virtualenv is None and (folder / PYTHON_ENV_FILE).is_file():
+        virtualenv = PYTHON_ENV_FILE
+    if virtualenv is not None:
+        rel = _inside(root, base, virtualenv, mlmodel_rel)
+        python, reqs = parse_python_env(root, rel)
+        found = Requirements(reqs, rel)
+    if given_file_text is not None or found is None:
+        found = load_requirements(folder, given_file_text)
+    if python is None and isinstance(conf.get("python_version"), str | float):
+        python = str(conf["python_version"])
+    if python is None:
+        conda = env.get("conda") if isinstance(env.get("conda"), str) else None
+        for name in ([conda] if conda else []) + list(CONDA_FILES):
+            if (folder / name).is_file():
+                python = _python_from_conda(folder, name)
+                break
+    version = mlmodel.get("mlflow_version")
+    reqs, notes = pyfunc_requirements(found.requirements, str(version) if version is not None else None)
+    return PyfuncEnvironment(reqs, found.source, python, (*found.notes, *notes))
+
+
+def python_minor(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a version such as ``3.11.7`` or ``3.11``; None when it is not one."""
+    m = re.match(r"^\s*(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else None

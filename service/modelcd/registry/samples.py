@@ -1,16 +1,21 @@
 """A version's input sample and expected output: the request body that smoke tests and the
 scoring server's swagger use, checked against the shapes the scoring server accepts, and
-the predictions it should answer with."""
+the predictions it should answer with. For an MLflow model both can come from its files:
+the serving or input example its ``MLmodel`` names, and an ``expected.json`` beside it."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from modelcd.errors import InvalidInput, PayloadTooLarge
 
 MAX_SAMPLE_BYTES = 1024 * 1024
+SERVING_EXAMPLE = "serving_input_example.json"  # MLflow's example as a scoring request
+INPUT_EXAMPLE = "input_example.json"  # MLflow's example as the model's input
+EXPECTED_FILE = "expected.json"  # a user's expected predictions for the sample, beside MLmodel
 SAMPLE_KEYS = ("data", "dataframe_split", "dataframe_records", "instances", "inputs")
 EXTRA_SAMPLE_KEYS = ("params",)  # MLflow's inference parameters may ride along
 SAMPLE_SHAPES = ('{"data": [[...], ...]}, {"dataframe_split": {"columns": [...], "data": [[...], ...]}}, '
@@ -154,3 +159,74 @@ def parse_expected(value: Any, sample: Mapping[str, Any] | None = None, field: s
     if rows is not None and rows != len(expected):
         raise _bad(field, f"{len(expected)} predictions for a sample of {rows} rows", fix)
     return expected
+
+
+def example_to_request(example: Any, info: Mapping[str, Any]) -> Any:
+    """An MLflow ``input_example.json`` document as a scoring request (see MLflow's
+    ``models/utils.py`` ``_Example``: dataframes are saved split/records, arrays and JSON
+    objects become ``inputs``; ``{"inputs": ..., "params": ...}`` when params were given)."""
+    params = None
+    if info.get("params") and isinstance(example, dict) and "inputs" in example:
+        example, params = example["inputs"], example.get("params")
+    kind = info.get("type")
+    if kind == "dataframe":
+        body: dict[str, Any] = ({"dataframe_records": example} if info.get("pandas_orient") == "records"
+                                else {"dataframe_split": example})
+    elif kind in ("ndarray", "json_object"):
+        tf_serving = info.get("format") == "tf-serving" and isinstance(example, dict) and "inputs" in example
+        body = example if tf_serving else {"inputs": example}
+    elif kind is None and isinstance(example, dict) and "data" in example:
+        body = {"dataframe_split": example}
+    elif kind is None and isinstance(example, list):
+        body = {"inputs": example}
+    else:
+        raise ValueError(f"input example type {kind!r} has no scoring request form")
+    if params:
+        body = {**body, "params": params}
+    return body
+
+
+def _inside(folder: Path, rel: Any) -> Path | None:
+    """``folder / rel`` when ``rel`` is a relative path that stays inside, else None."""
+    from modelcd.registry.archive import safe_relpath
+
+    try:
+        clean = safe_relpath(str(rel))
+    except ValueError:
+        return None
+    return folder / clean if clean else None
+
+
+def mlmodel_sample(folder: Path, mlmodel: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(scoring request, None) from the MLflow model in ``folder``: its serving example
+    (``serving_input_example.json``), else its input example (``input_example.json``) as a
+    request; (None, note) when neither gives a usable sample, (None, None) when there is none."""
+    info = mlmodel.get("saved_input_example_info")
+    info = info if isinstance(info, dict) else {}
+    serving = _inside(folder, info.get("serving_input_path") or SERVING_EXAMPLE)
+    example = _inside(folder, info.get("artifact_path") or INPUT_EXAMPLE)
+    try:
+        if serving is not None and serving.is_file():
+            return parse_sample(serving.read_bytes(), field="sample"), None
+        if example is not None and example.is_file():
+            doc = json.loads(example.read_bytes())
+            return parse_sample(example_to_request(doc, info), field="sample"), None
+    except (InvalidInput, ValueError) as e:
+        reason = e.message if isinstance(e, InvalidInput) else str(e)
+        return None, f"sample: the model's input example is not usable as a scoring request ({reason})"
+    return None, None
+
+
+def files_expected(folder: Path, sample: Mapping[str, Any] | None) -> list[Any] | None:
+    """The predictions an ``expected.json`` beside the model's ``MLmodel`` in ``folder`` holds
+    for ``sample``, or one under ``artifacts/`` (where ``log_model(artifacts=...)`` puts it);
+    None without either. InvalidInput naming the file when it is not a list of predictions."""
+    for rel in (EXPECTED_FILE, f"artifacts/{EXPECTED_FILE}"):
+        path = folder / rel
+        if not path.is_file():
+            continue
+        try:
+            return parse_expected(path.read_bytes(), sample, field="expected")
+        except InvalidInput as e:
+            raise InvalidInput(f"{rel} among the model's files: {e.message}", field="expected") from None
+    return None

@@ -5,6 +5,7 @@ every external source take this one path."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -18,15 +19,17 @@ from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge
 from modelcd.fsutil import atomic_dir, scratch_dir
 from modelcd.registry.archive import safe_extract, tree_digest
 from modelcd.registry.artifacts import ArtifactStore
-from modelcd.registry.flavors import detect_flavor
+from modelcd.registry.flavors import detect_flavor, read_mlmodel
 from modelcd.registry.names import validate_description, validate_model_name, validate_tags
-from modelcd.registry.requirements import read_requirements
-from modelcd.registry.samples import parse_expected, parse_sample
+from modelcd.registry.requirements import load_pyfunc_environment, read_requirements
+from modelcd.registry.samples import files_expected, mlmodel_sample, parse_expected, parse_sample
 from modelcd.store import schema
 from modelcd.store.db import Database, now
 from modelcd.strict_json import strict_json_loads
 
 REGISTERED = "model_version.registered"
+
+log = logging.getLogger(__name__)
 
 
 class RegisterMetadata(BaseModel):
@@ -85,6 +88,28 @@ def version_to_dict(v: ModelVersion) -> dict[str, Any]:
         "description": v.description, "source": str(v.source), "external_ref": v.external_ref,
         "artifact_uri": v.artifact_uri, "size_bytes": v.size_bytes, "status": v.status, "created_at": v.created_at,
     }
+
+
+def _pyfunc_metadata(files: Path, mlmodel_rel: str, meta: RegisterMetadata) -> tuple[tuple[str, ...], Any, Any]:
+    """(requirements, sample, expected) of an MLflow model served by pyfunc: its environment
+    (``load_pyfunc_environment``); the sample and expected output given, else its MLflow
+    example and an ``expected.json`` beside its ``MLmodel``."""
+    mlmodel = read_mlmodel(files / mlmodel_rel, mlmodel_rel)
+    env = load_pyfunc_environment(files, mlmodel_rel, mlmodel, meta.requirements)
+    for note in env.notes:
+        log.info("requirements: %s", note)
+    folder = (files / mlmodel_rel).parent
+    if meta.sample is not None:
+        sample = parse_sample(meta.sample)
+    else:
+        sample, note = mlmodel_sample(folder, mlmodel)
+        if note:
+            log.info("%s", note)
+    if meta.expected is not None:
+        expected = parse_expected(meta.expected, sample)
+    else:
+        expected = files_expected(folder, sample)
+    return env.requirements, sample, expected
 
 
 class Registry:
@@ -169,9 +194,12 @@ class Registry:
         self._check_meta(meta)
         digest = tree_digest(files)
         flavor, model_file, entry_script = detect_flavor(files, meta.flavor)
-        requirements = read_requirements(files, meta.requirements)
-        sample = parse_sample(meta.sample) if meta.sample is not None else None
-        expected = parse_expected(meta.expected, sample) if meta.expected is not None else None
+        if flavor is Flavor.PYFUNC and model_file is not None:
+            requirements, sample, expected = _pyfunc_metadata(files, model_file, meta)
+        else:
+            requirements = read_requirements(files, meta.requirements)
+            sample = parse_sample(meta.sample) if meta.sample is not None else None
+            expected = parse_expected(meta.expected, sample) if meta.expected is not None else None
         uri = self.store.put_tree(f"{name}/{digest}", files)
         try:
             version = self._record(name, digest, flavor, model_file, entry_script, requirements,

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-FLAVORS = ("sklearn", "onnx", "custom")
+FLAVORS = ("sklearn", "onnx", "custom", "pyfunc")
 
 
 class ConfigError(ValueError):
@@ -19,9 +19,10 @@ class ConfigError(ValueError):
 class ScoringConfig:
     """What one scoring process serves.
 
-    ``model_file`` (sklearn, onnx) and ``entry_script`` (custom) are relative to the model
-    directory. ``sample`` is a request body and ``expected`` the predictions it should give;
-    both only feed the OpenAPI document and the warm-up call, never a check at start-up.
+    ``model_file`` (sklearn, onnx: the model; pyfunc: the MLflow ``MLmodel`` file) and
+    ``entry_script`` (custom) are relative to the model directory. ``sample`` is a request
+    body and ``expected`` the predictions it should give; both only feed the OpenAPI document
+    and the warm-up call, never a check at start-up.
     """
 
     model: str
@@ -50,7 +51,7 @@ def parse_config(raw: Any) -> ScoringConfig:
         problems.append(f"'flavor' must be one of {', '.join(FLAVORS)} (got {flavor!r})")
     model_file = raw.get("model_file")
     entry_script = raw.get("entry_script")
-    if flavor in ("sklearn", "onnx") and (not isinstance(model_file, str) or not model_file):
+    if flavor in ("sklearn", "onnx", "pyfunc") and (not isinstance(model_file, str) or not model_file):
         problems.append(f"flavor {flavor!r} needs 'model_file' (a path relative to the model dir)")
     if flavor == "custom" and (not isinstance(entry_script, str) or not entry_script):
         problems.append("flavor 'custom' needs 'entry_script' (a path relative to the model dir)")

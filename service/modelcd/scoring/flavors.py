@@ -2,8 +2,8 @@
 
 Each scorer takes the raw request body and returns the JSON value to answer with. It raises
 ``BadInput`` for what the client must fix (400) and ``ModelError`` for an exception the model
-itself raised (500). numpy, joblib, pandas and onnxruntime are imported only by the flavors
-that need them: a custom model's bundle may hold none of them.
+itself raised (500). numpy, joblib, pandas, onnxruntime and MLflow (pyfunc, see ``pyfunc.py``)
+are imported only by the flavors that need them: a custom model's bundle may hold none of them.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def load_scorer(config: ScoringConfig, model_dir: str) -> Scorer:
         "sklearn": _load_sklearn,
         "onnx": _load_onnx,
         "custom": _load_custom,
+        "pyfunc": _load_pyfunc,
     }
     if not os.path.isdir(model_dir):
         raise LoadError(f"model dir {model_dir!r} does not exist")
@@ -122,6 +123,21 @@ def _load_onnx(config: ScoringConfig, model_dir: str) -> Scorer:
     except Exception as e:
         raise LoadError(f"cannot open ONNX model {config.model_file!r}: {type(e).__name__}: {e}") from e
     return OnnxScorer(session)
+
+
+def _load_pyfunc(config: ScoringConfig, model_dir: str) -> Scorer:
+    """Load an MLflow model with ``mlflow.pyfunc.load_model`` from the folder of its ``MLmodel``."""
+    from .pyfunc import load_pyfunc
+
+    path = _model_path(model_dir, config.model_file)
+    try:
+        return load_pyfunc(os.path.dirname(path), ModelError)
+    except ImportError as e:
+        raise LoadError(f"flavor 'pyfunc' needs MLflow in the model's environment ({e}): add mlflow-skinny "
+                        "to the version's requirements") from e
+    except Exception as e:
+        raise LoadError(f"mlflow.pyfunc.load_model({config.model_file!r}) failed: {type(e).__name__}: "
+                        f"{str(e)[:500]}") from e
 
 
 def _load_custom(config: ScoringConfig, model_dir: str) -> Scorer:

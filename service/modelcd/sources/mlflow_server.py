@@ -1,8 +1,10 @@
 """Talking to a real MLflow tracking server (MLflow ≥ 3.3) through MLflow's own client.
 
 - ``fetch_model_version`` downloads a registered version's files (``models:/name/version``)
-  into a plain folder and reads what its ``MLmodel`` says: flavor, model file,
-  requirements, an input sample shaped as a scoring request.
+  into a plain folder and reads what its ``MLmodel`` says: flavor (sklearn, or pyfunc for
+  any other MLflow model), model file, requirements, an input sample shaped as a scoring
+  request, and the expected output a user gave (tag ``modelcd.expected`` or
+  ``expected.json``).
 - ``poll_new_versions`` finds versions registered since the last call, for servers that
   cannot send webhooks; its ``PollCursor`` makes it exactly-once and is stored as JSON.
 - ``connect_webhook`` / ``test_webhook`` / ``disconnect_webhook`` manage the server's
@@ -36,8 +38,9 @@ import yaml
 from modelcd.domain import Flavor
 from modelcd.errors import ArtifactStoreError, ConfigError, InvalidInput, ModelcdError, NotFound
 from modelcd.registry.archive import iter_tree, move_into_place, prepare_dest, safe_relpath, temp_sibling
-from modelcd.registry.requirements import load_requirements
-from modelcd.registry.samples import parse_sample
+from modelcd.registry.flavors import pyfunc_conf
+from modelcd.registry.requirements import load_pyfunc_environment, load_requirements
+from modelcd.registry.samples import files_expected, mlmodel_sample, parse_expected
 from modelcd.registry.yaml_errors import yaml_problem
 
 if TYPE_CHECKING:
@@ -48,8 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MLMODEL = "MLmodel"
-SERVING_EXAMPLE = "serving_input_example.json"
-INPUT_EXAMPLE = "input_example.json"
+EXPECTED_TAG = "modelcd.expected"  # a version tag holding the expected predictions (JSON) for its sample
 # written by MLflow's models:/ download itself (name and version), not part of the model
 DOWNLOAD_META_FILES = ("registered_model_meta",)
 SKLEARN_FORMATS = ("pickle", "cloudpickle", "skops")  # what the sklearn flavor loads (skops: MLflow 3's default)
@@ -99,9 +101,13 @@ class FetchedModel:
     """A registered MLflow model version, downloaded.
 
     ``files_dir`` holds only regular files. ``flavor`` is ``sklearn`` (with ``model_file``)
-    when the ``MLmodel`` names a saved scikit-learn model (pickle, cloudpickle or skops); None
-    lets modelcd's own detection decide (``notes`` say why). ``sample`` is a scoring request
-    body (``{"dataframe_split": ...}``, ``{"inputs": ...}``...) or None."""
+    when the ``MLmodel`` names a saved scikit-learn model (pickle, cloudpickle or skops), else
+    ``pyfunc`` (``model_file`` is ``MLmodel``) for any model with a ``python_function``
+    flavor, with ``requirements`` to serve it by mlflow.pyfunc (``mlflow`` as
+    ``mlflow-skinny``) and ``python`` the version it was saved with; None lets modelcd's own
+    detection decide (``notes`` say why). ``sample`` is a scoring request body
+    (``{"dataframe_split": ...}``, ``{"inputs": ...}``...) or None; ``expected`` the
+    predictions a user gave for it (tag ``modelcd.expected`` or file ``expected.json``)."""
 
     name: str
     version: str
@@ -116,6 +122,8 @@ class FetchedModel:
     tags: dict[str, str]
     external_ref: str  # models:/<name>/<version>
     notes: tuple[str, ...] = ()
+    expected: list[Any] | None = None
+    python: str | None = None  # pyfunc: the Python version the model was saved with
 
 
 @dataclass(frozen=True)
@@ -396,57 +404,10 @@ def sklearn_model_file(mlmodel: dict[str, Any], files_dir: Path) -> tuple[str | 
     return rel, None
 
 
-def _example_to_request(example: Any, info: dict[str, Any]) -> Any:
-    """An MLflow ``input_example.json`` document as a scoring request (see MLflow's
-    ``models/utils.py`` ``_Example``: dataframes are saved split/records, arrays and JSON
-    objects become ``inputs``; ``{"inputs": ..., "params": ...}`` when params were given)."""
-    params = None
-    if info.get("params") and isinstance(example, dict) and "inputs" in example:
-        example, params = example["inputs"], example.get("params")
-    kind = info.get("type")
-    if kind == "dataframe":
-        body: dict[str, Any] = ({"dataframe_records": example} if info.get("pandas_orient") == "records"
-                                else {"dataframe_split": example})
-    elif kind in ("ndarray", "json_object"):
-        tf_serving = info.get("format") == "tf-serving" and isinstance(example, dict) and "inputs" in example
-        body = example if tf_serving else {"inputs": example}
-    elif kind is None and isinstance(example, dict) and "data" in example:
-        body = {"dataframe_split": example}
-    elif kind is None and isinstance(example, list):
-        body = {"inputs": example}
-    else:
-        raise ValueError(f"input example type {kind!r} has no scoring request form")
-    if params:
-        body = {**body, "params": params}
-    return body
-
-
-def _inside(files_dir: Path, rel: Any) -> Path | None:
-    """``files_dir / rel`` when ``rel`` is a relative path that stays inside, else None."""
-    try:
-        clean = safe_relpath(str(rel))
-    except ValueError:
-        return None
-    return files_dir / clean if clean else None
-
-
 def read_sample(files_dir: Path, mlmodel: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """(scoring request, None) from ``serving_input_example.json``, else from
     ``input_example.json``; (None, note) when neither gives a usable sample."""
-    info = mlmodel.get("saved_input_example_info")
-    info = info if isinstance(info, dict) else {}
-    serving = _inside(files_dir, info.get("serving_input_path") or SERVING_EXAMPLE)
-    example = _inside(files_dir, info.get("artifact_path") or INPUT_EXAMPLE)
-    try:
-        if serving is not None and serving.is_file():
-            return parse_sample(serving.read_bytes(), field="sample"), None
-        if example is not None and example.is_file():
-            doc = json.loads(example.read_bytes())
-            return parse_sample(_example_to_request(doc, info), field="sample"), None
-    except (InvalidInput, ValueError) as e:
-        reason = e.message if isinstance(e, InvalidInput) else str(e)
-        return None, f"sample: the model's input example is not usable as a scoring request ({reason})"
-    return None, None
+    return mlmodel_sample(files_dir, mlmodel)
 
 
 def _version_info(client: MlflowClient, name: str, version: str) -> MlflowModelVersion:
@@ -475,24 +436,47 @@ def fetch_model_version(tracking_uri: str, name: str, version: str | int, dest: 
         client = _client(uri)
         mv = _version_info(client, name, version)
         _download(client, uri, name, version, dest)
+    tags = {str(k): str(v) for k, v in (mv.tags or {}).items()}
     try:
         mlmodel = read_mlmodel(dest)
         model_file, flavor_note = sklearn_model_file(mlmodel, dest)
+        flavor = Flavor.SKLEARN if model_file else None
+        python: str | None = None
+        if flavor is None and pyfunc_conf(mlmodel) is not None:
+            flavor, model_file, flavor_note = Flavor.PYFUNC, MLMODEL, None
+            env = load_pyfunc_environment(dest, MLMODEL, mlmodel)
+            reqs, req_notes, python = env.requirements, env.notes, env.python
+        else:
+            found = load_requirements(dest)
+            reqs, req_notes = found.requirements, found.notes
         sample, sample_note = read_sample(dest, mlmodel)
-        requirements = load_requirements(dest)
+        expected = read_expected(dest, tags, sample, f"{name}/{version}")
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    notes = tuple(n for n in (flavor_note, sample_note, *requirements.notes) if n)
+    notes = tuple(n for n in (flavor_note, sample_note, *req_notes) if n)
     for note in notes:
         log.info("mlflow %s/%s: %s", name, version, note)
     return FetchedModel(
-        name=name, version=version, files_dir=dest,
-        flavor=Flavor.SKLEARN if model_file else None, model_file=model_file,
-        requirements=requirements.requirements, sample=sample,
+        name=name, version=version, files_dir=dest, flavor=flavor, model_file=model_file,
+        requirements=reqs, sample=sample, expected=expected, python=python,
         run_id=mv.run_id or None, source=str(mv.source or ""), description=str(mv.description or ""),
-        tags={str(k): str(v) for k, v in (mv.tags or {}).items()},
-        external_ref=f"models:/{name}/{version}", notes=notes)
+        tags=tags, external_ref=f"models:/{name}/{version}", notes=notes)
+
+
+def read_expected(files_dir: Path, tags: dict[str, str], sample: dict[str, Any] | None,
+                  what: str) -> list[Any] | None:
+    """The predictions a user gave for the version's sample: the JSON of its MLflow tag
+    ``modelcd.expected``, else an ``expected.json`` among its files, else None. InvalidInput
+    naming the tag or file when it is not a list of predictions for the sample."""
+    text = tags.get(EXPECTED_TAG)
+    if text is None:
+        return files_expected(files_dir, sample)
+    try:
+        return parse_expected(text, sample, field="expected")
+    except InvalidInput as e:
+        raise InvalidInput(f"MLflow model version {what}, tag {EXPECTED_TAG}: {e.message}",
+                           field="expected") from None
 
 
 # --------------------------------------------------------------------------- poll
@@ -641,3 +625,4 @@ def disconnect_webhook(tracking_uri: str, name: str = "modelcd") -> bool:
         client.delete_webhook(existing.webhook_id)
     log.info("mlflow webhook %r deleted from %s", name, redact_uri(uri))
     return True
+
