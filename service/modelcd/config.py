@@ -70,6 +70,10 @@ class Settings(BaseModel):
     mlflow_tracking_uri: str | None = Field(None, description="MLflow server that models:/ URIs are fetched from")
     mlflow_poll_interval_s: float = Field(0.0, ge=0, description="poll MLflow for new versions (0: off; webhooks)")
     # what a release's end writes back (releases.observers): MLflow aliases and tags, GitHub deployments
+    mlflow_writeback: bool = Field(True, description="a release of an MLflow version sets the environment's alias "
+                                   "and the version's modelcd.* tags in MLflow when it ends")
+    mlflow_alias_prefix: str = Field("", pattern=r"^[A-Za-z0-9_-]{0,64}$", description="MLflow alias of an "
+                                     "environment = this + the environment's name (e.g. production)")
     github_deployments: bool = Field(False, description="a release run by GitHub Actions shows as a GitHub "
                                      "deployment of its environment (the token needs Deployments: write)")
     s3_poll_bucket: str | None = Field(None, description="bucket to poll for models/<name>/<version>/<marker>")

@@ -47,6 +47,7 @@ Observer = Callable[["Context", ReleaseMoved], None]
 
 # "module:function" of each observer, imported when an event comes; a new one adds a line.
 OBSERVERS: list[str] = [
+    "modelcd.sources.writeback:write_back",  # MLflow: the environment's alias and the version's tags
     "modelcd.pipelines.deployments:observe",  # GitHub: a deployment per release run by GitHub Actions
 ]
 

@@ -626,3 +626,27 @@ def disconnect_webhook(tracking_uri: str, name: str = "modelcd") -> bool:
     log.info("mlflow webhook %r deleted from %s", name, redact_uri(uri))
     return True
 
+
+
+# --------------------------------------------------------------------------- registry write-back
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: str | int) -> None:
+    """Point alias ``alias`` of registered model ``name`` at ``version``, moving it from the
+    version it named (one version per alias); idempotent. Raises InvalidInput for an alias
+    MLflow refuses (``latest``, ``v<digits>``, characters other than letters, digits, ``_``
+    and ``-``), NotFound, SourceUnavailable (retry), MlflowSourceError."""
+    uri = _check_tracking_uri(tracking_uri)
+    with _mlflow_call(f"set MLflow alias {alias!r} of {name} to version {version}", uri, field_name="alias"):
+        _client(uri).set_registered_model_alias(name, alias, str(version))
+    log.info("mlflow %s: alias %s -> version %s", name, alias, version)
+
+
+def set_version_tags(tracking_uri: str, name: str, version: str | int, tags: dict[str, str]) -> None:
+    """Set ``tags`` on model version ``name``/``version`` (each overwrites a tag of that key);
+    idempotent. Raises as ``set_alias``."""
+    uri = _check_tracking_uri(tracking_uri)
+    with _mlflow_call(f"tag MLflow model version {name}/{version}", uri, field_name="tags"):
+        client = _client(uri)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
