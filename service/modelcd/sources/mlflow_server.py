@@ -627,7 +627,6 @@ def disconnect_webhook(tracking_uri: str, name: str = "modelcd") -> bool:
     return True
 
 
-
 # --------------------------------------------------------------------------- registry write-back
 
 
