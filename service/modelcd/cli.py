@@ -575,19 +575,23 @@ def sources() -> None:
 @click.option("--url", "public_url", help="where MLflow reaches modelcd (default: MODELCD_URL)")
 @pass_obj
 def sources_connect(obj: Obj, kind: str, tracking_uri: str, public_url: str | None) -> None:
-    """Create (or update) the webhook on the registry, with a new secret kept in $MODELCD_HOME/settings.yaml."""
-    import secrets as pysecrets
+    """Create (or update) the webhook on the registry, with a new secret kept in $MODELCD_HOME/settings.yaml;
+    a running service does it and uses them at once."""
+    client = obj.client
+    if client.healthy():
+        done = client.post(api_path("sources", "mlflow", "connect"),
+                           json={"tracking_uri": tracking_uri, "url": public_url or obj.settings.url}, timeout=120)
+        live = f"the service at {client.base} uses them now"
+    else:
+        from modelcd.sources.connect import connect_mlflow
 
-    from modelcd.config import save_home_settings
-    from modelcd.sources.mlflow_server import connect_webhook
-
-    settings = obj.settings
-    secret = settings.hooks_mlflow_secret or pysecrets.token_urlsafe(32)
-    target = f"{(public_url or settings.url).rstrip('/')}/hooks/mlflow"
-    webhook_id = connect_webhook(tracking_uri, target, secret)
-    path = save_home_settings(settings.home, {"hooks_mlflow_secret": secret, "mlflow_tracking_uri": tracking_uri})
-    click.echo(f"MLflow webhook {webhook_id} at {tracking_uri} now posts model_version.created to {target}")
-    click.echo(f"secret and tracking URI saved in {path} (mode 0600); restart `modelcd serve` to use them")
+        done = connect_mlflow(obj.settings, tracking_uri, public_url).to_dict()
+        live = "`modelcd serve` reads them when it starts"
+    click.echo(f"MLflow webhook {done['webhook_id']} at {done['tracking_uri']} now posts model_version.created to "
+               f"{done['hook_url']}")
+    click.echo(f"secret and tracking URI saved in {done['settings_path']} (mode 0600); {live}")
+    for key in done.get("overridden") or ():
+        click.echo(f"note: MODELCD_{key.upper()} (environment or MODELCD_CONFIG) overrides the saved {key}")
 
 
 @main.group()

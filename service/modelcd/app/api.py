@@ -451,6 +451,27 @@ def stop_data_plane() -> Response:
     return jsonify({"stopped": stop()})
 
 
+# external registries
+@bp.post("/sources/mlflow/connect")
+@write
+def connect_mlflow_source() -> Response:
+    """Create or update the MLflow webhook that calls this service; its secret and the
+    tracking URI are saved in settings.yaml and used from now on, without a restart."""
+    from modelcd.sources.connect import connect_mlflow, reload_sources
+
+    body = _json_body()
+    uri, url = body.get("tracking_uri"), body.get("url")
+    if not isinstance(uri, str) or not uri:
+        raise InvalidInput("tracking_uri: give the MLflow tracking server's URL, e.g. http://127.0.0.1:5000",
+                           field="tracking_uri")
+    if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+        raise InvalidInput("url: where MLflow reaches modelcd, an http(s) URL (default MODELCD_URL)", field="url")
+    done = connect_mlflow(_ctx().settings, uri, url)
+    overridden = reload_sources(_ctx(), current_app.extensions["modelcd_intake"],
+                                {"mlflow_tracking_uri": uri.rstrip("/")})
+    return jsonify({**done.to_dict(), "overridden": list(overridden), "live": True})
+
+
 # policies
 @bp.get("/policies")
 def list_policies() -> Response:

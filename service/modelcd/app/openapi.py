@@ -43,6 +43,9 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("get", "/deployments", "List deployments", False, None),
     ("post", "/data-plane/stop", "Stop the router and every deployment; the service leaves them down until it "
      "restarts (what `modelcd shutdown` asks a running service)", True, None),
+    ("post", "/sources/mlflow/connect", "Create or update the MLflow webhook that calls this service "
+     "({tracking_uri, url}); the secret and tracking URI are saved and used at once, without a restart", True,
+     "json"),
     ("get", "/policies", "List release policies", False, None),
     ("put", "/policies", "Create or replace a release policy (YAML body)", True, "yaml"),
     ("get", "/policies/{name}", "Show a release policy", False, None),
