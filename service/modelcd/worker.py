@@ -26,10 +26,11 @@ from typing import Any
 
 from sqlalchemy import event
 
-from modelcd.config import Settings, load_settings
+from modelcd.config import HOME_SETTINGS, Settings, load_settings
 from modelcd.context import Context, build_context
 from modelcd.inbox.processor import process_due
 from modelcd.releases.dispatcher import dispatch_outbox
+from modelcd.sources.connect import reload_sources
 
 log = logging.getLogger("modelcd.worker")
 
@@ -108,14 +109,40 @@ def leave_checkpoints_to_the_service(ctx: Context) -> None:
     ctx.db.engine.dispose()  # connections made before this listener
 
 
+class SettingsFile:
+    """``$MODELCD_HOME/settings.yaml`` as last seen: ``modelcd sources connect`` rewrites it while
+    this process runs, and the importer must use the new tracking URI without a restart."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / HOME_SETTINGS
+        self.seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def changed(self) -> bool:
+        stamp = self._stamp()
+        if stamp == self.seen:
+            return False
+        self.seen = stamp
+        return True
+
+
 def drain(ctx: Context, channel: Channel, poll_s: float = POLL_S) -> None:
     """Process due deliveries and dispatch the outbox until the channel closes."""
     def dispatch() -> None:  # at once, so the service's runner rarely finds an event to dispatch itself
         if dispatch_outbox(ctx):
             channel.notify()
 
+    saved = SettingsFile(ctx.settings.home)
     while not channel.closed:
         try:
+            if saved.changed():
+                reload_sources(ctx)
             processed = process_due(ctx, ctx.inbox, after_each=dispatch)
             dispatch()  # also events that others (native registrations) left
         except Exception:

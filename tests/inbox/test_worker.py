@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from modelcd.config import Settings, load_settings
+from modelcd.config import Settings, load_settings, save_home_settings
 from modelcd.context import Context, build_context
-from modelcd.worker import LOCK_NAME
+from modelcd.sources.connect import reload_sources
+from modelcd.worker import LOCK_NAME, SettingsFile
 from tests.conftest import free_port, wait_until
 
 
@@ -113,3 +114,19 @@ def test_worker_started_for_a_parent_that_is_gone_exits_at_once(env: dict[str, s
     r = subprocess.run([sys.executable, "-m", "modelcd.worker", "--channel", "--parent", str(gone.pid)], env=env,
                        input=b"", capture_output=True, timeout=30)
     assert r.returncode == 0 and b"Traceback" not in r.stderr
+
+
+def test_the_worker_sees_a_tracking_uri_that_sources_connect_saved_meanwhile(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ctx = build_context(load_settings(environ={"MODELCD_HOME": str(home), "MODELCD_ROUTER_PORT": str(free_port())}))
+    try:
+        saved = SettingsFile(home)
+        assert not saved.changed() and ctx.settings.mlflow_tracking_uri is None
+        save_home_settings(home, {"mlflow_tracking_uri": "http://127.0.0.1:5999"})
+        assert saved.changed()  # what drain() checks on every turn
+        reload_sources(ctx)
+        assert ctx.settings.mlflow_tracking_uri == "http://127.0.0.1:5999"
+        assert not saved.changed()
+    finally:
+        ctx.db.dispose()
+
