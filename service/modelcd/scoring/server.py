@@ -173,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = os.environ.pop(KEY_ENV, None) or None
     for name in THREAD_ENV:
         os.environ.setdefault(name, "1")
+    if config.flavor == "pyfunc":
+        from .pyfunc import preimport
+
+        preimport()  # once here, not in every worker
     return serve(args, config, model_dir, key)
 
 
