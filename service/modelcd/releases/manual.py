@@ -11,7 +11,7 @@ from modelcd.registry.names import validate_environment_name, validate_model_nam
 from modelcd.releases.deployments import handle_of
 from modelcd.releases.endpoint_keys import SLOTS, KeysShown, create_missing_keys, key_slots, regenerate_key
 from modelcd.releases.policy import Environment
-from modelcd.releases.rollback_event import record_rollback
+from modelcd.releases.rollback_event import rollback_moved, write_rollback_event
 
 
 def start_release(ctx: Context, model: str, version: int, environment: str, trigger: str = "manual") -> str:
@@ -58,9 +58,11 @@ def rollback_endpoint(ctx: Context, model: str, environment: str) -> dict[str, A
     log = ctx.jobs.logger(job.id)
     try:
         if version is None:
-            ctx.traffic.switch(model, environment, endpoint.previous_traffic or {}, log)
+            moved = rollback_moved(ctx, model, environment, previous)  # no release moves: tell the observers
+            ctx.traffic.switch(model, environment, endpoint.previous_traffic or {}, log,
+                               also=(lambda conn: write_rollback_event(conn, moved)) if moved else None)
+            ctx.wake.set()
             ctx.jobs.transition(job.id, JobState.SUCCEEDED, "traffic restored")
-            record_rollback(ctx, model, environment, endpoint.previous_traffic or {})  # observers: no release moved
             ep = ctx.traffic.get(model, environment)
             return {"job_id": job.id, "release_id": None, "traffic": ep.to_dict()["traffic"]}
         rid = start_release(ctx, model, version, environment, trigger="rollback")

@@ -5,8 +5,9 @@ pseudo-phase ``rolled_back``, and the dispatcher hands it to the same observers.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection
 
 from modelcd.errors import NotFound
 from modelcd.releases.observers import ReleaseMoved
@@ -15,8 +16,6 @@ from modelcd.store.db import now
 
 if TYPE_CHECKING:
     from modelcd.context import Context
-
-log = logging.getLogger(__name__)
 
 ENDPOINT_ROLLED_BACK = "endpoint.rolled_back"  # outbox kind
 ROLLED_BACK = "rolled_back"  # not a release phase: the release's deployment serves its endpoint again
@@ -28,29 +27,24 @@ def serving_deployment(split: dict[str, int]) -> str | None:
     return live[0] if live else None
 
 
-def record_rollback(ctx: Context, model: str, environment: str, split: dict[str, int]) -> None:
-    """Write the event for an instant rollback that restored ``split`` (after it committed).
-    The rollback is done whatever happens here: a failure is logged, not raised."""
-    try:
-        _record(ctx, model, environment, split)
-    except Exception:
-        log.exception("rollback of %s/%s: cannot tell the release observers", model, environment)
-
-
-def _record(ctx: Context, model: str, environment: str, split: dict[str, int]) -> None:
+def rollback_moved(ctx: Context, model: str, environment: str, split: dict[str, int]) -> ReleaseMoved | None:
+    """The event of an instant rollback that restores ``split`` (None when nothing serves)."""
     dep_id = serving_deployment(split)
     if dep_id is None:
-        return
+        return None
     dep = ctx.deployments.get(dep_id)
-    runner, trigger = "local", "rollback"
+    runner = "local"
     if dep.release_id:
         try:
             runner = str(ctx.releases.get(dep.release_id).runner)
         except NotFound:
             pass
-    moved = ReleaseMoved(release_id=dep.release_id or "", model=model, version=dep.version, environment=environment,
-                         phase=ROLLED_BACK, trigger=trigger, runner=runner, deployment_id=dep_id)
-    with ctx.db.write() as conn:
-        conn.execute(schema.outbox.insert().values(kind=ENDPOINT_ROLLED_BACK, payload=moved.to_payload(),
-                                                   created_at=now()))
-    ctx.wake.set()
+    return ReleaseMoved(release_id=dep.release_id or "", model=model, version=dep.version, environment=environment,
+                        phase=ROLLED_BACK, trigger="rollback", runner=runner, deployment_id=dep_id)
+
+
+def write_rollback_event(conn: Connection, moved: ReleaseMoved) -> None:
+    """Insert the event in the caller's transaction: the one that switches the traffic, so the
+    observers hear of the rollback exactly when it happened."""
+    conn.execute(schema.outbox.insert().values(kind=ENDPOINT_ROLLED_BACK, payload=moved.to_payload(),
+                                               created_at=now()))

@@ -123,12 +123,13 @@ class Traffic:
 
     def switch(self, model: str, environment: str, traffic: dict[str, int],
                log: Callable[[str], None] = lambda _: None, *, previous: dict[str, int] | object | None = SWAP,
-               auth: str | None = None) -> int:
+               auth: str | None = None, also: Callable[[Connection], None] | None = None) -> int:
         """Give the endpoint its new split (see ``change``: applied and read back, or not
         committed). ``previous`` becomes the endpoint's ``previous_traffic`` (what rollback
         returns to): a release passes the split it found when it began; the default (a
         person's rollback) swaps, so rolling back twice returns. Serving deployments that
-        lose all traffic go to standby. Returns the applied generation."""
+        lose all traffic go to standby. ``also`` writes more in the same transaction (an outbox
+        event of the change). Returns the applied generation."""
 
         def mutate(conn: Connection) -> None:
             row = conn.execute(select(schema.endpoints).where(
@@ -154,6 +155,8 @@ class Traffic:
             for dep_id in old:
                 if traffic.get(dep_id, 0) == 0:
                     self.deployments.update(dep_id, conn, state=DeploymentState.STANDBY)
+            if also is not None:
+                also(conn)
 
         key = endpoint_key(model, environment)
         _, applied = self.change(f"traffic of {key}", mutate)
