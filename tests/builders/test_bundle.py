@@ -257,21 +257,33 @@ def test_check_model_python_compares_major_and_minor(tmp_path: Path) -> None:
         bundle_mod.check_model_python(files, version, "3.12.1", "the base image python:3.12-slim")
 
 
-def test_a_pyfunc_environment_is_checked_by_importing_mlflow(build: Callable[..., Built], tmp_path: Path) -> None:
-    """A real build: the model's requirements with mlflow-skinny, then `import mlflow.pyfunc`
-    in the new environment; scoring.json names the MLmodel."""
+def test_a_pyfunc_environment_is_checked_by_importing_what_serves_it(build: Callable[..., Built],
+                                                                    tmp_path: Path) -> None:
+    """Real builds: the model's requirements with mlflow-skinny, then the scoring server, MLflow's
+    pyfunc and the model's loader module are imported in the new environment (compiling what
+    they import); a loader that does not import fails the build and leaves no env."""
     import mlflow
     import numpy
     import pandas
 
     version_text = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
-    files = pyfunc_files(tmp_path / "files", version_text)
     reqs = (f"mlflow-skinny=={mlflow.__version__}", f"numpy=={numpy.__version__}", f"pandas=={pandas.__version__}")
+    broken = pyfunc_files(tmp_path / "broken", version_text)
+    mlmodel = (broken / "MLmodel").read_text().replace("mlflow.pyfunc.model", "mlflow.no_such_flavor")
+    (broken / "MLmodel").write_text(mlmodel)
+    with pytest.raises(BuildError, match=r"(?s)fails in the environment.*No module named 'mlflow.no_such_flavor'"):
+        build(tmp_path / "home", pyfunc_version(broken, reqs), broken)
+    assert list((tmp_path / "home" / "envs").iterdir()) == []
+
+    files = pyfunc_files(tmp_path / "files", version_text)
     result = build(tmp_path / "home", pyfunc_version(files, reqs), files)
-    assert "checking the environment: import mlflow.pyfunc" in result.log.text
+    assert ("checking the environment: import modelcd.scoring.server, mlflow.pyfunc, mlflow.pyfunc.scoring_server, "
+            "mlflow.utils.proto_json_utils, mlflow.pyfunc.model") in result.log.text
     assert f"the model was saved with Python {version_text}" in result.log.text
     config = json.loads((result.bundle.path / "scoring.json").read_text())
     assert (config["flavor"], config["model_file"]) == ("pyfunc", "MLmodel")
+    site = next((result.bundle.python.parent.parent / "lib").glob("python*/site-packages"))
+    assert list((site / "mlflow" / "pyfunc" / "scoring_server" / "__pycache__").glob("__init__.*.pyc"))  # by the probe
     out = subprocess.run([str(result.bundle.python), "-c", "import mlflow.pyfunc, pandas; print('ok')"],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr

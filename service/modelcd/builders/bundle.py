@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -57,7 +58,10 @@ BUNDLE_MARKER = "bundle.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _REQ_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(.*)$", re.DOTALL)
 _POLL_S = 0.1
-PYFUNC_PROBE = ("mlflow.pyfunc",)  # what a pyfunc model's environment must import
+# what a pyfunc model's environment must import: the scoring server (gunicorn, uvicorn) and
+# the parts of MLflow the pyfunc flavor uses (scoring/pyfunc.py)
+PYFUNC_PROBE = ("modelcd.scoring.server", "mlflow.pyfunc", "mlflow.pyfunc.scoring_server",
+                "mlflow.utils.proto_json_utils")
 
 
 def build_bundle(home: Path, version: ModelVersion, files_dir: Path, log: Log,
@@ -79,7 +83,7 @@ def build_bundle(home: Path, version: ModelVersion, files_dir: Path, log: Log,
     probe: tuple[str, ...] = ()
     if version.flavor == Flavor.PYFUNC:
         interpreter = pyfunc_interpreter(Path(files_dir), version, interpreter, log)
-        probe = PYFUNC_PROBE
+        probe = (*PYFUNC_PROBE, *loader_module(Path(files_dir), version))
     key = env_key(python_identity(interpreter), reqs, runtime_requirements())
     env_python, reused = ensure_env(home, key, [*reqs, *runtime_requirements()], interpreter, log, cancel,
                                     probe=probe)
@@ -187,7 +191,8 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
     """Return (python of env ``key``, reused?) building the env first if it is not complete.
 
     Two builders of one key serialise on an fcntl lock; the loser finds the env complete.
-    A new env must import the modules ``probe`` names before it counts as complete.
+    A new env must import the modules ``probe`` names before it counts as complete; such an
+    env is not byte-compiled whole: that import compiles what serving imports.
     """
     final = home / "envs" / key
     if _env_complete(final):
@@ -202,7 +207,7 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
         remove_abandoned(final.parent)  # e.g. an earlier build of this env that was killed
         started = time.monotonic()
         with atomic_dir(final) as tmp:
-            _create_env(tmp, requirements, interpreter, log, cancel)
+            _create_env(tmp, requirements, interpreter, log, cancel, compile_all=not probe)
             _probe_imports(tmp, probe, log, cancel)
             _retarget_scripts(tmp, final)
             marker = {"env_key": key, "python": str(interpreter), "requirements": list(requirements),
@@ -242,8 +247,9 @@ def exclusive_lock(home: Path, key: str, log: Log, cancel: threading.Event) -> I
 
 
 def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: Log,
-                cancel: threading.Event) -> None:
-    """Create a virtualenv at ``tmp`` (an empty folder) and install ``requirements`` into it."""
+                cancel: threading.Event, compile_all: bool = True) -> None:
+    """Create a virtualenv at ``tmp`` (an empty folder) and install ``requirements`` into it,
+    byte-compiled unless ``compile_all`` is false."""
     with temp_file(tmp.parent, "requirements.txt") as reqs_file:
         reqs_file.write_text("".join(f"{r}\n" for r in requirements))
         uv = find_uv()
@@ -254,7 +260,8 @@ def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: 
             log(f"installing {len(requirements)} requirements")
             # Compiled once here, so every scoring start imports fast even under
             # PYTHONDONTWRITEBYTECODE (as pip does); UV_COMPILE_BYTECODE=0 opts out.
-            compile_flag = [] if "UV_COMPILE_BYTECODE" in os.environ else ["--compile-bytecode"]
+            compile_all = compile_all and "UV_COMPILE_BYTECODE" not in os.environ
+            compile_flag = ["--compile-bytecode"] if compile_all else []
             _run_step([uv, "pip", "install", *compile_flag, "--python", str(tmp / "bin" / "python"),
                        "-r", str(reqs_file)], "install the requirements", log, cancel, requirements)
         else:
@@ -266,13 +273,20 @@ def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: 
 
 
 def _probe_imports(env: Path, modules: Sequence[str], log: Log, cancel: threading.Event) -> None:
-    """Import ``modules`` with the env's interpreter; BuildError with the error when one fails
-    (the requirements installed, but do not work together here)."""
+    """Import ``modules`` with the env's interpreter, writing the bytecode of every module that
+    imports (so scoring starts find it compiled, even under PYTHONDONTWRITEBYTECODE); BuildError
+    with the error when one fails (the requirements installed, but do not work together here).
+    Compiling only these, not the whole env (mlflow-skinny, pandas, numpy: about 20 s here), is
+    most of what makes a pyfunc env quick to build."""
     if not modules:
         return
     log(f"checking the environment: import {', '.join(modules)}")
-    rc, tail = run_streaming([str(env / "bin" / "python"), "-c", "; ".join(f"import {m}" for m in modules)],
-                             log, cancel)
+    probe_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+    code = "import warnings; warnings.simplefilter('ignore'); " + "; ".join(f"import {m}" for m in modules)
+    with tempfile.TemporaryDirectory(prefix="modelcd-probe-") as runtime:
+        _copy_runtime(Path(runtime) / "rt")  # the scoring runtime as bundles hold it, never modelcd's site
+        probe_env["PYTHONPATH"] = str(Path(runtime) / "rt")
+        rc, tail = run_streaming([str(env / "bin" / "python"), "-c", code], log, cancel, env=probe_env)
     if rc != 0:
         raise BuildError(f"the requirements installed, but `import {', '.join(modules)}` fails in the environment "
                          f"(exit code {rc}):\n{install_error_excerpt(tail)}\nfix the model's requirements "
@@ -310,6 +324,21 @@ def check_model_python(files_dir: Path, version: ModelVersion, have: str, where:
         raise BuildError(f"{version.model} v{version.version} was saved with Python {wanted}, but {where} has "
                          f"Python {have}: use a base image with Python {want[0]}.{want[1]}, or log the model "
                          f"again with Python {have}", field="python")
+
+
+def loader_module(files_dir: Path, version: ModelVersion) -> tuple[str, ...]:
+    """The ``loader_module`` of an MLflow model's ``python_function`` flavor (e.g.
+    ``mlflow.lightgbm``), when it is a dotted module name; () otherwise."""
+    from modelcd.errors import InvalidInput
+    from modelcd.registry.flavors import pyfunc_conf, read_mlmodel
+
+    rel = version.model_file or "MLmodel"
+    try:
+        conf = pyfunc_conf(read_mlmodel(files_dir / rel, rel)) or {}
+    except (InvalidInput, OSError):
+        return ()
+    name = conf.get("loader_module")
+    return (name,) if isinstance(name, str) and re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", name) else ()
 
 
 def model_python(files_dir: Path, version: ModelVersion) -> str | None:
