@@ -2,20 +2,26 @@
 webhook to a real `modelcd serve`; each version is registered through MLflow's own client
 (`mlflow.sklearn.log_model(..., registered_model_name=...)`) and timed until modelcd's
 endpoint URI answers with it. The first version (cold environment) is reported apart.
+``--flavor pyfunc`` registers a custom ``mlflow.pyfunc.PythonModel`` instead (its
+``load_context`` reads an artifact), served through the pyfunc flavor in its own
+environment (mlflow-skinny and the model's requirements).
 
-Usage (from the repo root): python bench/mlflow_bench.py [--versions 5]
+Usage (from the repo root): python bench/mlflow_bench.py [--versions 5] [--flavor sklearn|pyfunc]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -24,16 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modelcd.client import Client
 from modelcd.config import load_settings
 from release_bench import OPEN_POLICY, stop_service  # bench/ is on sys.path when run as a script
-from tests.sources.mlflow_fixture import free_port, start_mlflow_server
+from tests.sources.mlflow_fixture import MlflowServer, free_port, start_mlflow_server
+
+SKLEARN_BODY = {"data": [[5.1, 3.5, 1.4, 0.2]]}
+PYFUNC_BODY = {"dataframe_split": {"columns": ["x", "y"], "data": [[1.0, 2.0]]}}
 
 
-def wait_serving(client: Client, name: str, version: int, timeout_s: float = 600) -> float:
+def wait_serving(client: Client, name: str, version: int, timeout_s: float = 600,
+                 body: dict[str, Any] = SKLEARN_BODY) -> float:
     deadline = time.monotonic() + timeout_s
     session = requests.Session()
     while time.monotonic() < deadline:
         try:
             ep = client.get(f"/api/v1/endpoints/{name}/production")
-            r = session.post(ep["scoring_uri"], json={"data": [[5.1, 3.5, 1.4, 0.2]]}, timeout=5)
+            r = session.post(ep["scoring_uri"], json=body, timeout=5)
             if r.status_code == 200 and r.headers.get("X-Modelcd-Version") == str(version):
                 return time.monotonic()
         except Exception:
@@ -45,6 +55,8 @@ def wait_serving(client: Client, name: str, version: int, timeout_s: float = 600
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", type=int, default=5)
+    ap.add_argument("--flavor", choices=("sklearn", "pyfunc"), default="sklearn",
+                    help="what each version is: mlflow.sklearn.log_model or a custom pyfunc PythonModel")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="modelcd-mlflow-bench-"))
     server = start_mlflow_server(tmp / "mlflow")
@@ -64,15 +76,19 @@ def main() -> None:
                        headers={"Content-Type": "application/yaml"})
         time.sleep(2)  # MLflow's webhook cache (MLFLOW_WEBHOOK_CACHE_TTL=1 in the fixture)
         times = []
+        register, body = register_pyfunc(tmp) if args.flavor == "pyfunc" else (None, SKLEARN_BODY)
         for i in range(1, args.versions + 2):
             t0 = time.monotonic()
-            server.register_sklearn("bench-mlflow", C=1.0 / i)
+            if register is not None:
+                register(server, "bench-mlflow", i)
+            else:
+                server.register_sklearn("bench-mlflow", C=1.0 / i)
             t_registered = time.monotonic()
-            times.append((t_registered - t0, wait_serving(client, "bench-mlflow", i) - t_registered))
+            times.append((t_registered - t0, wait_serving(client, "bench-mlflow", i, body=body) - t_registered))
         cold, warm = times[0], times[1:]
         print("| measurement | n | median | min | max |")
         print("|---|---|---|---|---|")
-        print(f"| MLflow log_model + register (client side) | {len(times)} | "
+        print(f"| MLflow log_model + register, {args.flavor} (client side) | {len(times)} | "
               f"{statistics.median(t[0] for t in times):.2f} s | {min(t[0] for t in times):.2f} s | "
               f"{max(t[0] for t in times):.2f} s |")
         print(f"| registered in MLflow → modelcd endpoint serves it (warm env) | {len(warm)} | "
@@ -82,6 +98,22 @@ def main() -> None:
     finally:
         stop_service(proc, env)
         server.stop()
+
+
+def register_pyfunc(tmp: Path) -> tuple[Callable[[MlflowServer, str, int], str], dict[str, Any]]:
+    """A registration of the custom pyfunc test model (``ScaledSum``, its weights an artifact
+    that changes with each version) and the body to score it with."""
+    import pandas
+
+    from tests.sources.pyfunc_models import ScaledSum
+
+    def register(server: MlflowServer, name: str, i: int) -> str:
+        weights = tmp / f"weights-{i}.json"
+        weights.write_text(json.dumps({"scale": float(i), "offset": 0.0}))
+        example = pandas.DataFrame({"x": [1.0, 2.0], "y": [0.5, 0.0]})
+        return server.register_pyfunc(name, ScaledSum(), input_example=example, artifacts={"weights": str(weights)})
+
+    return register, PYFUNC_BODY
 
 
 if __name__ == "__main__":
