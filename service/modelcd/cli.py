@@ -130,7 +130,7 @@ def _wait(client: Client, release_id: str) -> dict[str, Any]:
 @main.command()
 @click.argument("name")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--flavor", help="sklearn, onnx or custom (detected when omitted)")
+@click.option("--flavor", help="sklearn, onnx, pyfunc (an MLflow model) or custom (detected when omitted)")
 @click.option("--requirements", "requirements", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="requirements.txt (default: the one among the files)")
 @click.option("--sample", type=click.Path(exists=True, dir_okay=False), help="JSON input sample")
