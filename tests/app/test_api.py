@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,35 +13,16 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from modelcd.app import create_app
-from modelcd.config import load_settings
-from modelcd.context import Context, build_context
+from modelcd.context import Context
 from modelcd.registry.archive import pack_tree
 from modelcd.store import schema
-from tests.conftest import free_port, iris_model
-
-TOKEN = "api-test-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from tests.app.conftest import AUTH, TOKEN
+from tests.conftest import iris_model
 
 
 @pytest.fixture
-def ctx(tmp_path: Path) -> Iterator[Context]:
-    settings = load_settings(environ={"MODELCD_HOME": str(tmp_path / "home"), "MODELCD_TOKEN": TOKEN,
-                                      "MODELCD_ROUTER_PORT": str(free_port()),
-                                      "MODELCD_MAX_ARTIFACT_BYTES": str(200_000)})
-    c = build_context(settings)
-    yield c
-    c.db.dispose()
-
-
-@pytest.fixture
-def app(ctx: Context) -> Flask:
-    return create_app(ctx, TOKEN)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+def app_env() -> dict[str, str]:
+    return {"MODELCD_MAX_ARTIFACT_BYTES": str(200_000)}
 
 
 @pytest.fixture

@@ -7,23 +7,18 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from flask import Flask
 from flask.testing import FlaskClient
 
-from modelcd.app import create_app
-from modelcd.config import load_settings
-from modelcd.context import Context, build_context
+from modelcd.context import Context
 from modelcd.registry.archive import pack_tree
-from tests.conftest import free_port, iris_model
+from tests.app.conftest import AUTH
+from tests.conftest import iris_model
 
-TOKEN = "api-test-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HUGE = "99999999999999999999999"
 SECRET = "s3cr3t-value-never-shown"
 POLICY = f"""name: envp
@@ -34,25 +29,6 @@ environments:
   - name: production
     env: {{MY_VAR: "{SECRET}", OMP_NUM_THREADS: "1"}}
 """
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> Iterator[Context]:
-    settings = load_settings(environ={"MODELCD_HOME": str(tmp_path / "home"), "MODELCD_TOKEN": TOKEN,
-                                      "MODELCD_ROUTER_PORT": str(free_port())})
-    c = build_context(settings)
-    yield c
-    c.db.dispose()
-
-
-@pytest.fixture
-def app(ctx: Context) -> Flask:
-    return create_app(ctx, TOKEN)
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
 
 
 def _register(client: FlaskClient, folder: Path, meta: dict[str, Any] | str) -> Any:
