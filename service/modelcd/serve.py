@@ -29,6 +29,7 @@ from modelcd.domain import DeploymentState
 from modelcd.errors import ConfigError
 from modelcd.fsutil import clean_temporaries
 from modelcd.lifecycle import stop_data_plane
+from modelcd.releases.deployments import runner_started
 from modelcd.releases.external import ExternalDriver
 from modelcd.releases.reconcile import reconcile
 from modelcd.releases.runner import LocalRunner
@@ -115,7 +116,8 @@ class Supervisor(threading.Thread):
         """A serving or standby deployment whose process is gone: restart it now, not at the
         next reconcile tick (the router already sends its traffic to the others meanwhile)."""
         for d in self.ctx.deployments.list(live_only=True):
-            if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY) and self.ctx.target(d.target).exited(d):
+            if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY) and not runner_started(d) \
+                    and self.ctx.target(d.target).exited(d):
                 log.warning("deployment %s (%s v%s, pid %s) exited; starting it again", d.id, d.model, d.version,
                             d.pid)
                 return True

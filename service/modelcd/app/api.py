@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 import math
 import re
+import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import yaml
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request, send_file
 
 from modelcd.auth import bearer, token_matches
 from modelcd.context import Context
@@ -18,6 +19,7 @@ from modelcd.domain import JobState
 from modelcd.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from modelcd.inbox.store import DeliveryState
 from modelcd.pipelines.runs import PipelineRuns
+from modelcd.registry.archive import write_tree_archive
 from modelcd.registry.names import validate_environment_name, validate_model_name
 from modelcd.registry.service import parse_metadata, version_to_dict
 from modelcd.releases.deployments import deployment_to_dict
@@ -364,6 +366,52 @@ def report_release_stage(release_id: str) -> Response:
             raise InvalidInput(f"missing `{key}`: send {{stage, outcome, message}}", field=key)
     return jsonify(_release_doc(report(_ctx(), release_id, str(body["stage"]), str(body["outcome"]),
                                        str(body.get("message", "")))))
+
+
+@bp.post("/releases/<release_id>/stages/<stage>/begin")
+@release_write
+def begin_runner_stage(release_id: str, stage: str) -> Response:
+    from modelcd.releases.runner_reports import begin
+
+    return jsonify(begin(_ctx(), release_id, stage))
+
+
+@bp.post("/releases/<release_id>/jobs/<job_id>/log")
+@release_write
+def runner_stage_log(release_id: str, job_id: str) -> Response:
+    from modelcd.releases.runner_reports import append_log
+
+    return jsonify(append_log(_ctx(), release_id, job_id, _json_body().get("lines")))
+
+
+@bp.post("/releases/<release_id>/jobs/<job_id>/finish")
+@release_write
+def finish_runner_stage(release_id: str, job_id: str) -> Response:
+    from modelcd.releases.runner_reports import finish
+
+    body = _json_body()
+    if "outcome" not in body:
+        raise InvalidInput("missing `outcome`: send {outcome, error, report}", field="outcome")
+    return jsonify(finish(_ctx(), release_id, job_id, str(body["outcome"]), str(body.get("error") or ""),
+                          body.get("report", {})))
+
+
+@bp.get("/releases/<release_id>/files")
+@release_write
+def release_files(release_id: str) -> Response:
+    """The version's files as a tar.gz (what a runner builds the image from)."""
+    ctx = _ctx()
+    rel = ctx.releases.get(release_id)
+    version = ctx.registry.get_version(rel.model, rel.version)
+    if version.status != "ready":
+        raise Conflict(f"{rel.model} v{rel.version} is referenced only: its files stay in the {version.source} "
+                       "registry", field="release_id")
+    archive = tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024)  # noqa: SIM115 (closed by send_file)
+    write_tree_archive(ctx.registry.materialize(version), archive)
+    archive.seek(0)
+    response = send_file(archive, mimetype="application/gzip", download_name=f"{rel.model}-{rel.version}.tar.gz")
+    response.headers["X-Modelcd-Digest"] = version.digest
+    return response
 
 
 @bp.get("/jobs")

@@ -29,6 +29,16 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
      "?wait= seconds to wait for it)", False, None),
     ("post", "/releases/{release_id}/report", "A pipeline reports a stage's {stage, outcome, message}; the API token "
      "or the release's pipeline token", True, "json"),
+    ("post", "/releases/{release_id}/stages/{stage}/begin", "A pipeline's runner opens a stage it does itself "
+     "(policy pipeline.stages): the job and its work, or {run_in: service}; the API token or the release's "
+     "pipeline token", True, None),
+    ("post", "/releases/{release_id}/jobs/{job_id}/log", "A runner adds {lines} to its stage's log; answers "
+     "{cancel} when a person stopped the release", True, "json"),
+    ("post", "/releases/{release_id}/jobs/{job_id}/finish", "A runner closes its stage with {outcome, error, "
+     "report}; the service checks the report (image digest, reachable deployment) before the release moves on",
+     True, "json"),
+    ("get", "/releases/{release_id}/files", "The release's model files as a tar.gz (for a runner's build); the "
+     "API token or the release's pipeline token", True, None),
     ("get", "/jobs", "List jobs", False, None),
     ("get", "/jobs/{job_id}", "Show a job with its events", False, None),
     ("get", "/jobs/{job_id}/logs", "A job's log lines (after=<id> to follow)", False, None),

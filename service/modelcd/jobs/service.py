@@ -61,6 +61,7 @@ class Job:
     created_at: str
     started_at: str | None
     finished_at: str | None
+    runs_in: str = "service"  # or "runner": a pipeline's runner does the work and reports it
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, JobType | JobState) else v) for k, v in self.__dict__.items()}
@@ -72,7 +73,7 @@ def _job(row: Any) -> Job:
         id=m["id"], type=JobType(m["type"]), state=JobState(m["state"]), release_id=m["release_id"],
         model=m["model"], version=m["version"], environment=m["environment"], error=m["error"],
         cancel_requested=bool(m["cancel_requested"]), created_at=m["created_at"],
-        started_at=m["started_at"], finished_at=m["finished_at"],
+        started_at=m["started_at"], finished_at=m["finished_at"], runs_in=m["runs_in"] or "service",
     )
 
 
@@ -86,17 +87,17 @@ class Jobs:
         self._lock = threading.Lock()
 
     def create(self, type_: JobType, *, release_id: str | None = None, model: str | None = None,
-               version: int | None = None, environment: str | None = None) -> Job:
+               version: int | None = None, environment: str | None = None, runs_in: str | None = None) -> Job:
         job_id = new_id("j")
         ts = now()
         with self.db.write() as conn:
             conn.execute(schema.jobs.insert().values(
                 id=job_id, release_id=release_id, type=str(type_), state=str(JobState.CREATED),
                 model=model, version=version, environment=environment, cancel_requested=False,
-                created_at=ts))
+                runs_in=runs_in, created_at=ts))
             conn.execute(schema.events.insert().values(
                 release_id=release_id, job_id=job_id, ts=ts, kind="job.created",
-                message=f"{type_} job created"))
+                message=f"{type_} job created" + (" (runs in the pipeline's runner)" if runs_in == "runner" else "")))
         return self.get(job_id)
 
     def transition(self, job_id: str, state: JobState, message: str = "", error: str | None = None) -> Job:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,11 @@ from sqlalchemy import Connection, select, update
 
 from modelcd.config import Settings
 from modelcd.domain import Bundle, Deployment, DeploymentState
-from modelcd.errors import DeployError, NotFound
+from modelcd.errors import DeployError, ModelcdError, NotFound
 from modelcd.releases.policy import Environment
 from modelcd.store import schema
 from modelcd.store.db import Database, new_id, now
-from modelcd.targets.base import DeploySpec, RunningDeployment
+from modelcd.targets.base import DeploySpec, RunningDeployment, Target
 
 SET = "(set)"  # what reads show instead of an environment variable's value
 
@@ -159,3 +159,22 @@ def handle_of(d: Deployment, home: Path) -> RunningDeployment:
     """The target's handle for a recorded deployment (what ``Target.delete`` and ``is_alive`` take)."""
     return RunningDeployment(deployment_id=d.id, target=d.target, url=d.url or "", pid=d.pid or 0,
                              port=d.port or 0, log_path=home / "deployments" / f"{d.id}.log")
+
+
+def runner_started(d: Deployment) -> bool:
+    """Started by a pipeline's runner (``pipeline.stages.deploy: runner``) on an engine the
+    service may not reach: the service neither restarts nor adopts it."""
+    return d.spec.get("started_by") == "runner"
+
+
+def stop_deployment(target: Target, d: Deployment, home: Path, log: Callable[[str], None]) -> None:
+    """Stop ``d`` on ``target``. One a runner started is stopped here when this service reaches
+    its engine (its container carries this service's labels); otherwise that is said, not raised:
+    the pipeline's rollback job stops it where it runs."""
+    try:
+        target.delete(handle_of(d, home))
+    except ModelcdError as e:
+        if not runner_started(d):
+            raise
+        log(f"deployment {d.id} was started by the pipeline's runner and cannot be stopped from here ({e.message}); "
+            "the runner's `modelcd rollback` stops it, or stop container modelcd-" + d.id + " on its engine")

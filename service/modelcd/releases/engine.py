@@ -15,6 +15,7 @@ import traceback
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from modelcd.context import Context
 from modelcd.domain import JobState
@@ -96,33 +97,52 @@ def run_stage(ctx: Context, release_id: str, phase: Phase, cancel: threading.Eve
     succeeds, to rolling back when it fails or is stopped, to its end after a rollback.
     Returns the release as it is afterwards. The caller holds ``release_lock``."""
     rel = ctx.releases.get(release_id)
-    job = ctx.jobs.create(STAGE_OF[phase], release_id=rel.id, model=rel.model, version=rel.version,
-                          environment=rel.environment)
-    ctx.jobs.transition(job.id, JobState.SCHEDULED)
-    ctx.jobs.transition(job.id, JobState.RUNNING)
-    job_log = ctx.jobs.logger(job.id)
+    job_id = begin_stage(ctx, rel, phase)
+    job_log = ctx.jobs.logger(job_id)
     run = StageRun(ctx=ctx, release=rel, log=job_log, cancel=cancel)
     try:
         if phase is not Phase.ROLLING_BACK and phase is not Phase.PROMOTING:
             run.check_cancel()
         values = STAGES[phase](run)
-    except Cancelled as e:
-        job_log(f"stopped: {e.message}")
-        ctx.jobs.transition(job.id, JobState.CANCELLED, e.message)
-        return ctx.releases.advance(rel.id, Phase.ROLLING_BACK, f"{STAGE_OF[phase]} stopped; rolling back",
-                                    error=f"{STAGE_OF[phase]} stopped by a person")
     except Exception as e:
-        message = e.message if isinstance(e, ModelcdError) else f"internal error: {type(e).__name__}: {e}"
         if not isinstance(e, ModelcdError):
             job_log(traceback.format_exc())
+        return end_stage(ctx, release_id, phase, job_id, e)
+    return end_stage(ctx, release_id, phase, job_id, None, values)
+
+
+def begin_stage(ctx: Context, rel: Release, phase: Phase, runs_in: str | None = None) -> str:
+    """Open the job of ``phase``'s stage (running) and return its id: whoever does the work,
+    the service or a pipeline's runner (``runs_in="runner"``), it is recorded the same way."""
+    job = ctx.jobs.create(STAGE_OF[phase], release_id=rel.id, model=rel.model, version=rel.version,
+                          environment=rel.environment, runs_in=runs_in)
+    ctx.jobs.transition(job.id, JobState.SCHEDULED)
+    ctx.jobs.transition(job.id, JobState.RUNNING)
+    return job.id
+
+
+def end_stage(ctx: Context, release_id: str, phase: Phase, job_id: str, error: Exception | None,
+              values: dict[str, Any] | None = None) -> Release:
+    """Close the stage's job and move the release on (see ``run_stage``): ``error`` None is a
+    success storing ``values`` on the release; ``Cancelled`` a stop; anything else a failure."""
+    rel = ctx.releases.get(release_id)
+    job_log = ctx.jobs.logger(job_id)
+    if isinstance(error, Cancelled):
+        job_log(f"stopped: {error.message}")
+        ctx.jobs.transition(job_id, JobState.CANCELLED, error.message)
+        return ctx.releases.advance(rel.id, Phase.ROLLING_BACK, f"{STAGE_OF[phase]} stopped; rolling back",
+                                    error=f"{STAGE_OF[phase]} stopped by a person")
+    if error is not None:
+        message = error.message if isinstance(error, ModelcdError) else \
+            f"internal error: {type(error).__name__}: {error}"
         job_log(f"failed: {message}")
-        ctx.jobs.transition(job.id, JobState.FAILED, error=message)
+        ctx.jobs.transition(job_id, JobState.FAILED, error=message)
         if phase is Phase.ROLLING_BACK:
             return ctx.releases.advance(rel.id, after_rollback(rel.cancel_requested), "rollback incomplete",
                                         error=f"{rel.error or ''}; rollback incomplete: {message}".lstrip("; "))
         return ctx.releases.advance(rel.id, Phase.ROLLING_BACK, f"{STAGE_OF[phase]} failed; rolling back",
                                     error=f"{STAGE_OF[phase]} failed: {message}")
-    ctx.jobs.transition(job.id, JobState.SUCCEEDED)
+    ctx.jobs.transition(job_id, JobState.SUCCEEDED)
     if phase is Phase.ROLLING_BACK:
         return ctx.releases.advance(rel.id, after_rollback(rel.cancel_requested), "rolled back; production as before")
     # a rollback a person asked for redeploys what served before: no second question
@@ -130,7 +150,7 @@ def run_stage(ctx: Context, release_id: str, phase: Phase, cancel: threading.Eve
     message = f"{STAGE_OF[phase]} succeeded"
     if nxt is Phase.AWAITING_APPROVAL:
         message += "; waiting for a person to approve (modelcd releases approve) before traffic moves"
-    return ctx.releases.advance(rel.id, nxt, message, **values)
+    return ctx.releases.advance(rel.id, nxt, message, **(values or {}))
 
 
 def fail_and_roll_back(ctx: Context, release_id: str, reason: str) -> Release:
@@ -140,8 +160,18 @@ def fail_and_roll_back(ctx: Context, release_id: str, reason: str) -> Release:
         rel = ctx.releases.get(release_id)
         if not rel.phase.active:
             return rel
+        close_runner_jobs(ctx, rel.id, reason)
         if rel.phase is not Phase.ROLLING_BACK:
             ctx.releases.advance(rel.id, Phase.ROLLING_BACK, reason, error=reason)
         after = run_stage(ctx, rel.id, Phase.ROLLING_BACK, ctx.jobs.cancel_event(rel.id))
     ctx.wake.set()
     return after
+
+
+def close_runner_jobs(ctx: Context, release_id: str, reason: str) -> None:
+    """Fail the release's jobs still open for a pipeline's runner: the service gave up on it,
+    so a report the runner sends later finds its job closed."""
+    for job in ctx.jobs.list(release_id=release_id, state=str(JobState.RUNNING)):
+        if job.runs_in == "runner":
+            ctx.jobs.logger(job.id)(f"closed by the service: {reason}")
+            ctx.jobs.transition(job.id, JobState.FAILED, error=reason)

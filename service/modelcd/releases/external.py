@@ -63,8 +63,9 @@ class ExternalDriver:
             return
         # a stage in flight is a sign of life; checked before the last report is read, because
         # a stage command records its report before it stops counting as in flight
-        busy = is_busy(rel.id) or any(job.state is JobState.RUNNING
-                                              for job in self.ctx.jobs.list(release_id=rel.id))
+        # (a stage the runner does itself shows its life by its reports: log lines, heartbeats)
+        busy = is_busy(rel.id) or any(job.state is JobState.RUNNING and job.runs_in != "runner"
+                                      for job in self.ctx.jobs.list(release_id=rel.id))
         run = self.ctx.pipeline_runs.get(rel.id) or run
         silent_s = time.time() - _ts(run.last_report_at or run.triggered_at or run.created_at)
         if silent_s > spec.report_timeout_s and not busy:

@@ -347,6 +347,38 @@ class Retention(_Edge):
     keep_deployments: int = Field(default=2, ge=1, le=100)  # per endpoint, including the serving one
 
 
+class Place(StrEnum):
+    """Where a stage of a pipeline-driven release does its work."""
+
+    RUNNER = "runner"  # in the CI runner: its Docker engine, its registry credentials, its network
+    SERVICE = "service"  # on the modelcd service's host (the runner asks the service to run it)
+
+
+PlaceName = Annotated[Place, _choice(Place)]
+RUNNER_STAGES = ("build", "deploy", "smoke")  # the stages a runner can do itself
+_IMAGE_REPO_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+
+
+class StagePlaces(_Edge):
+    """Per stage, where it runs (``pipeline.stages``); unset: the environment's target decides
+    (``docker``: the runner; ``process``: the service, whose host runs it)."""
+
+    build: Annotated[Place | None, _optional(_choice(Place))] = None
+    deploy: Annotated[Place | None, _optional(_choice(Place))] = None
+    smoke: Annotated[Place | None, _optional(_choice(Place))] = None
+    promote: Annotated[Place | None, _optional(_choice(Place))] = None
+    rollback: Annotated[Place | None, _optional(_choice(Place))] = None
+
+    @field_validator("promote", "rollback")
+    @classmethod
+    def _service_only(cls, value: Place | None, info: ValidationInfo) -> Place | None:
+        if value is Place.RUNNER:
+            raise PydanticCustomError(
+                "service_only", "{stage} moves traffic at the service's router, so it always runs on the service "
+                "(the runner's `modelcd {stage}` asks it to); drop it or say service", {"stage": info.field_name})
+        return value
+
+
 class PipelineSpec(_Edge):
     """Where an external runner's pipeline lives and how modelcd starts it. Credentials are
     given by reference only: the name of an environment variable or of a file under
@@ -369,6 +401,14 @@ class PipelineSpec(_Edge):
     start_timeout_s: float = Field(default=300.0, gt=0, le=86_400)  # trigger retries stop after this long
     report_timeout_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)  # silence before the release fails
     poll_interval_s: float = Field(default=30.0, gt=0, le=3600)  # run status, when reports stop coming
+    # stages in the runner (issue: stages that run in the CI runner)
+    stages: StagePlaces = Field(default_factory=StagePlaces)
+    registry: Annotated[str | None, _pattern(_IMAGE_REPO_RE, "a registry address and optional path, like "
+                                                            "ghcr.io/acme or 127.0.0.1:5000/models")] = None
+    registry_username_env: Annotated[str, _pattern(_ENV_NAME_RE, "an environment variable name")] = \
+        "MODELCD_REGISTRY_USERNAME"  # in the runner, from its secrets
+    registry_password_env: Annotated[str, _pattern(_ENV_NAME_RE, "an environment variable name")] = \
+        "MODELCD_REGISTRY_PASSWORD"
 
 
 class Policy(_Edge):
@@ -408,6 +448,21 @@ class Policy(_Edge):
         return self
 
     @model_validator(mode="after")
+    def _stage_places(self) -> Policy:
+        spec = self.pipeline
+        given = {k: v for k, v in (spec.stages.model_dump() if spec else {}).items() if v is not None}
+        if self.runner == Runner.LOCAL:
+            if given:
+                raise PydanticCustomError("stages_local", "runner local runs every stage on the service; "
+                                          "pipeline.stages is for runner github or azure", {})
+            return self
+        for env in self.environments:
+            problem = _places_problem(self, env)
+            if problem:
+                raise PydanticCustomError("stage_place", "{message}", {"message": problem})
+        return self
+
+    @model_validator(mode="after")
     def _unique_environments(self) -> Policy:
         problems = _duplicate_environments([e.name for e in self.environments])
         if problems:
@@ -441,6 +496,33 @@ class Policy(_Edge):
     def snapshot(self) -> dict[str, Any]:
         """What a release stores about the policy revision it used; `Policy.from_dict(s["policy"])`."""
         return {"name": self.name, "revision": self.revision, "policy": self.to_dict()}
+
+
+def stage_place(policy: Policy, env: Environment, stage: str) -> Place:
+    """Where ``stage`` of a release to ``env`` under ``policy`` does its work: always the service
+    for runner local and for promote/rollback; otherwise ``pipeline.stages`` or, unset, the
+    target's default (``docker``: the runner; ``process``: the service, whose host runs it)."""
+    if policy.runner == Runner.LOCAL or stage not in RUNNER_STAGES:
+        return Place.SERVICE
+    given = getattr(policy.pipeline.stages, stage) if policy.pipeline else None
+    if given is not None:
+        return Place(given)
+    return Place.RUNNER if env.target == TargetKind.DOCKER else Place.SERVICE
+
+
+def _places_problem(policy: Policy, env: Environment) -> str | None:
+    """Why the stage places cannot work for ``env``, with the fix; None when they can."""
+    build, deploy = stage_place(policy, env, "build"), stage_place(policy, env, "deploy")
+    if env.target == TargetKind.PROCESS and Place.RUNNER in (build, deploy):
+        return (f"environment {env.name} uses target process, which runs on the service's host: its build and "
+                "deploy stages run on the service (pipeline.stages.build/deploy: service), or use target: docker")
+    if deploy is Place.RUNNER and build is Place.SERVICE:
+        return (f"environment {env.name}: deploy in the runner needs the image built in the runner "
+                "(pipeline.stages.build: runner)")
+    if build is Place.RUNNER and deploy is Place.SERVICE:
+        return (f"environment {env.name}: an image built in the runner is deployed by the runner "
+                "(pipeline.stages.deploy: runner), or build it on the service (pipeline.stages.build: service)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ class Release:
     error: str | None
     deployment_id: str | None
     bundle: str | None
+    image: str | None  # built in the pipeline's runner: the reference it pushed (releases.runner_stages)
+    image_digest: str | None  # …and the image's digest, which the deploy report must name
     previous_traffic: dict[str, int] | None  # the endpoint's split when this release first moved traffic
     endpoint_previous: dict[str, int] | None  # the endpoint's previous_traffic then (restored on rollback)
     created_at: str

@@ -15,7 +15,7 @@ from modelcd.builders import BuildSpec, get_builder
 from modelcd.context import Context
 from modelcd.domain import DeploymentState
 from modelcd.errors import BuildError, Cancelled, NotFound, RouterError, StageFailed
-from modelcd.releases.deployments import deploy_spec, handle_of, spec_values
+from modelcd.releases.deployments import deploy_spec, handle_of, runner_started, spec_values, stop_deployment
 from modelcd.releases.machine import Phase
 from modelcd.releases.policy import Environment, Policy, Strategy
 from modelcd.releases.service import Release
@@ -228,11 +228,11 @@ def rollback(run: StageRun) -> dict[str, Any]:
         if dep.release_id == rel.id and not serving and dep.state is not DeploymentState.STOPPED:
             target = ctx.target(dep.target)
             rd = handle_of(dep, ctx.home)
-            if dep.pid:
+            if dep.pid and not runner_started(dep):
                 tail = target.logs(rd, tail=20)
                 if tail.strip():
                     run.log("last lines of the deployment's log:\n" + tail)
-            target.delete(rd)
+            stop_deployment(target, dep, ctx.home, run.log)
             ctx.deployments.update(dep_id, state=DeploymentState.STOPPED)
             run.log(f"stopped deployment {dep_id}; production untouched")
     run.log("rollback complete")

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, select, update
 
 from modelcd.domain import Deployment, DeploymentState
 from modelcd.errors import ModelcdError, NotFound, RouterError
-from modelcd.releases.deployments import LIVE_STATES, Deployments, deployment_from_row, handle_of
+from modelcd.releases.deployments import LIVE_STATES, Deployments, deployment_from_row, stop_deployment
 from modelcd.releases.endpoint_keys import key_hashes
 from modelcd.routing.base import Backend, EndpointRoute, Router, RoutingTable
 from modelcd.store import schema
@@ -236,5 +236,5 @@ class Traffic:
         self.sync_router()
         for d in retired:
             log(f"retiring deployment {d.id} (v{d.version}, pid {d.pid}): beyond keep_deployments={keep}")
-            target.delete(handle_of(d, home))
+            stop_deployment(target, d, home, log)
         return retired

@@ -77,6 +77,8 @@ releases = Table(
     Column("error", Text),
     Column("deployment_id", String(32)),
     Column("bundle", String(1024)),
+    Column("image", String(512)),  # an image built by the pipeline's runner: its pushed reference
+    Column("image_digest", String(80)),  # …and its digest (sha256:…), checked against what is deployed
     Column("previous_traffic", JSON),  # endpoint split before this release first moved traffic (recorded once)
     Column("endpoint_previous", JSON),  # the endpoint's own previous_traffic then: restored with it on rollback
     Column("created_at", String(32), nullable=False),
@@ -97,6 +99,7 @@ jobs = Table(
     Column("environment", String(32)),
     Column("error", Text),
     Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("runs_in", String(16)),  # runner: a pipeline's runner does the work and reports it; NULL: the service
     Column("created_at", String(32), nullable=False),
     Column("started_at", String(32)),
     Column("finished_at", String(32)),
