@@ -413,12 +413,25 @@ def _run_stage(obj: Obj, stage: str, release_id: str | None, name: str | None, v
         if name is None or version is None:
             raise click.UsageError("give --release ID, or MODEL VERSION [--env ENV]")
         release_id = _find_release(client, name, version, environment)
-    path = api_path("releases", release_id, "stages", stage)
-    result = client.post(path, params={"wait": 20}, timeout=90)
-    while result["outcome"] == "running":  # a long stage: ask again (each answer within ~20 s)
-        if not as_json:
-            click.echo(f"{stage} running…", err=True)
-        result = client.get(path, params={"wait": 20}, timeout=90)
+    from modelcd.releases.policy import RUNNER_STAGES
+
+    result = _stage_here(obj, client, release_id, stage, as_json) if stage in RUNNER_STAGES else None
+    if result is None:
+        path = api_path("releases", release_id, "stages", stage)
+        result = client.post(path, params={"wait": 20}, timeout=90)
+        while result["outcome"] == "running":  # a long stage: ask again (each answer within ~20 s)
+            if not as_json:
+                click.echo(f"{stage} running…", err=True)
+            result = client.get(path, params={"wait": 20}, timeout=90)
+    if stage == "rollback" and result.get("runner_deployment"):
+        from modelcd.pipelines.runner_stages import stop_runner_deployment
+
+        try:
+            stop_runner_deployment(obj.settings, result["deployment_id"], result["runner_deployment"],
+                                   lambda line: click.echo(line, err=as_json))
+        except ModelcdError as e:
+            click.echo(f"could not stop the release's container on this engine: {e.message}", err=True)
+            raise SystemExit(1) from None
     if as_json:
         _out(result)
     else:
@@ -427,6 +440,19 @@ def _run_stage(obj: Obj, stage: str, release_id: str | None, name: str | None, v
                    + (f" — {result['error']}" if result.get("error") and result["outcome"] != "succeeded" else ""))
     if result["outcome"] == "failed":
         raise SystemExit(1)
+
+
+def _stage_here(obj: Obj, client: Client, release_id: str, stage: str, as_json: bool) -> dict[str, Any] | None:
+    """Do the stage in this process when the policy puts it in the pipeline's runner
+    (``pipeline.stages``); None when the service runs it."""
+    began = client.post(api_path("releases", release_id, "stages", stage, "begin"), timeout=90)
+    if began["run_in"] != "runner":
+        return None
+    if "job_id" not in began:  # done (or failed) before: a CI retry
+        return dict(began)
+    from modelcd.pipelines.runner_stages import run
+
+    return run(client, obj.settings, began, lambda line: click.echo(line, err=as_json))
 
 
 def _stage_command(stage: str, help_text: str) -> None:

@@ -120,3 +120,4 @@ class Bundle:
     reused_env: bool  # True when the venv came from the cache
     image: str | None = None  # docker target: the scoring image's reference ({repository}/{model}:{tag})
     image_id: str | None = None  # docker target: its content id (sha256:...), what containers are checked against
+    image_digest: str | None = None  # docker target, pushed: the registry's manifest digest (sha256:...)

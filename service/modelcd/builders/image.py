@@ -162,9 +162,9 @@ def build_image(home: Path, version: ModelVersion, files_dir: Path, options: Ima
         _write_if_changed(context / "requirements.lock", wheelhouse.lock.read_text())
         image_id = _build(client, context, wheelhouse, tag, image_labels(version, options.base_image), options,
                           log, cancel)
-        ref = tag
+        ref, digest = tag, None
         if options.registry:
-            ref = push_image(client, image_id, tag, options, log)
+            ref, digest = push_image(client, image_id, tag, options, log)
     finally:
         client.close()
     meta = {"model": version.model, "version": version.version, "digest": version.digest, "image": ref,
@@ -172,7 +172,7 @@ def build_image(home: Path, version: ModelVersion, files_dir: Path, options: Ima
             "base_image": options.base_image, "created_at": now_iso()}
     _write_if_changed(context / MARKER, json.dumps(meta, indent=2) + "\n")
     return Bundle(path=context, python=Path(PYTHON_IN_IMAGE), env_key=wheelhouse.key, reused_env=wheelhouse.reused,
-                  image=ref, image_id=image_id)
+                  image=ref, image_id=image_id, image_digest=digest)
 
 
 class ImageBuilder(Builder):
@@ -383,8 +383,9 @@ def _pump(stream: Iterator[dict[str, Any]], api: Any, cancel: threading.Event) -
         yield item
 
 
-def push_image(client: Any, image_id: str, tag: str, options: ImageOptions, log: Log) -> str:
-    """Tag ``image_id`` into ``options.registry`` and push it; return the pushed reference.
+def push_image(client: Any, image_id: str, tag: str, options: ImageOptions, log: Log) -> tuple[str, str]:
+    """Tag ``image_id`` into ``options.registry`` and push it; return the pushed reference and
+    the manifest digest the registry answered (``sha256:…``).
 
     Credentials go to the engine in the API's auth header only, never into the log."""
     from docker.errors import APIError
@@ -398,10 +399,12 @@ def push_image(client: Any, image_id: str, tag: str, options: ImageOptions, log:
     log(f"pushing {repo}:{version_tag}")
     try:
         client.api.tag(image_id, repo, version_tag)
-        error = None
+        error, digest = None, None
         for chunk in client.api.push(repo, tag=version_tag, stream=True, decode=True, auth_config=auth):
             if "error" in chunk:
                 error = str(chunk["error"])
+            elif isinstance(chunk.get("aux"), dict) and chunk["aux"].get("Digest"):
+                digest = str(chunk["aux"]["Digest"])
             elif chunk.get("status") and "id" not in chunk:
                 log(str(chunk["status"]))
     except APIError as e:
@@ -412,8 +415,11 @@ def push_image(client: Any, image_id: str, tag: str, options: ImageOptions, log:
             error = error.replace(secret, "***")
         raise BuildError(f"push of {repo}:{version_tag} to {options.registry} failed: {error}",
                          field="docker_registry")
-    log(f"pushed {repo}:{version_tag}")
-    return f"{repo}:{version_tag}"
+    if not digest:
+        raise BuildError(f"push of {repo}:{version_tag} to {options.registry} answered no digest",
+                         field="docker_registry")
+    log(f"pushed {repo}:{version_tag} ({digest})")
+    return f"{repo}:{version_tag}", digest
 
 
 def _api_message(e: BaseException) -> str:

@@ -40,6 +40,7 @@ STAGES: tuple[dict[str, Any], ...] = (
      "timeout_minutes": 15},
 )
 _TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/@+=<>!~,\[\]-]{0,199}$")  # runner labels, pools, pip specs
+_SECRET_NAME = re.compile(r"^(?!GITHUB_)[A-Za-z_][A-Za-z0-9_]{0,99}$")
 _URL = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?$")
 
 
@@ -52,6 +53,10 @@ class PipelineOptions:
     pool: dict[str, str] = field(default_factory=lambda: {"vmImage": "ubuntu-latest"})  # Azure: pool
     package: str = "modelcd"  # what the pipeline installs (pip requirement)
     callback_url: str = "http://127.0.0.1:8600"  # Azure: default of the callback_url parameter
+    # the runner's secrets that build and deploy get as environment variables of the same
+    # names (the policy's pipeline.registry_username_env / registry_password_env)
+    registry_username_env: str = "MODELCD_REGISTRY_USERNAME"
+    registry_password_env: str = "MODELCD_REGISTRY_PASSWORD"
 
 
 @dataclass(frozen=True)
@@ -80,11 +85,17 @@ def render_pipeline(model: str, provider: Provider | str, options: PipelineOptio
         if key not in ("vmImage", "name"):
             raise InvalidInput(f"pool key {key!r} is not vmImage or name", field="pool")
         _check_text(value, "pool")
+    for name, value in (("registry_username_env", options.registry_username_env),
+                        ("registry_password_env", options.registry_password_env)):
+        if not _SECRET_NAME.match(value):
+            raise InvalidInput(f"{name} {value!r} is not a secret name (letters, digits and _, not starting with a "
+                               "digit or GITHUB_)", field=name)
     if not _URL.match(options.callback_url):
         raise InvalidInput(f"callback URL {options.callback_url!r} is not an http(s) URL", field="callback_url")
     values = {"model": model, "environment": options.environment, "runs_on": options.runs_on,
               "pool": options.pool, "package": options.package, "callback_url": options.callback_url,
-              "stages": STAGES}
+              "stages": STAGES, "registry_username_env": options.registry_username_env,
+              "registry_password_env": options.registry_password_env}
     text = render(TEMPLATES[provider], values)
     return RenderedPipeline(provider=provider, path=pipeline_path(model, provider), text=text)
 

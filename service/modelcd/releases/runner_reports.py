@@ -152,8 +152,10 @@ def _work(ctx: Context, rel: Release, stage: str, job_id: str) -> dict[str, Any]
         dep = ctx.deployments.create(model=rel.model, version=rel.version, environment=rel.environment,
                                      target=str(env.target), release_id=rel.id, spec=values)
         ctx.releases.update(rel.id, deployment_id=dep.id)
-        return {"deployment_id": dep.id, "image": rel.image, "image_digest": rel.image_digest,
-                "pull": _by_digest(rel.image, rel.image_digest), "workers": values["workers"],
+        return {"deployment_id": dep.id, "model": rel.model, "version": rel.version, "environment": rel.environment,
+                "image": rel.image, "image_digest": rel.image_digest,
+                "pull": _by_digest(rel.image, rel.image_digest) if spec.registry else None,
+                "workers": values["workers"],
                 "health_timeout_s": values["health_timeout_s"], "env": values["env"], "cpu": values["cpu"],
                 "memory": values["memory"], "network": values["network"], "instance": _instance(ctx),
                 "username_env": spec.registry_username_env, "password_env": spec.registry_password_env}

@@ -16,6 +16,7 @@ from typing import Any
 
 from modelcd.context import Context
 from modelcd.errors import Conflict, InvalidInput
+from modelcd.releases.deployments import runner_started
 from modelcd.releases.engine import STAGE_PHASE, busy, done_before, release_lock, run_stage, stage_name
 from modelcd.releases.machine import NEXT_ON_SUCCESS, Phase
 from modelcd.releases.service import Release
@@ -135,7 +136,19 @@ def _rollback(ctx: Context, rel: Release) -> dict[str, Any]:
     run_stage(ctx, rel.id, Phase.ROLLING_BACK, ctx.jobs.cancel_event(rel.id))
     after = ctx.releases.get(rel.id)
     ctx.wake.set()
-    return _result("rollback", after, "succeeded" if after.phase.terminal else "failed")
+    return {**_result("rollback", after, "succeeded" if after.phase.terminal else "failed"),
+            **_runner_deployment(ctx, after)}
+
+
+def _runner_deployment(ctx: Context, rel: Release) -> dict[str, Any]:
+    """For a release whose runner started its deployment: what the runner's rollback command
+    needs to stop the container on its own engine (the service's instance label)."""
+    if not rel.deployment_id:
+        return {}
+    dep = ctx.deployments.get(rel.deployment_id)
+    if not runner_started(dep):
+        return {}
+    return {"deployment_id": dep.id, "runner_deployment": str(getattr(ctx.target(dep.target), "instance", ""))}
 
 
 def report(ctx: Context, release_id: str, stage: str, outcome: str, message: str = "") -> dict[str, Any]:

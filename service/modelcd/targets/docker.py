@@ -38,7 +38,7 @@ class DockerTarget(Target):
 
     def __init__(self, home: Path, *, docker_host: str | None = None, network: str = "bridge",
                  publish_host: str = "127.0.0.1", url_host: str = "127.0.0.1", grace_s: float = 10.0,
-                 restart_retries: int = 3, bridge_network: str = "bridge") -> None:
+                 restart_retries: int = 3, bridge_network: str = "bridge", instance: str | None = None) -> None:
         self.home = Path(home).absolute()
         self.docker_host = docker_host
         self.network = network
@@ -47,7 +47,8 @@ class DockerTarget(Target):
         self.url_host = url_host
         self.grace_s = grace_s
         self.restart_retries = restart_retries
-        self.instance = hashlib.sha256(str(self.home).encode()).hexdigest()[:16]
+        # the control plane whose containers these are (a pipeline's runner passes the service's)
+        self.instance = instance or hashlib.sha256(str(self.home).encode()).hexdigest()[:16]
         self._client: Any = None
         self._lock = threading.Lock()
 
