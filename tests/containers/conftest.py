@@ -25,6 +25,7 @@ from modelcd.builders.image import ImageOptions
 from modelcd.domain import Flavor, ModelVersion
 from modelcd.quickstart import make_model
 from modelcd.targets.docker import DockerTarget
+from modelcd.targets.process import free_port
 
 BASE_IMAGE = "modelcd-test/python:3.11-bookworm"
 
@@ -110,3 +111,40 @@ def remove_containers(engine: Any, home: Path) -> list[str]:
 def containers_of(engine: Any, home: Path) -> list[Any]:
     instance = DockerTarget(home).instance
     return engine.containers.list(all=True, filters={"label": f"io.modelcd.instance={instance}"})
+
+
+@contextlib.contextmanager
+def local_registry(root: Path) -> Iterator[tuple[str, str, str]]:
+    """Debian's docker-registry on 127.0.0.1 with htpasswd auth, its files under ``root``:
+    yields (address, user, password)."""
+    import subprocess
+    import time
+
+    import bcrypt
+    import requests
+
+    port = free_port()
+    user, password = "ci-pusher", "s3cret-Registry-Pass"
+    (root / "htpasswd").write_text(f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}\n")
+    (root / "registry.yml").write_text(
+        "version: 0.1\nlog: {level: warn}\n"
+        f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}}}\n"
+        f"http: {{addr: '127.0.0.1:{port}'}}\n"
+        f"auth: {{htpasswd: {{realm: modelcd-test, path: {root / 'htpasswd'}}}}}\n")
+    with open(root / "registry.log", "wb") as out:
+        proc = subprocess.Popen(["docker-registry", "serve", str(root / "registry.yml")], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 401:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "registry.log").read_text()
+            time.sleep(0.1)
+        yield f"127.0.0.1:{port}", user, password
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -3,22 +3,18 @@ labels, failures that name their cause, and push/pull through a local registry."
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import pytest
-import requests
 
 from modelcd.builders.image import ImageOptions, build_image
 from modelcd.domain import Flavor
 from modelcd.errors import BuildError
-from modelcd.targets.process import free_port
-from tests.containers.conftest import BaseImage, iris_version
+from tests.containers.conftest import BaseImage, iris_version, local_registry
 
 
 def test_base_image_is_built_offline_from_debian_packages(base_image: BaseImage, engine: Any) -> None:
@@ -121,31 +117,8 @@ def test_failed_builds_name_their_cause(docker_home: Path, image_options: ImageO
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
-    """Debian's docker-registry on 127.0.0.1 with htpasswd auth: (address, user, password)."""
-    port = free_port()
-    user, password = "ci-pusher", "s3cret-Registry-Pass"
-    (tmp_path / "htpasswd").write_text(f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}\n")
-    (tmp_path / "registry.yml").write_text(
-        "version: 0.1\nlog: {level: warn}\n"
-        f"storage: {{filesystem: {{rootdirectory: {tmp_path / 'data'}}}}}\n"
-        f"http: {{addr: '127.0.0.1:{port}'}}\n"
-        f"auth: {{htpasswd: {{realm: modelcd-test, path: {tmp_path / 'htpasswd'}}}}}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(tmp_path / "registry.yml")],
-                            stdout=open(tmp_path / "registry.log", "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 401:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "registry.log").read_text()
-            time.sleep(0.1)
-        yield f"127.0.0.1:{port}", user, password
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with local_registry(tmp_path) as found:
+        yield found
 
 
 def test_push_to_and_pull_from_a_local_registry(docker_home: Path, image_options: ImageOptions, tmp_path: Path,
