@@ -657,11 +657,17 @@ def pipelines() -> None:
 
 
 def _pipeline_options(environment: str, runs_on: str, package: str, callback_url: str | None,
-                      settings: Settings) -> Any:
+                      registry_secrets: str, settings: Settings) -> Any:
     from modelcd.pipelines.render import PipelineOptions
 
+    username, _, password = registry_secrets.partition(",")
+    if not username.strip() or not password.strip():
+        raise click.BadParameter("give two secret names, USERNAME,PASSWORD (e.g. the policy's "
+                                 "pipeline.registry_username_env and registry_password_env)",
+                                 param_hint="--registry-secrets")
     return PipelineOptions(environment=environment, runs_on=runs_on, package=package,
-                           callback_url=callback_url or settings.url)
+                           callback_url=callback_url or settings.url, registry_username_env=username.strip(),
+                           registry_password_env=password.strip())
 
 
 _PIPELINE_OPTIONS = [
@@ -670,6 +676,10 @@ _PIPELINE_OPTIONS = [
     click.option("--runs-on", default="ubuntu-latest", show_default=True, help="GitHub runner label"),
     click.option("--package", default="modelcd", show_default=True, help="what the pipeline pip-installs"),
     click.option("--callback-url", default=None, help="Azure: default callback_url parameter (default MODELCD_URL)"),
+    click.option("--registry-secrets", default="MODELCD_REGISTRY_USERNAME,MODELCD_REGISTRY_PASSWORD",
+                 show_default=True, metavar="USERNAME,PASSWORD",
+                 help="the CI secrets that build and deploy get as environment variables of the same names "
+                      "(the policy's pipeline.registry_username_env / registry_password_env)"),
 ]
 
 
@@ -687,13 +697,13 @@ def _with_pipeline_options(fn: Any) -> Any:
 @click.option("--check", "check", is_flag=True, help="validate with actionlint and the JSON schemas")
 @pass_obj
 def pipelines_render(obj: Obj, model: str, provider: str, environment: str, runs_on: str, package: str,
-                     callback_url: str | None, out_dir: Path | None, check: bool) -> None:
+                     callback_url: str | None, registry_secrets: str, out_dir: Path | None, check: bool) -> None:
     """Render MODEL's release pipeline for --provider github|azure."""
     from modelcd.pipelines.check import check_pipeline
     from modelcd.pipelines.render import render_pipeline
 
     rendered = render_pipeline(model, provider, _pipeline_options(environment, runs_on, package, callback_url,
-                                                                  obj.settings))
+                                                                  registry_secrets, obj.settings))
     if check:
         problems = check_pipeline(rendered)
         if problems:
@@ -723,7 +733,7 @@ def pipelines_render(obj: Obj, model: str, provider: str, environment: str, runs
               "(default: --token-env)")
 @pass_obj
 def pipelines_publish(obj: Obj, model: str, provider: str, environment: str, runs_on: str, package: str,
-                      callback_url: str | None, repo_url: str, branch: str, base_branch: str,
+                      callback_url: str | None, registry_secrets: str, repo_url: str, branch: str, base_branch: str,
                       token_env: str | None, github_repo: str | None, github_api_url: str,
                       github_token_env: str | None) -> None:
     """Render, check and commit MODEL's release pipeline into its repository, then push.
@@ -734,7 +744,7 @@ def pipelines_publish(obj: Obj, model: str, provider: str, environment: str, run
     from modelcd.pipelines.render import render_pipeline
 
     rendered = render_pipeline(model, provider, _pipeline_options(environment, runs_on, package, callback_url,
-                                                                  obj.settings))
+                                                                  registry_secrets, obj.settings))
     problems = check_pipeline(rendered)
     if problems:
         raise click.ClickException(f"{rendered.path} does not pass its checks:\n" + "\n".join(problems))
