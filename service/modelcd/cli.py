@@ -438,6 +438,8 @@ def _run_stage(obj: Obj, stage: str, release_id: str | None, name: str | None, v
         note = " (already done)" if result["already"] else ""
         click.echo(f"{stage} {result['outcome']}{note}: release {release_id} is {result['phase']}"
                    + (f" — {result['error']}" if result.get("error") and result["outcome"] != "succeeded" else ""))
+        if stage == "build" and result.get("image_digest"):
+            click.echo(f"image {result['image']} ({result['image_digest']})")
     if result["outcome"] == "failed":
         raise SystemExit(1)
 

@@ -157,7 +157,7 @@ def _work(ctx: Context, rel: Release, stage: str, job_id: str) -> dict[str, Any]
                 "pull": _by_digest(rel.image, rel.image_digest) if spec.registry else None,
                 "workers": values["workers"],
                 "health_timeout_s": values["health_timeout_s"], "env": values["env"], "cpu": values["cpu"],
-                "memory": values["memory"], "network": values["network"], "instance": _instance(ctx),
+                "memory": values["memory"], "network": values["network"], "instance": target_instance(ctx),
                 "username_env": spec.registry_username_env, "password_env": spec.registry_password_env}
     dep = ctx.deployments.get(rel.deployment_id or "")
     version = ctx.registry.get_version(rel.model, rel.version)
@@ -176,10 +176,10 @@ def _by_digest(image: str, digest: str) -> str:
     return f"{repo}@{digest}"
 
 
-def _instance(ctx: Context) -> str:
-    """The docker target's instance label of this service: containers a runner starts carry it,
-    so this service can retire them when it reaches the same engine."""
-    return str(getattr(ctx.target("docker"), "instance", ""))
+def target_instance(ctx: Context, target: str = "docker") -> str:
+    """This service's instance label on ``target``: containers a runner starts carry it, so this
+    service can retire them when it reaches the same engine, and the runner stops them by it."""
+    return str(getattr(ctx.target(target), "instance", ""))
 
 
 # -- checking the runner's reports ------------------------------------------------------------

@@ -19,6 +19,7 @@ from modelcd.errors import Conflict, InvalidInput
 from modelcd.releases.deployments import runner_started
 from modelcd.releases.engine import STAGE_PHASE, busy, done_before, release_lock, run_stage, stage_name
 from modelcd.releases.machine import NEXT_ON_SUCCESS, Phase
+from modelcd.releases.runner_reports import target_instance
 from modelcd.releases.service import Release
 
 OUTCOMES = ("succeeded", "failed", "cancelled")
@@ -148,7 +149,7 @@ def _runner_deployment(ctx: Context, rel: Release) -> dict[str, Any]:
     dep = ctx.deployments.get(rel.deployment_id)
     if not runner_started(dep):
         return {}
-    return {"deployment_id": dep.id, "runner_deployment": str(getattr(ctx.target(dep.target), "instance", ""))}
+    return {"deployment_id": dep.id, "runner_deployment": target_instance(ctx, dep.target)}
 
 
 def report(ctx: Context, release_id: str, stage: str, outcome: str, message: str = "") -> dict[str, Any]:
