@@ -39,7 +39,12 @@ STAGES: tuple[dict[str, Any], ...] = (
     {"name": "rollback", "needs": ["build", "deploy", "smoke", "promote"], "environment": False,
      "timeout_minutes": 15},
 )
-_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/@+=<>!~,\[\]-]{0,199}$")  # runner labels, pools, pip specs
+_TEXT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/@+=<>!~,\[\]-]{0,199}$")  # runner labels, pools
+# what the install step hands to pip: a requirement (modelcd==1.2), a wheel or a project path relative
+# to the checkout (./dist/modelcd-1.2-py3-none-any.whl), a URL (git+https://github.com/acme/modelcd@v1.2);
+# never an option (a leading -), never credentials in a URL (https://user:token@host)
+_PACKAGE = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9 ._:/@+=<>!~,\[\]-]{0,199}$")
+_URL_USERINFO = re.compile(r"([A-Za-z0-9+.-]+)://([^/@]*)@")  # scheme, user[:password]
 _SECRET_NAME = re.compile(r"^(?!GITHUB_)[A-Za-z_][A-Za-z0-9_]{0,99}$")
 _URL = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?$")
 
@@ -80,7 +85,7 @@ def render_pipeline(model: str, provider: Provider | str, options: PipelineOptio
     validate_model_name(model)
     validate_environment_name(options.environment)
     _check_text(options.runs_on, "runs_on")
-    _check_text(options.package, "package")
+    _check_package(options.package)
     for key, value in options.pool.items():
         if key not in ("vmImage", "name"):
             raise InvalidInput(f"pool key {key!r} is not vmImage or name", field="pool")
@@ -104,3 +109,16 @@ def _check_text(value: str, field: str) -> None:
     if not isinstance(value, str) or not _TEXT.match(value):
         raise InvalidInput(f"{field} {value!r} has characters a pipeline file cannot take safely "
                            "(letters, digits, spaces and ._:/@+=<>!~,[]- only)", field=field)
+
+
+def _check_package(value: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidInput("package is not a string", field="package")
+    # checked first, so that the message below never repeats a token; an SSH user name
+    # (git+ssh://git@github.com/...) is no secret: the runner's SSH key authenticates
+    if any(not (m[1].endswith("ssh") and ":" not in m[2]) for m in _URL_USERINFO.finditer(value)):
+        raise InvalidInput("package: a URL with credentials would be written into the pipeline file; give the "
+                           "URL without them and let the CI system authenticate (docs/pipelines.md)", field="package")
+    if not _PACKAGE.match(value):
+        raise InvalidInput(f"package {value!r} has characters a pipeline file cannot take safely (letters, digits, "
+                           "spaces and ._:/@+=<>!~,[]- only, starting with a letter, digit or .)", field="package")
