@@ -223,7 +223,9 @@ def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
     click.echo(f"release {rel['id']}: {rel['model']} v{rel['version']} → {rel['environment']}  [{rel['phase']}]")
     if rel.get("error"):
         click.echo(f"error: {rel['error']}")
-    _table(rel["jobs"], ["id", "type", "state", "started_at", "finished_at", "error"])
+    if rel.get("image_digest"):
+        click.echo(f"image: {rel['image']} ({rel['image_digest']})")
+    _table(rel["jobs"], ["id", "type", "state", "runs_in", "started_at", "finished_at", "error"])
     click.echo("events:")
     for ev in rel["events"]:
         click.echo(f"  {ev['ts']}  {ev['kind']:<24} {ev['message']}")
