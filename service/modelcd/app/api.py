@@ -78,6 +78,9 @@ def release_write(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not authorized("release", current_app.extensions["modelcd_token"], request.headers.get("Authorization"),
                           release_id, _ctx().pipeline_runs):
             raise Unauthorized(RELEASE_TOKEN_HINT)
+        # a pipeline token is a secret in every log and error it reaches (minted by an earlier
+        # process, after a restart, it is known here only now)
+        _ctx().redact.add(bearer(request.headers.get("Authorization")))
         return fn(release_id, *args, **kwargs)
 
     setattr(wrapper, AUTH, "release")

@@ -113,7 +113,10 @@ def run_stage(ctx: Context, release_id: str, phase: Phase, cancel: threading.Eve
 
 def begin_stage(ctx: Context, rel: Release, phase: Phase, runs_in: str | None = None) -> str:
     """Open the job of ``phase``'s stage (running) and return its id: whoever does the work,
-    the service or a pipeline's runner (``runs_in="runner"``), it is recorded the same way."""
+    the service or a pipeline's runner (``runs_in="runner"``), it is recorded the same way.
+    One stage runs at a time: a runner's job still open (its step died without a report, and
+    the pipeline went on to roll back) is closed first."""
+    close_runner_jobs(ctx, rel.id, f"the release went on to {STAGE_OF[phase]} without this stage's report")
     job = ctx.jobs.create(STAGE_OF[phase], release_id=rel.id, model=rel.model, version=rel.version,
                           environment=rel.environment, runs_in=runs_in)
     ctx.jobs.transition(job.id, JobState.SCHEDULED)

@@ -22,7 +22,7 @@ from modelcd.context import Context
 from modelcd.domain import DeploymentState, JobState, JobType
 from modelcd.errors import Cancelled, Conflict, InvalidInput, ModelcdError, StageFailed
 from modelcd.registry.service import version_to_dict
-from modelcd.releases.deployments import spec_values
+from modelcd.releases.deployments import spec_values, stop_deployment
 from modelcd.releases.engine import STAGE_PHASE, begin_stage, done_before, end_stage, release_lock, stage_name
 from modelcd.releases.machine import Phase
 from modelcd.releases.policy import RUNNER_STAGES, Place, stage_place
@@ -60,28 +60,41 @@ def begin(ctx: Context, release_id: str, stage: str) -> dict[str, Any]:
         if rel.phase is not wanted:
             raise Conflict(f"release {release_id} is {rel.phase}: stage {stage} cannot run before "
                            f"{stage_name(rel.phase)}", field="stage")
-        for job in _open_jobs(ctx, rel.id, stage):  # the runner retried the step: the new attempt counts
+        superseded = _open_jobs(ctx, rel.id, stage)
+        for job in superseded:  # the runner retried the step: the new attempt counts
             ctx.jobs.logger(job.id)("the runner started this stage again; this attempt is closed")
             ctx.jobs.transition(job.id, JobState.FAILED, error="superseded by the runner's retry")
+        if superseded and stage == "deploy":
+            _abandon_deployment(ctx, rel, ctx.jobs.logger(superseded[0].id))
         job_id = begin_stage(ctx, rel, wanted, runs_in="runner")
-        work = _work(ctx, rel, stage, job_id)
+        try:
+            work = _work(ctx, rel, stage, job_id)
+        except Exception as e:  # nothing to hand over: the stage fails here, as it would on the service
+            after = end_stage(ctx, rel.id, wanted, job_id, e)
+            ctx.pipeline_runs.reported(release_id)
+            ctx.wake.set()
+            return {"run_in": "runner", **result(stage, after, "failed")}
     ctx.jobs.logger(job_id)(f"{stage} runs in the pipeline's runner; its log follows")
     ctx.pipeline_runs.reported(release_id)
     return {"run_in": "runner", "stage": stage, "release_id": rel.id, "job_id": job_id, "work": work}
 
 
 def append_log(ctx: Context, release_id: str, job_id: str, lines: Any) -> dict[str, Any]:
-    """Add the runner's lines to the job's log (redacted like every log). The answer says
-    whether a person stopped the release (the runner then stops and reports ``cancelled``)."""
+    """Add the runner's lines to the job's log (redacted like every log, before a long line is
+    cut, so no part of a secret is kept). The answer says whether the runner should stop: a
+    person stopped the release, or the service closed the job (a retry superseded it, or the
+    service gave up on the runner); it then stops and reports ``cancelled``."""
     if not isinstance(lines, list) or len(lines) > MAX_LINES or not all(isinstance(x, str) for x in lines):
         raise InvalidInput(f"lines must be a list of at most {MAX_LINES} strings", field="lines")
     rel = _external(ctx, release_id)
     job = _runner_job(ctx, rel, job_id)
-    if job.state is JobState.RUNNING:
+    running = job.state is JobState.RUNNING
+    if running:
         for line in lines:
-            ctx.jobs.log(job.id, line[:MAX_LINE])
+            ctx.jobs.log(job.id, ctx.redact(line)[:MAX_LINE])
     ctx.pipeline_runs.reported(release_id)
-    return {"job_id": job.id, "state": str(job.state), "cancel": rel.cancel_requested or job.cancel_requested}
+    return {"job_id": job.id, "state": str(job.state),
+            "cancel": rel.cancel_requested or job.cancel_requested or not running}
 
 
 def finish(ctx: Context, release_id: str, job_id: str, outcome: str, error: str, report: Any) -> dict[str, Any]:
@@ -100,6 +113,11 @@ def finish(ctx: Context, release_id: str, job_id: str, outcome: str, error: str,
         if job.state is not JobState.RUNNING:  # closed meanwhile (the service gave up on the runner)
             return result(stage, rel, "failed", already=True)
         phase = STAGE_PHASE[stage]
+        if rel.phase is not phase:  # the pipeline reported the stage failed meanwhile: this report is late
+            ctx.jobs.logger(job.id)(f"the runner's report came after the release went on to {rel.phase}; "
+                                    "nothing of it is recorded")
+            ctx.jobs.transition(job.id, JobState.FAILED, error=f"reported after the release went on to {rel.phase}")
+            return result(stage, rel, "failed", already=True)
         log = ctx.jobs.logger(job.id)
         try:
             if outcome == "cancelled":
@@ -243,6 +261,19 @@ def _failed(ctx: Context, rel: Release, stage: str) -> None:
         dep = ctx.deployments.get(rel.deployment_id)
         if dep.state is DeploymentState.STARTING:
             ctx.deployments.update(dep.id, state=DeploymentState.FAILED)
+
+
+def _abandon_deployment(ctx: Context, rel: Release, log: Any) -> None:
+    """The deployment of a deploy attempt the runner retried never served: recorded failed, and
+    its container stopped where this service reaches the runner's engine."""
+    if not rel.deployment_id:
+        return
+    dep = ctx.deployments.get(rel.deployment_id)
+    if dep.release_id != rel.id or dep.state is not DeploymentState.STARTING:
+        return
+    stop_deployment(ctx.target(dep.target), dep, ctx.home, log)
+    ctx.deployments.update(dep.id, state=DeploymentState.FAILED)
+    log(f"deployment {dep.id} of this attempt is abandoned")
 
 
 def _external(ctx: Context, release_id: str) -> Release:
