@@ -153,9 +153,6 @@ def test_registry_must_be_an_address() -> None:
     assert "ghcr.io/acme or 127.0.0.1:5000/models" in message
 
 
-@pytest.mark.xfail(strict=True, reason="policy.py: the whole-policy stage checks (stages_local, stage_place) pass "
-                                       "no `path` to PydanticCustomError, so the problem has path '' and no line, "
-                                       "and _describe appends '(got a mapping)'")
 def test_whole_policy_stage_refusals_point_at_pipeline_stages() -> None:
     ((line, path, message),) = refused("name: p\npipeline:\n  stages: {build: runner}\n")
     assert (line, path) == (3, "pipeline.stages") and "(got" not in message

@@ -37,7 +37,7 @@ import requests
 
 from modelcd.analysis.smoke import Outcome, SmokeChecks, run_smoke
 from modelcd.builders.image import PYTHON_IN_IMAGE, ImageOptions, build_image
-from modelcd.client import Client
+from modelcd.client import ApiError, Client
 from modelcd.config import Settings
 from modelcd.domain import Bundle, Flavor, ModelVersion, Source
 from modelcd.errors import BuildError, Cancelled, DeployError, ModelcdError
@@ -89,6 +89,15 @@ class StageLog:
         for attempt in range(3):
             try:
                 answer = self.client.post(self.path, json={"lines": lines}, timeout=30)
+            except ApiError as e:
+                if e.status in (401, 404, 409):  # the release ended (token revoked) or the job is not ours: stop
+                    self.echo(f"(the service refused the log: {e.message}; stopping)")
+                    self.cancel.set()
+                    return
+                if attempt == 2:
+                    self.echo(f"(could not send {len(lines)} log lines to the service: {e.message})")
+                time.sleep(1.0)
+                continue
             except ModelcdError as e:
                 if attempt == 2:
                     self.echo(f"(could not send {len(lines)} log lines to the service: {e.message})")

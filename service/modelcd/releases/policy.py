@@ -425,10 +425,12 @@ class Policy(_Edge):
 
     @model_validator(mode="after")
     def _approval_with_local_runner(self) -> Policy:
-        if self.runner != Runner.LOCAL and any(e.approval for e in self.environments):
+        gated = [i for i, e in enumerate(self.environments) if e.approval]
+        if self.runner != Runner.LOCAL and gated:
             raise PydanticCustomError("approval_runner", "approval gates of runner {runner} are the CI system's "
                                       "own (GitHub environment protection rules, Azure environment approvals); "
-                                      "drop approval from the environments", {"runner": str(self.runner)})
+                                      "drop approval from the environments",
+                                      {"runner": str(self.runner), "path": f"environments[{gated[0]}].approval"})
         return self
 
     @model_validator(mode="after")
@@ -454,12 +456,13 @@ class Policy(_Edge):
         if self.runner == Runner.LOCAL:
             if given:
                 raise PydanticCustomError("stages_local", "runner local runs every stage on the service; "
-                                          "pipeline.stages is for runner github or azure", {})
+                                          "pipeline.stages is for runner github or azure",
+                                          {"path": "pipeline.stages"})
             return self
         for env in self.environments:
             problem = _places_problem(self, env)
             if problem:
-                raise PydanticCustomError("stage_place", "{message}", {"message": problem})
+                raise PydanticCustomError("stage_place", "{message}", {"message": problem, "path": "pipeline.stages"})
         return self
 
     @model_validator(mode="after")
@@ -641,7 +644,8 @@ def _describe(err: ErrorDetails) -> str:
     if kind == "too_short":
         n = ctx.get("min_length", 1)
         return f"must have at least {n} item{'s' if n != 1 else ''}"
-    if kind in ("choice", "name", "steps_unused", "steps_order", "duplicate_environment"):
+    if kind in ("choice", "name", "steps_unused", "steps_order", "duplicate_environment", "stages_local", "stage_place",
+                "approval_runner"):
         return err["msg"]
     msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     msg = msg.replace("String should have", "must have")

@@ -234,9 +234,10 @@ def _check_deploy(ctx: Context, rel: Release, report: dict[str, Any], log: Any) 
                           field="url")
     health = probe(port, timeout=3.0, host=parts.hostname)
     if health is None or health.get("model") != rel.model or str(health.get("version")) != str(rel.version):
-        raise StageFailed(f"the service cannot reach {rel.model} v{rel.version} at {url} (healthz answered "
-                          f"{health!r}); the router forwards there, so the runner must start it where the service "
-                          "reaches it (docker_url_host, network)", field="url")
+        seen = "no answer" if health is None else "another model or version"  # never echoed: it is not ours
+        raise StageFailed(f"the service cannot reach {rel.model} v{rel.version} at {url} (GET /healthz: {seen}); "
+                          "the router forwards there, so the runner must start it where the service reaches it "
+                          "(docker_url_host, network)", field="url")
     pid = report.get("pid")
     ctx.deployments.update(dep.id, state=DeploymentState.READY, url=url.rstrip("/"), port=port,
                            pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
