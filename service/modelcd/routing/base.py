@@ -13,12 +13,14 @@ imports that module, not this one) and are re-exported here.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from modelcd.errors import RouterError
 from modelcd.ports import Ports
 from modelcd.routing.table import (
     Backend,
     EndpointRoute,
+    Mirror,
     RoutingTable,
     WeightedChoice,
     endpoint_key,
@@ -71,6 +73,14 @@ class Router(ABC):
         """Stop the router this instance runs or adopted, waiting for in-flight requests
         (bounded). Idempotent: stopping a stopped router does nothing."""
 
+    def mirror_pairs(self, model: str, env: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """Shadow traffic of an endpoint that mirrors (its route's ``mirror``): the candidate's
+        counters (``mirrored``, ``dropped``, ``candidate_errors``, ``seq``…) and ``pairs`` after
+        sequence number ``after``, oldest first: ``{seq, ts, request, champion: {status, body,
+        ms}, candidate: {status, body, ms, error}, truncated}``. Raises RouterError when the
+        router does not answer or the endpoint mirrors nothing."""
+        raise RouterError(f"router {self.name} does not keep shadow traffic")
+
     def supervise(self) -> bool:
         """Called periodically by the control plane: repair the router if it died (restart
         it with the last applied table). Returns True when it repaired something. Never
@@ -90,5 +100,5 @@ def get_router(name: str, settings: Settings) -> Router:
     return ROUTERS.create(name, settings)
 
 
-__all__ = ["ROUTERS", "Backend", "EndpointRoute", "Router", "RoutingTable", "WeightedChoice", "endpoint_key",
+__all__ = ["ROUTERS", "Backend", "EndpointRoute", "Mirror", "Router", "RoutingTable", "WeightedChoice", "endpoint_key",
            "get_router", "listen_is_loopback", "next_candidate"]

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from modelcd.errors import InvalidInput, RouterError
 from modelcd.routing.base import Router, RoutingTable
@@ -113,6 +113,15 @@ class BuiltinRouter(Router):
             return RoutingTable.from_dict(body)
         except InvalidInput as e:
             raise RouterError(f"the router at {self.base_url} returned an invalid table: {e.message}") from e
+
+    def mirror_pairs(self, model: str, env: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """See ``Router.mirror_pairs`` (``GET /-/mirror/pairs``)."""
+        query = urlencode({"endpoint": f"{model}/{env}", "after": after, "limit": limit})
+        status, body = self._admin("GET", f"/-/mirror/pairs?{query}")
+        if status != 200:
+            message = body.get("message", body) if isinstance(body, dict) else body
+            raise RouterError(f"the router answered {status} for the shadow traffic of {model}/{env}: {message}")
+        return dict(body)
 
     def endpoint_uri(self, model: str, env: str) -> str:
         """``http://host:port/model/env`` (host 127.0.0.1 when bound to every address)."""

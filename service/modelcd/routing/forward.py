@@ -14,6 +14,7 @@ from modelcd.routing.http1 import HOP_BY_HOP, reason
 if TYPE_CHECKING:
     from modelcd.routing.applied import Route, Target
     from modelcd.routing.client import ClientConnection, Request
+    from modelcd.routing.mirror import Pair
     from modelcd.routing.proxy import RouterServer
     from modelcd.routing.upstream import UpstreamConnection
 
@@ -35,7 +36,8 @@ class Forward:
     other weighted backends, then standbys). Answers the client with 502/504 when all that
     fails."""
 
-    __slots__ = ("client", "fresh_tried", "has_host", "headers", "req", "rest", "route", "server", "target", "tried")
+    __slots__ = ("client", "fresh_tried", "has_host", "headers", "pair", "req", "rest", "route", "server", "target",
+                 "tried")
 
     def __init__(self, server: RouterServer, client: ClientConnection, req: Request, route: Route,
                  rest: bytes) -> None:
@@ -48,6 +50,8 @@ class Forward:
         self.fresh_tried = False
         self.tried: list[Target] = []
         self.target: Target | None = None
+        # shadow traffic: this request's copy for the candidate, sent once the client has its answer
+        self.pair: Pair | None = route.mirror.take() if route.mirror is not None else None
 
     def send(self, target: Target, fresh: bool = False) -> None:
         """Send to ``target`` on a pooled connection, or on a new one (connect in a task)."""
@@ -78,6 +82,10 @@ class Forward:
         if outcome == OK:
             if target.pool.down_until:
                 self.server.mark_up(target.pool)
+            if self.pair is not None:
+                client.request_done()
+                self.pair.champion_done(self.server, req.method, self.rest, self.headers, self.has_host, req.body)
+                return
         elif exchange is not None and exchange.flushed:
             log.warning("backend %s: response %s midway; closing the client connection",
                         target.backend.id, "timed out" if outcome == TIMEOUT else "cut")
@@ -86,6 +94,8 @@ class Forward:
             client.respond_error(req, 504, "gateway_timeout", "the backend did not answer in time")
         elif outcome == ABORT:
             client.respond_error(req, 502, "bad_gateway", "the backend's response was cut or malformed")
+        if self.pair is not None:
+            self.pair.abandon()
         client.request_done()
 
     def _fail_over(self, exchange: Exchange | None, target: Target) -> None:
@@ -107,6 +117,8 @@ class Forward:
             self.send(other)
             return
         log.warning("no backend of %s reachable", self.route.name)
+        if self.pair is not None:
+            self.pair.abandon()
         self.client.respond_error(self.req, 502, "bad_gateway", f"no backend of {self.route.name!r} answered")
         self.client.request_done()
 
@@ -115,7 +127,7 @@ class Exchange:
     """One attempt: the request sent to one backend over one connection, and the response
     relayed to the client as it comes. Also the callback target of the response parser."""
 
-    __slots__ = ("chunked", "chunked_in", "client", "complete", "conn", "flushed", "forward", "framed",
+    __slots__ = ("capture", "chunked", "chunked_in", "client", "complete", "conn", "flushed", "forward", "framed",
                  "has_length", "headers_done", "informational", "no_body", "out", "parser", "received", "req",
                  "reusable", "reused", "started", "target")
 
@@ -140,6 +152,7 @@ class Exchange:
         self.complete = False  # the whole response was parsed
         self.reusable = False  # ... and the connection may carry another request
         self.started = 0.0
+        self.capture = forward.pair  # shadow traffic: the answer is kept for comparison (None: not)
 
     def start(self, payload: bytes) -> None:
         server = self.forward.server
@@ -191,6 +204,8 @@ class Exchange:
             self.has_length = self.chunked_in = False
             return
         self.headers_done = True
+        if self.capture is not None:
+            self.capture.status = status
         lines, self.out = self.out, []
         self.out.append(self._head(status, lines))
         if self.req.method == b"HEAD":
@@ -199,6 +214,8 @@ class Exchange:
     def on_body(self, body: bytes) -> None:
         if self.no_body:
             return
+        if self.capture is not None:
+            self.capture.add(body)
         if self.chunked:
             self.out.append(b"%x\r\n" % len(body))
             self.out.append(body)

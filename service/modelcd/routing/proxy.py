@@ -4,7 +4,8 @@ deployments, run as its own process so it keeps serving while the control plane 
     python -m modelcd.routing.proxy --table PATH --host 127.0.0.1 --port 8700
 
 ``ANY /{model}/{env}/{rest}`` goes to ``{backend.url}/{rest}`` of a backend picked by weight;
-``/-/healthz``, ``/-/table`` and ``POST /-/reload`` are the admin routes (model names cannot
+``/-/healthz``, ``/-/table``, ``POST /-/reload`` and ``/-/mirror[/pairs]`` (shadow traffic,
+``routing.mirror``) are the admin routes (model names cannot
 start with '-'). The table comes from a JSON file that the control plane replaces atomically;
 it is re-read on ``/-/reload``, on SIGHUP and when the file changes (polled), and an invalid
 file leaves the old table serving. One table is one immutable ``AppliedTable``: a request
@@ -42,14 +43,15 @@ import signal
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from modelcd.errors import InvalidInput
 from modelcd.routing.applied import AppliedTable, Route, Target
 from modelcd.routing.client import ClientConnection, Request, key_accepted
 from modelcd.routing.forward import Exchange, Forward
+from modelcd.routing.mirror import MirrorCall, MirrorState
 from modelcd.routing.options import OPEN_SETTING, Options
-from modelcd.routing.table import RoutingTable, listen_is_loopback, next_candidate
+from modelcd.routing.table import Backend, RoutingTable, listen_is_loopback, next_candidate
 from modelcd.routing.upstream import UpstreamPool
 
 __all__ = ["Options", "RouterServer", "key_accepted", "main", "parse_args", "serve"]
@@ -74,6 +76,8 @@ class RouterServer:
         self.draining = False
         self.ticks = 0
         self.down_pools: set[UpstreamPool] = set()  # backends marked down; empty: every pick takes the fast path
+        self.mirrors: dict[tuple[bytes, str], MirrorState] = {}  # shadow traffic per (endpoint, candidate)
+        self.mirror_calls: set[MirrorCall] = set()
         exposed = options.exposed if options.exposed is not None else not listen_is_loopback(options.host)
         self.refuse_open = exposed and not options.allow_open_endpoints
 
@@ -82,19 +86,34 @@ class RouterServer:
         """Swap in ``table`` (one reference assignment), then drop pools nobody routes to."""
         routes: dict[bytes, Route] = {}
         used: set[tuple[str, int]] = set()
+        mirrors: dict[tuple[bytes, str], MirrorState] = {}
+
+        def target_of(backend: Backend) -> Target:
+            parts = urlsplit(backend.url)
+            addr = (parts.hostname or "127.0.0.1", parts.port or 80)
+            used.add(addr)
+            pool = self.pools.get(addr)
+            if pool is None:
+                pool = self.pools[addr] = UpstreamPool(addr[0], addr[1], self.options)
+            return Target(backend, pool)
+
         for key, route in table.endpoints.items():
-            targets = []
-            for backend in route.backends:
-                parts = urlsplit(backend.url)
-                addr = (parts.hostname or "127.0.0.1", parts.port or 80)
-                used.add(addr)
-                pool = self.pools.get(addr)
-                if pool is None:
-                    pool = self.pools[addr] = UpstreamPool(addr[0], addr[1], self.options)
-                targets.append(Target(backend, pool))
-            routes[key.encode()] = Route(key.encode(), route, targets)
+            bkey = key.encode()
+            targets = [target_of(backend) for backend in route.backends]
+            state = None
+            if route.mirror is not None:
+                m = route.mirror
+                target = target_of(Backend(m.id, m.version, m.url, 0))
+                state = self.mirrors.get((bkey, m.id))
+                if state is None:  # a new candidate; the same one keeps its pairs across tables
+                    state = MirrorState(bkey, m, target, self.options.mirror_pairs, self.options.mirror_pending,
+                                        self.options.mirror_body_cap)
+                state.mirror, state.target = m, target
+                mirrors[(bkey, m.id)] = state
+            routes[bkey] = Route(bkey, route, targets, state)
         old = self.state.table.generation
         self.state = AppliedTable(table, routes)
+        self.mirrors = mirrors
         for addr in set(self.pools) - used:
             pool = self.pools.pop(addr)
             pool.close()
@@ -141,6 +160,9 @@ class RouterServer:
         late = now - self.options.upstream_timeout
         for exchange in [e for e in self.inflight if e.started < late]:
             exchange.timed_out()
+        late = now - self.options.mirror_timeout
+        for call in [c for c in self.mirror_calls if c.started < late]:
+            call.timed_out()
         self._tick_clients(now)
         self.ticks += 1
         if self.ticks % 4:
@@ -199,8 +221,15 @@ class RouterServer:
             key = parts[1] + b"/" + parts[2]
             route = self.state.routes.get(key)  # the one read of the table for this request
         if route is None:
-            where = repr(key.decode("latin-1")) if key else "here: use /{model}/{env}/..."
-            client.respond_error(req, 404, "not_found", f"no endpoint {where}")
+            retired = self.state.table.retired.get(key.decode("latin-1")) if key else None
+            if retired is not None:  # on purpose: say so, and how it comes back
+                model, _, env = key.decode("latin-1").partition("/")
+                client.respond_error(req, 410, "endpoint_retired", (
+                    f"endpoint {model}/{env} was retired at {retired} and serves nothing; a new release brings "
+                    f"it back: `modelcd promote {model} VERSION --env {env}`"))
+            else:
+                where = repr(key.decode("latin-1")) if key else "here: use /{model}/{env}/..."
+                client.respond_error(req, 404, "not_found", f"no endpoint {where}")
             client.request_done()
             return
         if (route.keyed or self.refuse_open) and self.refused(client, req, route):
@@ -246,12 +275,16 @@ class RouterServer:
         method = req.method
         if path == b"/-/healthz" and method in (b"GET", b"HEAD"):
             client.respond_json(req, 200, self.health())
-        elif path not in (b"/-/table", b"/-/reload"):
+        elif path not in (b"/-/table", b"/-/reload", b"/-/mirror", b"/-/mirror/pairs"):
             client.respond_error(req, 404, "not_found", f"no admin route {path.decode('latin-1')!r}")
         elif not _is_loopback(client.peer):
             client.respond_error(req, 403, "forbidden", "admin routes answer loopback clients only")
         elif path == b"/-/table" and method in (b"GET", b"HEAD"):
             client.respond(req, 200, json.dumps(self.state.table.to_dict()).encode())
+        elif path == b"/-/mirror" and method == b"GET":
+            client.respond_json(req, 200, {"mirrors": [m.counters() for m in self.mirrors.values()]})
+        elif path == b"/-/mirror/pairs" and method == b"GET":
+            self.mirror_pairs(client, req)
         elif path == b"/-/reload" and method == b"POST":
             try:
                 client.respond_json(req, 200, {"generation": self.reload()})
@@ -260,6 +293,23 @@ class RouterServer:
                                                "generation": self.state.table.generation})
         else:
             client.respond_error(req, 405, "method_not_allowed", f"{method.decode('latin-1')} not allowed here")
+
+    def mirror_pairs(self, client: ClientConnection, req: Request) -> None:
+        """``?endpoint=model/env&after=SEQ&limit=N``: the candidate's counters and its pairs
+        of answers after ``SEQ`` (oldest first); 404 when the endpoint mirrors nothing."""
+        query = parse_qs(req.url.partition(b"?")[2].decode("latin-1"))
+        endpoint = (query.get("endpoint") or [""])[0].encode("latin-1")
+        try:
+            after = int((query.get("after") or ["0"])[0])
+            limit = min(max(int((query.get("limit") or ["1000"])[0]), 1), 10_000)
+        except ValueError:
+            client.respond_error(req, 400, "bad_request", "after and limit must be whole numbers")
+            return
+        state = next((m for (key, _), m in self.mirrors.items() if key == endpoint), None)
+        if state is None:
+            client.respond_error(req, 404, "not_found", f"endpoint {endpoint.decode('latin-1')!r} mirrors nothing")
+            return
+        client.respond_json(req, 200, {**state.counters(), "pairs": state.since(after, limit)})
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "router": "modelcd", "generation": self.state.table.generation,
@@ -355,6 +405,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
     p.add_argument("--header-timeout", type=float, default=Options.header_timeout, help="seconds; then 408")
     p.add_argument("--backend-down-time", type=float, default=Options.backend_down_time,
                    help="seconds a backend that refused a connection is skipped")
+    p.add_argument("--mirror-pending", type=int, default=Options.mirror_pending,
+                   help="shadow copies in progress per endpoint; more are dropped")
+    p.add_argument("--mirror-pairs", type=int, default=Options.mirror_pairs, help="pairs of answers kept per endpoint")
+    p.add_argument("--mirror-timeout", type=float, default=Options.mirror_timeout,
+                   help="seconds a candidate may take to answer a copy")
+    p.add_argument("--mirror-body-cap", type=int, default=Options.mirror_body_cap,
+                   help="bytes of a request or answer kept in a pair")
     p.add_argument("--allow-open-endpoints", action="store_true",
                    help=f"serve endpoints without a key on a non-loopback address too ({OPEN_SETTING})")
     p.add_argument("--exposed", choices=("auto", "yes", "no"), default="auto",
@@ -367,6 +424,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
                       max_request_line=a.max_request_line, max_header_bytes=a.max_header_bytes,
                       max_headers=a.max_headers, header_timeout=a.header_timeout,
                       backend_down_time=a.backend_down_time, allow_open_endpoints=a.allow_open_endpoints,
+                      mirror_pending=a.mirror_pending, mirror_pairs=a.mirror_pairs, mirror_timeout=a.mirror_timeout,
+                      mirror_body_cap=a.mirror_body_cap,
                       exposed={"auto": None, "yes": True, "no": False}[a.exposed])
     return options, a.loop
 

@@ -109,6 +109,31 @@ class Backend:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """A candidate the router copies live requests to (shadow traffic): it never answers a
+    client. ``sample_rate`` of the endpoint's requests (0 < rate <= 1) are copied after the
+    serving backend answered; the pairs of answers are kept for the control plane's analysis."""
+
+    id: str  # the candidate deployment's id
+    version: int
+    url: str
+    sample_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        _raise(_mirror_problems("mirror", self.id, self.version, self.url, self.sample_rate))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "version": self.version, "url": self.url, "sample_rate": self.sample_rate}
+
+
+def _mirror_problems(where: str, id: object, version: object, url: object, rate: object) -> list[str]:
+    problems = _backend_problems(where, id, version, url, 0)
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+        problems.append(f"{where}.sample_rate: must be a number above 0 and at most 1 (got {rate!r})")
+    return problems
+
+
+@dataclass(frozen=True)
 class EndpointRoute:
     """The backends of one endpoint and who may call it. Backend ids are unique within it.
 
@@ -120,12 +145,16 @@ class EndpointRoute:
     backends: tuple[Backend, ...]
     auth: str = "none"
     key_hashes: tuple[str, ...] = ()
+    mirror: Mirror | None = None  # shadow traffic: a candidate that gets copies, never clients
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", tuple(self.backends))
         if isinstance(self.key_hashes, list):
             object.__setattr__(self, "key_hashes", tuple(self.key_hashes))
-        _raise(_route_problems("route", self.backends) + _auth_problems("route", self.auth, self.key_hashes))
+        problems = _route_problems("route", self.backends) + _auth_problems("route", self.auth, self.key_hashes)
+        if self.mirror is not None and self.mirror.id in {b.id for b in self.backends}:
+            problems.append(f"route.mirror: {self.mirror.id} is a backend too; a mirror never serves clients")
+        _raise(problems)
 
     @property
     def total_weight(self) -> int:
@@ -136,8 +165,11 @@ class EndpointRoute:
         return {b.id: b.weight for b in self.backends}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backends": [b.to_dict() for b in self.backends], "auth": self.auth,
-                "key_hashes": list(self.key_hashes)}
+        out: dict[str, Any] = {"backends": [b.to_dict() for b in self.backends], "auth": self.auth,
+                               "key_hashes": list(self.key_hashes)}
+        if self.mirror is not None:
+            out["mirror"] = self.mirror.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -148,13 +180,15 @@ class RoutingTable:
 
     generation: int
     endpoints: dict[str, EndpointRoute] = field(default_factory=dict)
+    # endpoints retired on purpose ('model/env' → when, ISO-8601): no route; the router answers 410 naming it
+    retired: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = [] if _is_int(self.generation) and self.generation >= 0 else [
             f"generation: must be an integer >= 0 (got {self.generation!r})"]
         for key in self.endpoints:
             problems += _key_problems(key)
-        _raise(problems)
+        _raise(problems + _retired_problems(self.retired, self.endpoints))
 
     def route(self, model: str, env: str) -> EndpointRoute | None:
         """The route of one endpoint, or None when the table does not have it."""
@@ -167,11 +201,15 @@ class RoutingTable:
             endpoints.pop(endpoint_key(model, env), None)
         else:
             endpoints[endpoint_key(model, env)] = route
-        return RoutingTable(self.generation + 1, endpoints)
+        retired = {k: v for k, v in self.retired.items() if k not in endpoints}
+        return RoutingTable(self.generation + 1, endpoints, retired)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"generation": self.generation,
-                "endpoints": {k: r.to_dict() for k, r in sorted(self.endpoints.items())}}
+        out: dict[str, Any] = {"generation": self.generation,
+                               "endpoints": {k: r.to_dict() for k, r in sorted(self.endpoints.items())}}
+        if self.retired:  # only when there is one: a table without any reads as before
+            out["retired"] = dict(sorted(self.retired.items()))
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -185,7 +223,7 @@ class RoutingTable:
         generation = data.get("generation")
         if not _is_int(generation) or generation < 0:  # type: ignore[operator]
             problems.append(f"generation: must be an integer >= 0 (got {generation!r})")
-        extra = sorted(set(data) - {"generation", "endpoints"})
+        extra = sorted(set(data) - {"generation", "endpoints", "retired"})
         if extra:
             problems.append(f"table: unknown field(s) {', '.join(map(str, extra))}")
         raw_endpoints = data.get("endpoints")
@@ -198,8 +236,12 @@ class RoutingTable:
             problems += _key_problems(key) + route_problems
             if route is not None:
                 endpoints[key] = route
-        _raise(problems)
-        return cls(generation, endpoints)  # type: ignore[arg-type]
+        retired = data.get("retired", {})
+        if not isinstance(retired, Mapping):
+            problems.append("retired: must be an object of 'model/env': when it was retired")
+            retired = {}
+        _raise(problems + _retired_problems(retired, endpoints))
+        return cls(generation, endpoints, dict(retired))  # type: ignore[arg-type]
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RoutingTable:
@@ -211,7 +253,20 @@ class RoutingTable:
         return cls.from_dict(data)
 
 
-ROUTE_FIELDS = frozenset({"backends", "auth", "key_hashes"})
+def _retired_problems(retired: Mapping[Any, Any], endpoints: Collection[str]) -> list[str]:
+    """Every reason ``retired`` cannot be a table's retired endpoints."""
+    problems: list[str] = []
+    for key, when in retired.items():
+        problems += [p.replace("endpoints:", "retired:", 1) for p in _key_problems(key)]
+        if not isinstance(when, str) or not 0 < len(when) <= 40 or not when.isprintable():
+            problems.append(f"retired[{key!r}]: must be when it was retired, an ISO-8601 text (got {when!r})")
+        if key in endpoints:
+            problems.append(f"retired[{key!r}]: a retired endpoint has no route; remove it from endpoints")
+    return problems
+
+
+ROUTE_FIELDS = frozenset({"backends", "auth", "key_hashes", "mirror"})
+MIRROR_FIELDS = frozenset({"id", "version", "url", "sample_rate"})
 
 
 def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[str]]:
@@ -240,7 +295,22 @@ def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[s
         if not found:
             backends.append(Backend(*values))  # type: ignore[arg-type]
     problems += _route_problems(where, backends)
-    return (None if problems else EndpointRoute(tuple(backends), auth, tuple(key_hashes))), problems
+    mirror, raw_mirror = None, raw.get("mirror")
+    if raw_mirror is not None:
+        if not isinstance(raw_mirror, Mapping):
+            problems.append(f"{where}.mirror: must be an object {{id, version, url, sample_rate}}")
+        else:
+            extra = sorted(map(str, set(raw_mirror) - MIRROR_FIELDS))
+            if extra:
+                problems.append(f"{where}.mirror: unknown field(s) {', '.join(extra)}")
+            values = [raw_mirror.get(k) for k in ("id", "version", "url")] + [raw_mirror.get("sample_rate", 1.0)]
+            found = _mirror_problems(f"{where}.mirror", *values)
+            if not found and values[0] in {b.id for b in backends}:
+                found = [f"{where}.mirror: {values[0]} is a backend too; a mirror never serves clients"]
+            problems += found
+            if not found:
+                mirror = Mirror(*values)  # type: ignore[arg-type]
+    return (None if problems else EndpointRoute(tuple(backends), auth, tuple(key_hashes), mirror)), problems
 
 
 class WeightedChoice(Generic[T]):
