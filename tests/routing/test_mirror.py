@@ -148,11 +148,22 @@ def test_sample_rate_copies_a_share_of_requests(router: BuiltinRouter, make_back
     assert 45 <= got["mirrored"] <= 135, got["mirrored"]  # 90 expected; far outside is a broken sampler
 
 
-def test_a_mirror_is_never_a_backend_and_its_rate_is_checked(make_backend: Make) -> None:
+def test_a_mirrored_canary_copies_only_what_the_champion_answers(router: BuiltinRouter, make_backend: Make) -> None:
+    champion, candidate = make_backend("A"), make_backend("B")
+    router.apply(RoutingTable(1, {"iris/prod": EndpointRoute(
+        (champion.backend(50, id="d-champion"), candidate.backend(50, version=2, id="d-candidate")),
+        mirror=Mirror("d-candidate", 2, candidate.url))}))
+    client = Client(router.port)
+    served = [client.request("POST", "/iris/prod/score", b"{}").headers["X-Backend"] for _ in range(200)]
+    client.close()
+    got = pairs_of(router, served.count("A"))
+    assert 40 < served.count("B") < 160  # the candidate takes its share of clients...
+    assert got["mirrored"] == served.count("A")  # ...and only the champion's requests are copied to it
+    assert all(json.loads(p["champion"]["body"])["name"] == "A" for p in got["pairs"])
+
+
+def test_a_mirror_rate_is_checked(make_backend: Make) -> None:
     champion = make_backend("A")
-    with pytest.raises(InvalidInput) as e:
-        EndpointRoute((champion.backend(100, id="d1"),), mirror=Mirror("d1", 2, champion.url))
-    assert "never serves clients" in e.value.message
     for rate in (0, 1.5, True, "1"):
         with pytest.raises(InvalidInput) as e:
             Mirror("d2", 2, champion.url, rate)  # type: ignore[arg-type]

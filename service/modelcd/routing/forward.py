@@ -50,8 +50,15 @@ class Forward:
         self.fresh_tried = False
         self.tried: list[Target] = []
         self.target: Target | None = None
-        # shadow traffic: this request's copy for the candidate, sent once the client has its answer
-        self.pair: Pair | None = route.mirror.take() if route.mirror is not None else None
+        self.pair: Pair | None = None  # shadow traffic: the copy for the candidate (``mirror_to``)
+
+    def mirror_to(self, target: Target) -> Forward:
+        """Shadow traffic: copy this request to the route's candidate once ``target`` (not the
+        candidate itself) answered it, when sampled and there is room."""
+        state = self.route.mirror
+        if state is not None and target.backend.id != state.mirror.id:
+            self.pair = state.take()
+        return self
 
     def send(self, target: Target, fresh: bool = False) -> None:
         """Send to ``target`` on a pooled connection, or on a new one (connect in a task)."""
@@ -111,6 +118,9 @@ class Forward:
         self.tried.append(target)
         other = server.next_target(self.route, self.tried)
         if other is not None:
+            if self.pair is not None and other.backend.id == self.pair.state.mirror.id:
+                self.pair.abandon()  # the candidate answers this one itself: nothing to compare
+                self.pair = None
             log.warning("backend %s of %s unreachable (skipped for %gs); retrying on %s", target.backend.id,
                         self.route.name, server.options.backend_down_time, other.backend.id)
             self.fresh_tried = False

@@ -246,7 +246,10 @@ class RouterServer:
         rest = b"/" + parts[3] if len(parts) == 4 else b"/"
         if sep:
             rest += b"?" + query
-        Forward(self, client, req, route, rest).send(target)
+        forward = Forward(self, client, req, route, rest)
+        if route.mirror is not None:
+            forward.mirror_to(target)
+        forward.send(target)
 
     def refused(self, client: ClientConnection, req: Request, route: Route) -> bool:
         """The access check, the only one: answer 401 (keyed endpoint, no valid key) or 403

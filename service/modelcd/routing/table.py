@@ -110,9 +110,11 @@ class Backend:
 
 @dataclass(frozen=True)
 class Mirror:
-    """A candidate the router copies live requests to (shadow traffic): it never answers a
-    client. ``sample_rate`` of the endpoint's requests (0 < rate <= 1) are copied after the
-    serving backend answered; the pairs of answers are kept for the control plane's analysis."""
+    """A candidate the router copies live requests to (shadow traffic). ``sample_rate`` of the
+    endpoint's requests (0 < rate <= 1) answered by another backend are copied once answered;
+    the pairs of answers are kept for the control plane's analysis. A shadow candidate is not a
+    backend (it never answers a client); a mirrored canary step's is (with its weight), and the
+    requests it answers itself are not copied."""
 
     id: str  # the candidate deployment's id
     version: int
@@ -151,10 +153,7 @@ class EndpointRoute:
         object.__setattr__(self, "backends", tuple(self.backends))
         if isinstance(self.key_hashes, list):
             object.__setattr__(self, "key_hashes", tuple(self.key_hashes))
-        problems = _route_problems("route", self.backends) + _auth_problems("route", self.auth, self.key_hashes)
-        if self.mirror is not None and self.mirror.id in {b.id for b in self.backends}:
-            problems.append(f"route.mirror: {self.mirror.id} is a backend too; a mirror never serves clients")
-        _raise(problems)
+        _raise(_route_problems("route", self.backends) + _auth_problems("route", self.auth, self.key_hashes))
 
     @property
     def total_weight(self) -> int:
@@ -305,8 +304,6 @@ def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[s
                 problems.append(f"{where}.mirror: unknown field(s) {', '.join(extra)}")
             values = [raw_mirror.get(k) for k in ("id", "version", "url")] + [raw_mirror.get("sample_rate", 1.0)]
             found = _mirror_problems(f"{where}.mirror", *values)
-            if not found and values[0] in {b.id for b in backends}:
-                found = [f"{where}.mirror: {values[0]} is a backend too; a mirror never serves clients"]
             problems += found
             if not found:
                 mirror = Mirror(*values)  # type: ignore[arg-type]
