@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -216,9 +217,11 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 120, poll_s: flo
 class Hammer:
     """A bounded concurrent client scoring through an endpoint URI until stopped."""
 
-    def __init__(self, url: str, body: dict[str, Any], headers: dict[str, str] | None = None, threads: int = 4,
-                 max_s: float = 120) -> None:
-        self.url, self.body, self.max_s = url, json.dumps(body), max_s
+    def __init__(self, url: str, body: dict[str, Any] | list[dict[str, Any]], headers: dict[str, str] | None = None,
+                 threads: int = 4, max_s: float = 120) -> None:
+        # one body, or several sent in turn (each thread starts at its own offset)
+        self.bodies = [json.dumps(b) for b in (body if isinstance(body, list) else [body])]
+        self.url, self.body, self.max_s = url, self.bodies[0], max_s
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.ok = 0
         self.failures: list[str] = []
@@ -231,9 +234,12 @@ class Hammer:
     def _run(self) -> None:
         session = requests.Session()
         deadline = time.monotonic() + self.max_s
+        turn = random.randrange(len(self.bodies))
         while not self._stop.is_set() and time.monotonic() < deadline:
+            turn += 1
             try:
-                r = session.post(self.url, data=self.body, headers=self.headers, timeout=10)
+                r = session.post(self.url, data=self.bodies[turn % len(self.bodies)], headers=self.headers,
+                                 timeout=10)
                 with self._lock:
                     if r.status_code == 200:
                         self.ok += 1

@@ -34,7 +34,8 @@ def _release(runner: str, pipeline: PipelineSpec) -> Release:
     policy = Policy.from_dict({"name": "p", "runner": runner, "pipeline": pipeline.model_dump(exclude_none=True)})
     return Release(id="r-0123456789ab", model="churn", version=3, environment="production", policy_name="p",
                    policy=policy, env_index=0, trigger="auto", phase=Phase.BUILDING, cancel_requested=False,
-                   error=None, deployment_id=None, bundle=None, image=None, image_digest=None, previous_traffic=None,
+                   error=None, deployment_id=None, bundle=None, image=None, image_digest=None, analysis=None,
+                   previous_traffic=None,
                    endpoint_previous=None,
                    created_at="", updated_at="", finished_at=None)
 

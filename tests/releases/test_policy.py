@@ -137,7 +137,7 @@ environments:
     e = info.value
     assert e.field == "environments[0].strategy"
     assert e.message == (
-        "iris.yaml:4: environments[0].strategy: must be one of recreate, blue-green, canary (got 'bluegreen')")
+        "iris.yaml:4: environments[0].strategy: must be one of recreate, blue-green, canary, shadow (got 'bluegreen')")
     assert e.code == "invalid_input"
 
 
@@ -170,7 +170,8 @@ gates: []
         (10, "environments[0].scoring_workers", "must be greater than or equal to 1 (got 0)"),
         (11, "environments[0].stratgy",
          "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, step_hold_s, "
-         "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, resources, env, network, auth"),
+         "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, resources, env, network, auth, "
+         "shadow_s, sample_rate, mirror, analysis"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
@@ -347,7 +348,8 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
                                   "approval": False,
                                   "approval_timeout_s": None, "scoring_workers": 2,
                                   "resources": {"cpu": None, "memory": None}, "env": {}, "network": None,
-                                  "auth": "key"}]
+                                  "auth": "key", "shadow_s": None, "sample_rate": 1.0, "mirror": False,
+                                  "analysis": None}]
     assert d["match"] == {"models": ["iris*"], "tags": {"deploy": "true"}, "sources": ["native", "mlflow"]}
     assert Policy.from_dict(d) == p
     snap = p.snapshot()

@@ -68,6 +68,7 @@ class Strategy(StrEnum):
     RECREATE = "recreate"  # stop the old deployment, then start the new one: brief downtime
     BLUE_GREEN = "blue-green"  # new beside old; all traffic moves at once once smoke passed
     CANARY = "canary"  # new beside old; traffic moves through `steps` percentages
+    SHADOW = "shadow"  # new beside old gets copies of live requests; its answers judged, then all traffic moves
 
 
 class Network(StrEnum):
@@ -287,6 +288,11 @@ class Environment(_Edge):
     env: Annotated[dict[str, EnvValue], BeforeValidator(_check_env)] = Field(default_factory=dict)  # for scoring
     network: Annotated[Network | None, _optional(_choice(Network))] = None  # docker only; None: docker_network
     auth: AuthName = Auth.KEY  # the endpoint's scoring requests need one of its keys
+    # judged on what the model predicts (shadow traffic; canary steps with mirror: true)
+    shadow_s: float | None = Field(default=None, gt=0, le=7 * 86_400, allow_inf_nan=False)  # shadow only
+    sample_rate: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)  # share of live requests copied
+    mirror: bool = False  # canary only: each step also compares the candidate's answers on copies
+    analysis: Analysis | None = None  # shadow, or canary with mirror: the gates on the pairs of answers
 
     @model_validator(mode="before")
     @classmethod
@@ -295,7 +301,24 @@ class Environment(_Edge):
             defaults = {"steps": list(DEFAULT_CANARY_STEPS), "step_hold_s": DEFAULT_STEP_HOLD_S,
                         "max_error_rate": DEFAULT_MAX_ERROR_RATE}
             return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+        if isinstance(data, Mapping) and data.get("strategy") == Strategy.SHADOW:
+            defaults: dict[str, Any] = {"shadow_s": DEFAULT_SHADOW_S,
+                                        "analysis": {"min_agreement": DEFAULT_MIN_AGREEMENT}}
+            return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
         return data
+
+    @model_validator(mode="after")
+    def _pairs_for_analysis(self) -> Environment:
+        if self.mirror and self.strategy != Strategy.CANARY:
+            raise PydanticCustomError("mirror_canary", "mirror: true is for strategy canary (strategy is {strategy}; "
+                                      "strategy shadow mirrors anyway)", {"strategy": str(self.strategy)})
+        if self.shadow_s is not None and self.strategy != Strategy.SHADOW:
+            raise PydanticCustomError("shadow_only", "shadow_s is for strategy shadow (strategy is {strategy})",
+                                      {"strategy": str(self.strategy)})
+        if self.analysis is not None and not (self.strategy == Strategy.SHADOW or self.mirror):
+            raise PydanticCustomError("analysis_pairs", "analysis judges pairs of answers: use strategy shadow, or "
+                                      "strategy canary with mirror: true", {})
+        return self
 
     @field_validator("approval_timeout_s")
     @classmethod
@@ -326,6 +349,22 @@ class Environment(_Edge):
             raise PydanticCustomError("steps_order", "must be increasing percentages ending at 100 (got {got})",
                                       {"got": list(steps)})
         return steps
+
+
+DEFAULT_SHADOW_S = 300.0  # longest a shadow phase may take
+DEFAULT_MIN_AGREEMENT = 0.98  # a shadow with no analysis given judges agreement at this level
+
+
+class Analysis(_Edge):
+    """How a candidate is judged on what it predicts, from pairs of answers to the same live
+    requests (shadow traffic, or canary steps with ``mirror: true``). Each gate set is a check;
+    verdicts are pass, fail, inconclusive, error and the worst wins."""
+
+    min_samples: int = Field(default=200, ge=1, le=1_000_000)  # pairs before a verdict (inconclusive until)
+    min_agreement: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)  # share of agreeing pairs
+    tolerance: float = Field(default=1e-6, ge=0, le=1e6, allow_inf_nan=False)  # numbers agree within it (relative)
+    max_prediction_psi: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)  # outputs' PSI
+    max_input_psi: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)  # inputs vs training
 
 
 def _production() -> tuple[Environment, ...]:
@@ -645,7 +684,7 @@ def _describe(err: ErrorDetails) -> str:
         n = ctx.get("min_length", 1)
         return f"must have at least {n} item{'s' if n != 1 else ''}"
     if kind in ("choice", "name", "steps_unused", "steps_order", "duplicate_environment", "stages_local", "stage_place",
-                "approval_runner"):
+                "approval_runner", "mirror_canary", "shadow_only", "analysis_pairs"):
         return err["msg"]
     msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     msg = msg.replace("String should have", "must have")

@@ -4,6 +4,7 @@ the release, and raises a StageFailed subtype or Cancelled."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from modelcd.context import Context
 from modelcd.domain import DeploymentState
 from modelcd.errors import BuildError, Cancelled, NotFound, RouterError, StageFailed
 from modelcd.releases.deployments import deploy_spec, handle_of, runner_started, spec_values, stop_deployment
+from modelcd.releases.judging import CanaryMirror, shadow_phase, stop_mirror
 from modelcd.releases.machine import Phase
 from modelcd.releases.policy import Environment, Policy, Strategy
 from modelcd.releases.service import Release
@@ -133,6 +135,8 @@ def promote(run: StageRun) -> dict[str, Any]:
     else:
         if env.strategy == Strategy.CANARY:
             _canary_steps(run, dep_id, previous)
+        elif env.strategy == Strategy.SHADOW:
+            _shadow(run, dep_id, previous)
         _switch(run, wanted, previous)
     keep = 1 if env.strategy is Strategy.RECREATE else run.policy.retention.keep_deployments
     ctx.traffic.retire(rel.model, rel.environment, keep, ctx.target(env.target), ctx.home, run.log)
@@ -167,6 +171,14 @@ def _switch(run: StageRun, traffic: dict[str, int], previous: dict[str, int]) ->
         raise StageFailed(f"traffic switch failed: {e.message}") from e
 
 
+def _shadow(run: StageRun, dep_id: str, previous: dict[str, int]) -> None:
+    """Strategy shadow: judge the candidate on copies of live requests before any traffic moves."""
+    if not any(w > 0 for d, w in previous.items() if d != dep_id):
+        run.log("shadow: nothing served before, so there is no champion to compare with; all traffic moves at once")
+        return
+    shadow_phase(run, dep_id)
+
+
 def _canary_steps(run: StageRun, dep_id: str, previous: dict[str, int]) -> None:
     """Move traffic to the new deployment through the policy's steps below 100%, holding
     each while its answers to real traffic stay within ``max_error_rate``. A failed step
@@ -181,12 +193,20 @@ def _canary_steps(run: StageRun, dep_id: str, previous: dict[str, int]) -> None:
     limits = f"max_error_rate {env.max_error_rate:.1%}" + (f", max_p95_ms {env.max_p95_ms:g}" if env.max_p95_ms
                                                           else "")
     url = ctx.deployments.get(dep_id).url or ""
-    for i, percent in enumerate(steps, 1):
-        run.log(f"canary step {i}/{len(steps) + 1}: {percent}% of traffic to v{rel.version} for "
-                f"{env.step_hold_s:g}s ({limits})")
-        _switch(run, step_traffic(dep_id, percent, previous), previous)
-        ctx.jobs.event(None, rel.id, "canary.step", f"{percent}% of traffic to v{rel.version}")
-        hold_step(url, env.step_hold_s, env.max_error_rate, run.stopped, run.log, max_p95_ms=env.max_p95_ms)
+    with contextlib.ExitStack() as stack:
+        mirror = stack.enter_context(CanaryMirror(run, dep_id)) if env.mirror else None
+        for i, percent in enumerate(steps, 1):
+            run.log(f"canary step {i}/{len(steps) + 1}: {percent}% of traffic to v{rel.version} for "
+                    f"{env.step_hold_s:g}s ({limits}{', answers compared on copies' if mirror else ''})")
+            _switch(run, step_traffic(dep_id, percent, previous), previous)
+            ctx.jobs.event(None, rel.id, "canary.step", f"{percent}% of traffic to v{rel.version}")
+            stopped = run.stopped
+            if mirror is not None:
+                mirror.step = f"canary step {i} ({percent}%)"
+                stopped = (lambda m=mirror: run.stopped() or m.check())  # noqa: E731
+            hold_step(url, env.step_hold_s, env.max_error_rate, stopped, run.log, max_p95_ms=env.max_p95_ms)
+        if mirror is not None:
+            mirror.finish()
     run.log(f"canary step {len(steps) + 1}/{len(steps) + 1}: 100% of traffic to v{rel.version}")
 
 
@@ -217,6 +237,8 @@ def rollback(run: StageRun) -> dict[str, Any]:
     """Undo what this release started: traffic back to where it was, its own deployment stopped."""
     rel, ctx = run.release, run.ctx
     dep_id = rel.deployment_id
+    if dep_id and _mirrors(ctx, rel, dep_id):
+        stop_mirror(run)
     current = ctx.traffic.current(rel.model, rel.environment)
     if dep_id and current.get(dep_id, 0) > 0 and rel.previous_traffic is not None and current != rel.previous_traffic:
         run.log(f"restoring traffic of {rel.model}/{rel.environment} to {rel.previous_traffic}")
@@ -237,6 +259,14 @@ def rollback(run: StageRun) -> dict[str, Any]:
             run.log(f"stopped deployment {dep_id}; production untouched")
     run.log("rollback complete")
     return {}
+
+
+def _mirrors(ctx: Context, rel: Release, dep_id: str) -> bool:
+    """Whether the endpoint still copies requests to ``dep_id`` (a shadow cut short)."""
+    try:
+        return ctx.traffic.get(rel.model, rel.environment).mirror == dep_id
+    except NotFound:
+        return False
 
 
 STAGES: dict[Phase, Callable[[StageRun], dict[str, Any]]] = {
