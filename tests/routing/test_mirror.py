@@ -174,3 +174,23 @@ def test_a_mirror_rate_is_checked(make_backend: Make) -> None:
     with pytest.raises(InvalidInput) as e:
         RoutingTable.from_dict(raw)
     assert "unknown field(s) extra" in e.value.message
+
+
+def test_sampled_traffic_keeps_requests_with_their_answers(router: BuiltinRouter, make_backend: Make) -> None:
+    champion = make_backend("A")
+    route = EndpointRoute((champion.backend(100, id="d-champion"),), sample_rate=1.0)
+    router.apply(RoutingTable(1, {"iris/prod": route}))
+    client = Client(router.port)
+    for i in range(30):
+        assert client.request("POST", "/iris/prod/score", json.dumps({"data": [[i]]}).encode()).status == 200
+    client.close()
+    got = router.samples("iris", "prod", after=10)
+    assert got["seq"] == 30 and [s["seq"] for s in got["pairs"]] == list(range(11, 31))
+    assert all(json.loads(s["answer"]["body"])["name"] == "A" and s["answer"]["status"] == 200 for s in got["pairs"])
+    assert sorted(json.loads(s["request"])["data"][0][0] for s in got["pairs"]) == list(range(10, 30))
+    # samples survive a table change that keeps sampling, and go with one that stops
+    router.apply(RoutingTable(2, {"iris/prod": EndpointRoute(route.backends, sample_rate=0.5)}))
+    assert router.samples("iris", "prod")["seq"] == 30
+    router.apply(RoutingTable(3, {"iris/prod": EndpointRoute(route.backends)}))
+    with pytest.raises(RouterError):
+        router.samples("iris", "prod")

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from modelcd.routing.table import Backend, EndpointRoute, RoutingTable, WeightedChoice
 
 if TYPE_CHECKING:
-    from modelcd.routing.mirror import MirrorState
+    from modelcd.routing.mirror import MirrorState, SampleState
     from modelcd.routing.upstream import UpstreamPool
 
 
@@ -33,10 +33,10 @@ class Route:
     """One endpoint of the applied table: its backends, the weighted choice among them, and
     what a request needs to be let through."""
 
-    __slots__ = ("choice", "digests", "key", "keyed", "mirror", "name", "targets", "weights")
+    __slots__ = ("choice", "digests", "key", "keyed", "mirror", "name", "sampler", "targets", "weights")
 
     def __init__(self, key: bytes, route: EndpointRoute, targets: list[Target],
-                 mirror: MirrorState | None = None) -> None:
+                 mirror: MirrorState | None = None, sampler: SampleState | None = None) -> None:
         self.key = key  # b"model/env"
         self.name = key.decode("latin-1")  # the same, for messages
         self.targets = targets
@@ -45,6 +45,7 @@ class Route:
         self.keyed = route.auth == "key"
         self.digests = tuple(bytes.fromhex(h) for h in route.key_hashes)
         self.mirror = mirror  # shadow traffic: the candidate copies go to (None: no copies)
+        self.sampler = sampler  # the production watch: sampled requests with their answers (None: none)
 
 
 class AppliedTable:

@@ -81,6 +81,13 @@ class Router(ABC):
         router does not answer or the endpoint mirrors nothing."""
         raise RouterError(f"router {self.name} does not keep shadow traffic")
 
+    def samples(self, model: str, env: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """The production watch: an endpoint's sampled live requests (its route's
+        ``sample_rate``) with the answers they got: ``{seq, ts, request, answer: {status, body,
+        ms}, truncated}`` after ``after``, oldest first, with the counters. Raises RouterError
+        when the router does not answer or the endpoint samples nothing."""
+        raise RouterError(f"router {self.name} does not sample traffic")
+
     def supervise(self) -> bool:
         """Called periodically by the control plane: repair the router if it died (restart
         it with the last applied table). Returns True when it repaired something. Never

@@ -116,11 +116,18 @@ class BuiltinRouter(Router):
 
     def mirror_pairs(self, model: str, env: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
         """See ``Router.mirror_pairs`` (``GET /-/mirror/pairs``)."""
+        return self._kept("/-/mirror/pairs", "shadow traffic", model, env, after, limit)
+
+    def samples(self, model: str, env: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """See ``Router.samples`` (``GET /-/samples``)."""
+        return self._kept("/-/samples", "sampled traffic", model, env, after, limit)
+
+    def _kept(self, path: str, what: str, model: str, env: str, after: int, limit: int) -> dict[str, Any]:
         query = urlencode({"endpoint": f"{model}/{env}", "after": after, "limit": limit})
-        status, body = self._admin("GET", f"/-/mirror/pairs?{query}")
+        status, body = self._admin("GET", f"{path}?{query}")
         if status != 200:
             message = body.get("message", body) if isinstance(body, dict) else body
-            raise RouterError(f"the router answered {status} for the shadow traffic of {model}/{env}: {message}")
+            raise RouterError(f"the router answered {status} for the {what} of {model}/{env}: {message}")
         return dict(body)
 
     def endpoint_uri(self, model: str, env: str) -> str:

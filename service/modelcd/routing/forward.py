@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 import httptools
 
 from modelcd.routing.http1 import HOP_BY_HOP, reason
+from modelcd.routing.mirror import Pair
 
 if TYPE_CHECKING:
     from modelcd.routing.applied import Route, Target
     from modelcd.routing.client import ClientConnection, Request
-    from modelcd.routing.mirror import Pair
     from modelcd.routing.proxy import RouterServer
     from modelcd.routing.upstream import UpstreamConnection
 
@@ -52,12 +52,17 @@ class Forward:
         self.target: Target | None = None
         self.pair: Pair | None = None  # shadow traffic: the copy for the candidate (``mirror_to``)
 
-    def mirror_to(self, target: Target) -> Forward:
-        """Shadow traffic: copy this request to the route's candidate once ``target`` (not the
-        candidate itself) answered it, when sampled and there is room."""
-        state = self.route.mirror
-        if state is not None and target.backend.id != state.mirror.id:
-            self.pair = state.take()
+    def keep(self, target: Target) -> Forward:
+        """Shadow traffic and the production watch: once ``target`` answered, copy this request
+        to the route's candidate (unless ``target`` is the candidate; when sampled and there is
+        room) and keep it with its answer (when sampled)."""
+        route = self.route
+        state = route.mirror
+        copy = state is not None and target.backend.id != state.mirror.id and state.take()
+        sample = route.sampler is not None and route.sampler.take()
+        if copy or sample:
+            self.pair = Pair(state if copy else None, route.sampler if sample else None,
+                             self.server.options.mirror_body_cap)
         return self
 
     def send(self, target: Target, fresh: bool = False) -> None:
@@ -118,9 +123,8 @@ class Forward:
         self.tried.append(target)
         other = server.next_target(self.route, self.tried)
         if other is not None:
-            if self.pair is not None and other.backend.id == self.pair.state.mirror.id:
-                self.pair.abandon()  # the candidate answers this one itself: nothing to compare
-                self.pair = None
+            if self.pair is not None and self.pair.state is not None and other.backend.id == self.pair.state.mirror.id:
+                self.pair.abandon(mirror_only=True)  # the candidate answers this one itself: nothing to compare
             log.warning("backend %s of %s unreachable (skipped for %gs); retrying on %s", target.backend.id,
                         self.route.name, server.options.backend_down_time, other.backend.id)
             self.fresh_tried = False

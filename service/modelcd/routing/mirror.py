@@ -29,34 +29,32 @@ if TYPE_CHECKING:
 class MirrorState:
     """One endpoint's candidate: the sampling, the pairs in progress and the ring of pairs."""
 
-    __slots__ = ("body_cap", "candidate_errors", "dropped", "key", "mirror", "mirrored", "pairs", "pending",
-                 "pending_max", "seq", "target", "truncated")
+    __slots__ = ("candidate_errors", "dropped", "key", "mirror", "mirrored", "pairs", "pending", "pending_max", "seq",
+                 "target", "truncated")
 
-    def __init__(self, key: bytes, mirror: Mirror, target: Target, capacity: int, pending_max: int,
-                 body_cap: int) -> None:
+    def __init__(self, key: bytes, mirror: Mirror, target: Target, capacity: int, pending_max: int) -> None:
         self.key = key
         self.mirror = mirror
         self.target = target
         self.pairs: deque[dict[str, Any]] = deque(maxlen=capacity)
         self.pending = 0  # pairs started (the serving backend's answer awaited or the candidate's)
         self.pending_max = pending_max
-        self.body_cap = body_cap
         self.seq = 0
         self.mirrored = 0  # pairs completed (the candidate answered, failed or timed out)
         self.dropped = 0  # requests not copied because ``pending_max`` pairs were in progress
         self.candidate_errors = 0  # copies the candidate failed (no answer, cut, timeout)
         self.truncated = 0  # pairs whose bodies exceeded ``body_cap`` (kept without bodies)
 
-    def take(self) -> Pair | None:
-        """A pair for this request when it is sampled and there is room; None otherwise."""
+    def take(self) -> bool:
+        """Whether this request is copied (sampled, and there is room); counts it as pending."""
         rate = self.mirror.sample_rate
         if rate < 1.0 and random.random() >= rate:
-            return None
+            return False
         if self.pending >= self.pending_max:
             self.dropped += 1
-            return None
+            return False
         self.pending += 1
-        return Pair(self)
+        return True
 
     def add(self, record: dict[str, Any]) -> None:
         self.seq += 1
@@ -79,13 +77,48 @@ class MirrorState:
         return [self.pairs[i] for i in range(start, min(start + limit, len(self.pairs)))]
 
 
+class SampleState:
+    """One endpoint's sampled live traffic (the production watch): a share of its requests with
+    the answers they got, in a bounded ring; nothing is sent anywhere."""
+
+    __slots__ = ("key", "pairs", "pending", "rate", "seq", "truncated")
+
+    def __init__(self, key: bytes, rate: float, capacity: int) -> None:
+        self.key = key
+        self.rate = rate
+        self.pairs: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self.pending = 0
+        self.seq = 0
+        self.truncated = 0
+
+    def take(self) -> bool:
+        if random.random() >= self.rate:
+            return False
+        self.pending += 1
+        return True
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.seq += 1
+        record["seq"] = self.seq
+        self.pairs.append(record)
+
+    def counters(self) -> dict[str, Any]:
+        return {"endpoint": self.key.decode("latin-1"), "sample_rate": self.rate, "seq": self.seq,
+                "kept": len(self.pairs), "truncated": self.truncated}
+
+    since = MirrorState.since
+
+
 class Pair:
-    """A request copied to the candidate: the serving backend's answer, then the candidate's."""
+    """A live request kept for the control plane: the serving backend's answer, then (when
+    mirrored) the candidate's, and (when sampled) the request with its answer alone."""
 
-    __slots__ = ("body", "capped", "champion", "size", "started", "state", "status")
+    __slots__ = ("body", "body_cap", "capped", "champion", "sample", "size", "started", "state", "status")
 
-    def __init__(self, state: MirrorState) -> None:
-        self.state = state
+    def __init__(self, state: MirrorState | None, sample: SampleState | None, body_cap: int) -> None:
+        self.state = state  # mirrored: the candidate's side
+        self.sample = sample  # sampled for the production watch
+        self.body_cap = body_cap
         self.started = time.monotonic()
         self.status = 0
         self.body: list[bytes] = []
@@ -98,41 +131,57 @@ class Pair:
         if self.capped:
             return
         self.size += len(chunk)
-        if self.size > self.state.body_cap:
+        if self.size > self.body_cap:
             self.capped = True
             self.body = []
             return
         self.body.append(chunk)
 
-    def abandon(self) -> None:
-        """The serving backend did not answer: nothing to compare."""
-        self.state.pending -= 1
+    def abandon(self, mirror_only: bool = False) -> None:
+        """The serving backend did not answer (or the candidate itself did): nothing to keep."""
+        if self.state is not None:
+            self.state.pending -= 1
+            self.state = None
+        if self.sample is not None and not mirror_only:
+            self.sample.pending -= 1
+            self.sample = None
 
     def champion_done(self, server: RouterServer, method: bytes, rest: bytes, headers: bytes, has_host: bool,
                       body: bytes) -> None:
-        """The serving backend answered (and the client has it): send the copy now."""
-        state = self.state
+        """The serving backend answered (and the client has it): keep the sample, send the copy."""
         self.champion = {"status": self.status, "ms": round((time.monotonic() - self.started) * 1000, 3),
                          "body": None if self.capped else b"".join(self.body).decode("utf-8", "replace")}
         self.body = []
-        if len(body) > state.body_cap:
+        if len(body) > self.body_cap:
             self.capped = True
+        sample = self.sample
+        if sample is not None:
+            sample.pending -= 1
+            if self.capped:
+                sample.truncated += 1
+            request = None if self.capped else body.decode("utf-8", "replace")
+            sample.add({"ts": round(time.time(), 3), "request": request, "truncated": self.capped,
+                        "answer": self.champion if not self.capped else {**self.champion, "body": None}})
+        state = self.state
+        if state is None:
+            return
         target = state.target
         payload = b"".join((method, b" ", target.prefix, rest, b" HTTP/1.1\r\n", headers,
                             b"" if has_host else target.host_line, b"\r\n", body))
         request = None if self.capped else body.decode("utf-8", "replace")
-        MirrorCall(server, self, request).start(payload)
+        MirrorCall(server, self, state, request).start(payload)
 
 
 class MirrorCall:
     """The copy's one attempt on the candidate; the same shape as a forwarding ``Exchange`` for
     the connection (``feed``, ``upstream_lost``) and the server's timeout sweep."""
 
-    __slots__ = ("body", "conn", "done", "pair", "parser", "request", "server", "size", "started", "status")
+    __slots__ = ("body", "conn", "done", "pair", "parser", "request", "server", "size", "started", "state", "status")
 
-    def __init__(self, server: RouterServer, pair: Pair, request: str | None) -> None:
+    def __init__(self, server: RouterServer, pair: Pair, state: MirrorState, request: str | None) -> None:
         self.server = server
         self.pair = pair
+        self.state = state
         self.request = request
         self.conn: UpstreamConnection | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -144,7 +193,7 @@ class MirrorCall:
 
     def start(self, payload: bytes) -> None:
         self.server.mirror_calls.add(self)
-        conn = self.pair.state.target.pool.take()
+        conn = self.state.target.pool.take()
         if conn is not None:
             self._send(conn, payload)
         else:
@@ -152,7 +201,7 @@ class MirrorCall:
 
     async def _connect(self, payload: bytes) -> None:
         try:
-            conn = await self.pair.state.target.pool.connect()
+            conn = await self.state.target.pool.connect()
         except (OSError, TimeoutError) as e:
             self.finish(f"cannot connect: {e}")
             return
@@ -188,7 +237,7 @@ class MirrorCall:
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
-        if self.size <= self.pair.state.body_cap:
+        if self.size <= self.pair.body_cap:
             self.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -203,7 +252,7 @@ class MirrorCall:
         if self.done:
             return
         self.done = True
-        server, pair, state = self.server, self.pair, self.pair.state
+        server, pair, state = self.server, self.pair, self.state
         server.mirror_calls.discard(self)
         conn = self.conn
         if conn is not None and conn.exchange is self:  # type: ignore[comparison-overlap]
@@ -214,7 +263,7 @@ class MirrorCall:
                 conn.close()
         state.pending -= 1
         ms = round((server.loop.time() - self.started) * 1000, 3)
-        capped = pair.capped or self.size > state.body_cap
+        capped = pair.capped or self.size > pair.body_cap
         if error is not None:
             state.candidate_errors += 1
             candidate: dict[str, Any] = {"status": None, "ms": ms, "body": None, "error": error}

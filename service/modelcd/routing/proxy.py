@@ -49,7 +49,7 @@ from modelcd.errors import InvalidInput
 from modelcd.routing.applied import AppliedTable, Route, Target
 from modelcd.routing.client import ClientConnection, Request, key_accepted
 from modelcd.routing.forward import Exchange, Forward
-from modelcd.routing.mirror import MirrorCall, MirrorState
+from modelcd.routing.mirror import MirrorCall, MirrorState, SampleState
 from modelcd.routing.options import OPEN_SETTING, Options
 from modelcd.routing.table import Backend, RoutingTable, listen_is_loopback, next_candidate
 from modelcd.routing.upstream import UpstreamPool
@@ -78,6 +78,7 @@ class RouterServer:
         self.down_pools: set[UpstreamPool] = set()  # backends marked down; empty: every pick takes the fast path
         self.mirrors: dict[tuple[bytes, str], MirrorState] = {}  # shadow traffic per (endpoint, candidate)
         self.mirror_calls: set[MirrorCall] = set()
+        self.samplers: dict[bytes, SampleState] = {}  # sampled live traffic per endpoint (production watch)
         exposed = options.exposed if options.exposed is not None else not listen_is_loopback(options.host)
         self.refuse_open = exposed and not options.allow_open_endpoints
 
@@ -87,6 +88,7 @@ class RouterServer:
         routes: dict[bytes, Route] = {}
         used: set[tuple[str, int]] = set()
         mirrors: dict[tuple[bytes, str], MirrorState] = {}
+        samplers: dict[bytes, SampleState] = {}
 
         def target_of(backend: Backend) -> Target:
             parts = urlsplit(backend.url)
@@ -106,14 +108,20 @@ class RouterServer:
                 target = target_of(Backend(m.id, m.version, m.url, 0))
                 state = self.mirrors.get((bkey, m.id))
                 if state is None:  # a new candidate; the same one keeps its pairs across tables
-                    state = MirrorState(bkey, m, target, self.options.mirror_pairs, self.options.mirror_pending,
-                                        self.options.mirror_body_cap)
+                    state = MirrorState(bkey, m, target, self.options.mirror_pairs, self.options.mirror_pending)
                 state.mirror, state.target = m, target
                 mirrors[(bkey, m.id)] = state
-            routes[bkey] = Route(bkey, route, targets, state)
+            sampler = None
+            if route.sample_rate > 0:
+                sampler = self.samplers.get(bkey)
+                if sampler is None:  # a new watch; an endpoint sampled already keeps its samples
+                    sampler = SampleState(bkey, route.sample_rate, self.options.mirror_pairs)
+                sampler.rate = route.sample_rate
+                samplers[bkey] = sampler
+            routes[bkey] = Route(bkey, route, targets, state, sampler)
         old = self.state.table.generation
         self.state = AppliedTable(table, routes)
-        self.mirrors = mirrors
+        self.mirrors, self.samplers = mirrors, samplers
         for addr in set(self.pools) - used:
             pool = self.pools.pop(addr)
             pool.close()
@@ -247,8 +255,8 @@ class RouterServer:
         if sep:
             rest += b"?" + query
         forward = Forward(self, client, req, route, rest)
-        if route.mirror is not None:
-            forward.mirror_to(target)
+        if route.mirror is not None or route.sampler is not None:
+            forward.keep(target)
         forward.send(target)
 
     def refused(self, client: ClientConnection, req: Request, route: Route) -> bool:
@@ -278,7 +286,7 @@ class RouterServer:
         method = req.method
         if path == b"/-/healthz" and method in (b"GET", b"HEAD"):
             client.respond_json(req, 200, self.health())
-        elif path not in (b"/-/table", b"/-/reload", b"/-/mirror", b"/-/mirror/pairs"):
+        elif path not in (b"/-/table", b"/-/reload", b"/-/mirror", b"/-/mirror/pairs", b"/-/samples"):
             client.respond_error(req, 404, "not_found", f"no admin route {path.decode('latin-1')!r}")
         elif not _is_loopback(client.peer):
             client.respond_error(req, 403, "forbidden", "admin routes answer loopback clients only")
@@ -287,7 +295,9 @@ class RouterServer:
         elif path == b"/-/mirror" and method == b"GET":
             client.respond_json(req, 200, {"mirrors": [m.counters() for m in self.mirrors.values()]})
         elif path == b"/-/mirror/pairs" and method == b"GET":
-            self.mirror_pairs(client, req)
+            self.kept(client, req, {key: m for (key, _), m in self.mirrors.items()}, "mirrors")
+        elif path == b"/-/samples" and method == b"GET":
+            self.kept(client, req, self.samplers, "samples")
         elif path == b"/-/reload" and method == b"POST":
             try:
                 client.respond_json(req, 200, {"generation": self.reload()})
@@ -297,9 +307,11 @@ class RouterServer:
         else:
             client.respond_error(req, 405, "method_not_allowed", f"{method.decode('latin-1')} not allowed here")
 
-    def mirror_pairs(self, client: ClientConnection, req: Request) -> None:
-        """``?endpoint=model/env&after=SEQ&limit=N``: the candidate's counters and its pairs
-        of answers after ``SEQ`` (oldest first); 404 when the endpoint mirrors nothing."""
+    def kept(self, client: ClientConnection, req: Request, states: dict[bytes, MirrorState] | dict[bytes, SampleState],
+             what: str) -> None:
+        """``?endpoint=model/env&after=SEQ&limit=N``: the counters and the records kept after
+        ``SEQ`` (oldest first) of an endpoint's candidate (``/-/mirror/pairs``) or of its sampled
+        traffic (``/-/samples``); 404 when it keeps none."""
         query = parse_qs(req.url.partition(b"?")[2].decode("latin-1"))
         endpoint = (query.get("endpoint") or [""])[0].encode("latin-1")
         try:
@@ -308,9 +320,9 @@ class RouterServer:
         except ValueError:
             client.respond_error(req, 400, "bad_request", "after and limit must be whole numbers")
             return
-        state = next((m for (key, _), m in self.mirrors.items() if key == endpoint), None)
+        state = states.get(endpoint)
         if state is None:
-            client.respond_error(req, 404, "not_found", f"endpoint {endpoint.decode('latin-1')!r} mirrors nothing")
+            client.respond_error(req, 404, "not_found", f"endpoint {endpoint.decode('latin-1')!r} {what} nothing")
             return
         client.respond_json(req, 200, {**state.counters(), "pairs": state.since(after, limit)})
 

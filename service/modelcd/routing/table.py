@@ -129,10 +129,13 @@ class Mirror:
 
 
 def _mirror_problems(where: str, id: object, version: object, url: object, rate: object) -> list[str]:
-    problems = _backend_problems(where, id, version, url, 0)
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
-        problems.append(f"{where}.sample_rate: must be a number above 0 and at most 1 (got {rate!r})")
-    return problems
+    return _backend_problems(where, id, version, url, 0) + _rate_problems(f"{where}.sample_rate", rate)
+
+
+def _rate_problems(where: str, rate: object, zero: bool = False) -> list[str]:
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not (0 <= rate <= 1 if zero else 0 < rate <= 1):
+        return [f"{where}: must be a number {'from 0' if zero else 'above 0 and'} to 1 (got {rate!r})"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -148,12 +151,14 @@ class EndpointRoute:
     auth: str = "none"
     key_hashes: tuple[str, ...] = ()
     mirror: Mirror | None = None  # shadow traffic: a candidate that gets copies, never clients
+    sample_rate: float = 0.0  # the production watch: share of requests kept with their answers (0: none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", tuple(self.backends))
         if isinstance(self.key_hashes, list):
             object.__setattr__(self, "key_hashes", tuple(self.key_hashes))
-        _raise(_route_problems("route", self.backends) + _auth_problems("route", self.auth, self.key_hashes))
+        _raise(_route_problems("route", self.backends) + _auth_problems("route", self.auth, self.key_hashes)
+               + _rate_problems("route.sample_rate", self.sample_rate, zero=True))
 
     @property
     def total_weight(self) -> int:
@@ -168,6 +173,8 @@ class EndpointRoute:
                                "key_hashes": list(self.key_hashes)}
         if self.mirror is not None:
             out["mirror"] = self.mirror.to_dict()
+        if self.sample_rate:
+            out["sample_rate"] = self.sample_rate
         return out
 
 
@@ -264,7 +271,7 @@ def _retired_problems(retired: Mapping[Any, Any], endpoints: Collection[str]) ->
     return problems
 
 
-ROUTE_FIELDS = frozenset({"backends", "auth", "key_hashes", "mirror"})
+ROUTE_FIELDS = frozenset({"backends", "auth", "key_hashes", "mirror", "sample_rate"})
 MIRROR_FIELDS = frozenset({"id", "version", "url", "sample_rate"})
 
 
@@ -307,7 +314,10 @@ def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[s
             problems += found
             if not found:
                 mirror = Mirror(*values)  # type: ignore[arg-type]
-    return (None if problems else EndpointRoute(tuple(backends), auth, tuple(key_hashes), mirror)), problems
+    sample_rate = raw.get("sample_rate", 0.0)
+    problems += _rate_problems(f"{where}.sample_rate", sample_rate, zero=True)
+    return (None if problems else EndpointRoute(tuple(backends), auth, tuple(key_hashes), mirror,
+                                                float(sample_rate))), problems
 
 
 class WeightedChoice(Generic[T]):
