@@ -137,11 +137,15 @@ def _wait(client: Client, release_id: str) -> dict[str, Any]:
 @click.option("--expected", type=click.Path(exists=True, dir_okay=False), help="JSON expected output")
 @click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable")
 @click.option("--description", default="", help="free text")
+@click.option("--training-data", "training_data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="training data (CSV with a header row, Parquet or JSON lines): its statistics are computed and "
+                   "stored with the version")
 @click.option("--wait", is_flag=True, help="wait for the release; exit non-zero if it fails")
 @click.option("--json", "as_json", is_flag=True)
 @pass_obj
 def register(obj: Obj, name: str, path: Path, flavor: str | None, requirements: Path | None, sample: str | None,
-             expected: str | None, tags: tuple[str, ...], description: str, wait: bool, as_json: bool) -> None:
+             expected: str | None, tags: tuple[str, ...], description: str, training_data: Path | None, wait: bool,
+             as_json: bool) -> None:
     """Register PATH (a file or a folder) as a new version of model NAME."""
     meta: dict[str, Any] = {"tags": _parse_tags(tags), "description": description}
     if flavor:
@@ -154,6 +158,9 @@ def register(obj: Obj, name: str, path: Path, flavor: str | None, requirements: 
         meta["expected"] = _read_json_file(expected, "expected")
     client = obj.client
     version = client.register(name, path, meta)
+    if training_data is not None:
+        job = _statistics_upload(client, name, version["version"], training_data, wait, as_json)
+        version = {**version, "statistics_job": job["id"]}
     if as_json and not wait:
         _out(version)
         return
@@ -193,6 +200,56 @@ def versions(obj: Obj, name: str, as_json: bool) -> None:
     data = obj.client.get(api_path("models", name, "versions"))
     rows = [{**v, "digest": v["digest"][:12]} for v in data["versions"]]
     _out(data) if as_json else _table(rows, ["model", "version", "flavor", "digest", "source", "created_at"])
+
+
+def _statistics_upload(client: Client, name: str, version: int, data: Path, wait: bool,
+                       quiet: bool) -> dict[str, Any]:
+    """Upload training data for the version; with ``wait``, wait for its statistics job (a
+    failed one stops the command, naming the cause)."""
+    job = client.upload_statistics(name, version, data)
+    if not quiet:
+        click.echo(f"statistics job {job['id']}: computing the statistics of {data.name} for {name} v{version}")
+    if not wait:
+        return job
+    job = client.wait_job(job["id"])
+    if job["state"] != "succeeded":
+        raise click.ClickException(f"statistics job {job['id']} {job['state']}: {job.get('error') or ''} (the "
+                                   f"version is registered; fix the data and run `modelcd statistics {name} "
+                                   f"{version} --training-data FILE`)")
+    if not quiet:
+        stored = client.get(api_path("models", name, "versions", version, "statistics"))
+        click.echo(f"statistics of {name} v{version}: {stored['rows']} rows, {stored['features']} features")
+    return job
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--training-data", "training_data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="compute them (again) from this file: CSV with a header row, Parquet or JSON lines")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="with --training-data: wait for the job")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def statistics(obj: Obj, name: str, version: int, training_data: Path | None, wait: bool, as_json: bool) -> None:
+    """Show the training-data statistics of version VERSION of model NAME, or compute them
+    from --training-data (a `statistics` job)."""
+    from modelcd.jobs.statistics import feature_line
+
+    client = obj.client
+    if training_data is not None:
+        job = _statistics_upload(client, name, version, training_data, wait, as_json)
+        if not wait:
+            if as_json:
+                _out(job)
+            return
+    stored = client.get(api_path("models", name, "versions", version, "statistics"))
+    if as_json:
+        _out(stored)
+        return
+    click.echo(f"{name} v{version}: {stored['rows']} rows, {stored['features']} features from {stored['source']} "
+               f"(job {stored['job_id']}, {stored['created_at']})")
+    for feature in stored["statistics"]["features"]:
+        click.echo("  " + feature_line(feature))
 
 
 @main.group()

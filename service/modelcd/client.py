@@ -81,6 +81,24 @@ class Client:
                          files={"artifact": ("artifact.tar.gz", pack_tree(path), "application/gzip")},
                          data={"metadata": json.dumps(meta)})
 
+    def upload_statistics(self, name: str, version: int, path: Path) -> dict[str, Any]:
+        """Upload training data (CSV, Parquet, JSON lines) for version ``version`` of ``name``;
+        returns the `statistics` job computing its statistics."""
+        with path.open("rb") as f:
+            return self.post(api_path("models", name, "versions", version, "statistics"),
+                             files={"data": (path.name, f, "application/octet-stream")})
+
+    def wait_job(self, job_id: str, timeout_s: float = 900, poll_s: float = 0.2) -> dict[str, Any]:
+        """Poll a job until it ends (succeeded, failed, cancelled); returns it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get(api_path("jobs", job_id))
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+            if time.monotonic() > deadline:
+                raise ModelcdError(f"job {job_id} still {job['state']} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
     def healthy(self) -> bool:
         try:
             return self.session.get(f"{self.base}/healthz", timeout=2).status_code == 200

@@ -61,6 +61,7 @@ class JobType(StrEnum):
     PROMOTE = "promote"
     ROLLBACK = "rollback"
     RETIRE = "retire"
+    STATISTICS = "statistics"  # training-data statistics of a version (jobs.statistics)
 
 
 class JobState(StrEnum):

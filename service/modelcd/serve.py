@@ -140,6 +140,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     report = reconcile(ctx, echo)
     echo(f"data plane: router {settings.router_url} (generation synced: {report.router_synced}); "
          f"deployments adopted {len(report.adopted)}, restarted {len(report.restarted)}, failed {len(report.failed)}")
+    from modelcd.jobs.statistics import fail_interrupted
+
+    fail_interrupted(ctx, echo)  # statistics jobs a dead process left open: their upload is gone
     runner = LocalRunner(ctx, also=[ExternalDriver(ctx).tick])  # pipelines' releases: started and watched
     runner.start()
     supervisor = Supervisor(ctx)

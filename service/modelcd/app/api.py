@@ -265,6 +265,26 @@ def register_version(name: str) -> tuple[Response, int]:
     return jsonify(version_to_dict(version)), 201
 
 
+@bp.post("/models/<name>/versions/<int:number>/statistics")
+@write
+def compute_version_statistics(name: str, number: int) -> tuple[Response, int]:
+    """Training-data statistics of the version from the `data` file part (CSV, Parquet, JSON
+    lines), computed by a `statistics` job: 202 with the job."""
+    from modelcd.jobs.statistics import start_statistics_job
+
+    upload = request.files.get("data")
+    if upload is None:
+        raise InvalidInput("missing the `data` part: send multipart/form-data with the training data (CSV with a "
+                           "header row, Parquet or JSON lines) as `data`", field="data")
+    job = start_statistics_job(_ctx(), name, number, upload.stream, upload.filename)
+    return jsonify(job.to_dict()), 202
+
+
+@bp.get("/models/<name>/versions/<int:number>/statistics")
+def get_version_statistics(name: str, number: int) -> Response:
+    return jsonify(_ctx().registry.get_statistics(name, number))
+
+
 # releases and jobs
 @bp.get("/releases")
 def list_releases() -> Response:

@@ -14,6 +14,11 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("post", "/models/{name}/versions", "Register a version (multipart: artifact tar.gz + metadata JSON)", True,
      "multipart"),
     ("get", "/models/{name}/versions/{version}", "Show a version", False, None),
+    ("post", "/models/{name}/versions/{version}/statistics", "Compute the version's training-data statistics "
+     "(multipart: data = CSV with a header row, Parquet or JSON lines) in a `statistics` job; 202 with the job",
+     True, "training_data"),
+    ("get", "/models/{name}/versions/{version}/statistics", "The version's training-data statistics: rows, per "
+     "feature counts, missing, min/max/mean/std, bin edges and counts, top categories (404 when none)", False, None),
     ("get", "/releases", "List releases (filters: model, environment, phase)", False, None),
     ("post", "/releases", "Start a release of {model, version, environment}", True, "json"),
     ("get", "/releases/{release_id}", "Show a release with its jobs and events", False, None),
@@ -74,6 +79,9 @@ BODIES: dict[str, dict[str, Any]] = {
         "artifact": {"type": "string", "format": "binary", "description": "tar.gz of the model's files"},
         "metadata": {"type": "string", "description": "JSON: flavor, requirements, sample, expected, metrics, "
                                                       "tags, description"}}}}},
+    "training_data": {"multipart/form-data": {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "format": "binary",
+                 "description": "training data: CSV (header row), Parquet or JSON lines"}}}}},
     "json": {"application/json": {"schema": {"type": "object"}}},
     "yaml": {"application/yaml": {"schema": {"type": "string"}}},
 }

@@ -41,7 +41,11 @@ def import_event(ctx: Context, event: Any) -> ModelVersion:
         else:
             raise InvalidInput(f"cannot fetch artifacts from {uri!r}: modelcd reads models:/ (MLflow), s3:// and "
                                "azureml: (Azure ML model version) URIs", field="artifact_uri")
-        return ctx.registry.import_files(event.model, files, meta)
+        version = ctx.registry.import_files(event.model, files, meta)
+        from modelcd.jobs.statistics import statistics_after_import
+
+        statistics_after_import(ctx, version, files)  # training data among the files: its statistics, as a job
+        return version
 
 
 def _fetch_mlflow(ctx: Context, uri: str, dest: Path, meta: RegisterMetadata) -> RegisterMetadata:

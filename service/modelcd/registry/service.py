@@ -267,6 +267,35 @@ class Registry:
                            field="version")
         return version_from_row(row)
 
+    def put_statistics(self, name: str, number: int, stats: dict[str, Any], *, source: str,
+                       job_id: str | None = None) -> dict[str, Any]:
+        """Store the training-data statistics of a version (``DatasetStats.to_dict()``),
+        replacing any it had; returns them as ``get_statistics`` does."""
+        self.get_version(name, number)
+        values = {"stats": stats, "rows": int(stats["rows"]), "features": len(stats["features"]),
+                  "source": source[:256], "job_id": job_id, "created_at": now()}
+        table = schema.version_statistics
+        with self.db.write() as conn:
+            conn.execute(table.delete().where(table.c.model == name, table.c.version == number))
+            conn.execute(table.insert().values(model=name, version=number, **values))
+        return self.get_statistics(name, number)
+
+    def get_statistics(self, name: str, number: int) -> dict[str, Any]:
+        """{model, version, rows, features, source, job_id, created_at, statistics} of a
+        version; NotFound (naming the fix) when none were computed."""
+        table = schema.version_statistics
+        with self.db.read() as conn:
+            row = conn.execute(select(table).where(table.c.model == name, table.c.version == number)).first()
+        if row is None:
+            self.get_version(name, number)
+            raise NotFound(f"{name} v{number} has no training statistics; compute them from its training data: "
+                           f"`modelcd statistics {name} {number} --training-data FILE` (CSV, Parquet or JSON lines)",
+                           field="statistics")
+        m = dict(row._mapping)
+        return {"model": m["model"], "version": m["version"], "rows": m["rows"], "features": m["features"],
+                "source": m["source"], "job_id": m["job_id"], "created_at": m["created_at"],
+                "statistics": m["stats"]}
+
     def list_versions(self, name: str) -> list[ModelVersion]:
         self.get_model(name)
         with self.db.read() as conn:

@@ -54,6 +54,19 @@ versions = Table(
     UniqueConstraint("model", "source", "external_ref", name="uq_versions_external"),
 )
 
+version_statistics = Table(  # training-data statistics of a version (analysis.statistics, jobs.statistics)
+    "version_statistics", metadata,
+    Column("model", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("stats", JSON, nullable=False),  # DatasetStats.to_dict(): plain JSON
+    Column("rows", Integer, nullable=False),
+    Column("features", Integer, nullable=False),
+    Column("source", String(256), nullable=False),  # the training data's file name (or MLflow artifact path)
+    Column("job_id", String(32)),  # the statistics job that computed them
+    Column("created_at", String(32), nullable=False),
+    ForeignKeyConstraint(["model", "version"], ["versions.model", "versions.version"]),
+)
+
 policies = Table(
     "policies", metadata,
     Column("name", String(64), primary_key=True),
