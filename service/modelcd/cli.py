@@ -167,6 +167,9 @@ def register(obj: Obj, name: str, path: Path, flavor: str | None, requirements: 
     click.echo(f"registered {name} v{version['version']} ({version['flavor']}, digest {version['digest'][:12]})")
     if not wait:
         return
+    if client.get(api_path("models", name)).get("archived"):
+        click.echo(f"no release started: model {name} is archived (`modelcd models unarchive {name}`, then promote)")
+        return
     rel = client.find_release(name, version["version"])
     if rel is None:
         click.echo("no release started (the matching policy has auto: false); promote it by hand")
@@ -182,13 +185,60 @@ def register(obj: Obj, name: str, path: Path, flavor: str | None, requirements: 
         _out({"version": version, "release": rel, "endpoint": ep})
 
 
-@main.command()
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models(ctx: click.Context, as_json: bool) -> None:
+    """List models (or: show, archive, unarchive)."""
+    if ctx.invoked_subcommand is None:
+        data = ctx.ensure_object(Obj).client.get("/api/v1/models")
+        rows = [{**m, "state": "archived" if m.get("archived_at") else "active"} for m in data["models"]]
+        _out(data) if as_json else _table(rows, ["name", "latest_version", "versions", "state", "created_at"])
+
+
+@models.command("show")
+@click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
 @pass_obj
-def models(obj: Obj, as_json: bool) -> None:
-    """List models."""
-    data = obj.client.get("/api/v1/models")
-    _out(data) if as_json else _table(data["models"], ["name", "latest_version", "versions", "created_at"])
+def models_show(obj: Obj, name: str, as_json: bool) -> None:
+    """Show model NAME: versions, and whether it is archived."""
+    m = obj.client.get(api_path("models", name))
+    if as_json:
+        _out(m)
+        return
+    click.echo(f"model:    {m['name']}\nversions: {m['latest_version'] or 0} (latest)\ncreated:  {m['created_at']}")
+    if m.get("archived"):
+        click.echo(f"archived: since {m['archived_at']} (job {m['archive_job']}): versions are recorded, no release "
+                   f"starts; `modelcd models unarchive {name}`")
+        for note in m.get("skipped_releases", []):
+            click.echo(f"  skipped: {note}")
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    click.echo(f"job {job['id']} ({job['type']}): {job['state']}" + (f" — {job['error']}" if job["error"] else ""))
+    for line in job.get("log", []):
+        click.echo(f"  {line}")
+
+
+@models.command("archive")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def models_archive(obj: Obj, name: str, as_json: bool) -> None:
+    """Stop new releases of NAME: versions are still recorded, none is released (refused while a
+    release of it runs; queued ones are cancelled). What serves keeps serving."""
+    job = obj.client.post(api_path("models", name, "archive"))
+    _out(job) if as_json else _print_job(job)
+
+
+@models.command("unarchive")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def models_unarchive(obj: Obj, name: str, as_json: bool) -> None:
+    """Let releases of NAME start again (versions recorded meanwhile are promoted by hand)."""
+    job = obj.client.post(api_path("models", name, "unarchive"))
+    _out(job) if as_json else _print_job(job)
 
 
 @main.command()
@@ -390,7 +440,7 @@ def endpoints() -> None:
 def endpoints_list(obj: Obj, as_json: bool) -> None:
     data = obj.client.get("/api/v1/endpoints")
     rows = [{**e, "traffic": json.dumps(e["traffic"])} for e in data["endpoints"]]
-    _out(data) if as_json else _table(rows, ["model", "environment", "traffic", "scoring_uri"])
+    _out(data) if as_json else _table(rows, ["model", "environment", "state", "traffic", "scoring_uri"])
 
 
 @endpoints.command("show")
@@ -404,6 +454,21 @@ def endpoints_show(obj: Obj, name: str, environment: str, as_json: bool) -> None
         _out(ep)
         return
     click.echo(f"uri:      {ep['uri']}\nscoring:  {ep['scoring_uri']}\ntraffic:  {json.dumps(ep['traffic'])}")
+    if ep.get("retired_at"):
+        click.echo(f"retired:  {ep['retired_at']} (the router answers 410; a release serves it again)")
+
+
+@endpoints.command("retire")
+@click.argument("name")
+@click.option("--env", "environment", required=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def endpoints_retire(obj: Obj, name: str, environment: str, as_json: bool) -> None:
+    """Drain NAME's endpoint in ENV: traffic to zero (the router answers 410), then its deployments
+    stop; records and keys are kept. Refused while a release of it runs (queued ones are cancelled).
+    A later `modelcd promote` serves it again."""
+    job = obj.client.post(api_path("endpoints", name, environment, "retire"), timeout=300)
+    _out(job) if as_json else _print_job(job)
 
 
 @endpoints.command("keys")

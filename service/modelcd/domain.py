@@ -60,7 +60,9 @@ class JobType(StrEnum):
     SMOKE = "smoke"
     PROMOTE = "promote"
     ROLLBACK = "rollback"
-    RETIRE = "retire"
+    RETIRE = "retire"  # an endpoint drained and its deployments stopped (releases.retirement)
+    ARCHIVE = "archive"  # a model's new releases stopped
+    UNARCHIVE = "unarchive"
     STATISTICS = "statistics"  # training-data statistics of a version (jobs.statistics)
 
 

@@ -143,6 +143,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     from modelcd.jobs.statistics import fail_interrupted
 
     fail_interrupted(ctx, echo)  # statistics jobs a dead process left open: their upload is gone
+    from modelcd.releases.retirement import resume_interrupted
+
+    resume_interrupted(ctx, echo)  # a retire / archive job a dead process left running
     runner = LocalRunner(ctx, also=[ExternalDriver(ctx).tick])  # pipelines' releases: started and watched
     runner.start()
     supervisor = Supervisor(ctx)

@@ -25,6 +25,7 @@ from modelcd.registry.service import parse_metadata, version_to_dict
 from modelcd.releases.deployments import deployment_to_dict
 from modelcd.releases.machine import Phase
 from modelcd.releases.manual import endpoint_keys, rollback_endpoint, start_release
+from modelcd.releases.retirement import archive_info, archive_model, retire_endpoint, unarchive_model
 from modelcd.releases.service import Release
 from modelcd.sources.base import KNOWN_SOURCES
 
@@ -238,7 +239,27 @@ def list_models() -> Response:
 
 @bp.get("/models/<name>")
 def get_model(name: str) -> Response:
-    return jsonify(_ctx().registry.get_model(name))
+    return jsonify({**_ctx().registry.get_model(name), **archive_info(_ctx(), name)})
+
+
+def _job_doc(job_id: str) -> dict[str, Any]:
+    """A job as retire / archive / unarchive answer it: with its events and log."""
+    ctx = _ctx()
+    return {**ctx.jobs.get(job_id).to_dict(), "events": ctx.jobs.events(job_id=job_id),
+            "log": [line["line"] for line in ctx.jobs.logs(job_id)]}
+
+
+@bp.post("/models/<name>/archive")
+@write
+def archive(name: str) -> Response:
+    """Stop new releases of the model (409 while one runs); versions are still recorded."""
+    return jsonify(_job_doc(archive_model(_ctx(), name, who="a person (API)").id))
+
+
+@bp.post("/models/<name>/unarchive")
+@write
+def unarchive(name: str) -> Response:
+    return jsonify(_job_doc(unarchive_model(_ctx(), name, who="a person (API)").id))
 
 
 @bp.get("/models/<name>/versions")
@@ -492,6 +513,13 @@ def promote(model: str, environment: str) -> tuple[Response, int]:
 @write
 def rollback(model: str, environment: str) -> Response:
     return jsonify(rollback_endpoint(_ctx(), model, environment))
+
+
+@bp.post("/endpoints/<model>/<environment>/retire")
+@write
+def retire(model: str, environment: str) -> Response:
+    """Drain the endpoint (409 while a release of it runs): traffic to zero, deployments stopped."""
+    return jsonify(_job_doc(retire_endpoint(_ctx(), model, environment, who="a person (API)").id))
 
 
 @bp.post("/endpoints/<model>/<environment>/keys")

@@ -9,7 +9,11 @@ import modelcd
 # (method, path, summary, write?, request body kind)
 OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("get", "/models", "List models", False, None),
-    ("get", "/models/{name}", "Show a model", False, None),
+    ("get", "/models/{name}", "Show a model (archived or not, and the releases archiving skipped)", False, None),
+    ("post", "/models/{name}/archive", "Archive a model: versions are still recorded, no release starts (409 "
+     "while one runs; queued ones are cancelled); answers the job", True, None),
+    ("post", "/models/{name}/unarchive", "Let releases of an archived model start again; answers the job", True,
+     None),
     ("get", "/models/{name}/versions", "List a model's versions", False, None),
     ("post", "/models/{name}/versions", "Register a version (multipart: artifact tar.gz + metadata JSON)", True,
      "multipart"),
@@ -52,6 +56,9 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("get", "/endpoints/{model}/{environment}", "Show an endpoint: uri and traffic {version: weight}", False, None),
     ("post", "/endpoints/{model}/{environment}/promote", "Release {version} to this endpoint", True, "json"),
     ("post", "/endpoints/{model}/{environment}/rollback", "Back to the previous version", True, None),
+    ("post", "/endpoints/{model}/{environment}/retire", "Retire an endpoint: traffic to zero (the router answers "
+     "410), its deployments stopped, records kept (409 while a release of it runs; queued ones are cancelled); "
+     "answers the job", True, None),
     ("post", "/endpoints/{model}/{environment}/keys",
      "The endpoint's scoring keys, shown once: made on the first call, or {regenerate: primary|secondary}", True,
      "json"),

@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from modelcd.context import Context
 from modelcd.registry.service import REGISTERED
 from modelcd.releases.observers import RELEASE_PHASE, notify
+from modelcd.releases.retirement import skip_if_archived
 from modelcd.releases.rollback_event import ENDPOINT_ROLLED_BACK
 from modelcd.store import schema
 from modelcd.store.db import now
@@ -69,6 +70,10 @@ def _on_registered(ctx: Context, event_id: int, payload: dict[str, Any]) -> str 
             return None  # another dispatcher got here first
         if payload.get("release") is False:
             _mark(ctx, event_id, "recorded without a release (referenced only, or not approved yet)", conn)
+            return None
+        skipped = skip_if_archived(conn, model, version)  # an event on the archive job says so
+        if skipped is not None:
+            _mark(ctx, event_id, skipped, conn)
             return None
         if not policy.auto:
             _mark(ctx, event_id, f"policy {policy.name} has auto: false; release by hand", conn)

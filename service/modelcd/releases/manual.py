@@ -11,6 +11,7 @@ from modelcd.registry.names import validate_environment_name, validate_model_nam
 from modelcd.releases.deployments import handle_of
 from modelcd.releases.endpoint_keys import SLOTS, KeysShown, create_missing_keys, key_slots, regenerate_key
 from modelcd.releases.policy import Environment
+from modelcd.releases.retirement import archived_refusal
 from modelcd.releases.rollback_event import rollback_moved, write_rollback_event
 
 
@@ -29,6 +30,9 @@ def start_release(ctx: Context, model: str, version: int, environment: str, trig
             *policy.environments, Environment(name=environment, scoring_workers=ctx.settings.scoring_workers))})
         index = len(names)
     with ctx.db.write() as conn:
+        refused = archived_refusal(conn, model)  # in the transaction: an archive cannot slip in between
+        if refused is not None:
+            raise refused
         rid = ctx.releases.create_in(conn, model=model, version=version, environment=environment, policy=policy,
                                      env_index=index, trigger=trigger)
     ctx.wake.set()
@@ -41,6 +45,10 @@ def rollback_endpoint(ctx: Context, model: str, environment: str) -> dict[str, A
     being left becomes the previous one, so a second rollback returns; otherwise a release of
     the previous version is queued. Conflict when there is nothing to return to."""
     endpoint = ctx.traffic.get(model, environment)
+    if endpoint.retired_at:
+        raise Conflict(f"{model}/{environment} was retired at {endpoint.retired_at}: nothing serves to roll back "
+                       f"from; a release serves it again: `modelcd promote {model} VERSION --env {environment}`",
+                       field="environment")
     previous = {d: w for d, w in (endpoint.previous_traffic or {}).items() if w > 0}
     if not previous:
         raise Conflict(f"{model}/{environment} has nothing to roll back to: no release replaced what it serves "

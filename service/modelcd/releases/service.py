@@ -217,6 +217,19 @@ class Releases:
                                                        message=self.jobs.redact(said)))
         return rel
 
+    def cancel_queued_in(self, conn: Any, release_id: str, why: str) -> None:
+        """End a queued release inside the caller's transaction (it never started: nothing to
+        undo), ``why`` its error and event. A release no longer queued is left alone."""
+        ts = now()
+        done = conn.execute(update(schema.releases).where(
+            schema.releases.c.id == release_id, schema.releases.c.phase == str(Phase.QUEUED)).values(
+            phase=str(Phase.CANCELLED), cancel_requested=True, error=self.jobs.redact(why), updated_at=ts,
+            finished_at=ts))
+        if done.rowcount:
+            conn.execute(schema.events.insert().values(
+                release_id=release_id, ts=ts, kind=f"release.{Phase.CANCELLED}", message=self.jobs.redact(why)))
+            _moved(conn, release_id, ts)
+
     def request_cancel(self, release_id: str) -> Release:
         """Stop a release: queued ones end at once; running ones roll back at the next check."""
         rel = self.get(release_id)

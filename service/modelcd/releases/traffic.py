@@ -39,6 +39,7 @@ class Endpoint:
     uri: str
     versions: dict[int, int]  # version → weight, for people
     updated_at: str
+    retired_at: str | None = None  # retired (releases.retirement) until a release serves it again
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +47,7 @@ class Endpoint:
             "scoring_uri": f"{self.uri}/score",
             "traffic": {str(v): w for v, w in self.versions.items()}, "deployments": self.traffic,
             "previous_traffic": self.previous_traffic, "auth": self.auth, "updated_at": self.updated_at,
+            "state": "retired" if self.retired_at else "active", "retired_at": self.retired_at,
         }
 
 
@@ -60,9 +62,13 @@ def build_table(conn: Connection, generation: int) -> RoutingTable:
     live = [deployment_from_row(r) for r in conn.execute(
         select(schema.deployments).where(schema.deployments.c.state.in_(LIVE_STATES)))]
     routes: dict[str, EndpointRoute] = {}
+    retired: dict[str, str] = {}
     keys = key_hashes(conn)
     for row in conn.execute(select(schema.endpoints)):
         m = row._mapping
+        if m["retired_at"]:  # no route: the router answers 410 naming the retirement
+            retired[endpoint_key(m["model"], m["environment"])] = m["retired_at"]
+            continue
         traffic: dict[str, int] = dict(m["traffic"])
         backends = []
         for d in live:
@@ -75,7 +81,7 @@ def build_table(conn: Connection, generation: int) -> RoutingTable:
         routes[endpoint_key(m["model"], m["environment"])] = EndpointRoute(
             backends=tuple(backends), auth=auth,
             key_hashes=keys.get((m["model"], m["environment"]), ()) if auth == "key" else ())
-    return RoutingTable(generation=generation, endpoints=routes)
+    return RoutingTable(generation=generation, endpoints=routes, retired=retired)
 
 
 class Traffic:
@@ -113,7 +119,7 @@ class Traffic:
         return Endpoint(model=m["model"], environment=m["environment"], traffic=traffic,
                         previous_traffic=m["previous_traffic"], auth=m["auth"] or "none",
                         uri=self.router.endpoint_uri(m["model"], m["environment"]),
-                        versions=versions, updated_at=m["updated_at"])
+                        versions=versions, updated_at=m["updated_at"], retired_at=m["retired_at"])
 
     def current(self, model: str, environment: str) -> dict[str, int]:
         try:
@@ -142,6 +148,8 @@ class Traffic:
                 values["previous_traffic"] = old or None
             if auth is not None:
                 values["auth"] = auth
+            if any(w > 0 for w in traffic.values()):
+                values["retired_at"] = None  # a release serves a retired endpoint again
             if row is None:
                 conn.execute(schema.endpoints.insert().values(
                     model=model, environment=environment, **{"auth": "key", **values}))

@@ -27,6 +27,7 @@ models = Table(
     Column("name", String(64), primary_key=True),
     Column("description", Text, nullable=False, default=""),
     Column("created_at", String(32), nullable=False),
+    Column("archived_at", String(32)),  # archived (releases.retirement): versions recorded, no release starts
 )
 
 versions = Table(
@@ -148,6 +149,7 @@ endpoints = Table(
     Column("previous_traffic", JSON),  # what served before the last release (or rollback) began
     Column("auth", String(8)),  # key | none (the policy environment's `auth`); NULL: none (made before keys)
     Column("updated_at", String(32), nullable=False),
+    Column("retired_at", String(32)),  # retired (releases.retirement): no traffic, the router answers 410
 )
 
 endpoint_keys = Table(  # an endpoint's scoring keys, checked by the router
