@@ -304,7 +304,7 @@ def statistics(obj: Obj, name: str, version: int, training_data: Path | None, wa
 
 @main.group()
 def releases() -> None:
-    """Releases: list, show, stop, approve, reject."""
+    """Releases: list, show, plan, stop, approve, reject."""
 
 
 @releases.command("list")
@@ -345,6 +345,23 @@ def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
 def releases_stop(obj: Obj, release_id: str, as_json: bool) -> None:
     rel = obj.client.post(api_path("releases", release_id, "stop"))
     _out(rel) if as_json else click.echo(f"stop requested for release {release_id} ({rel['phase']})")
+
+
+@releases.command("plan")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--env", "environment", default=None, help="plan a promote to this environment (default: what "
+              "registering does, the policy's whole chain)")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def releases_plan(obj: Obj, name: str, version: int, environment: str | None, as_json: bool) -> None:
+    """What releasing NAME vVERSION would do, changing nothing: policy and why, environments,
+    strategy, gates, artifact (already built?), what retires, what a rollback returns to."""
+    from modelcd.releases.plan_text import release_plan_lines
+
+    plan = obj.client.get(api_path("models", name, "versions", version, "plan"),
+                          params={"environment": environment} if environment else None)
+    _out(plan) if as_json else click.echo("\n".join(release_plan_lines(plan)))
 
 
 @releases.command("approve")
@@ -701,8 +718,17 @@ def policies_validate(file: Path) -> None:
 
 @policies.command("apply")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--plan", "plan", is_flag=True, help="store nothing: show which current versions would change and how")
+@click.option("--json", "as_json", is_flag=True, help="with --plan: print the plan as JSON")
 @pass_obj
-def policies_apply(obj: Obj, file: Path) -> None:
+def policies_apply(obj: Obj, file: Path, plan: bool, as_json: bool) -> None:
+    if plan:
+        from modelcd.releases.plan_text import policy_plan_lines
+
+        answer = obj.client.post("/api/v1/policies/plan", data=file.read_text().encode(),
+                                 headers={"Content-Type": "application/yaml"})
+        _out(answer) if as_json else click.echo("\n".join(policy_plan_lines(answer)))
+        return
     result = obj.client.request("PUT", "/api/v1/policies", data=file.read_text().encode(),
                                 headers={"Content-Type": "application/yaml"})
     click.echo(f"policy {result['name']} stored (revision {result['revision']})")

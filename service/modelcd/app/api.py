@@ -272,6 +272,14 @@ def get_version(name: str, number: int) -> Response:
     return jsonify(version_to_dict(_ctx().registry.get_version(name, number)))
 
 
+@bp.get("/models/<name>/versions/<int:number>/plan")
+def plan_version(name: str, number: int) -> Response:
+    """What a release of the version would do (``?environment=``: a promote there); changes nothing."""
+    from modelcd.releases.plan import plan_release
+
+    return jsonify(plan_release(_ctx(), name, number, _arg_environment()).to_dict())
+
+
 @bp.post("/models/<name>/versions")
 @write
 def register_version(name: str) -> tuple[Response, int]:
@@ -596,6 +604,23 @@ def put_policy() -> tuple[Response, int]:
     except RecursionError:
         raise InvalidInput("request body: the policy YAML is nested too deeply", field="body") from None
     return jsonify({"name": policy.name, "revision": revision, "policy": public_policy(policy.to_dict())}), 200
+
+
+@bp.post("/policies/plan")
+@write
+def plan_policy() -> Response:
+    """Which current versions a policy (YAML body) would change, without storing it."""
+    from modelcd.releases.plan import plan_policy_change
+
+    if (request.content_length or 0) > JSON_MAX_BYTES:
+        raise PayloadTooLarge(f"policy over {JSON_MAX_BYTES} bytes; send a smaller YAML document", field="body")
+    text = request.get_data(as_text=True)
+    if not text.strip():
+        raise InvalidInput("send the policy YAML as the request body", field="body")
+    try:
+        return jsonify(plan_policy_change(_ctx(), text, "request body").to_dict())
+    except RecursionError:
+        raise InvalidInput("request body: the policy YAML is nested too deeply", field="body") from None
 
 
 @bp.delete("/policies/<name>")

@@ -23,6 +23,9 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
      True, "training_data"),
     ("get", "/models/{name}/versions/{version}/statistics", "The version's training-data statistics: rows, per "
      "feature counts, missing, min/max/mean/std, bin edges and counts, top categories (404 when none)", False, None),
+    ("get", "/models/{name}/versions/{version}/plan", "What a release of the version would do, changing nothing: "
+     "policy and why, environments, strategy, gates, artifact (built?), what retires, what a rollback returns to "
+     "(?environment=: a promote there)", False, None),
     ("get", "/releases", "List releases (filters: model, environment, phase)", False, None),
     ("post", "/releases", "Start a release of {model, version, environment}", True, "json"),
     ("get", "/releases/{release_id}", "Show a release with its jobs and events", False, None),
@@ -70,6 +73,8 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
      "json"),
     ("get", "/policies", "List release policies", False, None),
     ("put", "/policies", "Create or replace a release policy (YAML body)", True, "yaml"),
+    ("post", "/policies/plan", "Which current versions a release policy (YAML body) would change, and how; "
+     "nothing is stored", True, "yaml"),
     ("get", "/policies/{name}", "Show a release policy", False, None),
     ("delete", "/policies/{name}", "Delete a release policy", True, None),
     ("get", "/inbox", "Webhook deliveries (filters: state=pending|done|ignored|dead, source)", False, None),

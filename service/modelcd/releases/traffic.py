@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -82,6 +82,19 @@ def build_table(conn: Connection, generation: int) -> RoutingTable:
             backends=tuple(backends), auth=auth,
             key_hashes=keys.get((m["model"], m["environment"]), ()) if auth == "key" else ())
     return RoutingTable(generation=generation, endpoints=routes, retired=retired)
+
+
+def retention_choice(deployments: Sequence[Deployment], traffic: Mapping[str, int],
+                     previous: Mapping[str, int] | None, keep: int) -> list[Deployment]:
+    """Which of an endpoint's ``deployments`` retire when it keeps ``keep``: only serving and
+    standby ones are counted; one named by the current ``traffic`` or the ``previous`` split (what
+    a rollback returns to) never retires; among the others the newest stay. Pure: ``retire``
+    acts on it and a release plan shows it, so the two cannot disagree."""
+    protected = set(traffic) | set(previous or {})
+    live = [d for d in deployments if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY)]
+    others = sorted((d for d in live if d.id not in protected), key=lambda d: d.created_at, reverse=True)
+    room = max(keep - sum(1 for d in live if d.id in protected), 0)
+    return others[room:]
 
 
 class Traffic:
@@ -230,12 +243,8 @@ class Traffic:
             endpoint = self.get(model, environment)
         except NotFound:
             return []
-        protected = set(endpoint.traffic) | set(endpoint.previous_traffic or {})
-        live = [d for d in self.deployments.list(model=model, environment=environment, live_only=True)
-                if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY)]
-        others = sorted((d for d in live if d.id not in protected), key=lambda d: d.created_at, reverse=True)
-        room = max(keep - sum(1 for d in live if d.id in protected), 0)
-        retired = others[room:]
+        live = self.deployments.list(model=model, environment=environment, live_only=True)
+        retired = retention_choice(live, endpoint.traffic, endpoint.previous_traffic, keep)
         if not retired:
             return []
         with self.db.write() as conn:
