@@ -314,3 +314,14 @@ environments:
     text = "\n".join(release_plan_lines(plan.to_dict()))
     assert "staging: process target, shadow on 50% of live requests for at most 120 s" in text
     assert "min_samples 50" in text and "answers compared on copies (" in text
+
+
+def test_an_archived_model_releases_nothing(ctx: Context, model_dir: Any) -> None:
+    from modelcd.releases.retirement import archive_model
+
+    v = _register(ctx, "iris", model_dir)
+    archive_model(ctx, "iris")
+    plan = plan_release(ctx, "iris", v.version)
+    assert plan.releases_to == () and "archived" in plan.summary and "modelcd models unarchive iris" in plan.summary
+    assert plan.warnings and plan.environments[0].name == "production"
+    assert plan_release(ctx, "iris", v.version, "production").releases_to == ()

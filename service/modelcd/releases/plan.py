@@ -58,6 +58,7 @@ from modelcd.releases.policy import (
     select_policy,
     stage_place,
 )
+from modelcd.releases.retirement import archived_refusal
 from modelcd.releases.traffic import retention_choice
 from modelcd.targets import TARGETS
 
@@ -167,6 +168,12 @@ def plan_release(ctx: Context, model: str, version: int, environment: str | None
         summary = (f"registering releases to {' then '.join(chain)}, each after the one before succeeds"
                    if policy.auto else f"policy {policy.name} has auto: false: nothing releases on its own; release "
                    f"by hand with `modelcd promote {model} {version} --env ENV`")
+    with ctx.db.read() as conn:
+        archived = archived_refusal(conn, model)  # as the dispatcher and start_release read it
+    if archived is not None:
+        releases_to = ()
+        summary = f"{archived.message}; below, what a release would do once it is unarchived"
+        warnings.append(archived.message)
     if v.status != "ready":
         releases_to = ()
         summary = (f"v{version} is referenced only ({v.external_ref}): its files stay in the {v.source} registry, "
