@@ -49,6 +49,10 @@ class Settings(BaseModel):
     hooks_generic_secret: str | None = Field(None, repr=False, description="HMAC-SHA256 secret for /hooks/generic")
     hooks_s3_token: str | None = Field(None, repr=False, description="auth token MinIO sends (Bearer)")
     hooks_azureml_secret: str | None = Field(None, repr=False, description="secret in ?code= or X-Modelcd-Secret")
+    # notifications (a production watch's breach): signed like /hooks/generic (X-Modelcd-Signature)
+    notify_urls: list[str] = Field(default_factory=list, description="URLs a breach notification is POSTed to "
+                                   "(comma-separated in MODELCD_NOTIFY_URLS)")
+    notify_secret: str | None = Field(None, repr=False, description="HMAC-SHA256 secret that signs notifications")
     # Azure ML versions are fetched with a service principal (AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET)
     azureml_management_url: str = Field("https://management.azure.com", description="Azure Resource Manager: "
                                         "model versions and datastores are read there")
@@ -96,10 +100,18 @@ class Settings(BaseModel):
     docker_registry_password: str | None = Field(None, repr=False, description="registry password or token")
     docker_build_timeout_s: float = Field(1800.0, gt=0, description="longest an image build may take")
 
-    @field_validator("hooks_sns_topic_arns", mode="before")
+    @field_validator("hooks_sns_topic_arns", "notify_urls", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("notify_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not v.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"each must start with http:// or https:// (got {bad[0][:80]!r})")
+        return value
 
     @field_validator("url", "s3_endpoint_url")
     @classmethod

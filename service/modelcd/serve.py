@@ -33,6 +33,7 @@ from modelcd.releases.deployments import runner_started
 from modelcd.releases.external import ExternalDriver
 from modelcd.releases.reconcile import reconcile
 from modelcd.releases.runner import LocalRunner
+from modelcd.releases.watch import ProductionWatch
 
 log = logging.getLogger("modelcd.serve")
 SERVE_LOCK = "serve.lock"
@@ -140,13 +141,14 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     report = reconcile(ctx, echo)
     echo(f"data plane: router {settings.router_url} (generation synced: {report.router_synced}); "
          f"deployments adopted {len(report.adopted)}, restarted {len(report.restarted)}, failed {len(report.failed)}")
-    from modelcd.jobs.statistics import fail_interrupted
-
-    fail_interrupted(ctx, echo)  # statistics jobs a dead process left open: their upload is gone
     from modelcd.releases.retirement import resume_interrupted
 
     resume_interrupted(ctx, echo)  # a retire / archive job a dead process left running
-    runner = LocalRunner(ctx, also=[ExternalDriver(ctx).tick])  # pipelines' releases: started and watched
+    from modelcd.jobs.statistics import fail_interrupted
+
+    fail_interrupted(ctx, echo)  # statistics jobs a dead process left open: their upload is gone
+    # pipelines' releases are started and watched; watched endpoints' live traffic judged
+    runner = LocalRunner(ctx, also=[ExternalDriver(ctx).tick, ProductionWatch(ctx).tick])
     runner.start()
     supervisor = Supervisor(ctx)
     supervisor.start()

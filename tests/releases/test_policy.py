@@ -171,7 +171,7 @@ gates: []
         (11, "environments[0].stratgy",
          "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, step_hold_s, "
          "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, resources, env, network, auth, "
-         "shadow_s, sample_rate, mirror, analysis"),
+         "shadow_s, sample_rate, mirror, analysis, watch"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
@@ -349,7 +349,7 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
                                   "approval_timeout_s": None, "scoring_workers": 2,
                                   "resources": {"cpu": None, "memory": None}, "env": {}, "network": None,
                                   "auth": "key", "shadow_s": None, "sample_rate": 1.0, "mirror": False,
-                                  "analysis": None}]
+                                  "analysis": None, "watch": None}]
     assert d["match"] == {"models": ["iris*"], "tags": {"deploy": "true"}, "sources": ["native", "mlflow"]}
     assert Policy.from_dict(d) == p
     snap = p.snapshot()

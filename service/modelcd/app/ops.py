@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import func, select, text
 
@@ -58,4 +60,35 @@ def metrics() -> Response:
     lines += [f'modelcd_deployments{{state="{s}"}} {n}' for s, n in states]
     lines += ["# HELP modelcd_outbox_pending outbox events not yet dispatched", "# TYPE modelcd_outbox_pending gauge",
               f"modelcd_outbox_pending {pending}"]
+    lines += _watch_lines(ctx)
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
+
+
+def _watch_lines(ctx: Context) -> list[str]:
+    """The production watch's figures per endpoint (releases.watch)."""
+    from modelcd.releases.watch import watch_status
+
+    rows = watch_status(ctx)
+    lines = ["# HELP modelcd_watch_breaches_total production watch breaches by endpoint",
+             "# TYPE modelcd_watch_breaches_total counter"]
+    lines += [f'modelcd_watch_breaches_total{{{_labels(r)}}} {int(r["breaches"])}' for r in rows]
+    lines += ["# HELP modelcd_watch_input_psi live inputs vs the training statistics, per feature",
+              "# TYPE modelcd_watch_input_psi gauge"]
+    for r in rows:
+        for feature, value in sorted(((r["figures"] or {}).get("input_psi") or {}).items()):
+            lines.append(f'modelcd_watch_input_psi{{{_labels(r)},feature="{_escape(feature)}"}} {float(value):.6g}')
+    lines += ["# HELP modelcd_watch_prediction_psi live outputs vs the first window after the release",
+              "# TYPE modelcd_watch_prediction_psi gauge"]
+    for r in rows:
+        value = (r["figures"] or {}).get("prediction_psi")
+        if value is not None:
+            lines.append(f"modelcd_watch_prediction_psi{{{_labels(r)}}} {float(value):.6g}")
+    return lines
+
+
+def _labels(row: dict[str, Any]) -> str:
+    return f'model="{_escape(row["model"])}",environment="{_escape(row["environment"])}"'
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

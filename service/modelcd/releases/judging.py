@@ -21,7 +21,7 @@ from modelcd.releases.policy import Analysis
 
 if TYPE_CHECKING:
     from modelcd.analysis.statistics import DatasetStats
-    from modelcd.releases.stages import StageRun
+    from modelcd.releases.stage_run import StageRun
 
 POLL_S = 0.2  # how often the router's pairs are read
 EVENT_EVERY_S = 2.0  # an undecided verdict is recorded this often (a decided one at once)

@@ -293,6 +293,7 @@ class Environment(_Edge):
     sample_rate: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)  # share of live requests copied
     mirror: bool = False  # canary only: each step also compares the candidate's answers on copies
     analysis: Analysis | None = None  # shadow, or canary with mirror: the gates on the pairs of answers
+    watch: Watch | None = None  # after the release: live inputs and outputs against limits (releases.watch)
 
     @model_validator(mode="before")
     @classmethod
@@ -365,6 +366,32 @@ class Analysis(_Edge):
     tolerance: float = Field(default=1e-6, ge=0, le=1e6, allow_inf_nan=False)  # numbers agree within it (relative)
     max_prediction_psi: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)  # outputs' PSI
     max_input_psi: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)  # inputs vs training
+
+
+class OnBreach(StrEnum):
+    ALERT = "alert"  # an event, a metric and a signed notification
+    ROLLBACK = "rollback"  # the same, and traffic returns to the previous version
+
+
+class Watch(_Edge):
+    """Watching production after a release: live inputs and outputs, sampled by the router off
+    the request path, over a sliding window, against the version's training statistics (inputs)
+    and the first full window after the release (outputs)."""
+
+    window_s: float = Field(default=300.0, gt=0, le=7 * 86_400, allow_inf_nan=False)  # the sliding window
+    sample_rate: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False)  # share of live requests sampled
+    min_samples: int = Field(default=200, ge=1, le=1_000_000)  # rows in the window before it is judged
+    check_every_s: float = Field(default=10.0, gt=0, le=86_400, allow_inf_nan=False)
+    max_input_psi: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
+    max_prediction_psi: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
+    on_breach: Annotated[OnBreach, _choice(OnBreach)] = OnBreach.ALERT
+
+    @model_validator(mode="after")
+    def _a_gate(self) -> Watch:
+        if self.max_input_psi is None and self.max_prediction_psi is None:
+            raise PydanticCustomError("watch_gate", "set max_input_psi, max_prediction_psi or both: a watch "
+                                      "without a limit never breaches", {})
+        return self
 
 
 def _production() -> tuple[Environment, ...]:
@@ -684,7 +711,7 @@ def _describe(err: ErrorDetails) -> str:
         n = ctx.get("min_length", 1)
         return f"must have at least {n} item{'s' if n != 1 else ''}"
     if kind in ("choice", "name", "steps_unused", "steps_order", "duplicate_environment", "stages_local", "stage_place",
-                "approval_runner", "mirror_canary", "shadow_only", "analysis_pairs"):
+                "approval_runner", "mirror_canary", "shadow_only", "analysis_pairs", "watch_gate"):
         return err["msg"]
     msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     msg = msg.replace("String should have", "must have")

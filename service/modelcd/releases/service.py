@@ -37,6 +37,7 @@ class Release:
     bundle: str | None
     image: str | None  # built in the pipeline's runner: the reference it pushed (releases.runner_stages)
     image_digest: str | None  # …and the image's digest, which the deploy report must name
+    analysis: list[dict[str, Any]] | None  # verdicts on what the candidate predicted, per step (releases.judging)
     previous_traffic: dict[str, int] | None  # the endpoint's split when this release first moved traffic
     endpoint_previous: dict[str, int] | None  # the endpoint's previous_traffic then (restored on rollback)
     created_at: str

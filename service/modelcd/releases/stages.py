@@ -5,9 +5,7 @@ the release, and raises a StageFailed subtype or Cancelled."""
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from modelcd.analysis.canary import hold_step, step_traffic
@@ -15,41 +13,14 @@ from modelcd.analysis.smoke import SmokeChecks, run_smoke
 from modelcd.builders import BuildSpec, get_builder
 from modelcd.context import Context
 from modelcd.domain import DeploymentState
-from modelcd.errors import BuildError, Cancelled, NotFound, RouterError, StageFailed
+from modelcd.errors import BuildError, NotFound, RouterError, StageFailed
 from modelcd.releases.deployments import deploy_spec, handle_of, runner_started, spec_values, stop_deployment
 from modelcd.releases.judging import CanaryMirror, shadow_phase, stop_mirror
 from modelcd.releases.machine import Phase
-from modelcd.releases.policy import Environment, Policy, Strategy
+from modelcd.releases.policy import Strategy
 from modelcd.releases.service import Release
+from modelcd.releases.stage_run import StageRun
 from modelcd.targets import TARGETS
-
-Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class StageRun:
-    """One stage of one release: what a stage function gets."""
-
-    ctx: Context
-    release: Release
-    log: Log
-    cancel: threading.Event
-
-    @property
-    def policy(self) -> Policy:
-        return self.release.policy
-
-    @property
-    def env(self) -> Environment:
-        """The policy's step for the release's environment (validated, defaults filled in)."""
-        return self.release.environment_policy
-
-    def stopped(self) -> bool:
-        return self.cancel.is_set() or self.ctx.releases.get(self.release.id).cancel_requested
-
-    def check_cancel(self) -> None:
-        if self.stopped():
-            raise Cancelled("stopped by a person")
 
 
 def check_supported(run: StageRun) -> None:
@@ -138,10 +109,23 @@ def promote(run: StageRun) -> dict[str, Any]:
         elif env.strategy == Strategy.SHADOW:
             _shadow(run, dep_id, previous)
         _switch(run, wanted, previous)
+    _watch_from_now(run)
     keep = 1 if env.strategy is Strategy.RECREATE else run.policy.retention.keep_deployments
     ctx.traffic.retire(rel.model, rel.environment, keep, ctx.target(env.target), ctx.home, run.log)
     _queue_next_environment(run)
     return {}
+
+
+def _watch_from_now(run: StageRun) -> None:
+    """The endpoint's sampling for the production watch: the policy's rate, or none."""
+    rel, ctx, env = run.release, run.ctx, run.env
+    rate = env.watch.sample_rate if env.watch is not None else 0.0
+    if ctx.traffic.get(rel.model, rel.environment).sample_rate == rate:
+        return
+    try:
+        ctx.traffic.set_sampling(rel.model, rel.environment, rate, run.log)
+    except RouterError as e:  # traffic already moved: the watch starts with the router's next table
+        run.log(f"could not set the watch's sampling yet ({e.message}); the next change of the endpoint does")
 
 
 def record_previous(run: StageRun) -> dict[str, int]:

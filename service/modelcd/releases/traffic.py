@@ -17,7 +17,7 @@ from modelcd.domain import Deployment, DeploymentState
 from modelcd.errors import ModelcdError, NotFound, RouterError
 from modelcd.releases.deployments import LIVE_STATES, Deployments, deployment_from_row, stop_deployment
 from modelcd.releases.endpoint_keys import key_hashes
-from modelcd.routing.base import Backend, EndpointRoute, Router, RoutingTable
+from modelcd.routing.base import Backend, EndpointRoute, Mirror, Router, RoutingTable
 from modelcd.store import schema
 from modelcd.store.db import Database, now
 from modelcd.targets.base import Target
@@ -40,6 +40,8 @@ class Endpoint:
     versions: dict[int, int]  # version → weight, for people
     updated_at: str
     retired_at: str | None = None  # retired (releases.retirement) until a release serves it again
+    mirror: str | None = None  # the deployment shadow traffic is copied to, if any
+    sample_rate: float = 0.0  # share of live requests the router keeps for the production watch
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class Endpoint:
             "traffic": {str(v): w for v, w in self.versions.items()}, "deployments": self.traffic,
             "previous_traffic": self.previous_traffic, "auth": self.auth, "updated_at": self.updated_at,
             "state": "retired" if self.retired_at else "active", "retired_at": self.retired_at,
+            "mirror": self.mirror, "sample_rate": self.sample_rate,
         }
 
 
@@ -80,8 +83,20 @@ def build_table(conn: Connection, generation: int) -> RoutingTable:
         auth = m["auth"] or "none"  # endpoints made before keys existed stay open until a release sets auth
         routes[endpoint_key(m["model"], m["environment"])] = EndpointRoute(
             backends=tuple(backends), auth=auth,
-            key_hashes=keys.get((m["model"], m["environment"]), ()) if auth == "key" else ())
+            key_hashes=keys.get((m["model"], m["environment"]), ()) if auth == "key" else (),
+            mirror=_mirror(m["mirror"], live), sample_rate=float(m["sample_rate"] or 0.0))
     return RoutingTable(generation=generation, endpoints=routes, retired=retired)
+
+
+def _mirror(spec: Mapping[str, Any] | None, live: Sequence[Deployment]) -> Mirror | None:
+    """The router's mirror of an endpoint's stored shadow spec, while its candidate is live (a
+    shadow candidate serves nobody; a mirrored canary step's also serves its share)."""
+    if not spec:
+        return None
+    dep = next((d for d in live if d.id == spec.get("deployment_id") and d.url), None)
+    if dep is None:
+        return None
+    return Mirror(id=dep.id, version=dep.version, url=dep.url or "", sample_rate=float(spec.get("sample_rate", 1.0)))
 
 
 def retention_choice(deployments: Sequence[Deployment], traffic: Mapping[str, int],
@@ -132,7 +147,8 @@ class Traffic:
         return Endpoint(model=m["model"], environment=m["environment"], traffic=traffic,
                         previous_traffic=m["previous_traffic"], auth=m["auth"] or "none",
                         uri=self.router.endpoint_uri(m["model"], m["environment"]),
-                        versions=versions, updated_at=m["updated_at"], retired_at=m["retired_at"])
+                        versions=versions, updated_at=m["updated_at"], retired_at=m["retired_at"],
+                        mirror=(m["mirror"] or {}).get("deployment_id"), sample_rate=float(m["sample_rate"] or 0.0))
 
     def current(self, model: str, environment: str) -> dict[str, int]:
         try:
@@ -182,6 +198,43 @@ class Traffic:
         key = endpoint_key(model, environment)
         _, applied = self.change(f"traffic of {key}", mutate)
         log(f"router applied generation {applied}: {key} → {traffic}")
+        return applied
+
+    def set_mirror(self, model: str, environment: str, deployment_id: str | None, sample_rate: float = 1.0,
+                   log: Callable[[str], None] = lambda _: None) -> int:
+        """Start (``deployment_id``) or stop (None) copying the endpoint's live requests to a
+        candidate deployment (shadow traffic; see ``change``: applied and read back, or not
+        committed). Returns the applied generation."""
+        spec = {"deployment_id": deployment_id, "sample_rate": sample_rate} if deployment_id else None
+
+        def mutate(conn: Connection) -> None:
+            done = conn.execute(schema.endpoints.update().where(
+                schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)
+                .values(mirror=spec, updated_at=now()))
+            if deployment_id and done.rowcount == 0:
+                raise NotFound(f"no endpoint for {model} in {environment} to mirror", field="environment")
+
+        key = endpoint_key(model, environment)
+        _, applied = self.change(f"shadow traffic of {key}", mutate)
+        log(f"router applied generation {applied}: " + (
+            f"{key} copies {sample_rate:.0%} of its requests to {deployment_id}" if deployment_id
+            else f"{key} copies nothing"))
+        return applied
+
+    def set_sampling(self, model: str, environment: str, rate: float,
+                     log: Callable[[str], None] = lambda _: None) -> int:
+        """Have the router keep ``rate`` of the endpoint's live requests with their answers (the
+        production watch; 0 stops it). Applied and read back, or not committed (``change``)."""
+
+        def mutate(conn: Connection) -> None:
+            conn.execute(schema.endpoints.update().where(
+                schema.endpoints.c.model == model, schema.endpoints.c.environment == environment)
+                .values(sample_rate=rate or None, updated_at=now()))
+
+        key = endpoint_key(model, environment)
+        _, applied = self.change(f"sampling of {key}", mutate)
+        log(f"router applied generation {applied}: {key} keeps {rate:.0%} of its requests for the watch" if rate
+            else f"router applied generation {applied}: {key} keeps no requests")
         return applied
 
     def change(self, what: str, mutate: Callable[[Connection], T]) -> tuple[T, int]:

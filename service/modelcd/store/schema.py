@@ -93,6 +93,7 @@ releases = Table(
     Column("bundle", String(1024)),
     Column("image", String(512)),  # an image built by the pipeline's runner: its pushed reference
     Column("image_digest", String(80)),  # …and its digest (sha256:…), checked against what is deployed
+    Column("analysis", JSON),  # verdicts on what the candidate predicted, per step (releases.judging)
     Column("previous_traffic", JSON),  # endpoint split before this release first moved traffic (recorded once)
     Column("endpoint_previous", JSON),  # the endpoint's own previous_traffic then: restored with it on rollback
     Column("created_at", String(32), nullable=False),
@@ -150,6 +151,21 @@ endpoints = Table(
     Column("auth", String(8)),  # key | none (the policy environment's `auth`); NULL: none (made before keys)
     Column("updated_at", String(32), nullable=False),
     Column("retired_at", String(32)),  # retired (releases.retirement): no traffic, the router answers 410
+    Column("mirror", JSON),  # shadow traffic: {deployment_id, sample_rate} the router copies requests to; NULL: none
+    Column("sample_rate", Float),  # the production watch: share of requests the router keeps; NULL/0: none
+)
+
+watch_status = Table(  # the production watch of an endpoint: its last figures and breaches (releases.watch)
+    "watch_status", metadata,
+    Column("model", String(64), primary_key=True),
+    Column("environment", String(32), primary_key=True),
+    Column("release_id", String(32)),  # the release whose policy set the watch
+    Column("version", Integer),
+    Column("state", String(16), nullable=False),  # collecting | ok | breached
+    Column("figures", JSON),  # {rows, input_psi: {feature: psi}, prediction_psi, limits}
+    Column("breaches", Integer, nullable=False, default=0),
+    Column("last_breach_at", String(32)),
+    Column("updated_at", String(32), nullable=False),
 )
 
 endpoint_keys = Table(  # an endpoint's scoring keys, checked by the router
