@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ def test_new_version_with_same_requirements_rebuilds_only_the_model_layer(
     v1 = iris_version(tmp_path / "v1", "iris-img", 1, c=1.0)
     b1, _ = _build(docker_home, v1, tmp_path / "v1", image_options)
     v2 = iris_version(tmp_path / "v2", "iris-img", 2, c=0.5)
+    # content this engine has never seen, so its layer cache (kept across runs) holds no copy of it
+    (tmp_path / "v2" / "build-id.txt").write_text(uuid.uuid4().hex)
     started = time.monotonic()
     b2, log2 = _build(docker_home, v2, tmp_path / "v2", image_options)
     warm_s = time.monotonic() - started
