@@ -332,6 +332,10 @@ def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
         click.echo(f"error: {rel['error']}")
     if rel.get("image_digest"):
         click.echo(f"image: {rel['image']} ({rel['image_digest']})")
+    for step in rel.get("analysis") or []:  # what the candidate predicted, judged (shadow, mirrored canary)
+        click.echo(f"analysis {step['step']}: {step['outcome']} — {step['summary']}")
+        for check in step.get("checks") or []:
+            click.echo(f"  {check['name']}: {check['outcome']} — {check['message']}")
     _table(rel["jobs"], ["id", "type", "state", "runs_in", "started_at", "finished_at", "error"])
     click.echo("events:")
     for ev in rel["events"]:
