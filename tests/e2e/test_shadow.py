@@ -7,6 +7,7 @@ drift in distribution fails on PSI."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,9 @@ def test_a_disagreeing_candidate_fails_its_shadow_and_production_stays(svc: Serv
     assert svc.endpoint("sh-disagree")["traffic"] == before and svc.endpoint("sh-disagree")["mirror"] is None
     deployment = svc.api("GET", "/deployments", params={"model": "sh-disagree"}).json()["deployments"][-1]
     assert deployment["version"] == 2 and deployment["state"] == "stopped"
+    shown = subprocess.run(["modelcd", "releases", "show", detail["id"]], env=svc.env, capture_output=True,
+                           text=True, check=True).stdout
+    assert "analysis shadow: failed" in shown and "agreement: failed — agreement" in shown, shown
 
 
 def test_a_candidate_whose_outputs_drift_fails_on_prediction_psi(svc: Service, tmp_path: Path) -> None:
