@@ -107,14 +107,6 @@ def _release(svc: Service, version: int) -> dict[str, Any]:
     return svc.release_detail(rel["id"])
 
 
-def _finished_run(stand_in: GitHubStandIn) -> int:
-    run_id = len(stand_in.runs)
-    deadline = time.monotonic() + 120
-    while stand_in.runs[run_id]["status"] != "completed" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return run_id
-
-
 def _manifest_digest(s: Setup, image: str) -> str:
     """What the registry itself says the pushed tag's digest is."""
     repo, _, tag = image.removeprefix(s.registry + "/").rpartition(":")
@@ -130,7 +122,7 @@ def test_mlflow_registration_is_built_pushed_deployed_and_smoke_tested_in_the_ru
     s, svc = setup, setup.svc
     mlflow_version = s.mlflow.register_sklearn(NAME, C=1.0)
     detail = _release(svc, 1)
-    run_id = _finished_run(s.stand_in)
+    run_id = s.stand_in.finished_run(120)
     act_log = s.stand_in.act_log(run_id)
     assert detail["phase"] == "succeeded", (detail["error"], svc.job_log(detail["id"]), act_log[-6000:])
     assert s.stand_in.problems == []
@@ -190,7 +182,7 @@ def test_failing_smoke_in_the_runner_rolls_back_and_production_stays(
     wrong = iris_model(tmp_path / "wrong", expected_offset=1)  # the model answers; the expected output differs
     v = svc.register(NAME, tmp_path / "wrong", wrong)
     detail = _release(svc, v["version"])
-    run_id = _finished_run(s.stand_in)
+    run_id = s.stand_in.finished_run(120)
     act_log = s.stand_in.act_log(run_id)
     assert detail["phase"] == "failed", act_log[-6000:]
     assert "smoke failed" in detail["error"] and "from the runner" in detail["error"], detail["error"]

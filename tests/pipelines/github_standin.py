@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,14 @@ class GitHubStandIn:
                                    "-P", "ubuntu-latest=-self-hosted", *self.act_args], cwd=checkout, stdout=out,
                                   stderr=subprocess.STDOUT, timeout=600, check=False)
         self.runs[run_id].update(status="completed", conclusion="success" if proc.returncode == 0 else "failure")
+
+    def finished_run(self, timeout_s: float = 60) -> int:
+        """The latest run, once act has finished it (the release ends a moment before its job does)."""
+        run_id = len(self.runs)
+        deadline = time.monotonic() + timeout_s
+        while self.runs[run_id]["status"] != "completed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return run_id
 
     def act_log(self, run_id: int) -> str:
         path = self.workdir / f"act-{run_id}.log"

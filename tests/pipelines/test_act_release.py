@@ -67,22 +67,13 @@ def _release(svc: Service, name: str, version: int) -> dict[str, Any]:
     return svc.release_detail(rel["id"])
 
 
-def _finished_run(stand_in: GitHubStandIn) -> int:
-    """The latest run, once act has finished it (the release ends a moment before its job does)."""
-    run_id = len(stand_in.runs)
-    deadline = time.monotonic() + 60
-    while stand_in.runs[run_id]["status"] != "completed" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return run_id
-
-
 def test_registration_runs_the_workflow_under_act_to_production(
         gh_service: Service, github: tuple[GitHubStandIn, Path], tmp_path: Path) -> None:
     svc, (stand_in, _) = gh_service, github
     meta = iris_model(tmp_path / "v1")
     svc.register("gh-iris", tmp_path / "v1", meta)
     detail = _release(svc, "gh-iris", 1)
-    run_id = _finished_run(stand_in)
+    run_id = stand_in.finished_run()
     assert detail["phase"] == "succeeded", (detail["error"], stand_in.act_log(run_id))
     assert stand_in.problems == []
     (dispatch,) = stand_in.dispatches
@@ -122,7 +113,7 @@ def test_failing_smoke_runs_the_rollback_job_and_production_stays(
     wrong = iris_model(tmp_path / "wrong", expected_offset=1)
     v = svc.register("gh-iris", tmp_path / "wrong", wrong)
     detail = _release(svc, "gh-iris", v["version"])
-    run_id = _finished_run(stand_in)
+    run_id = stand_in.finished_run()
     act_log = stand_in.act_log(run_id)
     assert detail["phase"] == "failed", act_log
     assert "smoke failed" in detail["error"], detail["error"]

@@ -26,20 +26,42 @@ if TYPE_CHECKING:
     from modelcd.routing.upstream import UpstreamConnection
 
 
-class MirrorState:
+class _Ring:
+    """Records kept for the control plane: a bounded ring, each record numbered (``seq``)."""
+
+    __slots__ = ("pairs", "seq")
+
+    def __init__(self, capacity: int) -> None:
+        self.pairs: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self.seq = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.seq += 1
+        record["seq"] = self.seq
+        self.pairs.append(record)
+
+    def since(self, after: int, limit: int) -> list[dict[str, Any]]:
+        """Records with ``seq`` above ``after``, oldest first, at most ``limit``."""
+        if not self.pairs or self.pairs[-1]["seq"] <= after:
+            return []
+        first = self.pairs[0]["seq"]
+        start = max(after + 1 - first, 0)
+        return [self.pairs[i] for i in range(start, min(start + limit, len(self.pairs)))]
+
+
+class MirrorState(_Ring):
     """One endpoint's candidate: the sampling, the pairs in progress and the ring of pairs."""
 
-    __slots__ = ("candidate_errors", "dropped", "key", "mirror", "mirrored", "pairs", "pending", "pending_max", "seq",
-                 "target", "truncated")
+    __slots__ = ("candidate_errors", "dropped", "key", "mirror", "mirrored", "pending", "pending_max", "target",
+                 "truncated")
 
     def __init__(self, key: bytes, mirror: Mirror, target: Target, capacity: int, pending_max: int) -> None:
+        super().__init__(capacity)
         self.key = key
         self.mirror = mirror
         self.target = target
-        self.pairs: deque[dict[str, Any]] = deque(maxlen=capacity)
         self.pending = 0  # pairs started (the serving backend's answer awaited or the candidate's)
         self.pending_max = pending_max
-        self.seq = 0
         self.mirrored = 0  # pairs completed (the candidate answered, failed or timed out)
         self.dropped = 0  # requests not copied because ``pending_max`` pairs were in progress
         self.candidate_errors = 0  # copies the candidate failed (no answer, cut, timeout)
@@ -57,9 +79,7 @@ class MirrorState:
         return True
 
     def add(self, record: dict[str, Any]) -> None:
-        self.seq += 1
-        record["seq"] = self.seq
-        self.pairs.append(record)
+        super().add(record)
         self.mirrored += 1
 
     def counters(self) -> dict[str, Any]:
@@ -68,27 +88,18 @@ class MirrorState:
                 "candidate_errors": self.candidate_errors, "truncated": self.truncated, "pending": self.pending,
                 "seq": self.seq, "kept": len(self.pairs)}
 
-    def since(self, after: int, limit: int) -> list[dict[str, Any]]:
-        """Pairs with ``seq`` above ``after``, oldest first, at most ``limit``."""
-        if not self.pairs or self.pairs[-1]["seq"] <= after:
-            return []
-        first = self.pairs[0]["seq"]
-        start = max(after + 1 - first, 0)
-        return [self.pairs[i] for i in range(start, min(start + limit, len(self.pairs)))]
 
-
-class SampleState:
+class SampleState(_Ring):
     """One endpoint's sampled live traffic (the production watch): a share of its requests with
     the answers they got, in a bounded ring; nothing is sent anywhere."""
 
-    __slots__ = ("key", "pairs", "pending", "rate", "seq", "truncated")
+    __slots__ = ("key", "pending", "rate", "truncated")
 
     def __init__(self, key: bytes, rate: float, capacity: int) -> None:
+        super().__init__(capacity)
         self.key = key
         self.rate = rate
-        self.pairs: deque[dict[str, Any]] = deque(maxlen=capacity)
         self.pending = 0
-        self.seq = 0
         self.truncated = 0
 
     def take(self) -> bool:
@@ -97,16 +108,9 @@ class SampleState:
         self.pending += 1
         return True
 
-    def add(self, record: dict[str, Any]) -> None:
-        self.seq += 1
-        record["seq"] = self.seq
-        self.pairs.append(record)
-
     def counters(self) -> dict[str, Any]:
         return {"endpoint": self.key.decode("latin-1"), "sample_rate": self.rate, "seq": self.seq,
                 "kept": len(self.pairs), "truncated": self.truncated}
-
-    since = MirrorState.since
 
 
 class Pair:
