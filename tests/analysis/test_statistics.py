@@ -181,17 +181,32 @@ def test_csv_parquet_and_json_lines_give_the_same_statistics(tmp_path: Path) -> 
 
 def test_csv_is_read_in_bounded_chunks(tmp_path: Path) -> None:
     _frame(20_000).to_csv(tmp_path / "t.csv", index=False)
-    sizes = [len(c) for c in read_chunks(tmp_path / "t.csv", "csv", block_bytes=64 * 1024, chunk_rows=3_000)]
+    sizes = [len(c) for c in read_chunks(tmp_path / "t.csv", "csv", segment_bytes=64 * 1024)]
     assert sum(sizes) == 20_000 and len(sizes) > 3 and max(sizes) < 6_000
+
+
+def test_parquet_is_read_a_row_group_at_a_time_in_bounded_chunks(tmp_path: Path) -> None:
+    table = pa.Table.from_pandas(_frame(10_000), preserve_index=False)
+    pq.write_table(table, tmp_path / "small-groups.parquet", row_group_size=700)
+    pq.write_table(table, tmp_path / "one-group.parquet", row_group_size=10_000)
+    for name in ("small-groups.parquet", "one-group.parquet"):
+        sizes = [len(c) for c in read_chunks(tmp_path / name, "parquet", chunk_rows=500)]
+        assert sum(sizes) == 10_000 and max(sizes) <= 500, name
 
 
 def test_a_csv_column_whose_type_changes_after_the_first_block_is_read_again_wider(tmp_path: Path) -> None:
     lines = ["n,t"] + [f"{i},{i % 3}" for i in range(60_000)] + ["2.5,text"]
     (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
-    stats = statistics_from_file(tmp_path / "t.csv")
+    stats = statistics_from_file(tmp_path / "t.csv", segment_bytes=64 * 1024)
     n, t = stats.feature("n"), stats.feature("t")
     assert n.kind == NUMERIC and n.count == 60_001 and n.max == 59_999 and n.min == 0
     assert t.kind == CATEGORICAL and "text" in t.categories and t.count == 60_001
+
+
+def test_tab_separated_and_quoted_names(tmp_path: Path) -> None:
+    (tmp_path / "t.tsv").write_text('"a, b"\tc\n1.5\tx\n2.5\ty\n')
+    stats = statistics_from_file(tmp_path / "t.tsv")
+    assert stats.names == ["a, b", "c"] and stats.feature("a, b").mean == 2.0
 
 
 def test_progress_is_called_and_what_it_raises_stops_the_reading(tmp_path: Path) -> None:
