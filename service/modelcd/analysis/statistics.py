@@ -16,8 +16,8 @@ Decisions (also in docs/architecture.md §9):
   equal to an edge goes to the bin above it. A feature with at most ``FEW_VALUES`` (20)
   distinct values in the sample gets one bin per value instead (edges at the values themselves).
 - **Streaming deciles: a bounded reservoir sample, not two passes.** Rows are sampled
-  uniformly without replacement (bottom-k on seeded uniform keys: every row has the same
-  chance, the result is reproducible for a given seed and chunking-independent in law) into at
+  uniformly without replacement (bottom-k on seeded uniform keys drawn row by row: every row
+  has the same chance, and a seed gives the same rows whatever the chunking) into at
   most ``SAMPLE_SIZE`` (100,000) rows. The edges and the bin counts come from that sample, so
   they are exact when the file has at most that many rows and estimates otherwise (the
   standard error of a bin's share is at most 0.5/sqrt(100,000) = 0.0016). ``count``,
@@ -625,7 +625,7 @@ def statistics_from_file(path: Path | str, *, name: str | None = None, sample_si
                          segment_bytes: int = CSV_SEGMENT_BYTES) -> DatasetStats:
     """Statistics of a CSV (header row; ``.tsv`` tab-separated; ``.gz`` compressed), Parquet or
     JSON lines file, read in chunks. ``progress(rows so far)`` is called after each chunk (it
-    may raise to stop). A CSV column typed from the first block that later holds other values
+    may raise to stop). A CSV column typed from the first segment that later holds other values
     (integers, then decimals or text) is read again as a wider type. StatisticsError names the
     file (``name``, else the path's name) and the cause."""
     path = Path(path)
