@@ -96,7 +96,7 @@ def test_reservoir_sample_is_bounded_seeded_and_representative() -> None:
     c = compute_statistics(_chunks(df, 30_000), sample_size=5_000, seed=2).feature("u")
     assert a == b and a.edges != c.edges
     d = compute_statistics(_chunks(df, 7_777), sample_size=5_000, seed=1).feature("u")
-    assert d == a  # the same rows sampled whatever the chunking
+    assert (d.edges, d.bin_counts) == (a.edges, a.bin_counts)  # the same rows sampled whatever the chunking
     assert a.sampled == 5_000 and sum(a.bin_counts) == 5_000 and a.count == 200_000
     assert np.allclose(a.edges, np.arange(0.1, 1.0, 0.1), atol=0.02)  # deciles of U(0, 1), from 5,000 of 200,000
 
