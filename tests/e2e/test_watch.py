@@ -100,9 +100,10 @@ def test_drifted_live_inputs_breach_the_watch_and_roll_back(svc: Service, receiv
     assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
     training = tmp_path / "training.csv"
     training.write_text("a,b\n" + "".join(f"{a},{b}\n" for _ in range(20) for a in range(10) for b in range(5)))
-    with open(training, "rb") as fh:
-        r = svc.api("POST", f"/models/wt-iris/versions/{v2['version']}/statistics", files={"data": fh})
-    assert r.status_code == 202, r.text
+    for version in (v1["version"], v2["version"]):
+        with open(training, "rb") as fh:
+            r = svc.api("POST", f"/models/wt-iris/versions/{version}/statistics", files={"data": fh})
+        assert r.status_code == 202, r.text
     ep = svc.endpoint("wt-iris")
     assert ep["traffic"] == {"2": 100} and ep["sample_rate"] == 1.0
 
@@ -127,12 +128,19 @@ def test_drifted_live_inputs_breach_the_watch_and_roll_back(svc: Service, receiv
             assert time.monotonic() < deadline, svc.release_detail(rel["id"])["events"][-5:]
             time.sleep(0.2)
         took = time.monotonic() - started
+        # the inputs stay drifted: v1 breaches too, but the watch does not roll "back" to v2
+        v1_release = svc.client.find_release("wt-iris", v1["version"])
+        deadline = time.monotonic() + 20
+        while not any(e["kind"] == "watch.breach" for e in svc.release_detail(v1_release["id"])["events"]):
+            assert time.monotonic() < deadline, "v1 never breached on the drifted inputs"
+            time.sleep(0.2)
+        assert svc.endpoint("wt-iris")["traffic"] == {"1": 100}
     assert drifted.failures == []
     assert took < 15, took  # a window (4 s) of drifted traffic, a check every 0.5 s
     events = {e["kind"]: e["message"] for e in svc.release_detail(rel["id"])["events"]}
-    assert "input PSI of a" in events["watch.breach"] and "rolling back" in events["watch.breach"]
+    assert "input PSI of a" in events["watch.breach"] and "on_breach: rollback" in events["watch.breach"]
     assert "watch.rolled_back" in events
-    assert _watch_state(svc) is not None and _watch_state(svc).endswith(" 1")
+    assert _watch_state(svc) is not None and _watch_state(svc).endswith(" 2")  # v2's breach, then v1's
 
     deadline = time.monotonic() + 15
     while not receiver.got:

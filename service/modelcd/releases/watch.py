@@ -83,8 +83,9 @@ class ProductionWatch:
                 key = (ep.model, ep.environment)
                 watched.add(key)
                 window = self.windows.get(key)
-                if window is None or window.release_id != rel.id:
-                    window = self.windows[key] = _Window(release_id=rel.id, version=rel.version)
+                if window is None or window.release_id != rel.id:  # what the router kept before is not this one's
+                    window = self.windows[key] = _Window(release_id=rel.id, version=rel.version,
+                                                         after=self._kept_so_far(ep.model, ep.environment))
                 if time.monotonic() >= window.next_check:
                     window.next_check = time.monotonic() + spec.check_every_s
                     self._check(rel, spec, window)
@@ -92,6 +93,12 @@ class ProductionWatch:
                 log.exception("production watch of %s/%s", ep.model, ep.environment)
         for key in set(self.windows) - watched:
             del self.windows[key]
+
+    def _kept_so_far(self, model: str, environment: str) -> int:
+        try:
+            return int(self.ctx.router.samples(model, environment, limit=1).get("seq") or 0)
+        except ModelcdError:
+            return 0
 
     def _serving(self, model: str, environment: str, traffic: dict[str, int]) -> tuple[Release, Watch] | None:
         """The release that made the endpoint serve what it serves, and its watch."""
@@ -199,13 +206,18 @@ class ProductionWatch:
     # -- what a breach does -------------------------------------------------------------------
     def _breach(self, rel: Release, spec: Watch, figures: dict[str, Any], why: str) -> None:
         ctx = self.ctx
-        action = "rolling back to the previous version" if spec.on_breach is OnBreach.ROLLBACK else "alert only"
+        action = "on_breach: " + str(spec.on_breach)
         message = f"{rel.model}/{rel.environment} v{rel.version}: {why} over the last {spec.window_s:g}s " \
                   f"({figures['rows']} requests sampled); {action}"
         ctx.jobs.event(None, rel.id, "watch.breach", message)
         self._status(rel, "breached", figures, breach=True)
         outcome = "alerted"
-        if spec.on_breach is OnBreach.ROLLBACK:
+        latest = ctx.releases.list(model=rel.model, environment=rel.environment, phase=str(Phase.SUCCEEDED), limit=1)
+        if spec.on_breach is OnBreach.ROLLBACK and latest and latest[0].id != rel.id:
+            # the version serving now came back by a rollback: rolling back again would return to
+            # the newer version that breached first (drifting inputs breach both alike)
+            outcome = "alert only: this version serves after a rollback"
+        elif spec.on_breach is OnBreach.ROLLBACK:
             from modelcd.releases.manual import rollback_endpoint
 
             try:
