@@ -53,8 +53,9 @@ from modelcd.releases.policy import (
     Policy,
     Strategy,
     TargetKind,
-    _precedence,
+    deployments_kept,
     parse_policy,
+    precedence,
     select_policy,
     stage_place,
 )
@@ -209,7 +210,7 @@ def explain_match(policies: Sequence[Policy], chosen: Policy, model: str, tags: 
     revisions = revisions or {}
     considered = tuple({"name": p.name, "matches": p.matches(model, tags, source),
                         "reason": _match_reason(p, model, tags, source)} for p in policies)
-    candidates = sorted((p for p in policies if p.matches(model, tags, source)), key=lambda p: _precedence(p, model))
+    candidates = sorted((p for p in policies if p.matches(model, tags, source)), key=lambda p: precedence(p, model))
     if chosen is DEFAULT_POLICY or not candidates:
         why = (f"default policy: none of the {len(policies)} stored policies matches" if policies
                else "default policy: no policy is stored")
@@ -248,7 +249,7 @@ def _match_reason(policy: Policy, model: str, tags: Mapping[str, str], source: s
 
 
 def _deciding_rule(winner: Policy, runner_up: Policy, model: str) -> str:
-    a, b = _precedence(winner, model), _precedence(runner_up, model)
+    a, b = precedence(winner, model), precedence(runner_up, model)
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             if i >= len(_RULES):
@@ -277,7 +278,7 @@ def _environment_plan(ctx: Context, policy: Policy, env: Environment, index: int
         warnings.append(f"the build would fail: {artifact['error']}")
     endpoint, live, reuse = _endpoint(ctx, v, env, artifact)
     traffic = endpoint["deployments"]
-    keep = 1 if env.strategy is Strategy.RECREATE else policy.retention.keep_deployments  # as stages.promote
+    keep = deployments_kept(policy, env)
     retire = _retire(live, traffic, endpoint["previous_deployments"], reuse, keep)
     rollback = _rollback(ctx, v, env, endpoint, reuse)
     if env.target == TargetKind.PROCESS and (env.resources.cpu or env.resources.memory):

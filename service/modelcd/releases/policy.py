@@ -567,6 +567,12 @@ class Policy(_Edge):
         return {"name": self.name, "revision": self.revision, "policy": self.to_dict()}
 
 
+def deployments_kept(policy: Policy, env: Environment) -> int:
+    """How many deployments an endpoint keeps after a promotion (the serving one included):
+    one with strategy recreate, else ``retention.keep_deployments``."""
+    return 1 if env.strategy == Strategy.RECREATE else policy.retention.keep_deployments
+
+
 def stage_place(policy: Policy, env: Environment, stage: str) -> Place:
     """Where ``stage`` of a release to ``env`` under ``policy`` does its work: always the service
     for runner local and for promote/rollback; otherwise ``pipeline.stages`` or, unset, the
@@ -607,7 +613,7 @@ def _glob_specificity(glob: str) -> tuple[int, bool]:
     return len(_literal_prefix(glob)), not any(ch in glob for ch in _WILDCARDS)
 
 
-def _precedence(policy: Policy, model: str) -> tuple[int, int, int, str]:
+def precedence(policy: Policy, model: str) -> tuple[int, int, int, str]:
     """Sort key: smaller sorts first, so more specific policies come first."""
     glob = policy.match.matching_glob(model) or ""
     prefix, exact = _glob_specificity(glob)
@@ -619,7 +625,7 @@ def select_policy(policies: Sequence[Policy], model: str, tags: Mapping[str, str
     candidates = [p for p in policies if p.matches(model, tags, source)]
     if not candidates:
         return DEFAULT_POLICY
-    return min(candidates, key=lambda p: _precedence(p, model))
+    return min(candidates, key=lambda p: precedence(p, model))
 
 
 # ---------------------------------------------------------------------------------------------

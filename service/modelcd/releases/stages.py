@@ -17,7 +17,7 @@ from modelcd.errors import BuildError, NotFound, RouterError, StageFailed
 from modelcd.releases.deployments import deploy_spec, handle_of, runner_started, spec_values, stop_deployment
 from modelcd.releases.judging import CanaryMirror, shadow_phase, stop_mirror
 from modelcd.releases.machine import Phase
-from modelcd.releases.policy import Strategy
+from modelcd.releases.policy import Strategy, deployments_kept
 from modelcd.releases.service import Release
 from modelcd.releases.stage_run import StageRun
 from modelcd.targets import TARGETS
@@ -110,7 +110,7 @@ def promote(run: StageRun) -> dict[str, Any]:
             _shadow(run, dep_id, previous)
         _switch(run, wanted, previous)
     _watch_from_now(run)
-    keep = 1 if env.strategy is Strategy.RECREATE else run.policy.retention.keep_deployments
+    keep = deployments_kept(run.policy, env)
     ctx.traffic.retire(rel.model, rel.environment, keep, ctx.target(env.target), ctx.home, run.log)
     _queue_next_environment(run)
     return {}
