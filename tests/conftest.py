@@ -38,6 +38,17 @@ def iris_model(folder: Path, c: float = 1.0, expected_offset: int = 0) -> dict[s
     return meta
 
 
+# an entry script answering each row of {"data": [[...], ...]} with the sum of its values
+SUM_OF_ROWS = """\
+def init():
+    pass
+
+def run(raw_data):
+    import json
+    return [sum(r) for r in json.loads(raw_data)["data"]]
+"""
+
+
 def custom_model(folder: Path, body: str) -> dict[str, Any]:
     """An Azure-ML style entry script model (score.py with init/run)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Hammer, Service, custom_model, running_service
+from tests.conftest import SUM_OF_ROWS, Hammer, Service, custom_model, running_service
 
 pytestmark = pytest.mark.slow
 
@@ -51,18 +51,10 @@ environments:
 smoke: {requests: 3}
 """
 
-SCORES = """\
-def init():
-    pass
-
-def run(raw_data):
-    import json
-    return [sum(r) for r in json.loads(raw_data)["data"]]
-"""
 # the same answers, except where the first value is 8 or 9 (a fifth of the load below)
-DISAGREES = SCORES.replace("[sum(r) for r in", "[sum(r) + (1 if r[0] >= 8 else 0) for r in")
+DISAGREES = SUM_OF_ROWS.replace("[sum(r) for r in", "[sum(r) + (1 if r[0] >= 8 else 0) for r in")
 # every answer three times larger: the distribution of outputs moves
-DRIFTS = SCORES.replace("[sum(r) for r in", "[3 * sum(r) for r in")
+DRIFTS = SUM_OF_ROWS.replace("[sum(r) for r in", "[3 * sum(r) for r in")
 # the varied live traffic: first values 0..9, second 0..4
 BODIES = [{"data": [[float(i), float(j)]]} for i in range(10) for j in range(5)]
 
@@ -77,7 +69,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 def _serve_first(svc: Service, name: str, tmp: Path) -> None:
-    v = svc.register(name, tmp / "v1", custom_model(tmp / "v1", SCORES))
+    v = svc.register(name, tmp / "v1", custom_model(tmp / "v1", SUM_OF_ROWS))
     assert svc.wait_release_for(name, v["version"])["phase"] == "succeeded"
 
 
@@ -93,7 +85,7 @@ def _release_under_load(svc: Service, name: str, tmp: Path, body: str) -> tuple[
 
 def test_an_agreeing_candidate_passes_its_shadow_and_takes_the_traffic(svc: Service, tmp_path: Path) -> None:
     _serve_first(svc, "sh-agree", tmp_path)
-    detail, hammer = _release_under_load(svc, "sh-agree", tmp_path, SCORES)
+    detail, hammer = _release_under_load(svc, "sh-agree", tmp_path, SUM_OF_ROWS)
     assert detail["phase"] == "succeeded", (detail["error"], svc.job_log(detail["id"]))
     assert hammer.failures == [] and hammer.ok > 150
     (shadow,) = [s for s in detail["analysis"] if s["step"] == "shadow"]

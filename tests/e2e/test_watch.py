@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import Hammer, Service, custom_model, running_service
+from tests.conftest import SUM_OF_ROWS, Hammer, Service, custom_model, running_service
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +33,6 @@ environments:
     watch: {window_s: 4, sample_rate: 1.0, min_samples: 40, check_every_s: 0.5, max_input_psi: 0.5,
             on_breach: rollback}
 smoke: {requests: 3}
-"""
-SCORES = """\
-def init():
-    pass
-
-def run(raw_data):
-    import json
-    return [sum(r) for r in json.loads(raw_data)["data"]]
 """
 LIKE_TRAINING = [{"data": [[float(a), float(b)]]} for a in range(10) for b in range(5)]
 DRIFTED = [{"data": [[float(a) + 20.0, float(b)]]} for a in range(10) for b in range(5)]
@@ -93,9 +85,9 @@ def _watch_state(svc: Service) -> str | None:
 
 
 def test_drifted_live_inputs_breach_the_watch_and_roll_back(svc: Service, receiver: Receiver, tmp_path: Path) -> None:
-    v1 = svc.register("wt-iris", tmp_path / "v1", custom_model(tmp_path / "v1", SCORES))
+    v1 = svc.register("wt-iris", tmp_path / "v1", custom_model(tmp_path / "v1", SUM_OF_ROWS))
     assert svc.wait_release_for("wt-iris", v1["version"])["phase"] == "succeeded"
-    v2 = svc.register("wt-iris", tmp_path / "v2", custom_model(tmp_path / "v2", SCORES))
+    v2 = svc.register("wt-iris", tmp_path / "v2", custom_model(tmp_path / "v2", SUM_OF_ROWS))
     rel = svc.wait_release_for("wt-iris", v2["version"])
     assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
     training = tmp_path / "training.csv"
