@@ -64,6 +64,7 @@ class JobType(StrEnum):
     ARCHIVE = "archive"  # a model's new releases stopped
     UNARCHIVE = "unarchive"
     STATISTICS = "statistics"  # training-data statistics of a version (jobs.statistics)
+    BATCH_PREDICTION = "batch_prediction"  # a run of a batch deployment (batch.scheduler)
 
 
 class JobState(StrEnum):

@@ -254,6 +254,37 @@ inbox = Table(
 )
 Index("ix_inbox_due", inbox.c.state, inbox.c.next_attempt_at)
 
+batch_deployments = Table(  # scheduled or manual scoring of a dataset (batch.deployments, batch.scheduler)
+    "batch_deployments", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("model", String(64), nullable=False),
+    Column("version", Integer),  # a fixed version, or NULL: what serves `environment` at run time
+    Column("environment", String(32)),
+    Column("input_uri", String(1024), nullable=False),
+    Column("output_uri", String(1024), nullable=False),
+    Column("format", String(16)),  # csv | parquet | jsonl; NULL: from the input's suffix
+    Column("keys", JSON, nullable=False),  # key columns carried to the output
+    Column("max_errors", Integer),
+    Column("schedule", String(128), nullable=False),  # cron (5 or 6 fields), @hourly..@yearly, @once, manual
+    Column("zone", String(64), nullable=False),  # IANA zone the schedule is read in (UTC by default)
+    Column("catch_up", String(8), nullable=False),  # once | skip: occurrences missed while the service was down
+    Column("paused", Boolean, nullable=False, default=False),
+    Column("cursor", Float, nullable=False),  # unix time of the last occurrence handled (runs after it are due)
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
+batch_runs = Table(  # one row per run of a batch deployment: an occurrence is claimed once
+    "batch_runs", metadata,
+    Column("job_id", String(32), primary_key=True),  # the run's batch_prediction job
+    Column("deployment", String(64), nullable=False),
+    Column("occurrence", String(40), nullable=False),  # ISO UTC time of a scheduled one, "once", "manual:<job>"
+    Column("trigger", String(16), nullable=False),  # schedule | once | manual
+    Column("created_at", String(32), nullable=False),
+    UniqueConstraint("deployment", "occurrence", name="uq_batch_runs_occurrence"),
+)
+Index("ix_batch_runs_deployment", batch_runs.c.deployment, batch_runs.c.created_at)
+
 meta = Table(
     "meta", metadata,
     Column("key", String(64), primary_key=True),
