@@ -1004,6 +1004,140 @@ def _router_address(home: Path) -> str | None:
     return None
 
 
+@main.group()
+def batch() -> None:
+    """Batch deployments: a model scoring a dataset on a schedule or when asked; each run is a job."""
+
+
+def _batch_row(d: dict[str, Any]) -> dict[str, Any]:
+    serves = f"v{d['version']}" if d.get("version") is not None else f"env {d.get('environment')}"
+    zone = "" if d.get("zone") in (None, "UTC") else f" ({d['zone']})"
+    return {**d, "serves": serves, "schedule": f"{d['schedule']}{zone}",
+            "state": "paused" if d.get("paused") else "active", "next_run_at": d.get("next_run_at") or "-"}
+
+
+def _print_run(client: Client, job: dict[str, Any]) -> None:
+    click.echo(f"job {job['id']} ({job['type']}): {job['state']}" + (f" — {job['error']}" if job.get("error") else ""))
+    for entry in client.get(api_path("jobs", job["id"], "logs"))["logs"]:
+        click.echo(f"  {entry['line']}")
+
+
+@batch.command("create")
+@click.argument("name")
+@click.option("--model", required=True, help="the registered model")
+@click.option("--version", type=int, help="a fixed version (or --env)")
+@click.option("--env", "environment", help="score with whatever version serves this environment at run time")
+@click.option("--input", "input_uri", required=True, help="the dataset: a file, folder or URI")
+@click.option("--output", "output_uri", required=True, help="where the predictions go: a file, folder or URI")
+@click.option("--schedule", default="manual", show_default=True,
+              help="cron (5 fields, or 6: the sixth is seconds), @hourly, @daily, @weekly, @monthly, @yearly, "
+                   "@once (one run now) or manual")
+@click.option("--zone", default="UTC", show_default=True, help="IANA time zone the schedule is read in")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]),
+              help="the input's format (default: from its suffix)")
+@click.option("--key", "keys", multiple=True, help="a key column carried to the output, repeatable")
+@click.option("--max-errors", type=int, help="fail the run after this many bad rows (default: never)")
+@click.option("--catch-up", type=click.Choice(["once", "skip"]), default="once", show_default=True,
+              help="after downtime: run the missed occurrence once, or skip it")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def batch_create(obj: Obj, name: str, model: str, version: int | None, environment: str | None, input_uri: str,
+                 output_uri: str, schedule: str, zone: str, fmt: str | None, keys: tuple[str, ...],
+                 max_errors: int | None, catch_up: str, as_json: bool) -> None:
+    """Create batch deployment NAME."""
+    body = {"name": name, "model": model, "version": version, "environment": environment, "input": input_uri,
+            "output": output_uri, "schedule": schedule, "zone": zone, "format": fmt, "keys": list(keys),
+            "max_errors": max_errors, "catch_up": catch_up}
+    d = obj.client.post("/api/v1/batch", json=body)
+    if as_json:
+        _out(d)
+        return
+    row = _batch_row(d)
+    click.echo(f"batch deployment {d['name']}: {d['model']} {row['serves']}, {d['input']} → {d['output']}, "
+               f"schedule {row['schedule']}, next run {row['next_run_at']}")
+
+
+@batch.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def batch_list(obj: Obj, as_json: bool) -> None:
+    data = obj.client.get("/api/v1/batch")
+    _out(data) if as_json else _table([_batch_row(d) for d in data["batch"]],
+                                      ["name", "model", "serves", "schedule", "state", "next_run_at"])
+
+
+@batch.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def batch_show(obj: Obj, name: str, as_json: bool) -> None:
+    d = obj.client.get(api_path("batch", name))
+    if as_json:
+        _out(d)
+        return
+    row = _batch_row(d)
+    click.echo(f"{d['name']}: {d['model']} {row['serves']}, {row['state']}")
+    click.echo(f"  input {d['input']}, output {d['output']}" + (f", format {d['format']}" if d["format"] else "")
+               + (f", keys {', '.join(d['keys'])}" if d["keys"] else "")
+               + (f", max errors {d['max_errors']}" if d["max_errors"] is not None else ""))
+    click.echo(f"  schedule {row['schedule']}, catch-up {d['catch_up']}, next run {row['next_run_at']}")
+    _table([{**r, "id": r["job_id"]} for r in d["runs"]], ["id", "trigger", "occurrence", "state", "version",
+                                                          "started_at", "finished_at"])
+
+
+@batch.command("run")
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="wait for the run; exit 1 when it does not succeed")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def batch_run(obj: Obj, name: str, wait: bool, as_json: bool) -> None:
+    """Run batch deployment NAME now (a batch_prediction job)."""
+    client = obj.client
+    job = client.post(api_path("batch", name, "run"))
+    if wait:
+        job = client.wait_job(job["id"], timeout_s=24 * 3600)
+    if as_json:
+        _out(job)
+    elif wait:
+        _print_run(client, job)
+    else:
+        click.echo(f"job {job['id']}: {job['state']} (follow it with `modelcd jobs logs {job['id']} -f`)")
+    if wait and job["state"] != "succeeded":
+        sys.exit(1)
+
+
+def _batch_verb(obj: Obj, name: str, verb: str, as_json: bool) -> None:
+    d = obj.client.post(api_path("batch", name, verb))
+    _out(d) if as_json else click.echo(f"batch deployment {name}: {'paused' if d['paused'] else 'active'}")
+
+
+@batch.command("pause")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def batch_pause(obj: Obj, name: str, as_json: bool) -> None:
+    """Pause NAME's schedule (a run in progress goes on; `modelcd jobs stop` stops it)."""
+    _batch_verb(obj, name, "pause", as_json)
+
+
+@batch.command("resume")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def batch_resume(obj: Obj, name: str, as_json: bool) -> None:
+    """Resume NAME's schedule from now (what fell due while paused does not run)."""
+    _batch_verb(obj, name, "resume", as_json)
+
+
+@batch.command("delete")
+@click.argument("name")
+@pass_obj
+def batch_delete(obj: Obj, name: str) -> None:
+    """Delete NAME (refused while a run is in progress; its jobs stay listed)."""
+    obj.client.request("DELETE", api_path("batch", name))
+    click.echo(f"deleted batch deployment {name}")
+
+
 @main.command()
 @click.option("--exit", "exit_after", is_flag=True, help="stop everything after the tour")
 @pass_obj

@@ -147,6 +147,11 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     from modelcd.jobs.statistics import fail_interrupted
 
     fail_interrupted(ctx, echo)  # statistics jobs a dead process left open: their upload is gone
+    from modelcd.batch.scheduler import BatchScheduler
+    from modelcd.batch.scheduler import fail_interrupted as fail_interrupted_batch
+
+    fail_interrupted_batch(ctx, echo)  # batch runs a dead process left running: no output was committed
+    batch_scheduler = BatchScheduler(ctx).start()  # durable schedules: claims due occurrences, runs batch jobs
     # pipelines' releases are started and watched; watched endpoints' live traffic judged
     runner = LocalRunner(ctx, also=[ExternalDriver(ctx).tick, ProductionWatch(ctx).tick])
     runner.start()
@@ -183,6 +188,7 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
         for poller in pollers:
             poller.stopped.set()
         runner.stop()
+        batch_scheduler.stop()
         app.close()
         ctx.inbox.stop_group_commit()
         inbox_worker.stop()

@@ -651,3 +651,65 @@ def retry_inbox(row_id: int) -> tuple[Response, int]:
     delivery = ctx.inbox.revive(row_id)
     ctx.inbox_wake.set()
     return jsonify(delivery.to_dict()), 202
+
+
+# batch deployments (batch.deployments, batch.scheduler)
+def _batch() -> Any:
+    from modelcd.batch.deployments import BatchDeployments
+
+    return BatchDeployments(_ctx())
+
+
+@bp.post("/batch")
+@write
+def create_batch() -> tuple[Response, int]:
+    from modelcd.batch.scheduler import wake
+
+    deployment = _batch().create(_json_body())
+    wake()
+    return jsonify(_batch().show(deployment.name)), 201
+
+
+@bp.get("/batch")
+def list_batch() -> Response:
+    store = _batch()
+    return jsonify({"batch": [{**d.to_dict(), "next_run_at": d.next_run_at(store.once_done(d.name))}
+                              for d in store.list()]})
+
+
+@bp.get("/batch/<name>")
+def get_batch(name: str) -> Response:
+    return jsonify(_batch().show(name))
+
+
+@bp.delete("/batch/<name>")
+@write
+def delete_batch(name: str) -> tuple[Response, int]:
+    _batch().delete(name)
+    return jsonify({"deleted": name}), 200
+
+
+@bp.post("/batch/<name>/run")
+@write
+def run_batch(name: str) -> tuple[Response, int]:
+    from modelcd.batch.scheduler import wake
+
+    job_id = _batch().run_now(name)
+    wake()
+    return jsonify(_ctx().jobs.get(job_id).to_dict()), 202
+
+
+@bp.post("/batch/<name>/pause")
+@write
+def pause_batch(name: str) -> Response:
+    return jsonify(_batch().set_paused(name, True).to_dict())
+
+
+@bp.post("/batch/<name>/resume")
+@write
+def resume_batch(name: str) -> Response:
+    from modelcd.batch.scheduler import wake
+
+    deployment = _batch().set_paused(name, False)
+    wake()
+    return jsonify(deployment.to_dict())

@@ -80,6 +80,17 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("get", "/inbox", "Webhook deliveries (filters: state=pending|done|ignored|dead, source)", False, None),
     ("get", "/inbox/{id}", "One delivery with its body, result and last error", False, None),
     ("post", "/inbox/{id}/retry", "Send a dead delivery back for processing", True, None),
+    ("post", "/batch", "Create a batch deployment {name, model, version | environment, input, output, schedule, "
+     "zone, format, keys, max_errors, catch_up}: scheduled or manual scoring of a dataset", True, "json"),
+    ("get", "/batch", "List batch deployments with their next run", False, None),
+    ("get", "/batch/{name}", "Show a batch deployment: its spec, next run and newest runs (jobs)", False, None),
+    ("delete", "/batch/{name}", "Delete a batch deployment (409 naming the run while one is in progress)", True,
+     None),
+    ("post", "/batch/{name}/run", "Run a batch deployment now: 202 with its batch_prediction job (409 while a run "
+     "is in progress)", True, None),
+    ("post", "/batch/{name}/pause", "Pause a batch deployment's schedule", True, None),
+    ("post", "/batch/{name}/resume", "Resume a batch deployment's schedule (from now: what fell due while paused "
+     "does not run)", True, None),
     ("get", "/openapi.json", "This document", False, None),
 ]
 
