@@ -73,6 +73,13 @@ class SmokeFailed(StageFailed):
     code = "smoke_failed"
 
 
+class BatchFailed(StageFailed):
+    """A batch scoring run failed (too many bad rows, no environment, unreadable input); no
+    output of it is visible."""
+
+    code = "batch_failed"
+
+
 class RouterError(ModelcdError):
     code = "router_error"
     http_status = HTTPStatus.BAD_GATEWAY

@@ -285,6 +285,13 @@ batch_runs = Table(  # one row per run of a batch deployment: an occurrence is c
 )
 Index("ix_batch_runs_deployment", batch_runs.c.deployment, batch_runs.c.created_at)
 
+connections = Table(  # named SQL connections of batch datasets: the URL stays in an environment variable
+    "connections", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("url_env", String(128), nullable=False),  # the variable's name, never its value
+    Column("created_at", String(32), nullable=False),
+)
+
 meta = Table(
     "meta", metadata,
     Column("key", String(64), primary_key=True),
