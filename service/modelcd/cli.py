@@ -1150,3 +1150,41 @@ def quickstart(obj: Obj, exit_after: bool) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.group()
+def connections() -> None:
+    """Named SQL connections for batch datasets (sql://NAME/TABLE): the URL stays in an environment variable."""
+
+
+@connections.command("add")
+@click.argument("name")
+@click.option("--url-env", required=True, help="the name of the service's environment variable holding the "
+              "SQLAlchemy URL (never the URL itself)")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def connections_add(obj: Obj, name: str, url_env: str, as_json: bool) -> None:
+    """Add connection NAME, its URL read from $VAR by the service when a batch run uses it."""
+    c = obj.client.post("/api/v1/connections", json={"name": name, "url_env": url_env})
+    if as_json:
+        _out(c)
+        return
+    note = "" if c["url_set"] else f" (${c['url_env']} is not set in the service's environment yet)"
+    click.echo(f"connection {c['name']}: URL from ${c['url_env']}{note}")
+
+
+@connections.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def connections_list(obj: Obj, as_json: bool) -> None:
+    data = obj.client.get("/api/v1/connections")
+    _out(data) if as_json else _table(data["connections"], ["name", "url_env", "url_set", "created_at"])
+
+
+@connections.command("remove")
+@click.argument("name")
+@pass_obj
+def connections_remove(obj: Obj, name: str) -> None:
+    obj.client.request("DELETE", api_path("connections", name))
+    click.echo(f"removed connection {name}")
+

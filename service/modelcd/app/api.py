@@ -713,3 +713,32 @@ def resume_batch(name: str) -> Response:
     deployment = _batch().set_paused(name, False)
     wake()
     return jsonify(deployment.to_dict())
+
+
+# named SQL connections of batch datasets (batch.datasets): the URL stays in the service's environment
+@bp.post("/connections")
+@write
+def add_connection() -> tuple[Response, int]:
+    from modelcd.batch.datasets import Connections
+
+    body = _json_body()
+    if "url" in body:
+        raise InvalidInput("give url_env, the name of the environment variable holding the URL, not the URL",
+                           field="url")
+    return jsonify(Connections(_ctx().db).add(body.get("name"), body.get("url_env"))), 201  # type: ignore[arg-type]
+
+
+@bp.get("/connections")
+def list_connections() -> Response:
+    from modelcd.batch.datasets import Connections
+
+    return jsonify({"connections": Connections(_ctx().db).list()})
+
+
+@bp.delete("/connections/<name>")
+@write
+def remove_connection(name: str) -> Response:
+    from modelcd.batch.datasets import Connections
+
+    Connections(_ctx().db).remove(name)
+    return jsonify({"deleted": name})

@@ -91,6 +91,10 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("post", "/batch/{name}/pause", "Pause a batch deployment's schedule", True, None),
     ("post", "/batch/{name}/resume", "Resume a batch deployment's schedule (from now: what fell due while paused "
      "does not run)", True, None),
+    ("post", "/connections", "Add a named SQL connection {name, url_env}: url_env names the environment variable "
+     "of the service holding the SQLAlchemy URL (the URL itself is never stored or shown)", True, "json"),
+    ("get", "/connections", "List connections: name, url_env and whether that variable is set", False, None),
+    ("delete", "/connections/{name}", "Remove a connection", True, None),
     ("get", "/openapi.json", "This document", False, None),
 ]
 

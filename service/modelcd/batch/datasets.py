@@ -140,8 +140,8 @@ class Connections:
             raise InvalidInput(f"connection name {name!r}: letters, digits, '_' and '-', starting with a letter",
                                field="name")
         if not isinstance(url_env, str) or not _ENV_NAME.match(url_env):
-            raise InvalidInput(f"url_env {url_env!r} is not an environment variable name (the variable's name, not "
-                               "the URL)", field="url_env")
+            raise InvalidInput("url_env must be the name of an environment variable (letters, digits, '_'), not "
+                               "the URL; the value given is not shown: it may hold a password", field="url_env")
         row = {"name": name, "url_env": url_env, "created_at": now()}
         with self.db.write() as conn:
             if conn.execute(select(schema.connections.c.name).where(schema.connections.c.name == name)).first():
