@@ -299,3 +299,19 @@ def test_a_restart_fails_a_running_run_and_starts_scheduled_ones(ctx: Context) -
         wait_until(lambda: ctx.jobs.get(waiting).state is JobState.SUCCEEDED, timeout_s=30, poll_s=0.01)
     finally:
         sched.stop(wait=True)
+
+
+def test_env_follows_the_version_with_the_largest_weight(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from modelcd.batch.scheduler import serving_version
+
+    split = {"versions": {1: 10, 2: 90}}
+    monkeypatch.setattr(ctx.traffic, "get", lambda model, env: SimpleNamespace(versions=split["versions"]))
+    assert serving_version(ctx, "iris", "production") == 2
+    split["versions"] = {1: 100, 2: 0}
+    assert serving_version(ctx, "iris", "production") == 1
+    split["versions"] = {1: 0}
+    with pytest.raises(NotFound) as e:
+        serving_version(ctx, "iris", "production")
+    assert e.value.field == "environment" and "--version" in e.value.message
