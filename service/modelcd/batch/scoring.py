@@ -12,6 +12,7 @@ size, and a failed or stopped run leaves nothing where readers look.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,13 +89,28 @@ def score_dataset(ctx: Any, *, model: str, version: int, input_uri: str, output_
             raise BatchFailed(f"cannot build the environment of {model} v{version}: {e.message}",
                               field=e.field) from e
         _check_cancel(cancel)
-        with Worker(Path(bundle.path), Path(bundle.python), log) as worker, sink.spool() as spool:
+        with Worker(Path(bundle.path), Path(bundle.python), log) as worker, sink.spool() as spool, \
+                ThreadPoolExecutor(1, thread_name_prefix="batch-write") as writer:
+            chunks = source.chunks()
+            first = next(chunks, None)  # read while the worker loads the model
+            worker.ready()
             run = _Run(worker, keys, max_errors, str(version), log, cancel)
             scoring = time.monotonic()
-            for chunk in source.chunks():
-                _check_cancel(cancel)
-                spool.write(run.score(chunk))
-                run.progress(scoring)
+            writes: deque[Future[None]] = deque()  # the spool is written while the next chunk is scored
+            try:
+                for chunk in itertools.chain([first] if first is not None else [], chunks):
+                    _check_cancel(cancel)
+                    writes.append(writer.submit(spool.write, run.score(chunk)))
+                    while writes and (len(writes) > 1 or writes[0].done()):
+                        writes.popleft().result()
+                    run.progress(scoring)
+                while writes:
+                    writes.popleft().result()
+            finally:
+                for pending in writes:
+                    pending.cancel()
+                if writes:
+                    wait(list(writes))
             _check_cancel(cancel)
             run.progress(scoring, final=True)
             output = sink.commit(spool, log)
@@ -133,13 +150,17 @@ class Worker:
             raise BatchFailed(f"cannot start the scoring worker ({self.python}): {e.strerror}") from e
         self._pump = threading.Thread(target=self._read_stderr, daemon=True)
         self._pump.start()
+        return self
+
+    def ready(self) -> None:
+        """Wait for the worker's hello: the model loaded, or BatchFailed with the reason."""
+        assert self.proc is not None
         hello = self._receive()[0]
         if not hello.get("ok"):
             raise BatchFailed(f"the model does not load in its environment: {hello.get('error')}")
         self.hello = hello
         self.log(f"scoring worker started (pid {self.proc.pid}, flavor {hello['flavor']}"
                  f"{', float arrays' if hello.get('fast') else ''})")
-        return self
 
     def __exit__(self, *exc: object) -> None:
         proc = self.proc
