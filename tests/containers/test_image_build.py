@@ -132,7 +132,7 @@ def test_push_to_and_pull_from_a_local_registry(docker_home: Path, image_options
     v = iris_version(tmp_path / "p", "pushed", 1)
     bundle, log = _build(docker_home, v, tmp_path / "p", options)
     assert bundle.image == f"{address}/modelcd-test/pushed:1-{v.digest12}"
-    assert f"pushed {bundle.image}" in log
+    assert f"pushed {bundle.image} ({bundle.image_digest})" in log and bundle.image_digest.startswith("sha256:")
     assert password not in "\n".join(log)
 
     engine.images.remove(bundle.image)
