@@ -213,6 +213,7 @@ def test_more_bad_rows_than_max_errors_fails_with_no_output(ctx: Context, tmp_pa
         run(ctx, str(tmp_path / "in.csv"), str(tmp_path / "out"), max_errors=2)
     assert failed.value.field == "max_errors"
     assert "more than 2 row(s)" in failed.value.message
+    assert "row 500 (id=1500): ValueError" in failed.value.message  # found by the worker past the limit
     assert (tmp_path / "out" / "part-00000.csv").read_text() == "old\n"  # the previous output stays
     with pytest.raises(BatchFailed):
         run(ctx, str(tmp_path / "in.csv"), str(tmp_path / "new.csv"), max_errors=0)

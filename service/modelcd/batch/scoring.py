@@ -293,8 +293,10 @@ class _Run:
             answer, payload = self.worker.request({"encoding": "json", "limit": limit}, _body(chunk, columns,
                                                                                               self.flavor))
         if not answer.get("ok"):
-            if answer.get("too_many"):
-                self._check_limit(10**12)
+            if answer.get("too_many"):  # the worker stopped looking once past the limit
+                found = [(int(index[i]), reason) for i, reason in answer.get("errors") or []]
+                self._record(sorted(frame_errors + found), chunk, first_row)
+                self._check_limit(1)
             raise BatchFailed(f"scoring failed: {answer.get('error')}")
         for i, reason in answer.get("errors") or []:
             frame_errors.append((int(index[i]), reason))

@@ -134,7 +134,7 @@ class Batch:
             if hi - lo == 1:
                 errors.append((lo, _reason(e)))
                 if limit is not None and len(errors) > limit:
-                    raise TooMany from None
+                    raise TooMany(errors) from None
                 return
         mid = (lo + hi) // 2
         self._halve(run, lo, mid, parts, errors, limit)
@@ -223,8 +223,8 @@ def serve(batch: Batch, stdin: BinaryIO, stdout: BinaryIO) -> None:
                 parts, errors = batch.score_matrix(matrix, limit)
             else:
                 parts, errors = batch.score_rows(json.loads(payload), limit)
-        except TooMany:
-            write_frame(stdout, {"ok": False, "too_many": True})
+        except TooMany as e:
+            write_frame(stdout, {"ok": False, "too_many": True, "errors": e.args[0] if e.args else []})
             continue
         except Exception as e:
             write_frame(stdout, {"ok": False, "error": f"{type(e).__name__}: {_reason(e)}"})
