@@ -20,7 +20,6 @@ import pytest
 from tests.conftest import Service, iris_model, running_service, wait_until
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("modelcd.batch.scoring", reason="the batch scoring engine (batch/scoring.py) is not in this tree")
 COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
 
