@@ -2,7 +2,8 @@
 costs the live request.
 
     python bench/shadow_bench.py [--duration 3] [--rounds 5] [--endpoints mirrored,hung,sampled]
-                                 [--concurrency 1,16]
+                                 [--concurrency 1,16] [--pin [only|both]] [--perf DIR]
+                                 [--profile-router FILE]
 
 One fast backend (``router_bench.py``'s asyncio + httptools stub, fixed answer) serves every
 endpoint of one router process, started directly (``python -m modelcd.routing.proxy --table
@@ -24,6 +25,18 @@ in the machine's load hits all alike; medians over ``--rounds``. Between runs th
 ``/-/mirror`` counters are read (the deltas are reported) and the hung candidate's pending
 copies are let expire, so one run's leftovers do not land in the next. Loopback only; every loop
 is bounded. Prints markdown.
+
+Each run also reports the CPU time per live request of the router, the backend and the candidate
+(user + system, from ``/proc``), and how busy the router was (its CPU seconds per second of the
+run). ``--pin`` runs the router alone on one CPU and everything else (wrk, the backend, the
+candidates, this script) on the other CPUs (``sched_setaffinity`` on every thread; at least 2
+CPUs are needed), so the candidate's CPU no longer competes with the router's; the table then
+also gives how busy each side's CPUs were (``/proc/stat``, whatever ran there, other load
+included). ``--pin both`` runs every endpoint both ways in each round (shared CPUs, then pinned,
+the order alternating), so the two layouts are compared within one run. ``--perf DIR`` records
+the router with ``perf record -g`` during each wrk run (one file per run); ``--profile-router
+FILE`` runs the router under ``cProfile`` (written when it stops). Both slow the router: use
+them for where its time goes, not for the latency figures.
 """
 
 from __future__ import annotations
@@ -33,8 +46,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +61,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from modelcd.targets.process import free_port
-from router_bench import BODY, WRK, _run, fmt, process, wait_http, wrk  # bench/ is on sys.path when run as a script
+from router_bench import (  # bench/ is on sys.path when run as a script
+    BODY,
+    WRK,
+    _run,
+    cpu_seconds,
+    fmt,
+    process,
+    wait_http,
+    wrk,
+)
 
 ROUTER_BENCH = str(Path(__file__).resolve().parent / "router_bench.py")
 GOAL_P50_MS, GOAL_P99_MS = 0.1, 0.5
@@ -96,6 +121,31 @@ def wait_no_pending(router_port: int, timeout_s: float) -> float:
     return time.monotonic() - t0
 
 
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` on ``cpus`` (threads started later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def cpu_busy() -> dict[int, tuple[int, int]]:
+    """Per CPU: (busy, total) clock ticks so far (``/proc/stat``; idle and iowait are not busy)."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *rest = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks = [int(x) for x in rest[:8]]
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out
+
+
+def busy_share(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], cpus: set[int]) -> float:
+    """How busy ``cpus`` were between two ``cpu_busy()`` readings, as a share of their time."""
+    busy = sum(after[c][0] - before[c][0] for c in cpus)
+    total = sum(after[c][1] - before[c][1] for c in cpus)
+    return busy / total if total else 0.0
+
+
 def per_round(runs: list[dict[str, float]], plain: list[dict[str, float]], key: str) -> str:
     """The smallest and largest difference to plain among the rounds (same round, same concurrency)."""
     diffs = [a[key] - b[key] for a, b in zip(runs, plain, strict=True)]
@@ -109,6 +159,10 @@ def main() -> int:
     p.add_argument("--endpoints", default="mirrored,hung,sampled",
                    help="the endpoints measured against plain (comma-separated; plain always runs)")
     p.add_argument("--concurrency", default="1,16", help="wrk connections, comma-separated")
+    p.add_argument("--pin", nargs="?", const="only", choices=("only", "both"),
+                   help="router alone on one CPU, the rest on the others; 'both': every run also on shared CPUs")
+    p.add_argument("--perf", metavar="DIR", help="record the router with perf during each wrk run, into DIR")
+    p.add_argument("--profile-router", metavar="FILE", help="run the router under cProfile, stats into FILE")
     p.add_argument("--serve-hung", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_hung:
@@ -117,6 +171,12 @@ def main() -> int:
     if not os.path.exists(WRK):
         print("wrk is needed: apt-get install -y wrk", file=sys.stderr)
         return 2
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        print(f"--pin needs at least 2 CPUs; this process may use {len(os.sched_getaffinity(0))}", file=sys.stderr)
+        return 2
+    if args.perf and not shutil.which("perf"):
+        print("perf is needed for --perf: apt-get install -y linux-perf", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         run(Path(tmp), stack, args)
     return 0
@@ -124,9 +184,9 @@ def main() -> int:
 
 def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> None:
     backend, candidate, hung, rport = free_port(), free_port(), free_port(), free_port()
-    stack.enter_context(process(ROUTER_BENCH, "--serve-backend", str(backend)))
-    stack.enter_context(process(ROUTER_BENCH, "--serve-backend", str(candidate)))
-    stack.enter_context(process(__file__, "--serve-hung", str(hung)))
+    backend_proc = stack.enter_context(process(ROUTER_BENCH, "--serve-backend", str(backend)))
+    candidate_proc = stack.enter_context(process(ROUTER_BENCH, "--serve-backend", str(candidate)))
+    hung_proc = stack.enter_context(process(__file__, "--serve-hung", str(hung)))
     wait_http(backend, "/score")
     wait_http(candidate, "/score")
     wait_listening(hung)
@@ -144,8 +204,9 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     }
     table = tmp / "table.json"
     table.write_text(json.dumps({"generation": 1, "endpoints": endpoints}))
-    router = stack.enter_context(process("-m", "modelcd.routing.proxy", "--table", str(table), "--port", str(rport),
-                                         "--mirror-pending", str(MIRROR_PENDING),
+    profile = ("-m", "cProfile", "-o", str(Path(args.profile_router).resolve())) if args.profile_router else ()
+    router = stack.enter_context(process(*profile, "-m", "modelcd.routing.proxy", "--table", str(table),
+                                         "--port", str(rport), "--mirror-pending", str(MIRROR_PENDING),
                                          "--mirror-timeout", f"{MIRROR_TIMEOUT_S:g}"))
     known = [key.split("/", 1)[1] for key in endpoints]
     chosen = [n.strip() for n in args.endpoints.split(",") if n.strip() and n.strip() != "plain"]
@@ -156,6 +217,21 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     levels = [int(c) for c in args.concurrency.split(",")]
     for name in known:
         wait_http(rport, f"/bench/{name}/score")
+    allowed = sorted(os.sched_getaffinity(0))
+    router_cpus, other_cpus = {allowed[0]}, set(allowed[1:])
+    layouts = {None: ["shared"], "only": ["pinned"], "both": ["shared", "pinned"]}[args.pin]
+
+    def apply(layout: str) -> None:
+        """Pinned: the router alone on ``router_cpus``; everything else, wrk included (started
+        by this process), on ``other_cpus``. Shared: all on every CPU this process may use."""
+        for pid in (backend_proc.pid, candidate_proc.pid, hung_proc.pid, os.getpid()):
+            set_affinity(pid, other_cpus if layout == "pinned" else set(allowed))
+        set_affinity(router.pid, router_cpus if layout == "pinned" else set(allowed))
+
+    servers = {"plain": None, "mirrored": candidate_proc.pid, "hung": hung_proc.pid, "sampled": None}
+    perf_dir = Path(args.perf).resolve() if args.perf else None
+    if perf_dir:
+        perf_dir.mkdir(parents=True, exist_ok=True)
     wait_no_pending(rport, 5)
     script = tmp / "post.lua"
     script.write_text(
@@ -165,61 +241,107 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
           f"{os.cpu_count()} cores (load average at start: {' '.join(f'{x:.2f}' for x in load)}), wrk -t1, "
           f"{args.duration:g} s per run, {args.rounds} rounds (each endpoint once per concurrency, order rotating), "
           f"median over rounds; router `--mirror-pending {MIRROR_PENDING} --mirror-timeout {MIRROR_TIMEOUT_S:g}`. "
-          "Router CPU/req: the router process's user+system CPU time over the requests it answered.\n", flush=True)
+          "Router CPU/req: the router process's user+system CPU time over the requests it answered "
+          "(backend and candidate likewise); router busy: its CPU seconds per second of the run."
+          + (f" Pinned: the router alone on CPU {', '.join(map(str, sorted(router_cpus)))}; wrk, the backend, the "
+             f"candidates and this script on CPU {', '.join(map(str, sorted(other_cpus)))} (other load on the "
+             "machine is not pinned); CPU busy: each side's CPUs over the run, whatever ran there."
+             if "pinned" in layouts else "")
+          + (" Each endpoint runs shared then pinned, or pinned then shared, alternating." if len(layouts) > 1
+             else "") + "\n", flush=True)
 
-    runs: dict[tuple[str, int], list[dict[str, float]]] = {(n, c): [] for n in names for c in levels}
-    deltas: dict[tuple[str, int], dict[str, float]] = {
-        (n, c): {"requests": 0, "mirrored": 0, "dropped": 0, "candidate_errors": 0} for n in names for c in levels}
+    Key = tuple[str, str, int]  # layout, endpoint, concurrency
+    runs: dict[Key, list[dict[str, float]]] = {(lay, n, c): [] for lay in layouts for n in names for c in levels}
+    deltas: dict[Key, dict[str, float]] = {
+        key: {"requests": 0, "mirrored": 0, "dropped": 0, "candidate_errors": 0} for key in runs}
     settle: list[float] = []
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for c in levels:
-            for name in order:
-                before = mirror_counters(rport).get(name, {})
-                result = wrk(f"http://127.0.0.1:{rport}/bench/{name}/score", c, args.duration, script, router.pid)
-                # the copies still pending settle (the hung candidate's are cut) before the next run
-                waited = wait_no_pending(rport, MIRROR_TIMEOUT_S + 3)
-                if name == "hung":
-                    settle.append(waited)
-                after = mirror_counters(rport).get(name, {})
-                runs[name, c].append(result)
-                d = deltas[name, c]
-                d["requests"] += result["rps"] * args.duration
-                for k in ("mirrored", "dropped", "candidate_errors"):
-                    d[k] += after.get(k, 0) - before.get(k, 0)
+            for i, name in enumerate(order):
+                for layout in layouts if (r + i) % 2 == 0 else layouts[::-1]:
+                    apply(layout)
+                    before = mirror_counters(rport).get(name, {})
+                    pids = {"backend": backend_proc.pid, "candidate": servers[name]}
+                    cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items() if pid}
+                    busy0, wall0, router0 = cpu_busy(), time.monotonic(), cpu_seconds(router.pid)
+                    recorder = None
+                    if perf_dir:
+                        recorder = subprocess.Popen(
+                            ["perf", "record", "-q", "-F", "999", "-g", "-p", str(router.pid), "-o",
+                             str(perf_dir / f"{layout}-{name}-c{c}-r{r + 1}.data")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    result = wrk(f"http://127.0.0.1:{rport}/bench/{name}/score", c, args.duration, script,
+                                 router.pid)
+                    if recorder:
+                        recorder.send_signal(signal.SIGINT)
+                        recorder.wait(30)
+                    total = result["rps"] * args.duration
+                    result["router_busy"] = (cpu_seconds(router.pid) - router0) / (time.monotonic() - wall0)
+                    busy1 = cpu_busy()
+                    result["busy_router_cpu"] = busy_share(busy0, busy1, router_cpus)
+                    result["busy_other_cpus"] = busy_share(busy0, busy1, other_cpus)
+                    for k in ("backend", "candidate"):
+                        result[f"{k}_us"] = (cpu_seconds(pids[k]) - cpu0[k]) * 1e6 / max(total, 1) if k in cpu0 \
+                            else 0.0
+                    # the copies still pending settle (the hung candidate's are cut) before the next run
+                    waited = wait_no_pending(rport, MIRROR_TIMEOUT_S + 3)
+                    if name == "hung":
+                        settle.append(waited)
+                    after = mirror_counters(rport).get(name, {})
+                    runs[layout, name, c].append(result)
+                    d = deltas[layout, name, c]
+                    d["requests"] += total
+                    for k in ("mirrored", "dropped", "candidate_errors"):
+                        d[k] += after.get(k, 0) - before.get(k, 0)
         print(f"round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
+    apply("shared")
 
     med = {key: {k: statistics.median(x[k] for x in v) for k in v[0]} for key, v in runs.items()}
-    print("| endpoint | concurrency | p50 | p99 | req/s | added p50 vs plain (goal ≤ 0.1 ms) "
+    pinned_cols = "pinned" in layouts
+    print(("| layout " if len(layouts) > 1 else "")
+          + "| endpoint | concurrency | p50 | p99 | req/s | added p50 vs plain (goal ≤ 0.1 ms) "
           "| added p99 vs plain (goal ≤ 0.5 ms) | added p50, per round (min … max) | added p99, per round "
-          "| router CPU/req | failed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for c in levels:
-        base = med["plain", c]
-        for name in names:
-            m = med[name, c]
-            failed = int(sum(x["failed"] for x in runs[name, c]))
-            if name == "plain":
-                added50 = added99 = spread = spread99 = "—"
-            else:
-                d50, d99 = m["p50"] - base["p50"], m["p99"] - base["p99"]
-                added50 = f"**{fmt(d50)}** {'met' if d50 <= GOAL_P50_MS else 'missed'}"
-                added99 = f"**{fmt(d99)}** {'met' if d99 <= GOAL_P99_MS else 'missed'}"
-                spread, spread99 = (per_round(runs[name, c], runs["plain", c], k) for k in ("p50", "p99"))
-            print(f"| {name} | {c} | {fmt(m['p50'])} | {fmt(m['p99'])} | {m['rps']:.0f} | {added50} | {added99} "
-                  f"| {spread} | {spread99} | {m['cpu_us']:.0f} µs | {failed} |")
+          "| router CPU/req | backend CPU/req | candidate CPU/req | router busy "
+          + ("| CPU busy: router's / others' " if pinned_cols else "") + "| failed |")
+    print("|---" * (14 + (len(layouts) > 1) + pinned_cols) + "|")
+    for lay in layouts:
+        for c in levels:
+            base = med[lay, "plain", c]
+            for name in names:
+                m = med[lay, name, c]
+                failed = int(sum(x["failed"] for x in runs[lay, name, c]))
+                if name == "plain":
+                    added50 = added99 = spread = spread99 = "—"
+                else:
+                    d50, d99 = m["p50"] - base["p50"], m["p99"] - base["p99"]
+                    added50 = f"**{fmt(d50)}** {'met' if d50 <= GOAL_P50_MS else 'missed'}"
+                    added99 = f"**{fmt(d99)}** {'met' if d99 <= GOAL_P99_MS else 'missed'}"
+                    spread, spread99 = (per_round(runs[lay, name, c], runs[lay, "plain", c], k)
+                                        for k in ("p50", "p99"))
+                candidate_us = f"{m['candidate_us']:.0f} µs" if servers[name] else "—"
+                busy = (f"| {m['busy_router_cpu']:.0%} / {m['busy_other_cpus']:.0%} "
+                        if pinned_cols and lay == "pinned" else "| — " if pinned_cols else "")
+                print((f"| {lay} " if len(layouts) > 1 else "")
+                      + f"| {name} | {c} | {fmt(m['p50'])} | {fmt(m['p99'])} | {m['rps']:.0f} | {added50} "
+                      f"| {added99} | {spread} | {spread99} | {m['cpu_us']:.0f} µs | {m['backend_us']:.0f} µs "
+                      f"| {candidate_us} | {m['router_busy']:.0%} {busy}| {failed} |")
     print("\nRouter counters (`GET /-/mirror`), summed over the runs of each cell:\n")
-    print("| endpoint | concurrency | requests answered (about req/s x duration) | mirrored | dropped "
+    print(("| layout " if len(layouts) > 1 else "")
+          + "| endpoint | concurrency | requests answered (about req/s x duration) | mirrored | dropped "
           "| candidate_errors |")
-    print("|---|---|---|---|---|---|")
-    for c in levels:
-        for name in [n for n in ("mirrored", "hung") if n in names]:
-            d = deltas[name, c]
-            print(f"| {name} | {c} | {d['requests']:.0f} | {d['mirrored']:.0f} | {d['dropped']:.0f} "
-                  f"| {d['candidate_errors']:.0f} |")
+    print("|---" * (6 + (len(layouts) > 1)) + "|")
+    for lay in layouts:
+        for c in levels:
+            for name in [n for n in ("mirrored", "hung") if n in names]:
+                d = deltas[lay, name, c]
+                print((f"| {lay} " if len(layouts) > 1 else "")
+                      + f"| {name} | {c} | {d['requests']:.0f} | {d['mirrored']:.0f} | {d['dropped']:.0f} "
+                      f"| {d['candidate_errors']:.0f} |")
     final = mirror_counters(rport)
-    print(f"\nAfter the last run: pending copies {sum(m['pending'] for m in final.values())}; a hung run's pending "
-          f"copies were all cut {statistics.median(settle):.2f} s (median; max {max(settle):.2f} s) after it ended. "
+    cut = (f"; a hung run's pending copies were all cut {statistics.median(settle):.2f} s (median; max "
+           f"{max(settle):.2f} s) after it ended" if settle else "")
+    print(f"\nAfter the last run: pending copies {sum(m['pending'] for m in final.values())}{cut}. "
           f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.")
     if "sampled" in names:
         samples = admin(rport, "/-/samples?endpoint=bench/sampled&limit=1")
