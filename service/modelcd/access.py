@@ -1,0 +1,56 @@
+"""Who may do what: roles, the permissions each grants, and the principal a request acts as.
+
+A principal is a named user with one role. The API, the CLI and the console all resolve a
+bearer token (or the console's session) to a principal with ``resolve`` and check an action
+with ``can``; every event a person causes records ``principal.name``.
+
+Roles and what they grant (a role grants exactly its set):
+
+- viewer: read
+- deployer: read, deploy (register, release, stop, rollback, promote, batch, evaluate)
+- approver: read, approve (answer approval gates)
+- admin: all of them, and admin (policies, sources, users, tokens, endpoint keys, connections)
+
+The service's API token (``$MODELCD_HOME/token`` or ``MODELCD_TOKEN``) is the first admin,
+named ``admin``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["viewer", "deployer", "approver", "admin"]
+Action = Literal["read", "deploy", "approve", "admin"]
+
+ROLES: tuple[Role, ...] = ("viewer", "deployer", "approver", "admin")
+ACTIONS: tuple[Action, ...] = ("read", "deploy", "approve", "admin")
+
+GRANTS: dict[str, frozenset[str]] = {
+    "viewer": frozenset({"read"}),
+    "deployer": frozenset({"read", "deploy"}),
+    "approver": frozenset({"read", "approve"}),
+    "admin": frozenset({"read", "deploy", "approve", "admin"}),
+}
+
+ADMIN_NAME = "admin"  # the principal of the service's API token
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A named user acting with one role (``token_id``: which of their tokens, None for the
+    service's API token)."""
+
+    name: str
+    role: Role
+    token_id: str | None = None
+
+    def can(self, action: Action) -> bool:
+        return can(self.role, action)
+
+
+FIRST_ADMIN = Principal(ADMIN_NAME, "admin", None)
+
+
+def can(role: str, action: str) -> bool:
+    """Whether ``role`` grants ``action`` (an unknown role grants nothing)."""
+    return action in GRANTS.get(role, frozenset())
