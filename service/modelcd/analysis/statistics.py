@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from modelcd.csv_segments import csv_options, parsed_segments
 from modelcd.errors import InvalidInput
 
 SCHEMA_VERSION = 1
@@ -571,53 +572,21 @@ def read_chunks(path: Path, fmt: str, *, promote: dict[str, str] | None = None,
 
 def _csv_segments(path: Path, delimiter: str, promote: dict[str, str], segment_bytes: int,
                   workers: int) -> Iterator[pd.DataFrame]:
-    """An uncompressed CSV file in segments cut at line ends (values hold no newlines, as arrow
-    assumes by default), parsed in parallel: the first alone, fixing the column types for the
-    rest; then up to ``workers + 1`` segments in flight, yielded in file order."""
-    from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
-
+    """An uncompressed CSV file parsed in segments by ``workers`` threads (csv_segments), the
+    ``promote`` columns read as the arrow types named."""
     import pyarrow as pa
     import pyarrow.csv as pc
 
-    parse_options = pc.ParseOptions(delimiter=delimiter)
-    with pc.open_csv(str(path), read_options=pc.ReadOptions(block_size=1 << 16), parse_options=parse_options) as head:
-        names = head.schema.names  # arrow reads the header (quoted names and all)
-    read_options = pc.ReadOptions(column_names=names, use_threads=False)
+    read_options, parse_options = csv_options(path, delimiter)
 
     def parse(raw: bytes, types: dict[str, Any]) -> tuple[Any, pd.DataFrame]:
         table = pc.read_csv(pa.BufferReader(raw), read_options=read_options, parse_options=parse_options,
                             convert_options=pc.ConvertOptions(strings_can_be_null=True, column_types=types))
         return table.schema, table.to_pandas()
 
-    with path.open("rb") as f:
-        f.readline()  # the header
-
-        def segment() -> bytes:
-            raw = f.read(segment_bytes)
-            return raw + f.readline() if raw else b""
-
-        first = segment()
-        if not first:
-            return
-        promoted = {name: getattr(pa, t)() for name, t in promote.items()}
-        schema, frame = parse(first, promoted)
-        types = {field.name: field.type for field in schema if not pa.types.is_null(field.type)} | promoted
-        yield frame
-        del frame
-        with ThreadPoolExecutor(workers, thread_name_prefix="csv-parse") as pool:
-            pending: deque[Future[tuple[Any, pd.DataFrame]]] = deque()
-            try:
-                while raw := segment():
-                    pending.append(pool.submit(parse, raw, types))
-                    del raw
-                    if len(pending) > workers:
-                        yield pending.popleft().result()[1]
-                while pending:
-                    yield pending.popleft().result()[1]
-            finally:
-                for future in pending:
-                    future.cancel()
+    promoted = {name: getattr(pa, t)() for name, t in promote.items()}
+    yield from parsed_segments(path, parse, types=promoted, segment_bytes=segment_bytes, workers=workers,
+                               thread_name="csv-parse")
 
 
 def statistics_from_file(path: Path | str, *, name: str | None = None, sample_size: int = SAMPLE_SIZE,

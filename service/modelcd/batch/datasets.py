@@ -28,9 +28,7 @@ import os
 import re
 import shutil
 import urllib.parse
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import delete, insert, select
 
+from modelcd.csv_segments import csv_options, parsed_segments
 from modelcd.errors import BatchFailed, Conflict, InvalidInput, NotFound
 from modelcd.fsutil import is_temporary, scratch_dir, temp_name
 from modelcd.store import schema
@@ -382,10 +381,8 @@ def _csv_segments(path: Path, delimiter: str, segment_bytes: int) -> Iterator[pd
     import pyarrow as pa
     import pyarrow.csv as pc
 
-    parse_options = pc.ParseOptions(delimiter=delimiter)
-    with pc.open_csv(str(path), read_options=pc.ReadOptions(block_size=1 << 16), parse_options=parse_options) as head:
-        names = head.schema.names
-    read_options = pc.ReadOptions(column_names=names, use_threads=False)
+    read_options, parse_options = csv_options(path, delimiter)
+    names = read_options.column_names
 
     def parse(raw: bytes, types: dict[str, Any]) -> tuple[Any, pd.DataFrame]:
         types = dict(types)
@@ -404,33 +401,8 @@ def _csv_segments(path: Path, delimiter: str, segment_bytes: int) -> Iterator[pd
                 types[column] = pa.string()
         raise ValueError("column types keep changing")
 
-    with path.open("rb") as f:
-        f.readline()
-
-        def segment() -> bytes:
-            raw = f.read(segment_bytes)
-            return raw + f.readline() if raw else b""
-
-        first = segment()
-        if not first:
-            return
-        schema_, frame = parse(first, {})
-        types = {fld.name: fld.type for fld in schema_ if not pa.types.is_null(fld.type)}
-        yield frame
-        del frame
-        with ThreadPoolExecutor(CSV_WORKERS, thread_name_prefix="batch-csv") as pool:
-            pending: deque[Future[tuple[Any, pd.DataFrame]]] = deque()
-            try:
-                while raw := segment():
-                    pending.append(pool.submit(parse, raw, types))
-                    del raw
-                    if len(pending) > CSV_WORKERS:
-                        yield pending.popleft().result()[1]
-                while pending:
-                    yield pending.popleft().result()[1]
-            finally:
-                for future in pending:
-                    future.cancel()
+    yield from parsed_segments(path, parse, types={}, segment_bytes=segment_bytes, workers=CSV_WORKERS,
+                               thread_name="batch-csv")
 
 
 # -- writing -------------------------------------------------------------------------------------
