@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,15 +64,50 @@ def score_dataset(ctx: Any, *, model: str, version: int, input_uri: str, output_
     ``cancel`` is set. In each of those cases no output of the run is visible.
     """
     started = time.monotonic()
+    src = parse_uri(input_uri, "input")
+    dst = parse_uri(output_uri, "output")
+    if src.kind == "file" and dst.kind == "file" and src.path == dst.path:
+        raise InvalidInput("output: the output would replace the input", field="output")
+    sink = Sink(dst, fmt, settings=ctx.settings, connections=Connections(ctx.db), home=ctx.home)
+    with scored_chunks(ctx, model=model, version=version, input_uri=input_uri, fmt=fmt, keys=keys,
+                       max_errors=max_errors, log=log, cancel=cancel, chunk_rows=chunk_rows,
+                       on_source=lambda source: sink.default_format(source.format)) as (run, frames), \
+            sink.spool() as spool, ThreadPoolExecutor(1, thread_name_prefix="batch-write") as writer:
+        writes: deque[Future[None]] = deque()  # the spool is written while the next chunk is scored
+        try:
+            for frame in frames:
+                writes.append(writer.submit(spool.write, frame))
+                while writes and (len(writes) > 1 or writes[0].done()):
+                    writes.popleft().result()
+            while writes:
+                writes.popleft().result()
+        finally:
+            for pending in writes:
+                pending.cancel()
+            if writes:
+                wait(list(writes))
+        output = sink.commit(spool, log)
+    seconds = time.monotonic() - started
+    log(f"done: {run.rows_read} rows read, {run.rows_scored} scored, {run.errors} errors in {seconds:.1f}s; "
+        f"output {output}")
+    return BatchResult(rows_read=run.rows_read, rows_scored=run.rows_scored, errors=run.errors,
+                       first_errors=list(run.first_errors), seconds=seconds, output=output)
+
+
+@contextlib.contextmanager
+def scored_chunks(ctx: Any, *, model: str, version: int, input_uri: str, fmt: str | None, keys: Sequence[str],
+                  max_errors: int | None, log: Log, cancel: threading.Event, chunk_rows: int = CHUNK_ROWS,
+                  on_source: Callable[[Source], None] | None = None) -> Iterator[tuple[_Run, Iterator[pd.DataFrame]]]:
+    """The scoring of ``input_uri`` by ``model`` v``version`` in its own environment, for a
+    consumer: ``(run, frames)`` where ``frames`` yields, per input chunk, the key columns (or
+    ``row``) of the rows scored, their prediction column(s) and ``model_version``; ``run``
+    counts rows read, scored and failed. The key columns are not part of the model's input.
+    Errors as ``score_dataset``'s; the worker stops on leaving."""
     keys = list(keys)
     if max_errors is not None and max_errors < 0:
         raise InvalidInput("max_errors must be 0 or more", field="max_errors")
     connections = Connections(ctx.db)
     src = parse_uri(input_uri, "input")
-    dst = parse_uri(output_uri, "output")
-    if src.kind == "file" and dst.kind == "file" and src.path == dst.path:
-        raise InvalidInput("output: the output would replace the input", field="output")
-    sink = Sink(dst, fmt, settings=ctx.settings, connections=connections, home=ctx.home)
     v = ctx.registry.get_version(model, version)
     _check_cancel(cancel)
     (ctx.home / "tmp").mkdir(parents=True, exist_ok=True)
@@ -81,7 +116,8 @@ def score_dataset(ctx: Any, *, model: str, version: int, input_uri: str, output_
     with scratch_dir(ctx.home / "tmp", "batch-in") as scratch:
         source = Source(src, fmt, scratch=scratch, settings=ctx.settings, connections=connections,
                         chunk_rows=chunk_rows)
-        sink.default_format(source.format)
+        if on_source is not None:
+            on_source(source)
         try:
             files = ctx.registry.materialize(v)
             bundle = build_bundle(ctx.home, v, files, log, cancel, python=ctx.settings.python)
@@ -89,36 +125,22 @@ def score_dataset(ctx: Any, *, model: str, version: int, input_uri: str, output_
             raise BatchFailed(f"cannot build the environment of {model} v{version}: {e.message}",
                               field=e.field) from e
         _check_cancel(cancel)
-        with Worker(Path(bundle.path), Path(bundle.python), log) as worker, sink.spool() as spool, \
-                ThreadPoolExecutor(1, thread_name_prefix="batch-write") as writer:
+        with Worker(Path(bundle.path), Path(bundle.python), log) as worker:
             chunks = source.chunks()
             first = next(chunks, None)  # read while the worker loads the model
             worker.ready()
             run = _Run(worker, keys, max_errors, str(version), log, cancel)
-            scoring = time.monotonic()
-            writes: deque[Future[None]] = deque()  # the spool is written while the next chunk is scored
-            try:
+
+            def frames() -> Iterator[pd.DataFrame]:
+                scoring = time.monotonic()
                 for chunk in itertools.chain([first] if first is not None else [], chunks):
                     _check_cancel(cancel)
-                    writes.append(writer.submit(spool.write, run.score(chunk)))
-                    while writes and (len(writes) > 1 or writes[0].done()):
-                        writes.popleft().result()
+                    yield run.score(chunk)
                     run.progress(scoring)
-                while writes:
-                    writes.popleft().result()
-            finally:
-                for pending in writes:
-                    pending.cancel()
-                if writes:
-                    wait(list(writes))
-            _check_cancel(cancel)
-            run.progress(scoring, final=True)
-            output = sink.commit(spool, log)
-    seconds = time.monotonic() - started
-    log(f"done: {run.rows_read} rows read, {run.rows_scored} scored, {run.errors} errors in {seconds:.1f}s; "
-        f"output {output}")
-    return BatchResult(rows_read=run.rows_read, rows_scored=run.rows_scored, errors=run.errors,
-                       first_errors=list(run.first_errors), seconds=seconds, output=output)
+                _check_cancel(cancel)
+                run.progress(scoring, final=True)
+
+            yield run, frames()
 
 
 def _check_cancel(cancel: threading.Event) -> None:
@@ -407,4 +429,4 @@ def _prediction_columns(predictions: Any) -> dict[str, Any]:
     return {"prediction": predictions}
 
 
-__all__ = ["BatchResult", "score_dataset"]
+__all__ = ["BatchResult", "score_dataset", "scored_chunks"]
