@@ -20,6 +20,7 @@ from modelcd.routing.base import Router, get_router
 from modelcd.store.db import Database
 from modelcd.targets import get_target
 from modelcd.targets.base import Target
+from modelcd.users import Users
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Context:
     targets: dict[str, Target]
     inbox: Inbox
     pipeline_runs: PipelineRuns
+    users: Users  # named users, their tokens, and who a bearer token is (users.principal_for)
     wake: threading.Event = field(default_factory=threading.Event)  # outbox or queue has new work
     inbox_wake: threading.Event = field(default_factory=threading.Event)  # a webhook delivery was stored
 
@@ -69,4 +71,5 @@ def build_context(settings: Settings) -> Context:
         settings=settings, db=db, redact=redact, jobs=jobs, registry=registry, policies=Policies(db),
         releases=Releases(db, jobs), deployments=deployments, router=router,
         traffic=Traffic(db, router, deployments), targets={}, inbox=Inbox(db), pipeline_runs=PipelineRuns(db),
+        users=Users(db, settings.token),
     )

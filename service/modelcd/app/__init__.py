@@ -39,6 +39,7 @@ def create_app(ctx: Context, token: str) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = ctx.settings.max_artifact_bytes
     app.extensions["modelcd"] = ctx
     app.extensions["modelcd_token"] = token
+    ctx.users.api_token = token  # the first admin (users.principal_for)
     app.extensions["modelcd_metrics"] = {}
     app.extensions["modelcd_intake"] = Intake(ctx)
 

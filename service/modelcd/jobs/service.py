@@ -136,10 +136,12 @@ class Jobs:
 
         return log
 
-    def event(self, job_id: str | None, release_id: str | None, kind: str, message: str) -> None:
+    def event(self, job_id: str | None, release_id: str | None, kind: str, message: str,
+              actor: str | None = None) -> None:
+        """Record an event; ``actor``: the user who caused it (None: the engine itself)."""
         with self.db.write() as conn:
             conn.execute(schema.events.insert().values(
-                release_id=release_id, job_id=job_id, ts=now(), kind=kind, message=self.redact(message)))
+                release_id=release_id, job_id=job_id, ts=now(), kind=kind, message=self.redact(message), actor=actor))
 
     def get(self, job_id: str) -> Job:
         with self.db.read() as conn:

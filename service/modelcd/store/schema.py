@@ -129,6 +129,7 @@ events = Table(
     Column("ts", String(32), nullable=False),
     Column("kind", String(32), nullable=False),
     Column("message", Text, nullable=False, default=""),
+    Column("actor", String(64)),  # the user who caused it (access.Principal.name); NULL: the engine itself
 )
 Index("ix_events_job", events.c.job_id)
 Index("ix_events_release", events.c.release_id)
@@ -291,6 +292,28 @@ connections = Table(  # named SQL connections of batch datasets: the URL stays i
     Column("url_env", String(128), nullable=False),  # the variable's name, never its value
     Column("created_at", String(32), nullable=False),
 )
+
+users = Table(  # named users, each with one role (access.ROLES); see users.py
+    "users", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),  # a disabled user's tokens are refused
+)
+
+api_tokens = Table(  # a user's API tokens: only the SHA-256 of each is kept, never the token
+    "api_tokens", metadata,
+    Column("id", String(32), primary_key=True),  # t-<hex>
+    Column("user", String(64), nullable=False),
+    Column("name", String(64), nullable=False, default=""),  # the owner's label
+    Column("token_hash", String(64), nullable=False),  # hex SHA-256 of the token
+    Column("prefix", String(16), nullable=False),  # its first characters, to recognise it in a list
+    Column("created_at", String(32), nullable=False),
+    Column("last_used_at", String(32)),
+    Column("revoked_at", String(32)),
+    UniqueConstraint("token_hash", name="uq_api_tokens_hash"),
+)
+Index("ix_api_tokens_user", api_tokens.c.user)
 
 meta = Table(
     "meta", metadata,
