@@ -27,56 +27,12 @@ from modelcd.registry.archive import safe_extract, tree_digest
 from modelcd.registry.service import RegisterMetadata
 from modelcd.releases.manual import start_release
 from tests.conftest import TOKEN, Service, free_port, iris_model, make_service, wait_until
+from tests.pipelines.scripted_github import ScriptedGitHub
 
 GH_TOKEN = "ghp_runner_stages_0123456789"
 REGISTRY = "127.0.0.1:5000/models"
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
-
-
-class GitHubStub:
-    """Accepts every workflow dispatch (recording its inputs) and says each run is in progress."""
-
-    def __init__(self) -> None:
-        self.dispatches: list[dict[str, Any]] = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, doc: Any) -> None:
-                body = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                stub.dispatches.append(body.get("inputs", {}))
-                run_id = len(stub.dispatches)
-                self._reply(200, {"workflow_run_id": run_id, "run_url": "", "html_url": f"https://gh/{run_id}"})
-
-            def do_GET(self) -> None:
-                run = re.search(r"/actions/runs/(\d+)", self.path)
-                if run is None:
-                    self._reply(404, {"message": "Not Found"})
-                elif self.path.endswith("/jobs"):
-                    self._reply(200, {"total_count": 0, "jobs": []})
-                else:
-                    self._reply(200, {"id": int(run.group(1)), "status": "in_progress", "conclusion": None,
-                                      "html_url": "https://gh/run", "display_title": "t", "created_at": None})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def token_of(self, release_id: str) -> str:
-        found = wait_until(lambda: next((d for d in self.dispatches if d.get("release_id") == release_id), None),
-                           timeout_s=30)
-        return str(found["release_token"])
 
 
 class FakeDeployment:
@@ -158,8 +114,8 @@ pipeline:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, GitHubStub]]:
-    stub = GitHubStub()
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, ScriptedGitHub]]:
+    stub = ScriptedGitHub()
     svc = make_service(tmp_path_factory.mktemp("rs"), MODELCD_TEST_GH_TOKEN=GH_TOKEN)
     svc.start()
     try:
@@ -232,7 +188,7 @@ class Run:
         return f"{REGISTRY}/{self.model}:{self.version}-0123456789ab"
 
 
-def start(world: tuple[Service, GitHubStub], tmp_path: Path, model: str) -> Run:
+def start(world: tuple[Service, ScriptedGitHub], tmp_path: Path, model: str) -> Run:
     """Register a version of ``model``; its release starts the stub's pipeline: the runner's view."""
     svc, stub = world
     folder = tmp_path / model
@@ -251,7 +207,7 @@ def error_of(r: requests.Response) -> tuple[int, str | None, str]:
 # --- where stages run -------------------------------------------------------------------------
 
 
-def test_stages_the_policy_keeps_on_the_service_answer_run_in_service(world: tuple[Service, GitHubStub],
+def test_stages_the_policy_keeps_on_the_service_answer_run_in_service(world: tuple[Service, ScriptedGitHub],
                                                                       tmp_path: Path) -> None:
     run = start(world, tmp_path, "rs-places")
     for stage in ("promote", "rollback"):
@@ -269,7 +225,7 @@ def test_stages_the_policy_keeps_on_the_service_answer_run_in_service(world: tup
 # --- build ------------------------------------------------------------------------------------
 
 
-def test_build_in_the_runner_opens_a_runner_job_and_hands_over_the_work(world: tuple[Service, GitHubStub],
+def test_build_in_the_runner_opens_a_runner_job_and_hands_over_the_work(world: tuple[Service, ScriptedGitHub],
                                                                          tmp_path: Path) -> None:
     run = start(world, tmp_path, "rs-work")
     began = run.begin("build")
@@ -297,7 +253,7 @@ def test_build_in_the_runner_opens_a_runner_job_and_hands_over_the_work(world: t
     assert run.call("GET", "/files", token="mcdr_wrong").status_code == 401
 
 
-def test_log_lines_are_appended_and_redacted(world: tuple[Service, GitHubStub], tmp_path: Path) -> None:
+def test_log_lines_are_appended_and_redacted(world: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
     run = start(world, tmp_path, "rs-log")
     job_id = run.begin("build")["job_id"]
     long_line = "x" * 8180 + run.token  # the token straddles the line's cut (8192 characters kept)
@@ -315,7 +271,7 @@ def test_log_lines_are_appended_and_redacted(world: tuple[Service, GitHubStub], 
 
 @pytest.mark.parametrize("lines", [["x"] * 1001, ["ok", 3], "one line", None, [["nested"]]],
                          ids=["too-many", "not-strings", "a-string", "missing", "nested"])
-def test_bad_log_lines_are_refused_naming_lines(world: tuple[Service, GitHubStub], tmp_path: Path,
+def test_bad_log_lines_are_refused_naming_lines(world: tuple[Service, ScriptedGitHub], tmp_path: Path,
                                                 lines: Any) -> None:
     run = start(world, tmp_path, f"rs-badlines-{len(world[1].dispatches)}")
     job_id = run.begin("build")["job_id"]
@@ -325,7 +281,7 @@ def test_bad_log_lines_are_refused_naming_lines(world: tuple[Service, GitHubStub
     assert run.job_lines(job_id) == ["build runs in the pipeline's runner; its log follows"]
 
 
-def test_a_stopped_release_tells_the_runner_to_cancel(world: tuple[Service, GitHubStub], tmp_path: Path) -> None:
+def test_a_stopped_release_tells_the_runner_to_cancel(world: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
     run = start(world, tmp_path, "rs-stop")
     job_id = run.begin("build")["job_id"]
     assert run.svc.api("POST", f"/releases/{run.rid}/stop").status_code == 202
@@ -337,7 +293,7 @@ def test_a_stopped_release_tells_the_runner_to_cancel(world: tuple[Service, GitH
     assert run.stage("rollback")["phase"] == "cancelled"
 
 
-def test_a_good_build_report_moves_the_release_to_deploying(world: tuple[Service, GitHubStub],
+def test_a_good_build_report_moves_the_release_to_deploying(world: tuple[Service, ScriptedGitHub],
                                                              tmp_path: Path) -> None:
     run = start(world, tmp_path, "rs-build")
     job_id = run.begin("build")["job_id"]
@@ -367,7 +323,7 @@ def test_a_good_build_report_moves_the_release_to_deploying(world: tuple[Service
     ({"image": f"{REGISTRY}-evil/rs:1", "image_digest": DIGEST}, "not into pipeline.registry"),
     ({"image": "has space:1", "image_digest": DIGEST}, "names no valid image"),
 ], ids=["short-digest", "md5", "no-digest", "other-registry", "registry-prefix", "bad-ref"])
-def test_a_bad_build_report_fails_the_stage_and_the_release(world: tuple[Service, GitHubStub], tmp_path: Path,
+def test_a_bad_build_report_fails_the_stage_and_the_release(world: tuple[Service, ScriptedGitHub], tmp_path: Path,
                                                             report: dict[str, Any], reason: str) -> None:
     run = start(world, tmp_path, f"rs-badbuild-{len(world[1].dispatches)}")
     report = {k: (run.image if v == "IMAGE" else v) for k, v in report.items()}
@@ -385,13 +341,13 @@ def test_a_bad_build_report_fails_the_stage_and_the_release(world: tuple[Service
 # --- deploy and smoke ---------------------------------------------------------------------------
 
 
-def _deploying(world: tuple[Service, GitHubStub], tmp_path: Path, model: str) -> tuple[Run, dict[str, Any]]:
+def _deploying(world: tuple[Service, ScriptedGitHub], tmp_path: Path, model: str) -> tuple[Run, dict[str, Any]]:
     run = start(world, tmp_path, model)
     assert run.build_ok()["phase"] == "deploying"
     return run, run.begin("deploy")
 
 
-def test_deploy_begin_records_a_deployment_started_by_the_runner(world: tuple[Service, GitHubStub],
+def test_deploy_begin_records_a_deployment_started_by_the_runner(world: tuple[Service, ScriptedGitHub],
                                                                  tmp_path: Path) -> None:
     run, began = _deploying(world, tmp_path, "rs-deploy-work")
     work = began["work"]
@@ -406,7 +362,7 @@ def test_deploy_begin_records_a_deployment_started_by_the_runner(world: tuple[Se
     assert run.job(began["job_id"])["runs_in"] == "runner"
 
 
-def test_deploy_of_another_digest_fails_naming_both(world: tuple[Service, GitHubStub], tmp_path: Path) -> None:
+def test_deploy_of_another_digest_fails_naming_both(world: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
     run, began = _deploying(world, tmp_path, "rs-deploy-digest")
     fake = FakeDeployment({"model": "rs-deploy-digest", "version": 1})
     try:
@@ -421,7 +377,7 @@ def test_deploy_of_another_digest_fails_naming_both(world: tuple[Service, GitHub
 
 @pytest.mark.parametrize("answer", [None, {"model": "rs-other", "version": 1}, {"model": "MODEL", "version": 2}],
                          ids=["nothing-listens", "another-model", "another-version"])
-def test_deploy_the_service_cannot_reach_fails_naming_the_url(world: tuple[Service, GitHubStub], tmp_path: Path,
+def test_deploy_the_service_cannot_reach_fails_naming_the_url(world: tuple[Service, ScriptedGitHub], tmp_path: Path,
                                                               answer: dict[str, Any] | None) -> None:
     model = f"rs-unreachable-{len(world[1].dispatches)}"
     run, began = _deploying(world, tmp_path, model)
@@ -437,7 +393,7 @@ def test_deploy_the_service_cannot_reach_fails_naming_the_url(world: tuple[Servi
     assert run.deployment(began['work']['deployment_id'])["state"] == "failed"
 
 
-def test_deploy_smoke_and_promote_through_the_runner(world: tuple[Service, GitHubStub], tmp_path: Path) -> None:
+def test_deploy_smoke_and_promote_through_the_runner(world: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
     run, began = _deploying(world, tmp_path, "rs-full")
     fake = FakeDeployment({"model": "rs-full", "version": 1})
     try:
@@ -466,7 +422,7 @@ def test_deploy_smoke_and_promote_through_the_runner(world: tuple[Service, GitHu
         fake.close()
 
 
-def test_a_failed_smoke_report_fails_the_release_with_its_summary(world: tuple[Service, GitHubStub],
+def test_a_failed_smoke_report_fails_the_release_with_its_summary(world: tuple[Service, ScriptedGitHub],
                                                                   tmp_path: Path) -> None:
     run, began = _deploying(world, tmp_path, "rs-smoke-fails")
     fake = FakeDeployment({"model": "rs-smoke-fails", "version": 1})
@@ -484,7 +440,7 @@ def test_a_failed_smoke_report_fails_the_release_with_its_summary(world: tuple[S
 # --- retries, tokens, jobs of other releases -------------------------------------------------------
 
 
-def test_a_retried_begin_supersedes_the_open_job(world: tuple[Service, GitHubStub], tmp_path: Path) -> None:
+def test_a_retried_begin_supersedes_the_open_job(world: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
     run = start(world, tmp_path, "rs-retry")
     first = run.begin("build")["job_id"]
     second = run.begin("build")["job_id"]
@@ -507,7 +463,7 @@ def test_a_retried_begin_supersedes_the_open_job(world: tuple[Service, GitHubStu
     assert run.deployment(dep_second)["state"] == "starting"
 
 
-def test_tokens_and_jobs_belong_to_their_release(world: tuple[Service, GitHubStub], tmp_path: Path) -> None:
+def test_tokens_and_jobs_belong_to_their_release(world: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
     a = start(world, tmp_path, "rs-owner-a")
     b = start(world, tmp_path, "rs-owner-b")
     b_job = b.begin("build")["job_id"]
@@ -528,7 +484,7 @@ def test_tokens_and_jobs_belong_to_their_release(world: tuple[Service, GitHubStu
     assert b.call("POST", f"/jobs/{b_job}/log", token=TOKEN, json={"lines": ["by the operator"]}).status_code == 200
 
 
-def test_a_rollback_while_the_runner_job_is_open_closes_it(world: tuple[Service, GitHubStub],
+def test_a_rollback_while_the_runner_job_is_open_closes_it(world: tuple[Service, ScriptedGitHub],
                                                            tmp_path: Path) -> None:
     run, began = _deploying(world, tmp_path, "rs-died")  # the runner's deploy step dies without finishing
     rolled = run.stage("rollback")  # the pipeline's failure job
@@ -539,7 +495,7 @@ def test_a_rollback_while_the_runner_job_is_open_closes_it(world: tuple[Service,
     assert run.deployment(began["work"]["deployment_id"])["state"] in ("failed", "stopped")
 
 
-def test_a_late_finish_after_the_pipeline_reported_failure_changes_nothing(world: tuple[Service, GitHubStub],
+def test_a_late_finish_after_the_pipeline_reported_failure_changes_nothing(world: tuple[Service, ScriptedGitHub],
                                                                           tmp_path: Path) -> None:
     run, began = _deploying(world, tmp_path, "rs-late")
     r = run.call("POST", "/report", json={"stage": "deploy", "outcome": "failed", "message": "step timed out"})
@@ -559,7 +515,7 @@ def test_a_late_finish_after_the_pipeline_reported_failure_changes_nothing(world
 # --- a runner that goes silent ------------------------------------------------------------------
 
 
-def test_a_silent_runner_fails_the_release_and_its_job_is_closed(world: tuple[Service, GitHubStub],
+def test_a_silent_runner_fails_the_release_and_its_job_is_closed(world: tuple[Service, ScriptedGitHub],
                                                                  tmp_path: Path) -> None:
     run = start(world, tmp_path, "quiet-runner")  # pipeline.report_timeout_s: 3
     job_id = run.begin("build")["job_id"]
@@ -589,7 +545,7 @@ def test_a_silent_runner_fails_the_release_and_its_job_is_closed(world: tuple[Se
 # --- after a restart ----------------------------------------------------------------------------
 
 
-def test_release_tokens_stay_out_of_logs_after_a_restart(world: tuple[Service, GitHubStub], tmp_path: Path) -> None:
+def test_release_tokens_stay_out_of_logs_after_a_restart(world: tuple[Service, ScriptedGitHub], tmp_path: Path) -> None:
     run = start(world, tmp_path, "rs-restart")
     first = run.begin("build")["job_id"]
     run.svc.stop()
