@@ -1,6 +1,6 @@
 """Bring an older database up to the current tables: columns added since it was made are
-added (all of them nullable, so existing rows stay valid). Tables themselves are created by
-``metadata.create_all``; nothing is ever dropped or renamed here."""
+added (all of them nullable, so existing rows stay valid), and so are indexes added since. Tables
+themselves are created by ``metadata.create_all``; nothing is ever dropped or renamed here."""
 
 from __future__ import annotations
 
@@ -26,4 +26,9 @@ def add_missing_columns(engine: Engine) -> list[str]:
                 ddl = CreateColumn(column).compile(dialect=engine.dialect)
                 conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN {ddl}')
                 added.append(f"{table.name}.{column.name}")
+            indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in indexes:
+                    index.create(conn)
+                    added.append(f"{table.name}.{index.name}")
     return added

@@ -102,6 +102,7 @@ releases = Table(
 )
 Index("ix_releases_phase", releases.c.phase)
 Index("ix_releases_endpoint", releases.c.model, releases.c.environment)
+Index("ix_releases_created", releases.c.created_at)  # newest first (console and API lists): no sort of the table
 
 jobs = Table(
     "jobs", metadata,
@@ -120,6 +121,10 @@ jobs = Table(
     Column("finished_at", String(32)),
 )
 Index("ix_jobs_release", jobs.c.release_id)
+# newest first, all or by state or type (console and API lists): a page reads its rows, not a sort of 100k jobs
+Index("ix_jobs_created", jobs.c.created_at)
+Index("ix_jobs_state_created", jobs.c.state, jobs.c.created_at)
+Index("ix_jobs_type_created", jobs.c.type, jobs.c.created_at)
 
 events = Table(
     "events", metadata,
