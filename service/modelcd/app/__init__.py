@@ -43,11 +43,12 @@ def create_app(ctx: Context, token: str) -> Flask:
     app.extensions["modelcd_metrics"] = {}
     app.extensions["modelcd_intake"] = Intake(ctx)
 
-    from modelcd.app import api, hooks, ops
+    from modelcd.app import api, hooks, ops, ui
 
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(hooks.bp)
+    ui.register(app)
 
     @app.errorhandler(ModelcdError)
     def _domain_error(e: ModelcdError) -> tuple[Response, int]:

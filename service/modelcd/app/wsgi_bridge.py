@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ async def refuse(send: Send, refusal: Refusal) -> None:
     await send({"type": "http.response.body", "body": body})
 
 SPOOL_BYTES = 1024 * 1024
+DISCONNECTED = "modelcd.disconnected"  # environ key: a threading.Event set when the client goes away
 FLUSH_BYTES = 64 * 1024
 RELAY_TIMEOUT_S = 120.0
 
@@ -93,6 +95,20 @@ def _environ(scope: Scope, body: IO[bytes], length: int | None) -> dict[str, Any
     if length is not None:
         environ["CONTENT_LENGTH"] = str(length)
     return environ
+
+
+def _is_event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Server-sent events: each chunk goes out as the app yields it, not gathered to FLUSH_BYTES."""
+    return any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+
+
+async def _watch_disconnect(receive: Receive, gone: threading.Event) -> None:
+    """Set ``gone`` when the client disconnects (the body was read: what comes next is that)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+            return
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -136,8 +152,14 @@ class WSGIBridge:
                 await refuse(send, self.too_large)
                 return
             environ = _environ(scope, body, length)
+            gone = threading.Event()  # the client hung up: a long-lived stream reads it and ends
+            environ[DISCONNECTED] = gone
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.executor, self._run, environ, send, loop)
+            try:
+                await loop.run_in_executor(self.executor, self._run, environ, send, loop)
+            finally:
+                watcher.cancel()
         finally:
             body.close()
 
@@ -176,12 +198,13 @@ class WSGIBridge:
         try:
             pending: list[bytes] = []
             size = 0
+            streaming = bool(started) and _is_event_stream(started[0]["headers"])
             for chunk in result:
                 if not chunk:
                     continue
                 pending.append(chunk)
                 size += len(chunk)
-                if size >= FLUSH_BYTES:
+                if size >= FLUSH_BYTES or streaming:
                     self._flush(relay, started, pending, more=True)
                     pending, size = [], 0
             self._flush(relay, started, pending, more=False)
