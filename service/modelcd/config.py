@@ -43,6 +43,8 @@ class Settings(BaseModel):
     runner_workers: int = Field(2, ge=1, le=64)
     health_timeout_s: float = Field(60.0, gt=0)
     scoring_workers: int = Field(2, ge=1, le=64)
+    warm_starts: bool = Field(True, description="process target: fork new deployments from a parent process per "
+                              "environment that has imported its modules (false: a fresh interpreter each)")
     python: str | None = Field(None, description="interpreter for scoring bundles; default: this one")
     # webhook intake (POST /hooks/{source}); a source without its secret refuses every delivery
     hooks_mlflow_secret: str | None = Field(None, repr=False, description="HMAC secret of the MLflow webhook")

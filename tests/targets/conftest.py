@@ -23,6 +23,7 @@ from modelcd.builders.bundle import build_bundle
 from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.targets.base import DeploySpec, RunningDeployment
 from modelcd.targets.process import ID_ENV, ProcessTarget
+from modelcd.targets.warm import PARENT_MODULE, WarmStarts
 
 SAMPLE = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 
@@ -44,11 +45,13 @@ def _version(model: str, version: int) -> ModelVersion:
 
 
 @pytest.fixture(scope="session")
-def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One home per session (the same path tests/builders uses): envs are built once."""
+def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One home per session (the same path tests/builders uses): envs are built once, and the
+    warm-start parents of its environments stopped at the end."""
     home = tmp_path_factory.getbasetemp() / "modelcd-home"
     home.mkdir(exist_ok=True)
-    return home
+    yield home
+    WarmStarts(home).stop_all()
 
 
 @pytest.fixture(scope="session")
@@ -114,12 +117,14 @@ def slow_bundle(shared_home: Path, iris_bundle: Bundle, tmp_path_factory: pytest
 
 @pytest.fixture
 def target(shared_home: Path) -> Iterator[ProcessTarget]:
-    """A process target; whatever a test left running is deleted afterwards."""
+    """A process target; whatever a test left running is deleted afterwards (the environments'
+    warm-start parents stay for the next tests)."""
     t = ProcessTarget(shared_home, grace_s=5.0)
     yield t
     for proc in scoring_processes(shared_home):
         with _suppress():
-            proc.kill()
+            if PARENT_MODULE not in proc.cmdline():
+                proc.kill()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ def _docker(settings: Settings) -> Target:
 
 # name -> factory of a Target from the settings; a new target adds one line here.
 TARGETS: Ports[[Settings], Target] = Ports(
-    {"docker": _docker, "process": lambda settings: ProcessTarget(settings.home)},
+    {"docker": _docker, "process": lambda settings: ProcessTarget(settings.home, warm_starts=settings.warm_starts)},
     unknown="unknown target {name!r}; known targets: {known}", field="target")
 
 

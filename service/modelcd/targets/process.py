@@ -1,6 +1,11 @@
 """The ``process`` target: each deployment is a scoring process on 127.0.0.1, started from
 a bundle (see ``modelcd.builders.bundle``) in its own session so that it outlives the control
-plane, and found again after a restart by pid, identity and health."""
+plane, and found again after a restart by pid, identity and health.
+
+With warm starts (the default) a deployment is forked from its environment's parent process
+(``modelcd.targets.warm``), which has imported the scoring runtime and the heavy modules
+already; otherwise, or when no parent can fork it, it is a fresh interpreter ("cold"). Both
+look the same from here: same command line, environment, session, log and health."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import psutil
 from modelcd.domain import Deployment
 from modelcd.errors import Cancelled, DeployError
 from modelcd.targets.base import DeploySpec, Log, RunningDeployment, Target
+from modelcd.targets.warm import WarmStarts, WarmUnavailable
 
 HOST = "127.0.0.1"
 ID_ENV = "MODELCD_DEPLOYMENT_ID"  # set in every scoring process: identity that survives exec
@@ -42,7 +48,43 @@ INHERITED_ENV = frozenset({
 })
 INHERITED_ENV_PREFIXES = ("LC_", "OMP_", "KMP_", "OPENBLAS_", "GOTO_", "MKL_", "BLIS_", "NVPL_", "NUMEXPR_",
                           "VECLIB_")
-_POLL_S = 0.1
+_POLL_S = 0.02
+
+
+class _Started:
+    """A scoring process create() started: a child of ours (cold) or of a parent (warm)."""
+
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None,
+                 warm: tuple[WarmStarts, str] | None = None) -> None:
+        self.pid = pid
+        self.popen = popen
+        self.warm = warm
+
+    def poll(self) -> int | None:
+        """Its exit code once it exited (-1 when its parent could not tell), else None."""
+        if self.popen is not None:
+            return self.popen.poll()
+        try:
+            if psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.NoSuchProcess:
+            pass
+        assert self.warm is not None
+        code = self.warm[0].exit_code(self.warm[1], self.pid)
+        return -1 if code is None else code
+
+    def kill(self) -> None:
+        """SIGKILL its process group and wait until it is gone."""
+        if self.poll() is not None:  # exited (and maybe reaped): its pid may be someone else's now
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # cold: unreaped; warm: its parent reaps it
+        if self.popen is not None:
+            self.popen.wait()
+            return
+        deadline = time.monotonic() + 5.0
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 class _PortTaken(Exception):
@@ -54,9 +96,10 @@ class ProcessTarget(Target):
 
     name = "process"
 
-    def __init__(self, home: Path, grace_s: float = 10.0) -> None:
+    def __init__(self, home: Path, grace_s: float = 10.0, warm_starts: bool = True) -> None:
         self.home = Path(home).absolute()
         self.grace_s = grace_s
+        self.warm = WarmStarts(self.home) if warm_starts else None
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # started here: reap them
         self._lock = threading.Lock()
 
@@ -75,8 +118,8 @@ class ProcessTarget(Target):
             if cancel.is_set():
                 raise Cancelled(f"deployment {spec.deployment_id} stopped before it started")
             port = free_port()
-            proc, offset = self._start(spec, bundle, port, attempt)
-            log(f"started scoring process {proc.pid} for {spec.model} v{spec.version} on {HOST}:{port}")
+            proc, offset, how = self._start(spec, bundle, port, attempt, log)
+            log(f"started scoring process {proc.pid} for {spec.model} v{spec.version} on {HOST}:{port} ({how})")
             started = time.monotonic()
             try:
                 self._wait_healthy(spec, proc, port, offset, cancel)
@@ -92,7 +135,7 @@ class ProcessTarget(Target):
                 self.pid_path(spec.deployment_id).unlink(missing_ok=True)
                 raise
             url = f"http://{HOST}:{port}"
-            log(f"healthy after {time.monotonic() - started:.1f}s at {url}")
+            log(f"healthy after {time.monotonic() - started:.2f}s at {url}")
             return RunningDeployment(deployment_id=spec.deployment_id, target=self.name, url=url,
                                      pid=proc.pid, port=port, log_path=self.log_path(spec.deployment_id))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -145,32 +188,61 @@ class ProcessTarget(Target):
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _start(self, spec: DeploySpec, bundle: Path, port: int, attempt: int) -> tuple[subprocess.Popen[bytes], int]:
-        """Start the scoring process; return it and where its output starts in the log."""
+    def _start(self, spec: DeploySpec, bundle: Path, port: int, attempt: int, log: Log) -> tuple[_Started, int, str]:
+        """Start the scoring process (forked from its environment's parent when warm starts are
+        on and one can fork it, else a fresh interpreter); return it, where its output starts in
+        the log and how it started."""
         log_path = self.log_path(spec.deployment_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # absolute, not resolved: resolving the venv's python symlink would leave the venv
         argv = [os.path.abspath(spec.bundle.python), "-m", "modelcd.scoring", "--model-dir", str(bundle / "model"),
                 "--config", str(bundle / "scoring.json"), "--host", HOST, "--port", str(port),
                 "--workers", str(spec.workers)]
+        env = _scoring_env(spec, bundle)
         with open(log_path, "ab") as out:
             out.write(f"--- modelcd: starting {spec.deployment_id} ({spec.model} v{spec.version}) "
                       f"on {HOST}:{port}, attempt {attempt}\n".encode())
             out.flush()
             offset = out.tell()
-            try:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        cwd=bundle, env=_scoring_env(spec, bundle), start_new_session=True,
-                                        close_fds=True)
-            except OSError as e:
-                raise DeployError(f"cannot start {argv[0]}: {e.strerror}; rebuild the bundle") from e
+            forked = self._fork(bundle, argv, env, log_path)
+            if isinstance(forked, _Started):
+                started, how = forked, "warm"
+            else:
+                if forked is not None:  # say why, in the job's log and the deployment's
+                    log(f"warm start unavailable ({forked}); starting a fresh interpreter")
+                    out.write(f"--- modelcd: warm start unavailable ({forked}); cold start\n".encode())
+                    out.flush()
+                    offset = out.tell()
+                started, how = self._exec(argv, bundle, env, out), "cold"
+        # the pid is recorded in the store only once healthy: a crash before that finds it here
+        _write_pid(self.pid_path(spec.deployment_id), started.pid)
+        return started, offset, how
+
+    def _fork(self, bundle: Path, argv: list[str], env: dict[str, str], log_path: Path) -> _Started | str | None:
+        """A deployment forked from its environment's parent; why not (warm starts on but no
+        parent can fork it); None when warm starts are off."""
+        if self.warm is None:
+            return None
+        request = {"argv": argv[3:], "title": argv, "env": env, "cwd": str(bundle), "log": str(log_path),
+                   "runtime": str(bundle / "runtime")}
+        try:
+            pid, key = self.warm.fork(argv[0], bundle, inherited_env(os.environ), request)
+        except WarmUnavailable as e:
+            return str(e)
+        return _Started(pid, warm=(self.warm, key))
+
+    def _exec(self, argv: list[str], bundle: Path, env: dict[str, str], out: Any) -> _Started:
+        """A fresh interpreter in its own session, output appended to ``out``."""
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=bundle, env=env, start_new_session=True, close_fds=True)
+        except OSError as e:
+            raise DeployError(f"cannot start {argv[0]}: {e.strerror}; rebuild the bundle") from e
         with self._lock:
             self._children[proc.pid] = proc
-        # the pid is recorded in the store only once healthy: a crash before that finds it here
-        _write_pid(self.pid_path(spec.deployment_id), proc.pid)
-        return proc, offset
+        return _Started(proc.pid, popen=proc)
 
-    def _wait_healthy(self, spec: DeploySpec, proc: subprocess.Popen[bytes], port: int, offset: int,
+    def _wait_healthy(self, spec: DeploySpec, proc: _Started, port: int, offset: int,
                       cancel: threading.Event) -> None:
         """Return once the process answers /healthz for the spec's model and version; raise
         _PortTaken as soon as its output says the port is taken."""
@@ -183,7 +255,8 @@ class ProcessTarget(Target):
             if _PORT_TAKEN.search(output.read()):
                 raise _PortTaken()
             if code is not None:
-                raise DeployError(f"scoring process of {spec.model} v{spec.version} exited with code {code} "
+                raise DeployError(f"scoring process of {spec.model} v{spec.version} exited with code "
+                                  f"{code if code != -1 else '(unknown)'} "
                                   f"before it was healthy; last lines of {output.path}:\n{output.last(20)}")
             health = probe(port, timeout=1.0)
             if (health is not None and _same_version(health, spec.model, spec.version)
@@ -194,12 +267,10 @@ class ProcessTarget(Target):
                                   f"{spec.health_timeout_s:g}s; last lines of {output.path}:\n{output.last(20)}")
             time.sleep(_POLL_S)
 
-    def _kill_started(self, proc: subprocess.Popen[bytes]) -> None:
-        """Stop a process create() started and is giving up on, without a grace period."""
-        if proc.poll() is None:  # unreaped child: its pid (and group id) cannot be recycled yet
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    def _kill_started(self, proc: _Started) -> None:
+        """Stop a process create() started and is giving up on, without a grace period (an
+        unreaped child, ours or its parent's: its pid and group id cannot be recycled yet)."""
+        proc.kill()
         self._reap(proc.pid)
 
     def _stop(self, pid: int, procs: list[psutil.Process]) -> list[psutil.Process]:
