@@ -18,10 +18,15 @@ from modelcd.registry.archive import safe_extract
 from modelcd.registry.service import RegisterMetadata
 
 
+def event_metadata(event: Any) -> RegisterMetadata:
+    """What a ``sources.base.Registered`` event says about its version besides the files."""
+    return RegisterMetadata(tags=dict(event.tags), description=event.description or "", source=Source(event.source),
+                            external_ref=event.external_ref, release=event.release)
+
+
 def import_event(ctx: Context, event: Any) -> ModelVersion:
     """Record ``event`` (a ``sources.base.Registered``) as a version of ``event.model``."""
-    meta = RegisterMetadata(tags=dict(event.tags), description=event.description or "", source=Source(event.source),
-                            external_ref=event.external_ref, release=event.release)
+    meta = event_metadata(event)
     existing = ctx.registry.find_external(event.model, meta)
     if existing is not None:
         if event.release:  # e.g. recorded while pending approval, approved now

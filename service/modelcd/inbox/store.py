@@ -7,7 +7,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from modelcd.errors import Conflict, NotFound
@@ -51,6 +51,29 @@ def _delivery(row: Any) -> Delivery:
 
 
 _INSERT = schema.inbox.insert()
+_ROW = schema.inbox.c.id == bindparam("row_id")
+_FINISH = update(schema.inbox).where(_ROW).values(
+    state=bindparam("state"), result=bindparam("result"), last_error=None, processed_at=bindparam("at"),
+    attempts=schema.inbox.c.attempts + 1)
+_RETRY = update(schema.inbox).where(_ROW).values(
+    state=bindparam("state"), next_attempt_at=bindparam("at"), last_error=bindparam("error"),
+    attempts=schema.inbox.c.attempts + 1)
+
+
+def finish_many(conn: Connection, outcomes: list[tuple[int, str, Any]]) -> None:
+    """Record (row id, state, result) of processed deliveries inside ``conn``'s write transaction."""
+    if outcomes:
+        ts = now()
+        conn.execute(_FINISH, [{"row_id": i, "state": state, "result": result, "at": ts}
+                               for i, state, result in outcomes])
+
+
+def retry_many(conn: Connection, failures: list[tuple[int, float, str, bool]]) -> None:
+    """Record (row id, next attempt at, error, dead) of failed tries inside ``conn``'s write transaction."""
+    if failures:
+        conn.execute(_RETRY, [{"row_id": i, "at": at, "error": error,
+                               "state": DeliveryState.DEAD if dead else DeliveryState.PENDING}
+                              for i, at, error, dead in failures])
 
 
 def new_row(source: str, delivery_id: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
@@ -113,17 +136,13 @@ class Inbox:
         with self.db.read() as conn:
             return [_delivery(r) for r in conn.execute(q)]
 
-    def finish(self, row_id: int, state: str, result: Any = None, error: str | None = None) -> None:
+    def finish(self, row_id: int, state: str, result: Any = None) -> None:
         with self.db.write() as conn:
-            conn.execute(update(schema.inbox).where(schema.inbox.c.id == row_id).values(
-                state=state, result=result, last_error=error, processed_at=now(),
-                attempts=schema.inbox.c.attempts + 1))
+            finish_many(conn, [(row_id, state, result)])
 
     def retry_later(self, row_id: int, at: float, error: str, dead: bool) -> None:
         with self.db.write() as conn:
-            conn.execute(update(schema.inbox).where(schema.inbox.c.id == row_id).values(
-                attempts=schema.inbox.c.attempts + 1, next_attempt_at=at, last_error=error,
-                state=DeliveryState.DEAD if dead else DeliveryState.PENDING))
+            retry_many(conn, [(row_id, at, error, dead)])
 
     def get(self, row_id: int) -> Delivery:
         with self.db.read() as conn:

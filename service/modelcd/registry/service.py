@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import Connection, bindparam, func, select
 
 from modelcd.domain import Flavor, ModelVersion, Source
 from modelcd.errors import InvalidInput, NotFound, PayloadTooLarge
@@ -78,6 +78,12 @@ def version_from_row(row: Any) -> ModelVersion:
         description=m["description"], source=Source(m["source"]), external_ref=m["external_ref"],
         artifact_uri=m["artifact_uri"], size_bytes=m["size_bytes"], status=m["status"], created_at=m["created_at"],
     )
+
+
+def _evaluation(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "model": row["model"], "version": row["version"], "data": row["data_uri"],
+            "data_digest": row["data_digest"], "label": row["label"], "task": row["task"], "rows": row["rows"],
+            "metrics": row["metrics"], **row["result"], "job_id": row["job_id"], "created_at": row["created_at"]}
 
 
 def version_to_dict(v: ModelVersion) -> dict[str, Any]:
@@ -149,9 +155,8 @@ class Registry:
         existing = self.find_external(name, meta)
         if existing is not None:
             return existing
-        self._check_meta(meta)
-        return self._record(name, "", Flavor.NONE, None, None, (), None, None, meta, meta.external_ref or "", 0,
-                            status="referenced")
+        self.check_meta(meta)
+        return self._record(reference_row(name, meta), meta.release)
 
     def release_later(self, version: ModelVersion) -> bool:
         """Ask for a release of a version recorded earlier without one (e.g. a SageMaker package
@@ -159,29 +164,17 @@ class Registry:
         if version.status != "ready":
             return False
         with self.db.write() as conn:
-            has_release = conn.execute(select(schema.releases.c.id).where(
-                schema.releases.c.model == version.model, schema.releases.c.version == version.version)).first()
-            pending = [r.payload for r in conn.execute(select(schema.outbox.c.payload).where(
-                schema.outbox.c.processed_at.is_(None), schema.outbox.c.kind == REGISTERED))]
-            if has_release or any(p.get("model") == version.model and p.get("version") == version.version
-                                  and p.get("release", True) for p in pending):
-                return False
-            conn.execute(schema.outbox.insert().values(kind=REGISTERED, created_at=now(), payload={
-                "model": version.model, "version": version.version, "source": str(version.source),
-                "tags": version.tags, "release": True}))
-        return True
+            return release_later_in(conn, version)
 
     def find_external(self, name: str, meta: RegisterMetadata) -> ModelVersion | None:
         if not meta.external_ref:
             return None
         with self.db.read() as conn:
-            row = conn.execute(select(schema.versions).where(
-                schema.versions.c.model == name, schema.versions.c.source == str(meta.source),
-                schema.versions.c.external_ref == meta.external_ref)).first()
-        return version_from_row(row) if row is not None else None
+            return find_external_in(conn, [(name, str(meta.source), meta.external_ref)]).get(
+                (name, str(meta.source), meta.external_ref))
 
     @staticmethod
-    def _check_meta(meta: RegisterMetadata) -> None:
+    def check_meta(meta: RegisterMetadata) -> None:
         validate_tags(meta.tags)
         validate_description(meta.description)
 
@@ -191,7 +184,7 @@ class Registry:
         return scratch_dir(self.home / "tmp", "register")
 
     def _register_files(self, name: str, files: Path, size: int, meta: RegisterMetadata) -> ModelVersion:
-        self._check_meta(meta)
+        self.check_meta(meta)
         digest = tree_digest(files)
         flavor, model_file, entry_script = detect_flavor(files, meta.flavor)
         if flavor is Flavor.PYFUNC and model_file is not None:
@@ -202,8 +195,10 @@ class Registry:
             expected = parse_expected(meta.expected, sample) if meta.expected is not None else None
         uri = self.store.put_tree(f"{name}/{digest}", files)
         try:
-            version = self._record(name, digest, flavor, model_file, entry_script, requirements,
-                                   sample, expected, meta, uri, size)
+            row = version_row(name, meta, digest=digest, flavor=str(flavor), model_file=model_file,
+                              entry_script=entry_script, requirements=list(requirements), sample=sample,
+                              expected=expected, artifact_uri=uri, size_bytes=size)
+            version = self._record(row, meta.release)
         except Exception:
             if not self._uri_referenced(uri):
                 self.store.delete(uri)
@@ -211,27 +206,11 @@ class Registry:
         self._cache_files(digest, files)
         return version
 
-    def _record(self, name: str, digest: str, flavor: Flavor, model_file: str | None,
-                entry_script: str | None, requirements: tuple[str, ...], sample: Any, expected: Any,
-                meta: RegisterMetadata, uri: str, size: int, status: str = "ready") -> ModelVersion:
-        ts = now()
+    def _record(self, row: dict[str, Any], release: bool) -> ModelVersion:
+        """Record one ``version_row`` (numbered here) with its outbox event in one transaction."""
         with self.db.write() as conn:
-            exists = conn.execute(select(schema.models.c.name).where(schema.models.c.name == name)).first()
-            if exists is None:
-                conn.execute(schema.models.insert().values(name=name, description="", created_at=ts))
-            last = conn.execute(select(func.max(schema.versions.c.version))
-                                .where(schema.versions.c.model == name)).scalar()
-            number = int(last or 0) + 1
-            conn.execute(schema.versions.insert().values(
-                model=name, version=number, digest=digest, flavor=str(flavor), model_file=model_file,
-                entry_script=entry_script, requirements=list(requirements), sample=sample, expected=expected,
-                metrics=meta.metrics, tags=meta.tags, description=meta.description, source=str(meta.source),
-                external_ref=meta.external_ref, artifact_uri=uri, size_bytes=size, status=status, created_at=ts))
-            conn.execute(schema.outbox.insert().values(
-                kind=REGISTERED, created_at=ts,
-                payload={"model": name, "version": number, "source": str(meta.source), "tags": meta.tags,
-                         "release": meta.release and status == "ready"}))
-        return self.get_version(name, number)
+            record_versions(conn, [row], [release])
+        return self.get_version(row["model"], row["version"])
 
     def _uri_referenced(self, uri: str) -> bool:
         with self.db.read() as conn:
@@ -296,6 +275,34 @@ class Registry:
                 "source": m["source"], "job_id": m["job_id"], "created_at": m["created_at"],
                 "statistics": m["stats"]}
 
+    def put_evaluation(self, name: str, number: int, *, data_uri: str, data_digest: str | None, label: str,
+                       result: dict[str, Any], job_id: str | None) -> dict[str, Any]:
+        """Store an evaluation of the version (``batch.evaluation``'s result); returns it as
+        ``evaluations`` lists it."""
+        self.get_version(name, number)
+        table = schema.version_evaluations
+        row = {"model": name, "version": number, "data_uri": data_uri, "data_digest": data_digest, "label": label,
+               "task": result["task"], "rows": result["rows"], "metrics": result["metrics"],
+               "result": {k: v for k, v in result.items() if k not in ("task", "rows", "metrics")},
+               "job_id": job_id, "created_at": now()}
+        with self.db.write() as conn:
+            row["id"] = conn.execute(table.insert().values(**row)).inserted_primary_key[0]
+        return _evaluation(row)
+
+    def evaluations(self, name: str, number: int, limit: int = 20, *, data_uri: str | None = None,
+                    label: str | None = None) -> list[dict[str, Any]]:
+        """The version's evaluations, newest first (only those of ``data_uri`` / ``label`` when given)."""
+        self.get_version(name, number)
+        table = schema.version_evaluations
+        q = select(table).where(table.c.model == name, table.c.version == number)
+        if data_uri is not None:
+            q = q.where(table.c.data_uri == data_uri)
+        if label is not None:
+            q = q.where(table.c.label == label)
+        with self.db.read() as conn:
+            rows = conn.execute(q.order_by(table.c.id.desc()).limit(limit)).mappings().all()
+        return [_evaluation(dict(r)) for r in rows]
+
     def list_versions(self, name: str) -> list[ModelVersion]:
         self.get_model(name)
         with self.db.read() as conn:
@@ -320,3 +327,84 @@ class Registry:
                 .select_from(schema.models.outerjoin(schema.versions, schema.versions.c.model == schema.models.c.name))
                 .group_by(schema.models.c.name).order_by(schema.models.c.name))
             return [dict(r._mapping) for r in rows]
+
+
+# Statements the inbox runs for every batch, built once (SQLAlchemy then only looks up their
+# compiled form): a flood of deliveries spent most of its time building statements.
+_NAMES = bindparam("names", expanding=True)
+_MODELS_IN = select(schema.models.c.name).where(schema.models.c.name.in_(_NAMES))
+_LAST_VERSIONS = (select(schema.versions.c.model, func.max(schema.versions.c.version))
+                  .where(schema.versions.c.model.in_(_NAMES)).group_by(schema.versions.c.model))
+_EXTERNAL_IN = select(schema.versions).where(schema.versions.c.model.in_(_NAMES),
+                                             schema.versions.c.external_ref.in_(bindparam("refs", expanding=True)))
+_INSERT_MODELS = schema.models.insert()
+_INSERT_VERSIONS = schema.versions.insert()
+_INSERT_OUTBOX = schema.outbox.insert()
+
+
+def version_row(name: str, meta: RegisterMetadata, **columns: Any) -> dict[str, Any]:
+    """The ``versions`` row of a new version of ``name`` (its number comes from ``record_versions``);
+    ``columns`` are what the files said (digest, flavor, artifact_uri, status, ...)."""
+    row: dict[str, Any] = {"model": name, "digest": "", "flavor": str(Flavor.NONE), "model_file": None,
+                           "entry_script": None, "requirements": [], "sample": None, "expected": None,
+                           "metrics": meta.metrics, "tags": meta.tags, "description": meta.description,
+                           "source": str(meta.source), "external_ref": meta.external_ref, "artifact_uri": "",
+                           "size_bytes": 0, "status": "ready", "created_at": now()}
+    row.update(columns)
+    return row
+
+
+def reference_row(name: str, meta: RegisterMetadata) -> dict[str, Any]:
+    """The row of a version whose files stay in the external registry (nothing to deploy here)."""
+    return version_row(name, meta, artifact_uri=meta.external_ref or "", status="referenced")
+
+
+def record_versions(conn: Connection, rows: list[dict[str, Any]], release: list[bool]) -> None:
+    """Insert ``rows`` (``version_row``s) in their order inside the caller's write transaction:
+    each gets the next number of its model (set in the row), and its ``model_version.registered``
+    outbox event (a release is asked when ``release[i]`` and the version is ready). A few
+    statements for the whole list, however long."""
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    known = set(conn.execute(_MODELS_IN, {"names": names}).scalars())
+    missing = [{"name": n, "description": "", "created_at": rows[0]["created_at"]} for n in names if n not in known]
+    if missing:
+        conn.execute(_INSERT_MODELS, missing)
+    last = {m: int(v or 0) for m, v in conn.execute(_LAST_VERSIONS, {"names": names})}
+    for r in rows:
+        r["version"] = last[r["model"]] = last.get(r["model"], 0) + 1
+    conn.execute(_INSERT_VERSIONS, rows)
+    conn.execute(_INSERT_OUTBOX, [
+        {"kind": REGISTERED, "created_at": r["created_at"],
+         "payload": {"model": r["model"], "version": r["version"], "source": r["source"], "tags": r["tags"],
+                     "release": rel and r["status"] == "ready"}} for r, rel in zip(rows, release, strict=True)])
+
+
+def find_external_in(conn: Connection, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], ModelVersion]:
+    """The versions already recorded for (model, source, external ref) ``keys``, by key: one query."""
+    if not keys:
+        return {}
+    wanted = set(keys)
+    rows = conn.execute(_EXTERNAL_IN, {"names": list({k[0] for k in keys}), "refs": list({k[2] for k in keys})})
+    found = {}
+    for row in rows:
+        key = (row.model, row.source, row.external_ref)
+        if key in wanted:
+            found[key] = version_from_row(row)
+    return found
+
+
+def release_later_in(conn: Connection, version: ModelVersion) -> bool:
+    """``Registry.release_later`` inside the caller's write transaction."""
+    if version.status != "ready":
+        return False
+    has_release = conn.execute(select(schema.releases.c.id).where(
+        schema.releases.c.model == version.model, schema.releases.c.version == version.version)).first()
+    pending = [r.payload for r in conn.execute(select(schema.outbox.c.payload).where(
+        schema.outbox.c.processed_at.is_(None), schema.outbox.c.kind == REGISTERED))]
+    if has_release or any(p.get("model") == version.model and p.get("version") == version.version
+                          and p.get("release", True) for p in pending):
+        return False
+    conn.execute(_INSERT_OUTBOX.values(kind=REGISTERED, created_at=now(), payload={
+        "model": version.model, "version": version.version, "source": str(version.source),
+        "tags": version.tags, "release": True}))
+    return True
