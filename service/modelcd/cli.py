@@ -242,14 +242,109 @@ def models_unarchive(obj: Obj, name: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("args", nargs=-1, required=True, metavar="NAME | show NAME VERSION")
 @click.option("--json", "as_json", is_flag=True)
 @pass_obj
-def versions(obj: Obj, name: str, as_json: bool) -> None:
-    """List the versions of model NAME."""
-    data = obj.client.get(api_path("models", name, "versions"))
+def versions(obj: Obj, args: tuple[str, ...], as_json: bool) -> None:
+    """List the versions of model NAME; `versions show NAME VERSION` shows one with its latest evaluations."""
+    if (len(args) == 3 and args[0] == "show") or len(args) == 2:
+        name, number = args[-2:]
+        if not number.isdigit():
+            raise click.BadParameter(f"{number!r} is not a version number", param_hint="VERSION")
+        _version_show(obj.client, name, int(number), as_json)
+        return
+    if len(args) != 1:
+        raise click.UsageError("give NAME to list the versions, or show NAME VERSION")
+    data = obj.client.get(api_path("models", args[0], "versions"))
     rows = [{**v, "digest": v["digest"][:12]} for v in data["versions"]]
     _out(data) if as_json else _table(rows, ["model", "version", "flavor", "digest", "source", "created_at"])
+
+
+def _version_show(client: Client, name: str, number: int, as_json: bool) -> None:
+    v = client.get(api_path("models", name, "versions", number))
+    if as_json:
+        _out(v)
+        return
+    click.echo(f"{v['model']} v{v['version']}: {v['flavor']}, digest {v['digest'][:12]}, source {v['source']}, "
+               f"{v['status']}, created {v['created_at']}")
+    if v.get("description"):
+        click.echo(f"  {v['description']}")
+    if v.get("tags"):
+        click.echo("  tags: " + ", ".join(f"{k}={t}" for k, t in v["tags"].items()))
+    if v.get("metrics"):
+        click.echo("  metrics: " + ", ".join(f"{k} {m:g}" for k, m in v["metrics"].items()))
+    evaluations = v.get("evaluations") or []
+    click.echo("evaluations:" if evaluations else f"evaluations: none (`modelcd evaluate {name} {number} --data URI "
+                                                   "--label COLUMN`)")
+    for e in evaluations:
+        click.echo(f"  {e['created_at']}  {_evaluation_line(e)} (job {e['job_id']})")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--data", "data", required=True,
+              help="the labelled data: a local path (read by the service), s3://bucket/prefix/, "
+                   "sql://CONNECTION/TABLE, or a table name / SELECT with --connection")
+@click.option("--label", required=True, help="the column holding the true values (not given to the model)")
+@click.option("--metrics", help="comma-separated: accuracy,f1,precision,recall,roc_auc or rmse,mae,r2 (default: "
+                                "from the label's type)")
+@click.option("--connection", help="a named SQL connection: --data is then a table name or a SELECT query")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "jsonl"]),
+              help="the data's format (default: from its suffix)")
+@click.option("--max-errors", type=int, default=0, show_default=True,
+              help="rows the model may fail to score (left out of the metrics)")
+@click.option("--wait", is_flag=True, help="wait for the job and print the metrics; exit 1 when it does not succeed")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def evaluate(obj: Obj, name: str, version: int, data: str, label: str, metrics: str | None,
+             connection: str | None, fmt: str | None, max_errors: int, wait: bool, as_json: bool) -> None:
+    """Evaluate version VERSION of model NAME on labelled data (an `evaluate` job): scored in the
+    version's own environment, the metrics stored with the version."""
+    client = obj.client
+    body: dict[str, Any] = {"data": data, "label": label, "max_errors": max_errors}
+    body.update({k: v for k, v in (("metrics", metrics), ("connection", connection), ("format", fmt)) if v})
+    job = client.post(api_path("models", name, "versions", version, "evaluations"), json=body)
+    if not wait:
+        _out(job) if as_json else click.echo(f"evaluation job {job['id']}: {job['state']} (follow it with "
+                                              f"`modelcd jobs logs {job['id']} -f`)")
+        return
+    job = client.wait_job(job["id"], timeout_s=24 * 3600)
+    stored = [e for e in client.get(api_path("models", name, "versions", version, "evaluations"))["evaluations"]
+              if e["job_id"] == job["id"]]
+    if as_json:
+        _out({"job": job, "evaluation": stored[0] if stored else None})
+    elif stored:
+        _print_evaluation(stored[0])
+    else:
+        click.echo(f"job {job['id']} (evaluate): {job['state']}" + (f" — {job['error']}" if job.get("error") else ""))
+    if job["state"] != "succeeded":
+        sys.exit(1)
+
+
+def _evaluation_line(e: dict[str, Any]) -> str:
+    from modelcd.jobs.evaluation import evaluation_line
+
+    return evaluation_line(e)
+
+
+def _print_evaluation(e: dict[str, Any]) -> None:
+    click.echo(f"{e['model']} v{e['version']}: {_evaluation_line(e)}")
+    click.echo(f"  data digest {e.get('data_digest') or '-'}; rows read {e['rows_read']}, scored {e['rows_scored']}, "
+               f"errors {e['errors']}, unlabelled {e['unlabelled']}; job {e['job_id']}")
+    matrix = e.get("confusion_matrix")
+    if matrix:
+        labels = [str(x) for x in matrix["labels"]]
+        width = max(6, *(len(x) for x in labels), *(len(str(n)) for row in matrix["matrix"] for n in row))
+        click.echo("  confusion matrix (rows: true, columns: predicted):")
+        click.echo("    " + " " * width + "  " + "  ".join(x.rjust(width) for x in labels))
+        for label, row in zip(labels, matrix["matrix"], strict=True):
+            click.echo("    " + label.rjust(width) + "  " + "  ".join(str(n).rjust(width) for n in row))
+    residuals = e.get("residuals")
+    if residuals:
+        quantiles = ", ".join(f"q{q} {v:.4g}" for q, v in residuals["quantiles"].items())
+        click.echo(f"  residuals: mean {residuals['mean']:.4g}, std {residuals['std']:.4g}, "
+                   f"min {residuals['min']:.4g}, max {residuals['max']:.4g}; {quantiles}")
 
 
 def _statistics_upload(client: Client, name: str, version: int, data: Path, wait: bool,

@@ -65,6 +65,7 @@ class JobType(StrEnum):
     UNARCHIVE = "unarchive"
     STATISTICS = "statistics"  # training-data statistics of a version (jobs.statistics)
     BATCH_PREDICTION = "batch_prediction"  # a run of a batch deployment (batch.scheduler)
+    EVALUATE = "evaluate"  # a version scored on labelled data, its metrics stored (jobs.evaluation)
 
 
 class JobState(StrEnum):

@@ -147,6 +147,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     from modelcd.jobs.statistics import fail_interrupted
 
     fail_interrupted(ctx, echo)  # statistics jobs a dead process left open: their upload is gone
+    from modelcd.jobs.evaluation import fail_interrupted as fail_interrupted_evaluations
+
+    fail_interrupted_evaluations(ctx, echo)  # evaluate jobs a dead process left open: nothing was stored
     from modelcd.batch.scheduler import BatchScheduler
     from modelcd.batch.scheduler import fail_interrupted as fail_interrupted_batch
 

@@ -269,7 +269,9 @@ def list_versions(name: str) -> Response:
 
 @bp.get("/models/<name>/versions/<int:number>")
 def get_version(name: str, number: int) -> Response:
-    return jsonify(version_to_dict(_ctx().registry.get_version(name, number)))
+    ctx = _ctx()
+    doc = version_to_dict(ctx.registry.get_version(name, number))
+    return jsonify({**doc, "evaluations": ctx.registry.evaluations(name, number, limit=5)})
 
 
 @bp.get("/models/<name>/versions/<int:number>/plan")
@@ -312,6 +314,23 @@ def compute_version_statistics(name: str, number: int) -> tuple[Response, int]:
 @bp.get("/models/<name>/versions/<int:number>/statistics")
 def get_version_statistics(name: str, number: int) -> Response:
     return jsonify(_ctx().registry.get_statistics(name, number))
+
+
+@bp.post("/models/<name>/versions/<int:number>/evaluations")
+@write
+def evaluate_version(name: str, number: int) -> tuple[Response, int]:
+    """Evaluate the version on labelled data ({data, label, metrics, format, connection,
+    max_errors}) in an `evaluate` job: 202 with the job."""
+    from modelcd.jobs.evaluation import start_evaluation_job
+
+    job = start_evaluation_job(_ctx(), name, number, _json_body())
+    return jsonify(job.to_dict()), 202
+
+
+@bp.get("/models/<name>/versions/<int:number>/evaluations")
+def list_version_evaluations(name: str, number: int) -> Response:
+    limit = _arg_int("limit", 20, 1, LIST_LIMIT_MAX)
+    return jsonify({"evaluations": _ctx().registry.evaluations(name, number, limit=limit)})
 
 
 # releases and jobs

@@ -23,6 +23,11 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
      True, "training_data"),
     ("get", "/models/{name}/versions/{version}/statistics", "The version's training-data statistics: rows, per "
      "feature counts, missing, min/max/mean/std, bin edges and counts, top categories (404 when none)", False, None),
+    ("post", "/models/{name}/versions/{version}/evaluations", "Evaluate the version on labelled data {data (path, "
+     "s3:// or sql:// URI), label, metrics (accuracy,f1,precision,recall,roc_auc | rmse,mae,r2), format, connection, "
+     "max_errors} in an `evaluate` job scoring it in its own environment; 202 with the job", True, "json"),
+    ("get", "/models/{name}/versions/{version}/evaluations", "The version's stored evaluations, newest first: data, "
+     "its digest, label, rows, metrics, confusion matrix or residual summary, job", False, None),
     ("get", "/models/{name}/versions/{version}/plan", "What a release of the version would do, changing nothing: "
      "policy and why, environments, strategy, gates, artifact (built?), what retires, what a rollback returns to "
      "(?environment=: a promote there)", False, None),

@@ -68,6 +68,24 @@ version_statistics = Table(  # training-data statistics of a version (analysis.s
     ForeignKeyConstraint(["model", "version"], ["versions.model", "versions.version"]),
 )
 
+version_evaluations = Table(  # a version's metrics on labelled data (batch.evaluation, jobs.evaluation)
+    "version_evaluations", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("data_uri", String(1024), nullable=False),
+    Column("data_digest", String(80)),  # sha256 of the files (or S3 keys, sizes, ETags); None for a SQL source
+    Column("label", String(256), nullable=False),
+    Column("task", String(16), nullable=False),  # classification | regression
+    Column("rows", Integer, nullable=False),  # rows compared (scored and labelled)
+    Column("metrics", JSON, nullable=False),  # {name: value}
+    Column("result", JSON, nullable=False),  # everything else: confusion matrix or residuals, counts, errors
+    Column("job_id", String(32)),  # the evaluate job
+    Column("created_at", String(32), nullable=False),
+    ForeignKeyConstraint(["model", "version"], ["versions.model", "versions.version"]),
+)
+Index("ix_version_evaluations_version", version_evaluations.c.model, version_evaluations.c.version)
+
 policies = Table(
     "policies", metadata,
     Column("name", String(64), primary_key=True),
