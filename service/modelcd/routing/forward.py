@@ -123,8 +123,9 @@ class Forward:
         self.tried.append(target)
         other = server.next_target(self.route, self.tried)
         if other is not None:
-            if self.pair is not None and self.pair.state is not None and other.backend.id == self.pair.state.mirror.id:
-                self.pair.abandon(mirror_only=True)  # the candidate answers this one itself: nothing to compare
+            pair = self.pair
+            if pair is not None and pair.mirror is not None and other.backend.id == pair.mirror.mirror.id:
+                pair.abandon(mirror_only=True)  # the candidate answers this one itself: nothing to compare
             log.warning("backend %s of %s unreachable (skipped for %gs); retrying on %s", target.backend.id,
                         self.route.name, server.options.backend_down_time, other.backend.id)
             self.fresh_tried = False

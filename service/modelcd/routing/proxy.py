@@ -4,12 +4,13 @@ deployments, run as its own process so it keeps serving while the control plane 
     python -m modelcd.routing.proxy --table PATH --host 127.0.0.1 --port 8700
 
 ``ANY /{model}/{env}/{rest}`` goes to ``{backend.url}/{rest}`` of a backend picked by weight;
-``/-/healthz``, ``/-/table``, ``POST /-/reload`` and ``/-/mirror[/pairs]`` (shadow traffic,
-``routing.mirror``) are the admin routes (model names cannot
-start with '-'). The table comes from a JSON file that the control plane replaces atomically;
-it is re-read on ``/-/reload``, on SIGHUP and when the file changes (polled), and an invalid
-file leaves the old table serving. One table is one immutable ``AppliedTable``: a request
-takes the reference once, so it sees the old or the new table, never a mix.
+``/-/healthz``, ``/-/table``, ``POST /-/reload``, ``/-/mirror[/pairs]`` and ``/-/samples``
+(shadow and sampled traffic, kept by the mirror worker process: ``routing.mirror``) are the
+admin routes (model names cannot start with '-'). The table comes from a JSON file that the
+control plane replaces atomically; it is re-read on ``/-/reload``, on SIGHUP and when the file
+changes (polled), and an invalid file leaves the old table serving. One table is one immutable
+``AppliedTable``: a request takes the reference once, so it sees the old or the new table,
+never a mix.
 
 A keyed endpoint (``auth: key``) answers 401 unless ``Authorization: Bearer <key>`` hashes to
 one of its digests, and its backends never see the key; a router that other machines may
@@ -49,7 +50,7 @@ from modelcd.errors import InvalidInput
 from modelcd.routing.applied import AppliedTable, Route, Target
 from modelcd.routing.client import ClientConnection, Request, key_accepted
 from modelcd.routing.forward import Exchange, Forward
-from modelcd.routing.mirror import MirrorCall, MirrorState, SampleState
+from modelcd.routing.mirror import MirrorState, MirrorWorker, SampleState
 from modelcd.routing.options import OPEN_SETTING, Options
 from modelcd.routing.table import Backend, RoutingTable, listen_is_loopback, next_candidate
 from modelcd.routing.upstream import UpstreamPool
@@ -77,8 +78,8 @@ class RouterServer:
         self.ticks = 0
         self.down_pools: set[UpstreamPool] = set()  # backends marked down; empty: every pick takes the fast path
         self.mirrors: dict[tuple[bytes, str], MirrorState] = {}  # shadow traffic per (endpoint, candidate)
-        self.mirror_calls: set[MirrorCall] = set()
         self.samplers: dict[bytes, SampleState] = {}  # sampled live traffic per endpoint (production watch)
+        self.worker = MirrorWorker(self)  # the process that sends the copies and keeps the pairs and samples
         exposed = options.exposed if options.exposed is not None else not listen_is_loopback(options.host)
         self.refuse_open = exposed and not options.allow_open_endpoints
 
@@ -105,23 +106,23 @@ class RouterServer:
             state = None
             if route.mirror is not None:
                 m = route.mirror
-                target = target_of(Backend(m.id, m.version, m.url, 0))
                 state = self.mirrors.get((bkey, m.id))
-                if state is None:  # a new candidate; the same one keeps its pairs across tables
-                    state = MirrorState(bkey, m, target, self.options.mirror_pairs, self.options.mirror_pending)
-                state.mirror, state.target = m, target
+                if state is None:  # a new candidate; the same one keeps its pairs across tables (in the worker)
+                    state = MirrorState(bkey, m)
+                state.mirror = m
                 mirrors[(bkey, m.id)] = state
             sampler = None
             if route.sample_rate > 0:
                 sampler = self.samplers.get(bkey)
                 if sampler is None:  # a new watch; an endpoint sampled already keeps its samples
-                    sampler = SampleState(bkey, route.sample_rate, self.options.mirror_pairs)
+                    sampler = SampleState(bkey, route.sample_rate)
                 sampler.rate = route.sample_rate
                 samplers[bkey] = sampler
             routes[bkey] = Route(bkey, route, targets, state, sampler)
         old = self.state.table.generation
         self.state = AppliedTable(table, routes)
         self.mirrors, self.samplers = mirrors, samplers
+        self.worker.configure()
         for addr in set(self.pools) - used:
             pool = self.pools.pop(addr)
             pool.close()
@@ -168,9 +169,7 @@ class RouterServer:
         late = now - self.options.upstream_timeout
         for exchange in [e for e in self.inflight if e.started < late]:
             exchange.timed_out()
-        late = now - self.options.mirror_timeout
-        for call in [c for c in self.mirror_calls if c.started < late]:
-            call.timed_out()
+        self.worker.tick(now)
         self._tick_clients(now)
         self.ticks += 1
         if self.ticks % 4:
@@ -219,8 +218,8 @@ class RouterServer:
             return
         url = req.url
         if url.startswith(ADMIN_PREFIX):
-            self.admin(client, req)
-            client.request_done()
+            if self.admin(client, req):
+                client.request_done()
             return
         path, sep, query = url.partition(b"?")
         parts = path.split(b"/", 3)
@@ -280,8 +279,9 @@ class RouterServer:
         return False
 
     # -- admin ---------------------------------------------------------------------------
-    def admin(self, client: ClientConnection, req: Request) -> None:
-        """/-/healthz (anyone), /-/table and /-/reload (loopback clients only)."""
+    def admin(self, client: ClientConnection, req: Request) -> bool:
+        """/-/healthz (anyone), /-/table, /-/reload and the shadow routes (loopback clients only).
+        Returns False when the answer comes later (the mirror worker answers it)."""
         path = req.url.partition(b"?")[0]
         method = req.method
         if path == b"/-/healthz" and method in (b"GET", b"HEAD"):
@@ -293,11 +293,14 @@ class RouterServer:
         elif path == b"/-/table" and method in (b"GET", b"HEAD"):
             client.respond(req, 200, json.dumps(self.state.table.to_dict()).encode())
         elif path == b"/-/mirror" and method == b"GET":
-            client.respond_json(req, 200, {"mirrors": [m.counters() for m in self.mirrors.values()]})
+            if not self.mirrors:
+                client.respond_json(req, 200, {"mirrors": [], "worker": self.worker.counters()})
+                return True
+            return self.kept(client, req, "mirror")
         elif path == b"/-/mirror/pairs" and method == b"GET":
-            self.kept(client, req, {key: m for (key, _), m in self.mirrors.items()}, "mirrors")
+            return self.kept(client, req, "pairs")
         elif path == b"/-/samples" and method == b"GET":
-            self.kept(client, req, self.samplers, "samples")
+            return self.kept(client, req, "samples")
         elif path == b"/-/reload" and method == b"POST":
             try:
                 client.respond_json(req, 200, {"generation": self.reload()})
@@ -306,12 +309,13 @@ class RouterServer:
                                                "generation": self.state.table.generation})
         else:
             client.respond_error(req, 405, "method_not_allowed", f"{method.decode('latin-1')} not allowed here")
+        return True
 
-    def kept(self, client: ClientConnection, req: Request, states: dict[bytes, MirrorState] | dict[bytes, SampleState],
-             what: str) -> None:
+    def kept(self, client: ClientConnection, req: Request, what: str) -> bool:
         """``?endpoint=model/env&after=SEQ&limit=N``: the counters and the records kept after
         ``SEQ`` (oldest first) of an endpoint's candidate (``/-/mirror/pairs``) or of its sampled
-        traffic (``/-/samples``); 404 when it keeps none."""
+        traffic (``/-/samples``), or every candidate's counters (``/-/mirror``); 404 when it keeps
+        none. The mirror worker keeps them: it is asked, and its answer relayed when it comes."""
         query = parse_qs(req.url.partition(b"?")[2].decode("latin-1"))
         endpoint = (query.get("endpoint") or [""])[0].encode("latin-1")
         try:
@@ -319,12 +323,19 @@ class RouterServer:
             limit = min(max(int((query.get("limit") or ["1000"])[0]), 1), 10_000)
         except ValueError:
             client.respond_error(req, 400, "bad_request", "after and limit must be whole numbers")
-            return
-        state = states.get(endpoint)
-        if state is None:
-            client.respond_error(req, 404, "not_found", f"endpoint {endpoint.decode('latin-1')!r} {what} nothing")
-            return
-        client.respond_json(req, 200, {**state.counters(), "pairs": state.since(after, limit)})
+            return True
+        kept = {key for key, _ in self.mirrors} if what == "pairs" else self.samplers
+        if what != "mirror" and endpoint not in kept:
+            client.respond_error(req, 404, "not_found", f"endpoint {endpoint.decode('latin-1')!r} "
+                                 f"{'mirrors' if what == 'pairs' else 'samples'} nothing")
+            return True
+
+        def reply(status: int, body: bytes) -> None:
+            client.respond(req, status, body)
+            client.request_done()
+
+        self.worker.ask(what, endpoint, after, limit, reply)
+        return False
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "router": "modelcd", "generation": self.state.table.generation,
@@ -366,6 +377,7 @@ async def serve(options: Options) -> int:
             pass  # logged; start empty (every endpoint 404) and keep polling the file
     else:
         log.warning("no table at %s yet; serving an empty table until it appears", options.table)
+    await server.worker.start_ready(options.mirror_worker_timeout)
     try:
         listener = await loop.create_server(lambda: ClientConnection(server), options.host, options.port,
                                             backlog=1024, reuse_address=True)
@@ -387,6 +399,7 @@ async def serve(options: Options) -> int:
     log.info("stopping: draining %d connection(s)", len(server.clients))
     listener.close()
     await server.drain()
+    await server.worker.stop()
     log.info("stopped")
     return 0
 
@@ -427,6 +440,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
                    help="seconds a candidate may take to answer a copy")
     p.add_argument("--mirror-body-cap", type=int, default=Options.mirror_body_cap,
                    help="bytes of a request or answer kept in a pair")
+    p.add_argument("--mirror-handoff-bytes", type=int, default=Options.mirror_handoff_bytes,
+                   help="request bytes not yet taken by the mirror worker; beyond, copies are dropped")
+    p.add_argument("--mirror-worker-timeout", type=float, default=Options.mirror_worker_timeout,
+                   help="seconds the mirror worker may take to answer; then it is restarted")
     p.add_argument("--allow-open-endpoints", action="store_true",
                    help=f"serve endpoints without a key on a non-loopback address too ({OPEN_SETTING})")
     p.add_argument("--exposed", choices=("auto", "yes", "no"), default="auto",
@@ -440,7 +457,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
                       max_headers=a.max_headers, header_timeout=a.header_timeout,
                       backend_down_time=a.backend_down_time, allow_open_endpoints=a.allow_open_endpoints,
                       mirror_pending=a.mirror_pending, mirror_pairs=a.mirror_pairs, mirror_timeout=a.mirror_timeout,
-                      mirror_body_cap=a.mirror_body_cap,
+                      mirror_body_cap=a.mirror_body_cap, mirror_handoff_bytes=a.mirror_handoff_bytes,
+                      mirror_worker_timeout=a.mirror_worker_timeout,
                       exposed={"auto": None, "yes": True, "no": False}[a.exposed])
     return options, a.loop
 
