@@ -54,3 +54,17 @@ FIRST_ADMIN = Principal(ADMIN_NAME, "admin", None)
 def can(role: str, action: str) -> bool:
     """Whether ``role`` grants ``action`` (an unknown role grants nothing)."""
     return action in GRANTS.get(role, frozenset())
+
+
+def roles_for(action: str) -> list[str]:
+    """The roles that grant ``action``, in ``ROLES`` order."""
+    return [role for role in ROLES if can(role, action)]
+
+
+def refusal(principal: Principal, action: str) -> str | None:
+    """Why ``principal`` may not do ``action`` (a message naming the roles that may), or None."""
+    if principal.can(action):
+        return None
+    roles = roles_for(action)
+    needed = ", ".join(roles[:-1]) + f" or {roles[-1]}" if len(roles) > 1 else roles[0]
+    return f"this needs the {needed} role; your token is for {principal.role} `{principal.name}`"

@@ -4,6 +4,7 @@ fail at start with the setting's name and the fix."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,9 @@ class Settings(BaseModel):
     token: str | None = Field(None, repr=False, description="API token; generated into $MODELCD_HOME/token when unset")
     host: str = "127.0.0.1"
     port: int = Field(8600, ge=1, le=65535)
+    open_reads: Literal["auto", "true", "false"] = Field(
+        "auto", description="whether API reads (and /metrics) need no token: auto = open while the API listens on "
+        "loopback only, closed (a viewer token or better) otherwise")
     router_host: str = "127.0.0.1"
     router_port: int = Field(8700, ge=1, le=65535)
     router_allow_open_endpoints: bool = Field(False, description="a router on a non-loopback host serves endpoints "
@@ -133,12 +137,29 @@ class Settings(BaseModel):
         return self
 
     @property
+    def reads_open(self) -> bool:
+        """Whether API reads need no token (``open_reads``; auto: while ``host`` is loopback)."""
+        if self.open_reads == "auto":
+            return is_loopback(self.host)
+        return self.open_reads == "true"
+
+    @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home.resolve() / 'modelcd.db'}"
 
     @property
     def router_url(self) -> str:
         return f"http://{self.router_host}:{self.router_port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost`` (a name or wildcard is not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _from_env(environ: dict[str, str]) -> dict[str, str]:

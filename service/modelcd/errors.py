@@ -49,6 +49,13 @@ class Unauthorized(ModelcdError):
     http_status = HTTPStatus.UNAUTHORIZED
 
 
+class Forbidden(ModelcdError):
+    """The caller is known but their role does not grant the action; the message names the roles that do."""
+
+    code = "forbidden"
+    http_status = HTTPStatus.FORBIDDEN
+
+
 class ConfigError(ModelcdError):
     """A setting is invalid; raised at start, naming the setting and the fix."""
 

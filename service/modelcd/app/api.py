@@ -1,5 +1,7 @@
-"""REST API under ``/api/v1``. Reads are open; every write needs ``Authorization: Bearer``.
-Handlers parse, call the domain, and return JSON."""
+"""REST API under ``/api/v1``. Every route declares what it needs (``requires``): reads need
+a token with ``read`` unless ``MODELCD_OPEN_READS`` opens them; writes need
+``Authorization: Bearer`` with a token whose role grants the action (401 without one that
+works, 403 naming the roles that would). Handlers parse, call the domain, and return JSON."""
 
 from __future__ import annotations
 
@@ -11,14 +13,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import yaml
-from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
 
-from modelcd.auth import bearer, token_matches
+from modelcd.access import Action, Principal, refusal
+from modelcd.auth import bearer
 from modelcd.context import Context
 from modelcd.domain import JobState
-from modelcd.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
+from modelcd.errors import Conflict, Forbidden, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from modelcd.inbox.store import DeliveryState
-from modelcd.pipelines.runs import PipelineRuns
 from modelcd.registry.archive import write_tree_archive
 from modelcd.registry.names import validate_environment_name, validate_model_name
 from modelcd.registry.service import parse_metadata, version_to_dict
@@ -28,6 +30,7 @@ from modelcd.releases.manual import endpoint_keys, rollback_endpoint, start_rele
 from modelcd.releases.retirement import archive_info, archive_model, retire_endpoint, unarchive_model
 from modelcd.releases.service import Release
 from modelcd.sources.base import KNOWN_SOURCES
+from modelcd.users import principal_for
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -37,55 +40,100 @@ def _ctx() -> Context:
 
 
 API_TOKEN_HINT = ("missing or wrong API token: send `Authorization: Bearer <token>` "
-                  "(the token is in $MODELCD_HOME/token or MODELCD_TOKEN)")
-RELEASE_TOKEN_HINT = ("missing or wrong token: send `Authorization: Bearer <token>` with the API token "
-                      "or this release's pipeline token (MODELCD_RELEASE_TOKEN)")
-AUTH = "modelcd_auth"  # attribute of a view function: "api" (the API token) or "release" (or its pipeline token)
+                  "(the token is in $MODELCD_HOME/token or MODELCD_TOKEN, or a user's token from "
+                  "`modelcd tokens create`)")
+RELEASE_TOKEN_HINT = ("missing or wrong token: send `Authorization: Bearer <token>` with the API token, a "
+                      "deployer's token or this release's pipeline token (MODELCD_RELEASE_TOKEN)")
+AUTH = "modelcd_auth"  # attribute of a view function: what it needs (see ``requires``)
+OPEN = "open"  # no token ever (health checks)
+RELEASE = "release"  # deploy, or the pipeline token of the release in the path
+RELEASE_READ = "release_read"  # read, or the pipeline token of the release in the path
+_RELEASE_ACTIONS = {RELEASE: "deploy", RELEASE_READ: "read"}
 
 
 def auth_kind(view: Callable[..., Any] | None) -> str | None:
-    """Which token a view needs (None: none), so a server can check it before reading a body."""
+    """What a view needs (an action, ``RELEASE`` or ``OPEN``; None: not declared), so a server
+    can check it before reading a body."""
     return getattr(view, AUTH, None)
 
 
-def authorized(kind: str, token: str, header: str | None, release_id: str | None, runs: PipelineRuns) -> bool:
-    """Whether ``header`` carries the API token, or for ``kind == "release"`` that release's
-    pipeline token."""
-    if token_matches(token, header):
-        return True
-    return kind == "release" and release_id is not None and runs.token_valid(release_id, bearer(header))
+def admit(ctx: Context, kind: str, header: str | None, release_id: str | None = None) -> Principal | None:
+    """Who a request with Authorization ``header`` acts as, for a view that needs ``kind``:
+    the principal of its token (None: no token needed, or a release's pipeline token).
+    Unauthorized without a token that works, Forbidden when its role lacks the action."""
+    if kind == OPEN:
+        return None
+    token = bearer(header)
+    principal = principal_for(ctx, token)
+    action = _RELEASE_ACTIONS.get(kind, kind)
+    if action == "read" and principal is None and ctx.settings.reads_open:
+        return None
+    if principal is None:
+        if kind in _RELEASE_ACTIONS and release_id is not None and ctx.pipeline_runs.token_valid(release_id, token):
+            # a pipeline token is a secret in every log and error it reaches (minted by an earlier
+            # process, after a restart, it is known here only now)
+            ctx.redact.add(token)
+            return None
+        raise Unauthorized(RELEASE_TOKEN_HINT if kind in _RELEASE_ACTIONS else API_TOKEN_HINT)
+    why = refusal(principal, action)
+    if why is not None:
+        raise Forbidden(why)
+    return principal
 
 
-def write(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Require the API token."""
+def requires(action: Action) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A view needing ``action`` (``access.ACTIONS``); ``flask.g.principal`` is who asks."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not authorized("api", current_app.extensions["modelcd_token"], request.headers.get("Authorization"),
-                          None, _ctx().pipeline_runs):
-            raise Unauthorized(API_TOKEN_HINT)
-        return fn(*args, **kwargs)
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            g.principal = admit(_ctx(), action, request.headers.get("Authorization"))
+            return fn(*args, **kwargs)
 
-    setattr(wrapper, AUTH, "api")
-    return wrapper
+        setattr(wrapper, AUTH, action)
+        return wrapper
+
+    return decorate
 
 
-def release_write(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Require the API token or the per-release token of the release in the path (what a
-    pipeline run holds: it drives that release's stages and nothing else)."""
+read = requires("read")  # open or not by MODELCD_OPEN_READS
+write = requires("deploy")  # register, release, stop, rollback, batch...
+approve = requires("approve")
+admin = requires("admin")
 
-    @functools.wraps(fn)
-    def wrapper(release_id: str, *args: Any, **kwargs: Any) -> Any:
-        if not authorized("release", current_app.extensions["modelcd_token"], request.headers.get("Authorization"),
-                          release_id, _ctx().pipeline_runs):
-            raise Unauthorized(RELEASE_TOKEN_HINT)
-        # a pipeline token is a secret in every log and error it reaches (minted by an earlier
-        # process, after a restart, it is known here only now)
-        _ctx().redact.add(bearer(request.headers.get("Authorization")))
-        return fn(release_id, *args, **kwargs)
 
-    setattr(wrapper, AUTH, "release")
-    return wrapper
+def open_route(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A view anyone may call (health checks)."""
+    setattr(fn, AUTH, OPEN)
+    return fn
+
+
+def _for_release(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A view of the release in the path that its pipeline's run may call with the release's
+    own token (it drives that release's stages and nothing else), as well as a person whose
+    role grants ``_RELEASE_ACTIONS[kind]``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(release_id: str, *args: Any, **kwargs: Any) -> Any:
+            g.principal = admit(_ctx(), kind, request.headers.get("Authorization"), release_id)
+            return fn(release_id, *args, **kwargs)
+
+        setattr(wrapper, AUTH, kind)
+        return wrapper
+
+    return decorate
+
+
+release_write = _for_release(RELEASE)
+release_read = _for_release(RELEASE_READ)
+
+
+def by() -> str | None:
+    """The name of who asks (None: a pipeline token or an anonymous read), for the events a
+    request causes."""
+    principal: Principal | None = g.get("principal")
+    return principal.name if principal is not None else None
 
 
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: a larger number names nothing stored
@@ -225,6 +273,7 @@ def _release_doc(rel: Release | dict[str, Any]) -> dict[str, Any]:
 
 
 @bp.get("/openapi.json")
+@read
 def openapi() -> Response:
     from modelcd.app.openapi import document
 
@@ -233,11 +282,13 @@ def openapi() -> Response:
 
 # models and versions
 @bp.get("/models")
+@read
 def list_models() -> Response:
     return jsonify({"models": _ctx().registry.list_models()})
 
 
 @bp.get("/models/<name>")
+@read
 def get_model(name: str) -> Response:
     return jsonify({**_ctx().registry.get_model(name), **archive_info(_ctx(), name)})
 
@@ -263,11 +314,13 @@ def unarchive(name: str) -> Response:
 
 
 @bp.get("/models/<name>/versions")
+@read
 def list_versions(name: str) -> Response:
     return jsonify({"versions": [version_to_dict(v) for v in _ctx().registry.list_versions(name)]})
 
 
 @bp.get("/models/<name>/versions/<int:number>")
+@read
 def get_version(name: str, number: int) -> Response:
     ctx = _ctx()
     doc = version_to_dict(ctx.registry.get_version(name, number))
@@ -275,6 +328,7 @@ def get_version(name: str, number: int) -> Response:
 
 
 @bp.get("/models/<name>/versions/<int:number>/plan")
+@read
 def plan_version(name: str, number: int) -> Response:
     """What a release of the version would do (``?environment=``: a promote there); changes nothing."""
     from modelcd.releases.plan import plan_release
@@ -312,6 +366,7 @@ def compute_version_statistics(name: str, number: int) -> tuple[Response, int]:
 
 
 @bp.get("/models/<name>/versions/<int:number>/statistics")
+@read
 def get_version_statistics(name: str, number: int) -> Response:
     return jsonify(_ctx().registry.get_statistics(name, number))
 
@@ -328,6 +383,7 @@ def evaluate_version(name: str, number: int) -> tuple[Response, int]:
 
 
 @bp.get("/models/<name>/versions/<int:number>/evaluations")
+@read
 def list_version_evaluations(name: str, number: int) -> Response:
     limit = _arg_int("limit", 20, 1, LIST_LIMIT_MAX)
     return jsonify({"evaluations": _ctx().registry.evaluations(name, number, limit=limit)})
@@ -335,6 +391,7 @@ def list_version_evaluations(name: str, number: int) -> Response:
 
 # releases and jobs
 @bp.get("/releases")
+@read
 def list_releases() -> Response:
     rels = _ctx().releases.list(model=_arg_model(), environment=_arg_environment(),
                                 phase=_arg_choice("phase", Phase), limit=_limit())
@@ -342,6 +399,7 @@ def list_releases() -> Response:
 
 
 @bp.get("/releases/<release_id>")
+@read
 def get_release(release_id: str) -> Response:
     ctx = _ctx()
     rel = ctx.releases.get(release_id)
@@ -370,7 +428,7 @@ def stop_release(release_id: str) -> tuple[Response, int]:
 
 
 @bp.post("/releases/<release_id>/approve")
-@write
+@approve
 def approve_release(release_id: str) -> tuple[Response, int]:
     rel = _ctx().releases.approve(release_id, _comment())
     _ctx().wake.set()
@@ -378,7 +436,7 @@ def approve_release(release_id: str) -> tuple[Response, int]:
 
 
 @bp.post("/releases/<release_id>/reject")
-@write
+@approve
 def reject_release(release_id: str) -> tuple[Response, int]:
     rel = _ctx().releases.reject(release_id, _comment())
     _ctx().wake.set()
@@ -419,6 +477,7 @@ def run_release_stage(release_id: str, stage: str) -> tuple[Response, int]:
 
 
 @bp.get("/releases/<release_id>/stages/<stage>")
+@release_read
 def release_stage_status(release_id: str, stage: str) -> tuple[Response, int]:
     from modelcd.releases.stage_commands import stage_command_status
 
@@ -486,6 +545,7 @@ def release_files(release_id: str) -> Response:
 
 
 @bp.get("/jobs")
+@read
 def list_jobs() -> Response:
     release_id = request.args.get("release_id")
     jobs = _ctx().jobs.list(release_id=_check_id(release_id, "release_id") if release_id is not None else None,
@@ -494,12 +554,14 @@ def list_jobs() -> Response:
 
 
 @bp.get("/jobs/<job_id>")
+@read
 def get_job(job_id: str) -> Response:
     ctx = _ctx()
     return jsonify({**ctx.jobs.get(job_id).to_dict(), "events": ctx.jobs.events(job_id=job_id)})
 
 
 @bp.get("/jobs/<job_id>/logs")
+@read
 def job_logs(job_id: str) -> Response:
     ctx = _ctx()
     after = _arg_int("after", 0, 0, MAX_INT)
@@ -519,11 +581,13 @@ def stop_job(job_id: str) -> tuple[Response, int]:
 
 # endpoints and deployments
 @bp.get("/endpoints")
+@read
 def list_endpoints() -> Response:
     return jsonify({"endpoints": [e.to_dict() for e in _ctx().traffic.list()]})
 
 
 @bp.get("/endpoints/<model>/<environment>")
+@read
 def get_endpoint(model: str, environment: str) -> Response:
     return jsonify(_ctx().traffic.get(model, environment).to_dict())
 
@@ -550,7 +614,7 @@ def retire(model: str, environment: str) -> Response:
 
 
 @bp.post("/endpoints/<model>/<environment>/keys")
-@write
+@admin
 def keys(model: str, environment: str) -> Response:
     """The endpoint's keys, shown once: made on the first call, or one regenerated."""
     slot = _json_body().get("regenerate")
@@ -560,6 +624,7 @@ def keys(model: str, environment: str) -> Response:
 
 
 @bp.get("/deployments")
+@read
 def list_deployments() -> Response:
     deps = _ctx().deployments.list(model=_arg_model(), environment=_arg_environment(), live_only=_arg_bool("live"))
     return jsonify({"deployments": [deployment_to_dict(d) for d in deps]})
@@ -567,7 +632,7 @@ def list_deployments() -> Response:
 
 # the data plane (router and deployments)
 @bp.post("/data-plane/stop")
-@write
+@admin
 def stop_data_plane() -> Response:
     """Stop the router and every deployment; this service leaves them down until it restarts."""
     stop: Callable[[], list[str]] | None = current_app.extensions.get("modelcd_data_plane_stop")
@@ -579,7 +644,7 @@ def stop_data_plane() -> Response:
 
 # external registries
 @bp.post("/sources/mlflow/connect")
-@write
+@admin
 def connect_mlflow_source() -> Response:
     """Create or update the MLflow webhook that calls this service; its secret and the
     tracking URI are saved in settings.yaml and used from now on, without a restart."""
@@ -600,18 +665,20 @@ def connect_mlflow_source() -> Response:
 
 # policies
 @bp.get("/policies")
+@read
 def list_policies() -> Response:
     return jsonify({"policies": _ctx().policies.list()})
 
 
 @bp.get("/policies/<name>")
+@read
 def get_policy(name: str) -> Response:
     doc = _ctx().policies.get(name)
     return jsonify({**doc, "policy": public_policy(doc["policy"]), "text": _public_policy_text(doc["text"])})
 
 
 @bp.put("/policies")
-@write
+@admin
 def put_policy() -> tuple[Response, int]:
     if (request.content_length or 0) > JSON_MAX_BYTES:
         raise PayloadTooLarge(f"policy over {JSON_MAX_BYTES} bytes; send a smaller YAML document", field="body")
@@ -643,7 +710,7 @@ def plan_policy() -> Response:
 
 
 @bp.delete("/policies/<name>")
-@write
+@admin
 def delete_policy(name: str) -> tuple[Response, int]:
     _ctx().policies.delete(name)
     return jsonify({"deleted": name}), 200
@@ -651,6 +718,7 @@ def delete_policy(name: str) -> tuple[Response, int]:
 
 # webhook inbox (dead letters included)
 @bp.get("/inbox")
+@read
 def list_inbox() -> Response:
     states = (DeliveryState.PENDING, DeliveryState.DONE, DeliveryState.IGNORED, DeliveryState.DEAD)
     rows = _ctx().inbox.list(state=_arg_choice("state", states), source=_arg_choice("source", KNOWN_SOURCES),
@@ -659,6 +727,7 @@ def list_inbox() -> Response:
 
 
 @bp.get("/inbox/<int:row_id>")
+@read
 def get_inbox(row_id: int) -> Response:
     return jsonify(_ctx().inbox.get(row_id).to_dict(body=True))
 
@@ -690,6 +759,7 @@ def create_batch() -> tuple[Response, int]:
 
 
 @bp.get("/batch")
+@read
 def list_batch() -> Response:
     store = _batch()
     return jsonify({"batch": [{**d.to_dict(), "next_run_at": d.next_run_at(store.once_done(d.name))}
@@ -697,6 +767,7 @@ def list_batch() -> Response:
 
 
 @bp.get("/batch/<name>")
+@read
 def get_batch(name: str) -> Response:
     return jsonify(_batch().show(name))
 
@@ -736,7 +807,7 @@ def resume_batch(name: str) -> Response:
 
 # named SQL connections of batch datasets (batch.datasets): the URL stays in the service's environment
 @bp.post("/connections")
-@write
+@admin
 def add_connection() -> tuple[Response, int]:
     from modelcd.batch.datasets import Connections
 
@@ -748,6 +819,7 @@ def add_connection() -> tuple[Response, int]:
 
 
 @bp.get("/connections")
+@read
 def list_connections() -> Response:
     from modelcd.batch.datasets import Connections
 
@@ -755,7 +827,7 @@ def list_connections() -> Response:
 
 
 @bp.delete("/connections/<name>")
-@write
+@admin
 def remove_connection(name: str) -> Response:
     from modelcd.batch.datasets import Connections
 

@@ -5,8 +5,8 @@ without Flask: read the body (size-capped), verify it with the source's adapter,
 to the inbox's group committer, and answer when its transaction has committed. Thousands of
 deliveries a second pass this way with a few milliseconds of latency, where a thread per
 request behind Flask manages a few hundred. Every other path goes to the Flask app through
-``WSGIBridge``, which first asks ``admit``: a write to no route, or without its token, is
-refused before a byte of its body is read."""
+``WSGIBridge``, which first asks ``admit``: a write to no route, without a token that works,
+or by a role that may not do it, is refused before a byte of its body is read."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect, Rule
 
 from modelcd.app import http_error_doc, too_large_message
-from modelcd.app.api import API_TOKEN_HINT, RELEASE_TOKEN_HINT, auth_kind, authorized
+from modelcd.app.api import OPEN, admit, auth_kind
 from modelcd.app.wsgi_bridge import Receive, Refusal, Scope, Send, WSGIBridge, body_chunks
-from modelcd.errors import ModelcdError, PayloadTooLarge, Unauthorized
+from modelcd.auth import token_matches
+from modelcd.errors import Forbidden, ModelcdError, PayloadTooLarge, Unauthorized
 from modelcd.inbox.intake import MAY_BLOCK, Intake
 from modelcd.sources.base import Respond
 
@@ -107,8 +108,10 @@ class ControlPlaneASGI:
         await self.wsgi(scope, receive, send)
 
     async def admit(self, scope: Scope) -> Refusal | None:
-        """Refuse a write before its body is read: no such route or method, or not the token
-        its route needs (the API token, or for a release's stages that release's token)."""
+        """Refuse a write before its body is read: no such route or method, no token that
+        works (401), or a role that lacks the route's action (403). The service's API token is
+        checked here on the loop; any other token (a user's, or a release's pipeline token)
+        needs the store, so it is looked up on the bridge's threads."""
         if scope["method"] in SAFE_METHODS:
             return None
         try:
@@ -116,19 +119,18 @@ class ControlPlaneASGI:
         except (NotFound, MethodNotAllowed) as e:
             return Refusal(e.code or 404, http_error_doc(e))
         kind = auth_kind(self.flask_app.view_functions.get(str(rule.endpoint)))
-        if kind is None:
+        if kind is None or kind == OPEN:
             return None
         header = _headers(scope).get("authorization")
-        if authorized(kind, self.token, header, None, self.intake.ctx.pipeline_runs):
+        if token_matches(self.token, header):  # the first admin: every action
             return None
-        if kind == "release" and "release_id" in args:
-            loop = asyncio.get_running_loop()
-            ok = await loop.run_in_executor(self.wsgi.executor, authorized, kind, self.token, header,
-                                            str(args["release_id"]), self.intake.ctx.pipeline_runs)
-            if ok:
-                return None
-        hint = RELEASE_TOKEN_HINT if kind == "release" else API_TOKEN_HINT
-        return Refusal(401, Unauthorized(hint).to_dict())
+        release_id = str(args["release_id"]) if "release_id" in args else None
+        ctx = self.intake.ctx
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.wsgi.executor, admit, ctx, kind, header, release_id)
+        except (Unauthorized, Forbidden) as e:
+            return Refusal(int(e.http_status), e.to_dict())
+        return None
 
     def _match(self, path: str, method: str) -> tuple[Rule, dict[str, Any]]:
         """The route of ``path``, or of where Flask would redirect it (``//`` merged)."""

@@ -1,4 +1,5 @@
-"""Health, readiness and Prometheus metrics of the control plane."""
+"""Health, readiness (always open) and Prometheus metrics (open or closed with the API's reads:
+``MODELCD_OPEN_READS``) of the control plane."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import func, select, text
 
+from modelcd.app.api import open_route, read
 from modelcd.context import Context
 from modelcd.store import schema
 
@@ -18,11 +20,13 @@ def _ctx() -> Context:
 
 
 @bp.get("/healthz")
+@open_route
 def healthz() -> Response:
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@open_route
 def readyz() -> tuple[Response, int]:
     ctx = _ctx()
     checks: dict[str, str] = {}
@@ -42,6 +46,7 @@ def readyz() -> tuple[Response, int]:
 
 
 @bp.get("/metrics")
+@read  # open or closed with the API's reads (MODELCD_OPEN_READS)
 def metrics() -> Response:
     ctx = _ctx()
     lines = ["# HELP modelcd_http_requests_total API requests by method and status",
