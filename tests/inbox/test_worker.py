@@ -1,7 +1,8 @@
 """The inbox worker as the real process `modelcd serve` starts (``python -m modelcd.worker
 --channel``) on a real SQLite home: it processes stored deliveries when woken, reports outbox
-work, exits when its service goes (end of its stdin), and never works a home beside another
-worker: the second one waits for the first to end, however it ends."""
+work, exits when its service goes (end of its stdin), never works a home beside another
+worker (the second one waits for the first to end, however it ends), and a worker killed with
+``kill -9`` in the middle of a run of deliveries leaves them all to be processed once."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from modelcd.config import Settings, load_settings, save_home_settings
 from modelcd.context import Context, build_context
 from modelcd.sources.connect import reload_sources
+from modelcd.store import schema
 from modelcd.worker import LOCK_NAME, SettingsFile
 from tests.conftest import free_port, wait_until
 
@@ -106,6 +109,52 @@ def test_a_second_worker_waits_for_the_first_however_it_ends(ctx: Context, env: 
                 p.kill()
                 p.wait()
     assert (ctx.home / LOCK_NAME).exists()
+
+
+# Drains the inbox as the worker does, but SIGKILLs itself in the middle of the first run of
+# deliveries: after their versions and outbox events are written, before the outcomes and commit.
+DIE_MID_RUN = """
+import os, signal
+from modelcd.config import load_settings
+from modelcd.context import build_context
+from modelcd.inbox import batch
+from modelcd.inbox.processor import process_due
+
+real = batch.record_versions
+
+def record_then_die(conn, rows, release):
+    real(conn, rows, release)
+    print(len(rows), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+batch.record_versions = record_then_die
+ctx = build_context(load_settings())
+process_due(ctx, ctx.inbox)
+"""
+
+
+def test_a_worker_killed_in_the_middle_of_a_run_leaves_every_delivery_to_be_processed_once(
+        ctx: Context, env: dict[str, str]) -> None:
+    for i in range(30):
+        _store(ctx, i)
+    killed = subprocess.run([sys.executable, "-c", DIE_MID_RUN], env=env, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout.strip() == b"30", killed.stderr
+    assert {d.state for d in ctx.inbox.list()} == {"pending"} and ctx.registry.list_models() == []
+    proc = _worker(env)
+    try:
+        _store(ctx, 30)
+        _wake(proc)
+        wait_until(lambda: _done(ctx) == 31, timeout_s=30, poll_s=0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [(v.version, v.external_ref) for v in ctx.registry.list_versions("w")] == [
+        (i + 1, f"w:{i}") for i in range(31)]  # each once, in delivery order
+    assert {d.attempts for d in ctx.inbox.list()} == {1}
+    with ctx.db.read() as conn:
+        events = conn.execute(select(schema.outbox.c.payload, schema.outbox.c.processed_at)).all()
+    assert sorted(p["version"] for p, _ in events) == list(range(1, 32))  # one outbox event per version
+    assert all(done is not None for _, done in events)  # dispatched (referenced: recorded without a release)
 
 
 def test_worker_started_for_a_parent_that_is_gone_exits_at_once(env: dict[str, str]) -> None:
