@@ -10,7 +10,7 @@ through server-sent events (``stream``)."""
 
 from __future__ import annotations
 
-import hmac
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -20,10 +20,11 @@ from jinja2 import StrictUndefined
 from markupsafe import Markup, escape
 from werkzeug.exceptions import HTTPException
 
-from modelcd.access import FIRST_ADMIN, Action, Principal
+from modelcd.access import Action, Principal
 from modelcd.app.ui.sessions import COOKIE, Session, Sessions
 from modelcd.context import Context
-from modelcd.errors import ModelcdError
+from modelcd.errors import ModelcdError, NotFound
+from modelcd.users import principal_for
 
 bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
                static_url_path="/static")
@@ -40,16 +41,25 @@ def sessions() -> Sessions:
 
 
 def principal_for_token(token: str) -> Principal | None:
-    """Who ``token`` signs in as: the service's API token is the first admin."""
-    expected: str = current_app.extensions["modelcd_token"]
-    if token and hmac.compare_digest(expected.encode(), token.encode("utf-8", "surrogatepass")):
-        return FIRST_ADMIN
-    return None
+    """Who ``token`` signs in as (the service's API token is the first admin)."""
+    return principal_for(ctx(), token)
 
 
-def token_alive(token_id: str | None) -> bool:
-    """Whether the token a session signed in with still works (the API token always does)."""
-    return token_id is None
+def current_principal(session: Session) -> Principal | None:
+    """The session's principal as the store has it now: None once the token it signed in with
+    is revoked or its user disabled or removed; a changed role applies at once."""
+    who = session.principal
+    if who.token_id is None:
+        return who
+    users = ctx().users
+    try:
+        token = users.get_token(who.token_id)
+        user = users.get(token.user)
+    except NotFound:
+        return None
+    if token.revoked_at or user.disabled:
+        return None
+    return Principal(user.name, user.role, token.id)
 
 
 def principal() -> Principal:
@@ -87,9 +97,13 @@ def _signed_in() -> Response | None:
         return None
     store = sessions()
     session = store.get(request.cookies.get(COOKIE))
-    if session is not None and not token_alive(session.principal.token_id):
-        store.end(session)
-        session = None
+    if session is not None:
+        who = current_principal(session)
+        if who is None:
+            store.end(session)
+            session = None
+        elif who != session.principal:
+            session = replace(session, principal=who)
     if session is None:
         if request.method != "GET":
             abort(403, "sign in first")
