@@ -1,0 +1,356 @@
+"""Server time of each console page on a big store (issue 12's goal: p95 <= 50 ms with 1,000
+models, 10,000 versions, 100,000 jobs and 100,000 events), next to the /api/v1 JSON route that
+reads the same thing; and the first byte of a live log (goal: within 200 ms of the line).
+
+A fresh home gets a SQLite store seeded directly through SQLAlchemy (releases, deployments, job
+logs and inbox rows in proportion: 2.5 releases per version, 4 jobs and 4 events per release, 5
+log lines per job, one delivery per version of which 1 % dead, one production endpoint per
+model). A real ``modelcd serve`` runs on it; the bench signs in through /ui/login with the
+service's token and times N sequential requests per page over one keep-alive connection on
+loopback (so a figure is the server's time plus a loopback round trip, ~0.1 ms). Live log: a
+running job is added, its page's event stream opened, and a line appended to its log as the
+service's job log writer does (an INSERT into job_logs from this process); the time until the
+stream delivers the line, over 50 lines.
+
+    python bench/console_bench.py [--requests 100] [--lines 50] [--models 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import requests
+from sqlalchemy import insert
+
+from modelcd.store import schema
+from modelcd.store.db import Database, now
+from modelcd.targets.process import free_port
+
+TOKEN = "console-bench-token-0123456789abcdef"
+CHUNK = 5000
+JOB_TYPES = ("build", "deploy", "smoke", "promote")
+TEAMS = ("fraud", "churn", "search", "ads", "risk")
+SOURCES = ("native", "mlflow", "azureml", "sagemaker")
+POLICY = """\
+name: {name}
+match:
+  models: ["{glob}"]
+auto: false
+environments:
+  - name: production
+    strategy: {strategy}
+smoke: {{requests: 5}}
+"""
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+def _chunks(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    for i in range(0, len(rows), CHUNK):
+        yield rows[i:i + CHUNK]
+
+
+class Seeder:
+    """Rows in proportion to ``models``: 10 versions each, 2.5 releases per version, 4 jobs
+    and 4 events per release, 5 log lines per job, one inbox row per version."""
+
+    def __init__(self, db: Database, models: int) -> None:
+        self.db, self.models = db, models
+        self.rng = random.Random(12)
+        self.t0 = datetime(2026, 1, 1, tzinfo=UTC)
+        self.tick = 0
+
+    def ts(self) -> str:
+        self.tick += 1
+        return (self.t0 + timedelta(seconds=30 * self.tick)).isoformat(timespec="milliseconds")
+
+    def put(self, table: Any, rows: list[dict[str, Any]]) -> None:
+        with self.db.write() as conn:
+            for chunk in _chunks(rows):
+                conn.execute(insert(table), chunk)
+
+    def seed(self) -> dict[str, int]:
+        names = [f"m-{i:04d}" for i in range(self.models)]
+        self.put(schema.models, [{"name": n, "description": f"model {n} of team {TEAMS[i % 5]}",
+                                  "created_at": self.ts()} for i, n in enumerate(names)])
+        versions = [(n, v) for n in names for v in range(1, 11)]
+        self.put(schema.versions, [self._version(n, v) for n, v in versions])
+        releases, jobs, events, logs, deployments = self._releases(versions)
+        self.put(schema.releases, releases)
+        self.put(schema.deployments, deployments)
+        self.put(schema.jobs, jobs)
+        self.put(schema.events, events)
+        self.put(schema.job_logs, logs)
+        self.put(schema.endpoints, self._endpoints(names, deployments))
+        self.put(schema.inbox, [self._delivery(i, n, v) for i, (n, v) in enumerate(versions)])
+        self.put(schema.policies, [{"name": f"p-{t}", "revision": 1, "updated_at": self.ts(),
+                                    "text": POLICY.format(name=f"p-{t}", glob=f"{t}-*", strategy="blue-green")}
+                                   for t in TEAMS])
+        return {"models": len(names), "versions": len(versions), "releases": len(releases), "jobs": len(jobs),
+                "events": len(events), "job log lines": len(logs), "deployments": len(deployments),
+                "inbox rows": len(versions)}
+
+    def _version(self, model: str, v: int) -> dict[str, Any]:
+        i = int(model[2:])
+        return {"model": model, "version": v, "digest": f"{i:08x}{v:04x}".ljust(64, "0"), "flavor": "sklearn",
+                "model_file": "model.pkl", "requirements": ["scikit-learn==1.5.2", "numpy"],
+                "sample": {"data": [[5.1, 3.5, 1.4, 0.2]]}, "expected": [0],
+                "metrics": {"accuracy": round(0.8 + self.rng.random() / 10, 4)},
+                "tags": {"team": TEAMS[i % 5], "stage": "prod" if v % 3 == 0 else "dev"},
+                "description": "", "source": SOURCES[i % 4], "external_ref": f"{SOURCES[i % 4]}:{model}/{v}",
+                "artifact_uri": f"s3://models/{model}/{v}/", "size_bytes": 4096, "status": "ready",
+                "created_at": self.ts()}
+
+    def _releases(self, versions: list[tuple[str, int]]) -> tuple[list[dict[str, Any]], ...]:
+        releases: list[dict[str, Any]] = []
+        jobs: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        logs: list[dict[str, Any]] = []
+        deployments: list[dict[str, Any]] = []
+        for k in range(len(versions) * 5 // 2):
+            model, v = versions[k % len(versions)]
+            rid, did, t = f"r-{k:012x}", f"d-{k:012x}", self.ts()
+            phase = "failed" if k % 17 == 0 else "succeeded"
+            releases.append({"id": rid, "model": model, "version": v, "environment": "production",
+                             "policy_name": "default", "policy": {"name": "default"}, "env_index": 0,
+                             "trigger": "auto", "phase": phase, "cancel_requested": False,
+                             "error": "smoke: 3 of 5 requests failed" if phase == "failed" else None,
+                             "deployment_id": did, "created_at": t, "updated_at": t, "finished_at": t})
+            deployments.append({"id": did, "model": model, "version": v, "environment": "production",
+                                "target": "process", "state": "stopped", "url": None,
+                                "spec": {"started_by": "runner"}, "release_id": rid, "created_at": t,
+                                "updated_at": t})
+            for j, jt in enumerate(JOB_TYPES):
+                jid = f"j-{k:010x}{j:02x}"
+                state = "failed" if phase == "failed" and jt == "smoke" else "succeeded"
+                jobs.append({"id": jid, "release_id": rid, "type": jt, "state": state, "model": model, "version": v,
+                             "environment": "production", "cancel_requested": False, "created_at": t,
+                             "started_at": t, "finished_at": t})
+                events.append({"release_id": rid, "job_id": jid, "ts": t, "kind": f"job.{state}", "message": "",
+                               "actor": None})
+                logs += [{"job_id": jid, "ts": t, "line": f"{jt} step {n}: ok"} for n in range(5)]
+        # serving: the latest release of each model (url None: the router has nothing to call)
+        for d in {d["model"]: d for d in deployments}.values():
+            d["state"] = "serving"
+        return releases, jobs, events, logs, deployments
+
+    def _endpoints(self, names: list[str], deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        serving = {d["model"]: d["id"] for d in deployments if d["state"] == "serving"}
+        return [{"model": n, "environment": "production", "traffic": {serving[n]: 100}, "auth": "key",
+                 "updated_at": self.ts()} for n in names]
+
+    def _delivery(self, i: int, model: str, v: int) -> dict[str, Any]:
+        dead = i % 100 == 0
+        return {"source": "generic", "delivery_id": f"d-{i}", "received_at": self.ts(), "headers": {},
+                "body": json.dumps({"model": model, "version": str(v)}).encode(), "state": "dead" if dead else "done",
+                "attempts": 5 if dead else 1, "next_attempt_at": 0.0,
+                "last_error": "no objects under s3://models/late/" if dead else None,
+                "result": None if dead else [{"model": model, "version": v}], "processed_at": self.ts()}
+
+
+class Serve:
+    """``modelcd serve`` on the seeded home."""
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
+                    "MODELCD_HOME": str(home), "MODELCD_PORT": str(self.port),
+                    "MODELCD_ROUTER_PORT": str(free_port()), "MODELCD_TOKEN": TOKEN}
+        self.log = home / "serve.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=self.env,
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                     start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"modelcd serve exited:\n{self.log.read_text()}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"modelcd serve not ready:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def sign_in(url: str) -> requests.Session:
+    """A console session: the login form's CSRF token (when it has one), then the token."""
+    s = requests.Session()
+    page = s.get(f"{url}/ui/login", timeout=10)
+    found = re.search(r'name="csrf_token"\s+value="([^"]+)"', page.text)
+    form = {"token": TOKEN, **({"csrf_token": found.group(1)} if found else {})}
+    r = s.post(f"{url}/ui/login", data=form, timeout=10, allow_redirects=False)
+    if r.status_code not in (302, 303) or not s.cookies:
+        raise SystemExit(f"sign-in refused: {r.status_code} {r.text[:300]}")
+    return s
+
+
+def time_get(s: requests.Session, url: str, n: int) -> tuple[float, float, int]:
+    """(p50 ms, p95 ms, size of the last answer) of ``n`` GETs after 3 warm-up requests."""
+    for _ in range(3):
+        r = s.get(url, timeout=30)
+        if r.status_code != 200:
+            raise SystemExit(f"GET {url}: {r.status_code} {r.text[:300]}")
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = s.get(url, timeout=30)
+        times.append((time.perf_counter() - t) * 1000)
+        assert r.status_code == 200, (url, r.status_code)
+    return statistics.median(times), pct(times, 95), len(r.content)
+
+
+def pages(models: int) -> list[tuple[str, str, str]]:
+    """(label, console path, /api/v1 peer path)."""
+    m = f"m-{models // 2:04d}"
+    rel, job = "r-000000000010", "j-000000001002"
+    return [
+        ("models", "/ui/models", "/api/v1/models"),
+        ("models search", f"/ui/models?q={m[:-1]}", "/api/v1/models"),
+        ("models by tag", "/ui/models?tag=team%3Dfraud", "/api/v1/models"),
+        ("model", f"/ui/models/{m}", f"/api/v1/models/{m}/versions"),
+        ("version", f"/ui/models/{m}/versions/7", f"/api/v1/models/{m}/versions/7"),
+        ("deploy plan", f"/ui/models/{m}/versions/7/deploy?environment=production",
+         f"/api/v1/models/{m}/versions/7/plan?environment=production"),
+        ("releases", "/ui/releases", "/api/v1/releases"),
+        ("release", f"/ui/releases/{rel}", f"/api/v1/releases/{rel}"),
+        ("endpoints", "/ui/endpoints", "/api/v1/endpoints"),
+        ("jobs", "/ui/jobs", "/api/v1/jobs"),
+        ("jobs failed", "/ui/jobs?state=failed", "/api/v1/jobs?state=failed"),
+        ("jobs smoke+failed", "/ui/jobs?type=smoke&state=failed", "/api/v1/jobs?state=failed"),
+        ("job", f"/ui/jobs/{job}", f"/api/v1/jobs/{job}/logs"),
+        ("inbox", "/ui/inbox", "/api/v1/inbox"),
+        ("inbox dead", "/ui/inbox?state=dead", "/api/v1/inbox?state=dead"),
+        ("policies", "/ui/policies", "/api/v1/policies"),
+    ]
+
+
+def page_table(url: str, s: requests.Session, models: int, n: int) -> list[dict[str, Any]]:
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {TOKEN}"
+    rows = []
+    for label, page, peer in pages(models):
+        p50, p95, size = time_get(s, url + page, n)
+        a50, a95, asize = time_get(api, url + peer, n)
+        rows.append({"page": label, "path": page, "p50": p50, "p95": p95, "kb": size / 1024,
+                     "api": peer, "api_p50": a50, "api_p95": a95, "api_kb": asize / 1024})
+        print(f"  {label:18} p50 {p50:6.1f} ms p95 {p95:6.1f} ms | api p50 {a50:6.1f} p95 {a95:6.1f}",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def _stream_path(s: requests.Session, url: str, job_id: str) -> str:
+    """The job page's live log stream (its EventSource URL, from the page itself)."""
+    page = s.get(f"{url}/ui/jobs/{job_id}", timeout=10).text
+    found = re.search(r'data-stream="([^"]+)"', page) or re.search(r'EventSource\(\s*["\']([^"\']+)', page)
+    if not found:
+        raise SystemExit(f"no event stream on /ui/jobs/{job_id}; page starts:\n{page[:600]}")
+    return found.group(1).replace("&amp;", "&")
+
+
+def live_log(url: str, s: requests.Session, db: Database, lines: int) -> list[float]:
+    """Milliseconds from a log line's commit to its arrival on the job page's event stream."""
+    jid, t = "j-live00000000", now()
+    with db.write() as conn:
+        conn.execute(insert(schema.jobs).values(id=jid, release_id=None, type="batch_prediction", state="running",
+                                                 model="m-0001", version=1, cancel_requested=False, created_at=t,
+                                                 started_at=t))
+    path = _stream_path(s, url, jid)
+    arrived: dict[str, float] = {}
+    got = threading.Event()
+    stop = threading.Event()
+
+    def read() -> None:
+        with s.get(url + path, stream=True, timeout=(5, 60), headers={"Accept": "text/event-stream"}) as r:
+            for raw in r.iter_lines(chunk_size=1, decode_unicode=True):
+                found = re.search(r"bench-line-(\d+)", raw or "")
+                if found:
+                    arrived.setdefault(found.group(1), time.perf_counter())
+                    got.set()
+                if stop.is_set():
+                    return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(1.0)  # the stream is open and has sent what was there
+    times = []
+    for i in range(lines):
+        got.clear()
+        with db.write() as conn:
+            conn.execute(insert(schema.job_logs).values(job_id=jid, ts=now(), line=f"bench-line-{i}"))
+            t = time.perf_counter()
+        if not got.wait(10):
+            raise SystemExit(f"line {i} did not arrive within 10 s")
+        times.append((arrived[str(i)] - t) * 1000)
+        time.sleep(random.uniform(0.05, 0.25))  # lines at irregular moments, not in step with a poll
+    stop.set()
+    with db.write() as conn:  # end the job, which ends the stream
+        conn.execute(schema.jobs.update().where(schema.jobs.c.id == jid).values(state="succeeded", finished_at=now()))
+    reader.join(timeout=15)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", type=int, default=1000)
+    ap.add_argument("--requests", type=int, default=100, help="timed requests per page")
+    ap.add_argument("--lines", type=int, default=50, help="log lines timed on the live stream")
+    ap.add_argument("--home", type=Path, help="keep the seeded home here (default: a temporary folder)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="console-bench-") as tmp:
+        home = args.home or Path(tmp) / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        db = Database(f"sqlite:///{home.resolve() / 'modelcd.db'}")
+        t = time.monotonic()
+        counts = Seeder(db, args.models).seed()
+        print(f"seeded in {time.monotonic() - t:.1f} s: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()),
+              flush=True)
+        svc = Serve(home)
+        try:
+            session = sign_in(svc.url)
+            rows = page_table(svc.url, session, args.models, args.requests)
+            lags = live_log(svc.url, session, db, args.lines)
+        finally:
+            svc.stop()
+            db.dispose()
+    print(f"\n{args.requests} sequential GETs per page, keep-alive, loopback; ms")
+    print(f"{'page':18} {'p50':>6} {'p95':>6} {'KiB':>6}   {'/api/v1 peer':44} {'p50':>6} {'p95':>6} {'KiB':>6}")
+    for r in rows:
+        print(f"{r['page']:18} {r['p50']:6.1f} {r['p95']:6.1f} {r['kb']:6.0f}   {r['api']:44} "
+              f"{r['api_p50']:6.1f} {r['api_p95']:6.1f} {r['api_kb']:6.0f}")
+    worst = max(rows, key=lambda r: r["p95"])
+    print(f"\nslowest page p95: {worst['page']} {worst['p95']:.1f} ms (goal <= 50 ms)")
+    print(f"live log, line written -> delivered on the job page's stream ({len(lags)} lines): "
+          f"median {statistics.median(lags):.0f} ms, p95 {pct(lags, 95):.0f} ms, max {max(lags):.0f} ms "
+          "(goal <= 200 ms)")
+
+
+if __name__ == "__main__":
+    main()
