@@ -26,10 +26,12 @@ in the machine's load hits all alike; medians over ``--rounds``. Between runs th
 copies are let expire, so one run's leftovers do not land in the next. Loopback only; every loop
 is bounded. Prints markdown.
 
-Each run also reports the CPU time per live request of the router, the backend and the candidate
-(user + system, from ``/proc``), and how busy the router was (its CPU seconds per second of the
-run). ``--pin`` runs the router alone on one CPU and everything else (wrk, the backend, the
-candidates, this script) on the other CPUs (``sched_setaffinity`` on every thread; at least 2
+The router hands the copies and samples to its mirror worker process (``routing.mirror_worker``),
+which sends them to the candidates and keeps the pairs. Each run also reports the CPU time per
+live request of the router, its mirror worker, the backend and the candidate (user + system,
+from ``/proc``), and how busy the router was (its CPU seconds per second of the run). ``--pin``
+runs the router alone on one CPU and everything else (wrk, the backend, the candidates, the
+mirror worker, this script) on the other CPUs (``sched_setaffinity`` on every thread; at least 2
 CPUs are needed), so the candidate's CPU no longer competes with the router's; the table then
 also gives how busy each side's CPUs were (``/proc/stat``, whatever ran there, other load
 included). ``--pin both`` runs every endpoint both ways in each round (shared CPUs, then pinned,
@@ -104,6 +106,11 @@ def wait_listening(port: int, timeout_s: float = 15.0) -> None:
 def admin(router_port: int, path: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{router_port}{path}", timeout=5) as r:
         return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+def worker_pid(router_port: int) -> int:
+    """The router's mirror worker process (it may have been restarted: asked each run)."""
+    return int(admin(router_port, "/-/mirror")["worker"]["pid"])
 
 
 def mirror_counters(router_port: int) -> dict[str, dict[str, int]]:
@@ -224,7 +231,7 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     def apply(layout: str) -> None:
         """Pinned: the router alone on ``router_cpus``; everything else, wrk included (started
         by this process), on ``other_cpus``. Shared: all on every CPU this process may use."""
-        for pid in (backend_proc.pid, candidate_proc.pid, hung_proc.pid, os.getpid()):
+        for pid in (backend_proc.pid, candidate_proc.pid, hung_proc.pid, os.getpid(), worker_pid(rport)):
             set_affinity(pid, other_cpus if layout == "pinned" else set(allowed))
         set_affinity(router.pid, router_cpus if layout == "pinned" else set(allowed))
 
@@ -242,10 +249,11 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
           f"{args.duration:g} s per run, {args.rounds} rounds (each endpoint once per concurrency, order rotating), "
           f"median over rounds; router `--mirror-pending {MIRROR_PENDING} --mirror-timeout {MIRROR_TIMEOUT_S:g}`. "
           "Router CPU/req: the router process's user+system CPU time over the requests it answered "
-          "(backend and candidate likewise); router busy: its CPU seconds per second of the run."
+          "(its mirror worker, the backend and the candidate likewise); router busy: its CPU seconds per "
+          "second of the run."
           + (f" Pinned: the router alone on CPU {', '.join(map(str, sorted(router_cpus)))}; wrk, the backend, the "
-             f"candidates and this script on CPU {', '.join(map(str, sorted(other_cpus)))} (other load on the "
-             "machine is not pinned); CPU busy: each side's CPUs over the run, whatever ran there."
+             f"candidates, the mirror worker and this script on CPU {', '.join(map(str, sorted(other_cpus)))} "
+             "(other load on the machine is not pinned); CPU busy: each side's CPUs over the run, whatever ran there."
              if "pinned" in layouts else "")
           + (" Each endpoint runs shared then pinned, or pinned then shared, alternating." if len(layouts) > 1
              else "") + "\n", flush=True)
@@ -262,7 +270,7 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
                 for layout in layouts if (r + i) % 2 == 0 else layouts[::-1]:
                     apply(layout)
                     before = mirror_counters(rport).get(name, {})
-                    pids = {"backend": backend_proc.pid, "candidate": servers[name]}
+                    pids = {"backend": backend_proc.pid, "candidate": servers[name], "worker": worker_pid(rport)}
                     cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items() if pid}
                     busy0, wall0, router0 = cpu_busy(), time.monotonic(), cpu_seconds(router.pid)
                     recorder = None
@@ -281,7 +289,7 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
                     busy1 = cpu_busy()
                     result["busy_router_cpu"] = busy_share(busy0, busy1, router_cpus)
                     result["busy_other_cpus"] = busy_share(busy0, busy1, other_cpus)
-                    for k in ("backend", "candidate"):
+                    for k in ("backend", "candidate", "worker"):
                         result[f"{k}_us"] = (cpu_seconds(pids[k]) - cpu0[k]) * 1e6 / max(total, 1) if k in cpu0 \
                             else 0.0
                     # the copies still pending settle (the hung candidate's are cut) before the next run
@@ -302,9 +310,9 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     print(("| layout " if len(layouts) > 1 else "")
           + "| endpoint | concurrency | p50 | p99 | req/s | added p50 vs plain (goal ≤ 0.1 ms) "
           "| added p99 vs plain (goal ≤ 0.5 ms) | added p50, per round (min … max) | added p99, per round "
-          "| router CPU/req | backend CPU/req | candidate CPU/req | router busy "
+          "| router CPU/req | mirror worker CPU/req | backend CPU/req | candidate CPU/req | router busy "
           + ("| CPU busy: router's / others' " if pinned_cols else "") + "| failed |")
-    print("|---" * (14 + (len(layouts) > 1) + pinned_cols) + "|")
+    print("|---" * (15 + (len(layouts) > 1) + pinned_cols) + "|")
     for lay in layouts:
         for c in levels:
             base = med[lay, "plain", c]
@@ -324,7 +332,8 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
                         if pinned_cols and lay == "pinned" else "| — " if pinned_cols else "")
                 print((f"| {lay} " if len(layouts) > 1 else "")
                       + f"| {name} | {c} | {fmt(m['p50'])} | {fmt(m['p99'])} | {m['rps']:.0f} | {added50} "
-                      f"| {added99} | {spread} | {spread99} | {m['cpu_us']:.0f} µs | {m['backend_us']:.0f} µs "
+                      f"| {added99} | {spread} | {spread99} | {m['cpu_us']:.0f} µs | {m['worker_us']:.0f} µs "
+                      f"| {m['backend_us']:.0f} µs "
                       f"| {candidate_us} | {m['router_busy']:.0%} {busy}| {failed} |")
     print("\nRouter counters (`GET /-/mirror`), summed over the runs of each cell:\n")
     print(("| layout " if len(layouts) > 1 else "")

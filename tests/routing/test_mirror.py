@@ -145,7 +145,7 @@ def test_sample_rate_copies_a_share_of_requests(router: BuiltinRouter, make_back
     client.close()
     time.sleep(0.5)
     got = router.mirror_pairs("iris", "prod")
-    assert 45 <= got["mirrored"] <= 135, {k: v for k, v in got.items() if k != "pairs"}  # 90 expected; far outside is a broken sampler
+    assert 45 <= got["mirrored"] <= 135, got["mirrored"]  # 90 expected; far outside is a broken sampler
 
 
 def test_a_mirrored_canary_copies_only_what_the_champion_answers(router: BuiltinRouter, make_backend: Make) -> None:

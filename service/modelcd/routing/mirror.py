@@ -11,7 +11,7 @@ the route's ``sample_rate``) or sampled becomes one tuple of bytes appended to a
 answers, matches each with the champion's, and keeps the bounded rings of pairs and samples;
 the admin routes ``/-/mirror``, ``/-/mirror/pairs`` and ``/-/samples`` are questions the router
 passes on to it on the same socket (so they see every batch sent before them) and whose JSON
-answer it relays as it comes.
+answer it relays as it comes (every answer also brings each ring's counters: see ``_Handed``).
 
 Nothing of it can hold up the client's answer: the client has it before its copy exists; a
 batch is dropped (its items counted as ``dropped`` per endpoint) when more than
@@ -61,7 +61,8 @@ RESTART_MIN_S = 1.0  # a worker that died is restarted at once, unless it starte
 PING_S = 1.0  # how often an idle worker is asked whether it answers
 
 # Frames on the socket between the router and its worker: a 4-byte length, then a marshal'd
-# value. The router sends (kind, payload); the worker answers each QUERY with (status, JSON).
+# value. The router sends (kind, payload); the worker answers each QUERY with (status, JSON body,
+# each ring's counters).
 FRAME = struct.Struct("!I")
 CONFIG, BATCH, QUERY = 1, 2, 3
 Item = tuple[Any, ...]
@@ -97,17 +98,46 @@ class FrameReader:
         return out
 
 
-class MirrorState:
-    """One endpoint's candidate as the router sees it: the sampling, and what became of the
-    copies here (``handed`` to the worker, ``dropped`` before it got them)."""
+class _Handed:
+    """What became of one ring's items on the router's side: ``handed`` (all, counted as they
+    are made), ``dropped`` before a worker had them, ``lost`` in a worker that died before it
+    had settled them (an upper bound: the items sent to it less those it had settled by its last
+    answer to a ping, ``report``; ``epoch``: the items sent to the workers before it). The dead
+    workers' last reported counters are ``carried`` on, so the counters the router serves add
+    up across restarts. ``SETTLED``: the report's fields that count settled items."""
 
-    __slots__ = ("dropped", "handed", "key", "mirror")
+    __slots__ = ("carried", "dropped", "epoch", "handed", "lost", "report")
+    SETTLED: tuple[int, ...] = (0,)
+
+    def __init__(self, fields: int) -> None:
+        self.handed = self.dropped = self.lost = self.epoch = 0
+        self.report = [0] * fields  # the current worker's counters, as of its last ping
+        self.carried = [0] * fields  # the dead workers' counters, as last reported
+
+    def worker_gone(self, unsent: int) -> None:
+        """The worker died with this ring's items; ``unsent`` of them wait for the next one."""
+        sent = self.handed - self.dropped - unsent
+        self.lost += max(0, sent - self.epoch - sum(self.report[i] for i in self.SETTLED))
+        self.epoch = sent
+        self.carried = [c + r for c, r in zip(self.carried, self.report, strict=True)]
+        self.report = [0] * len(self.report)
+
+    def extra(self) -> tuple[int, int, list[int]]:
+        """What the worker adds to its own counters when it serves them."""
+        return self.dropped, self.lost, self.carried
+
+
+class MirrorState(_Handed):
+    """One endpoint's candidate as the router sees it: the sampling, and what became of the
+    copies here. Reported: mirrored, dropped, candidate_errors, truncated."""
+
+    __slots__ = ("key", "mirror")
+    SETTLED = (0, 1)
 
     def __init__(self, key: bytes, mirror: Mirror) -> None:
+        super().__init__(4)
         self.key = key
         self.mirror = mirror
-        self.handed = 0
-        self.dropped = 0
 
     def take(self) -> bool:
         """Whether this request is copied (the ``sample_rate``)."""
@@ -115,16 +145,16 @@ class MirrorState:
         return rate >= 1.0 or random.random() < rate
 
 
-class SampleState:
-    """One endpoint's sampled live traffic (the production watch), as the router sees it."""
+class SampleState(_Handed):
+    """One endpoint's sampled live traffic (the production watch), as the router sees it.
+    Reported: kept (since the worker started), truncated."""
 
-    __slots__ = ("dropped", "handed", "key", "rate")
+    __slots__ = ("key", "rate")
 
     def __init__(self, key: bytes, rate: float) -> None:
+        super().__init__(2)
         self.key = key
         self.rate = rate
-        self.handed = 0
-        self.dropped = 0
 
     def take(self) -> bool:
         return random.random() < self.rate
@@ -289,10 +319,9 @@ class MirrorWorker:
         answers, or with 503 when it does not within ``mirror_worker_timeout``."""
         self.flush()
         server = self.server
-        extra = {"mirrors": {k: s.dropped for k, s in server.mirrors.items()},
-                 "samples": {k: s.dropped for k, s in server.samplers.items()},
-                 "worker": {"restarts": self.restarts, "dropped": self.dropped,
-                            "unsent_bytes": self.transport.get_write_buffer_size() if self.transport else 0}}
+        extra = {"mirrors": {k: s.extra() for k, s in server.mirrors.items()},
+                 "samples": {k: s.extra() for k, s in server.samplers.items()},
+                 "worker": self.counters()}
         asked = _Asked(self.loop.time(), reply, frame((QUERY, (what, endpoint, after, limit, extra))))
         self.waiting.append(asked)
         if self.transport is not None:
@@ -302,7 +331,8 @@ class MirrorWorker:
             self.start()
 
     def answered(self, replies: list[Any]) -> None:
-        for status, body in replies:
+        for status, body, report in replies:
+            self._settled(report)
             if self.waiting:
                 self.waiting.popleft().reply(status, body)
 
@@ -373,6 +403,17 @@ class MirrorWorker:
         log.warning("mirror worker pid %d is gone (exit code %s); restarting it", self.proc.pid if self.proc else 0,
                     self.proc.poll() if self.proc else None)
         self.link = self.transport = None
+        mirrors: dict[tuple[bytes, str], int] = {}
+        samples: dict[bytes, int] = {}
+        for item in self.buffer:
+            if item[1] is not None:
+                mirrors[item[0], item[1]] = mirrors.get((item[0], item[1]), 0) + 1
+            if item[2]:
+                samples[item[0]] = samples.get(item[0], 0) + 1
+        for k, state in self.server.mirrors.items():
+            state.worker_gone(mirrors.get(k, 0))
+        for key, sampler in self.server.samplers.items():
+            sampler.worker_gone(samples.get(key, 0))
         sent = [a for a in self.waiting if a.frame is None]
         self.waiting = deque(a for a in self.waiting if a.frame is not None)
         for asked in sent:
@@ -406,8 +447,20 @@ class MirrorWorker:
             self.last_ping = now
             self.ask("ping", b"", 0, 0, lambda status, body: None)
 
+    def _settled(self, report: dict[str, Any]) -> None:
+        """Each ring's counters in the worker so far (with every answer)."""
+        for key, mid, counts in report["mirrors"]:
+            if (state := self.server.mirrors.get((key, mid))) is not None:
+                state.report = counts
+        for key, counts in report["samples"]:
+            if (sampler := self.server.samplers.get(key)) is not None:
+                sampler.report = counts
+
     def counters(self) -> dict[str, Any]:
-        return {"pid": self.proc.pid if self.proc else None, "restarts": self.restarts, "dropped": self.dropped}
+        """The worker as the router sees it (``/-/healthz`` and ``/-/mirror``)."""
+        return {"pid": self.proc.pid if self.proc else None, "connected": self.transport is not None,
+                "restarts": self.restarts, "dropped": self.dropped, "waiting_items": len(self.buffer),
+                "unsent_bytes": self.transport.get_write_buffer_size() if self.transport else 0}
 
     async def stop(self) -> None:
         """Stop: the worker exits when its socket closes; wait for it (bounded), then kill it."""

@@ -6,7 +6,8 @@ router's own event loop only hands requests over (``routing.mirror``).
 Started by the router with its end of a Unix socket pair on ``--fd``; it exits when that socket
 closes (the router stopped or died). From the router it reads, in order: the endpoints to keep
 (CONFIG), batches of live requests with the champion's answers (BATCH) and the admin questions
-(QUERY), each answered with ``(status, JSON body)`` that the router relays as it is.
+(QUERY), each answered with ``(status, JSON body, each ring's counters)``: the router relays
+the body as it is.
 
 For every mirrored request it sends the copy to the endpoint's candidate over keep-alive
 connections (at most ``--mirror-pending`` copies in progress per endpoint: more are dropped and
@@ -40,6 +41,7 @@ from modelcd.routing.table import Backend
 from modelcd.routing.upstream import UpstreamConnection, UpstreamPool
 
 SWEEP_S = 0.25  # how often copies are checked for the timeout
+NOTHING = (0, 0, [0, 0, 0, 0])  # what the router adds to a candidate's counters when it has nothing to add
 CONNECTING_MAX = 4  # new connections being opened to one candidate at once; more copies wait for one
 
 
@@ -94,21 +96,29 @@ class Candidate(Ring):
                 "champion": {"status": status, "ms": round(seconds * 1000, 3), "body": _text(body)},
                 "candidate": {"status": c_status, "ms": c_ms, "body": _text(c_body), "error": c_error}}
 
-    def counters(self, dropped_here: int) -> dict[str, Any]:
+    def report(self) -> list[int]:
+        return [self.mirrored, self.dropped, self.candidate_errors, self.truncated]
+
+    def counters(self, router: tuple[int, int, list[int]]) -> dict[str, Any]:
+        """``router``: the copies the router dropped (handoff), lost (in a worker that died), and
+        the counters of the workers before this one (``report``'s fields)."""
+        handoff, lost, (mirrored, dropped, errors, truncated) = router
         return {"endpoint": self.key.decode("latin-1"), "id": self.id, "version": self.version,
-                "sample_rate": self.rate, "mirrored": self.mirrored, "dropped": self.dropped + dropped_here,
-                "dropped_handoff": dropped_here, "candidate_errors": self.candidate_errors,
-                "truncated": self.truncated, "pending": self.pending, "seq": self.seq, "kept": len(self.records)}
+                "sample_rate": self.rate, "mirrored": self.mirrored + mirrored,
+                "dropped": self.dropped + dropped + handoff + lost, "dropped_handoff": handoff, "lost_in_worker": lost,
+                "candidate_errors": self.candidate_errors + errors, "truncated": self.truncated + truncated,
+                "pending": self.pending, "seq": self.seq, "kept": len(self.records)}
 
 
 class Sampled(Ring):
     """One endpoint's sampled live traffic: requests with the answers they got."""
 
-    __slots__ = ("key", "rate", "truncated")
+    __slots__ = ("floor", "key", "rate", "truncated")
 
     def __init__(self, key: bytes, capacity: int, floor: int) -> None:
         super().__init__(capacity, floor)
         self.key = key
+        self.floor = floor
         self.rate = 0.0
         self.truncated = 0
 
@@ -118,9 +128,14 @@ class Sampled(Ring):
         return {"seq": seq, "ts": round(ts, 3), "request": _text(request), "truncated": truncated,
                 "answer": {"status": status, "ms": round(seconds * 1000, 3), "body": _text(body)}}
 
-    def counters(self, dropped_here: int) -> dict[str, Any]:
+    def report(self) -> list[int]:
+        return [self.seq - self.floor, self.truncated]
+
+    def counters(self, router: tuple[int, int, list[int]]) -> dict[str, Any]:
+        handoff, lost, (_, truncated) = router
         return {"endpoint": self.key.decode("latin-1"), "sample_rate": self.rate, "seq": self.seq,
-                "kept": len(self.records), "truncated": self.truncated, "dropped": dropped_here}
+                "kept": len(self.records), "truncated": self.truncated + truncated, "dropped": handoff + lost,
+                "dropped_handoff": handoff, "lost_in_worker": lost}
 
 
 class Copy:
@@ -270,7 +285,7 @@ class Worker(asyncio.Protocol):
                 self.batch(payload)
             elif kind == QUERY:
                 status, body = self.query(*payload)
-                self.transport.write(frame((status, body)))  # type: ignore[union-attr]
+                self.transport.write(frame((status, body, self.report())))  # type: ignore[union-attr]
             elif kind == CONFIG:
                 self.configure(payload)
 
@@ -334,17 +349,22 @@ class Worker(asyncio.Protocol):
             return 200, b"{}"
         if what == "mirror":
             worker = {**extra["worker"], "pid": os.getpid()}
-            mirrors = [m.counters(extra["mirrors"].get((m.key, m.id), 0)) for m in self.mirrors.values()]
+            mirrors = [m.counters(extra["mirrors"].get((m.key, m.id), NOTHING)) for m in self.mirrors.values()]
             return 200, json.dumps({"mirrors": mirrors, "worker": worker}).encode()
         states: dict[bytes, Any] = self.mirrors if what == "pairs" else self.samplers
         state = states.get(endpoint)
         if state is None:
             return 404, json.dumps({"error": "not_found", "message": f"endpoint {endpoint.decode('latin-1')!r} "
                                     f"{'mirrors' if what == 'pairs' else 'samples'} nothing"}).encode()
-        here = (extra["mirrors"].get((state.key, state.id), 0) if what == "pairs"
-                else extra["samples"].get(state.key, 0))
+        here = (extra["mirrors"].get((state.key, state.id), NOTHING) if what == "pairs"
+                else extra["samples"].get(state.key, (0, 0, [0, 0])))
         return 200, json.dumps({**state.counters(here),
                                 "pairs": [state.pair(r) for r in state.since(after, limit)]}).encode()
+
+    def report(self) -> dict[str, Any]:
+        """Each ring's counters, sent with every answer: the router carries them on if this worker dies."""
+        return {"mirrors": [(m.key, m.id, m.report()) for m in self.mirrors.values()],
+                "samples": [(s.key, s.report()) for s in self.samplers.values()]}
 
     # -- periodic ------------------------------------------------------------------------------
     def tick(self) -> None:

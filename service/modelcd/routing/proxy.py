@@ -340,7 +340,8 @@ class RouterServer:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "router": "modelcd", "generation": self.state.table.generation,
                 "pid": os.getpid(), "table": str(self.options.table), "table_error": self.table_error,
-                "open_endpoints": "refused" if self.refuse_open else "served"}
+                "open_endpoints": "refused" if self.refuse_open else "served",
+                "mirror_worker": self.worker.counters()}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def drain(self) -> None:
