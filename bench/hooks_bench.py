@@ -1,15 +1,24 @@
 """Webhook intake: throughput and acknowledgement latency of ``POST /hooks/generic`` on a real
 `modelcd serve`, with every delivery unique, signed and stored (inbox row committed before the
-answer), at a fixed concurrency, while the inbox worker processes what was stored.
+answer), at a fixed concurrency, while the inbox worker processes what was stored; then how fast
+the worker drains the backlog once the flood stops. Every delivery announces a version referenced
+only (no files to fetch, no release).
 
-Usage: python bench/hooks_bench.py [--connections 16] [--duration 10] [--repeat 3] [--baseline REF]
-                                   [--variant NAME=PATH/TO/service ...]
+Usage: python bench/hooks_bench.py [--connections 16] [--duration 10] [--repeat 3] [--drain 20]
+                                   [--baseline REF] [--tree REF] [--variant NAME=PATH/TO/service ...]
 
 ``--baseline REF`` also runs the service as it was at git commit REF (its ``service/`` tree,
 exported with ``git archive`` into a temporary folder; the checkout is not touched), alternating
 baseline and working tree run by run, each on a fresh home, and prints both medians: an A/B in
-the same conditions on a noisy machine. ``--variant`` adds any other copy of the package (an
-experiment in a scratch folder) to the rotation. Needs wrk (Debian package `wrk`). Loopback only.
+the same conditions on a noisy machine. ``--tree REF`` runs commit REF in place of the working
+tree (exported the same way: for a checkout with unfinished edits). ``--variant`` adds any other
+copy of the package (an experiment in a scratch folder) to the rotation.
+
+Columns: deliveries/s and ack latency of the flood (wrk); *processed during the flood*: inbox
+rows processed (done, ignored or dead) by the end of the ``--duration`` s of load, per second;
+*processed after the flood*: rows processed per second from the end of the load until the inbox
+is empty or ``--drain`` s have passed (the worker alone on the machine: its rate of processing).
+Needs wrk (Debian package `wrk`). Loopback only.
 """
 
 from __future__ import annotations
@@ -82,6 +91,17 @@ def inbox_counts(home: Path) -> dict[str, int]:
     return {"stored": sum(rows.values()), "processed": sum(n for s, n in rows.items() if s != "pending")}
 
 
+def drain_rate(home: Path, processed: float, window_s: float) -> float:
+    """Inbox rows processed per second from now until none is pending or ``window_s`` passed."""
+    start = time.monotonic()
+    while True:
+        counts = inbox_counts(home)
+        elapsed = time.monotonic() - start
+        if counts["processed"] >= counts["stored"] or elapsed >= window_s:
+            return (counts["processed"] - processed) / max(elapsed, 1e-3)
+        time.sleep(0.05)
+
+
 def export_baseline(ref: str, dest: Path) -> Path:
     """The ``service/`` tree of commit ``ref`` in ``dest`` (read-only git: archive)."""
     data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref, "service"], check=True,
@@ -120,6 +140,7 @@ def one_run(variant: Variant, tmp: Path, run: int, args: argparse.Namespace) -> 
         result = wrk(f"{base}/hooks/generic", args.connections, args.duration, file)
         result.update(inbox_counts(home))
         result["processed_per_s"] = result["processed"] / args.duration
+        result["drain_per_s"] = drain_rate(home, result["processed"], args.drain)
         return result
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -128,20 +149,28 @@ def one_run(variant: Variant, tmp: Path, run: int, args: argparse.Namespace) -> 
             pass
 
 
+def short(ref: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--drain", type=float, default=20, help="seconds to watch the backlog drain after the load")
     ap.add_argument("--baseline", help="git commit to compare with, run alternately (e.g. HEAD)")
+    ap.add_argument("--tree", help="git commit to run in place of the working tree")
     ap.add_argument("--variant", action="append", default=[], help="NAME=PATH of another service/ tree to run too")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="modelcd-hooks-bench-"))
     variants = [Variant("working tree", REPO / "service")]
+    if args.tree:
+        variants = [Variant(f"now {short(args.tree)}", export_baseline(args.tree, tmp / "tree"))]
     if args.baseline:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], check=True,
-                             capture_output=True, text=True).stdout.strip()
-        variants.insert(0, Variant(f"baseline {sha}", export_baseline(args.baseline, tmp / "baseline")))
+        old = export_baseline(args.baseline, tmp / "baseline")
+        variants.insert(0, Variant(f"baseline {short(args.baseline)}", old))
     for spec in args.variant:
         name, _, path = spec.partition("=")
         variants.append(Variant(name, Path(path).resolve()))
@@ -151,13 +180,15 @@ def main() -> None:
             r = one_run(variant, tmp, run, args)
             runs[variant.name].append(r)
             print(f"<!-- {variant.name} run {run}: {r} -->", flush=True)
-    print("| variant | runs | deliveries/s | p50 ack | p99 ack | non-2xx | stored | processed during the run |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | runs | deliveries/s | p50 ack | p99 ack | non-2xx | stored | processed during the flood "
+          "| processed after the flood |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "processed_per_s")}
+        med = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "processed_per_s", "drain_per_s")}
         stored = sum(int(r["stored"]) for r in rs)
         print(f"| {name} | {len(rs)} | {med['rps']:.0f} | {med['p50']:.2f} ms | {med['p99']:.2f} ms "
-              f"| {sum(int(r['non2xx']) for r in rs)} | {stored} | {med['processed_per_s']:.0f}/s |")
+              f"| {sum(int(r['non2xx']) for r in rs)} | {stored} | {med['processed_per_s']:.0f}/s "
+              f"| {med['drain_per_s']:.0f}/s |")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,15 @@ def _delivery(row: Any) -> Delivery:
 
 
 _INSERT = schema.inbox.insert()
+# Due deliveries in two queries that each walk ix_inbox_due: the never-tried ones (attempt time
+# 0, so the index holds them in id order: no sort of the whole backlog per batch) and the retries
+# whose time has come (few).
+_PENDING = schema.inbox.c.state == DeliveryState.PENDING
+_FRESH = (select(schema.inbox).where(_PENDING, schema.inbox.c.next_attempt_at == 0.0)
+          .order_by(schema.inbox.c.id).limit(bindparam("limit")))
+_RETRIES = (select(schema.inbox).where(_PENDING, schema.inbox.c.next_attempt_at > 0.0,
+                                       schema.inbox.c.next_attempt_at <= bindparam("at"))
+            .order_by(schema.inbox.c.id).limit(bindparam("limit")))
 _ROW = schema.inbox.c.id == bindparam("row_id")
 _FINISH = update(schema.inbox).where(_ROW).values(
     state=bindparam("state"), result=bindparam("result"), last_error=None, processed_at=bindparam("at"),
@@ -130,11 +139,12 @@ class Inbox:
         return True
 
     def due(self, at: float, limit: int = 50) -> list[Delivery]:
-        q = (select(schema.inbox).where(schema.inbox.c.state == DeliveryState.PENDING,
-                                        schema.inbox.c.next_attempt_at <= at)
-             .order_by(schema.inbox.c.id).limit(limit))
+        """Up to ``limit`` pending deliveries due at ``at``, in the order they were stored."""
         with self.db.read() as conn:
-            return [_delivery(r) for r in conn.execute(q)]
+            fresh = conn.execute(_FRESH, {"limit": limit}).all()
+            retries = conn.execute(_RETRIES, {"at": at, "limit": limit}).all()
+        rows = sorted(fresh + retries, key=lambda r: r.id)[:limit] if retries else fresh
+        return [_delivery(r) for r in rows]
 
     def finish(self, row_id: int, state: str, result: Any = None) -> None:
         with self.db.write() as conn:

@@ -332,11 +332,14 @@ class Registry:
 # Statements the inbox runs for every batch, built once (SQLAlchemy then only looks up their
 # compiled form): a flood of deliveries spent most of its time building statements.
 _NAMES = bindparam("names", expanding=True)
-_MODELS_IN = select(schema.models.c.name).where(schema.models.c.name.in_(_NAMES))
-_LAST_VERSIONS = (select(schema.versions.c.model, func.max(schema.versions.c.version))
-                  .where(schema.versions.c.model.in_(_NAMES)).group_by(schema.versions.c.model))
-_EXTERNAL_IN = select(schema.versions).where(schema.versions.c.model.in_(_NAMES),
-                                             schema.versions.c.external_ref.in_(bindparam("refs", expanding=True)))
+# Each model's last number through a correlated max(), which reads one index entry per model
+# (a GROUP BY over the models' versions reads all of them).
+_LAST_VERSIONS = select(schema.models.c.name, select(func.max(schema.versions.c.version))
+                        .where(schema.versions.c.model == schema.models.c.name).scalar_subquery()
+                        ).where(schema.models.c.name.in_(_NAMES))
+_EXTERNAL_IN = select(schema.versions).where(  # all three columns of uq_versions_external: index lookups only
+    schema.versions.c.model.in_(_NAMES), schema.versions.c.source.in_(bindparam("sources", expanding=True)),
+    schema.versions.c.external_ref.in_(bindparam("refs", expanding=True)))
 _INSERT_MODELS = schema.models.insert()
 _INSERT_VERSIONS = schema.versions.insert()
 _INSERT_OUTBOX = schema.outbox.insert()
@@ -365,11 +368,10 @@ def record_versions(conn: Connection, rows: list[dict[str, Any]], release: list[
     outbox event (a release is asked when ``release[i]`` and the version is ready). A few
     statements for the whole list, however long."""
     names = list(dict.fromkeys(r["model"] for r in rows))
-    known = set(conn.execute(_MODELS_IN, {"names": names}).scalars())
-    missing = [{"name": n, "description": "", "created_at": rows[0]["created_at"]} for n in names if n not in known]
+    last = {m: int(v or 0) for m, v in conn.execute(_LAST_VERSIONS, {"names": names})}
+    missing = [{"name": n, "description": "", "created_at": rows[0]["created_at"]} for n in names if n not in last]
     if missing:
         conn.execute(_INSERT_MODELS, missing)
-    last = {m: int(v or 0) for m, v in conn.execute(_LAST_VERSIONS, {"names": names})}
     for r in rows:
         r["version"] = last[r["model"]] = last.get(r["model"], 0) + 1
     conn.execute(_INSERT_VERSIONS, rows)
@@ -384,7 +386,8 @@ def find_external_in(conn: Connection, keys: list[tuple[str, str, str]]) -> dict
     if not keys:
         return {}
     wanted = set(keys)
-    rows = conn.execute(_EXTERNAL_IN, {"names": list({k[0] for k in keys}), "refs": list({k[2] for k in keys})})
+    rows = conn.execute(_EXTERNAL_IN, {"names": list({k[0] for k in keys}), "sources": list({k[1] for k in keys}),
+                                       "refs": list({k[2] for k in keys})})
     found = {}
     for row in rows:
         key = (row.model, row.source, row.external_ref)
