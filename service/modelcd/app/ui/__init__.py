@@ -164,7 +164,7 @@ def duration(start: Any, end: Any) -> str:
     except ValueError:
         return ""
     if b is None:
-        return "running"
+        return ""
     seconds = (b - a).total_seconds()
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 

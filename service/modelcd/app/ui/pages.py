@@ -35,8 +35,8 @@ from modelcd.registry.names import validate_environment_name, validate_model_nam
 from modelcd.releases.machine import Phase
 from modelcd.sources.base import KNOWN_SOURCES
 
-RELEASE_ID = re.compile(r"r-[0-9a-f]{12}")
-JOB_ID = re.compile(r"j-[0-9a-f]{12}")
+RELEASE_ID = re.compile(r"r-[0-9a-z]{1,30}")
+JOB_ID = re.compile(r"j-[0-9a-z]{1,30}")
 STAGES = ("build", "deploy", "smoke", "promote")
 MAX_FILES = 200
 LOG_LINES = 500
@@ -130,7 +130,7 @@ def deploy_form(name: str, number: int) -> str:
         validate_environment_name(environment, field="environment")
     c = ctx()
     v = c.registry.get_version(name, number)
-    chain = plan_release(c, name, number).chain
+    chain = [e.name for e in c.policies.select(name, v.tags, str(v.source)).environments]
     plan = plan_release(c, name, number, environment).to_dict() if environment else None
     return render("deploy.html", v=v, chain=chain, environment=environment, plan=plan)
 
