@@ -1,7 +1,7 @@
 """Server-sent events for the live parts: a release's phase, stages, events and job logs, and a
-job's log. Each stream polls the store (``POLL_S``, indexed reads of rows after a cursor) and
-sends what is new; the cursor travels as the event ``id``, so the browser's reconnect
-(``Last-Event-ID``) resumes where it was.
+job's log. Each stream polls the store (indexed reads of rows after a cursor: log lines every
+``POLL_S``, the rest every ``SLOW_EVERY`` polls) and sends what is new; the cursor travels as
+the event ``id``, so the browser's reconnect (``Last-Event-ID``) resumes where it was.
 
 A stream holds one of the server's request threads while it lasts, so at most ``MAX_STREAMS``
 run at once (another gets ``retry`` and ends: the browser comes back a little later), each
@@ -27,7 +27,10 @@ from modelcd.app.wsgi_bridge import DISCONNECTED
 from modelcd.context import Context
 from modelcd.store import schema
 
-POLL_S = 0.05
+POLL_S = 0.05  # new log lines are read this often
+SLOW_EVERY = 5  # phase, stages, events and a job's state every 5th read (250 ms)
+TERMINAL_JOB = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_RELEASE = frozenset({"succeeded", "failed", "cancelled", "superseded"})
 STREAM_S = 60.0
 MAX_STREAMS = 4
 BUSY_RETRY_MS = 3000
@@ -80,18 +83,21 @@ def job_log_stream(job_id: str) -> Response:
     def body(stopped: Callable[[], bool]) -> Iterator[str]:
         nonlocal after
         state = str(job.state)
+        tick = 0
         while not stopped():
             rows = logs_after(c.db, [job_id], after)
             for row in rows:
                 after = row["id"]
                 yield sse("log", {"job_id": job_id, "line": row["line"]}, f"0-{after}")
-            current = _job_state(c, job_id)
-            if current != state:
-                state = current
-                yield sse("state", {"job_id": job_id, "state": state}, f"0-{after}")
-            if not rows and current in ("succeeded", "failed", "cancelled"):
-                yield sse("end", {"state": current}, f"0-{after}")
-                return
+            if tick % SLOW_EVERY == 0:
+                current = _job_state(c, job_id)
+                if current != state:
+                    state = current
+                    yield sse("state", {"job_id": job_id, "state": state}, f"0-{after}")
+                if not rows and current in TERMINAL_JOB:
+                    yield sse("end", {"state": current}, f"0-{after}")
+                    return
+            tick += 1
             if not rows:
                 time.sleep(POLL_S)
 
@@ -133,31 +139,36 @@ def release_stream(release_id: str) -> Response:
         nonlocal after_event, after_log
         phase: dict[str, Any] = {}
         stages: dict[str, dict[str, Any]] = {}
+        tick = 0
         while not stopped():
             sent = False
-            now_phase = _phase(c, release_id)
-            if now_phase != phase:
-                phase = now_phase
-                yield sse("phase", phase, f"{after_event}-{after_log}")
-                sent = True
-            now_stages = _stages(c, release_id)
-            for job_id, stage in now_stages.items():
-                if stages.get(job_id) != stage:
-                    yield sse("stage", {**stage, "duration": duration(stage["started_at"], stage["finished_at"])},
-                              f"{after_event}-{after_log}")
+            slow = tick % SLOW_EVERY == 0
+            tick += 1
+            if slow:
+                now_phase = _phase(c, release_id)
+                if now_phase != phase:
+                    phase = now_phase
+                    yield sse("phase", phase, f"{after_event}-{after_log}")
                     sent = True
-            stages = now_stages
-            for e in events_after(c.db, release_id, after_event):
-                after_event = e["id"]
-                yield sse("event", {"id": e["id"], "kind": e["kind"], "message": e["message"], "ts": e["ts"],
-                                    "actor": e.get("actor") or "modelcd"}, f"{after_event}-{after_log}")
-                sent = True
+                now_stages = _stages(c, release_id)
+                for job_id, stage in now_stages.items():
+                    if stages.get(job_id) != stage:
+                        yield sse("stage", {**stage, "duration": duration(stage["started_at"],
+                                                                          stage["finished_at"])},
+                                  f"{after_event}-{after_log}")
+                        sent = True
+                stages = now_stages
+                for e in events_after(c.db, release_id, after_event):
+                    after_event = e["id"]
+                    yield sse("event", {"id": e["id"], "kind": e["kind"], "message": e["message"], "ts": e["ts"],
+                                        "actor": e.get("actor") or "modelcd"}, f"{after_event}-{after_log}")
+                    sent = True
             if stages:
                 for row in logs_after(c.db, list(stages), after_log):
                     after_log = row["id"]
                     yield sse("log", {"job_id": row["job_id"], "line": row["line"]}, f"{after_event}-{after_log}")
                     sent = True
-            if not sent and phase.get("phase") in ("succeeded", "failed", "cancelled", "superseded"):
+            if slow and not sent and phase.get("phase") in TERMINAL_RELEASE:
                 yield sse("end", phase, f"{after_event}-{after_log}")
                 return
             if not sent:
