@@ -93,6 +93,9 @@ def world(ctx: Context, tmp_path: Path) -> dict[str, Any]:
             source="generic", delivery_id="dead-1", received_at=now(), headers={}, body=b"{}", state="dead",
             attempts=5, next_attempt_at=0.0, last_error=f"cannot fetch {XSS}"))
     ctx.policies.put("name: web\nmatch: {models: ['web-*']}\n")
+    ctx.registry.put_evaluation("iris", 1, data_uri="/data/holdout.csv", data_digest=None, label=XSS,
+                                result={"task": "classification", "rows": 30, "metrics": {"accuracy": 0.9667}},
+                                job_id=None)
     with ctx.db.read() as conn:
         dead = conn.execute(select(schema.inbox.c.id)).scalar()
     return {"release": rid, "job": job.id, "delivery": dead}
@@ -154,6 +157,8 @@ def test_every_page_renders_signed_in_escaped_and_without_the_token(ctx: Context
         for nav in ("Models", "Releases", "Endpoints", "Jobs", "Inbox", "Policies"):
             assert f">{nav}</a>" in body, (page, nav)
         assert "admin (admin)" in body
+    version = client.get("/ui/models/iris/versions/1").data.decode()
+    assert 'id="evaluations"' in version and "accuracy=0.9667" in version
     model = client.get("/ui/models/iris").data.decode()
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in model  # shown as text
     release = client.get(f"/ui/releases/{world['release']}").data.decode()

@@ -117,6 +117,7 @@ def version(name: str, number: int) -> str:
         stats = None
     releases = page_of(c.db, releases_query(model=name, version=number), page_number(), size=20)
     return render("version.html", v=v, files=files, more_files=more, stats=stats, releases=releases,
+                  evaluations=c.registry.evaluations(name, number, limit=20),
                   serving=serving_by_version(c.db, name).get(number, []))
 
 
