@@ -116,6 +116,8 @@ def test_unsigned_pages_redirect_to_login_with_the_page_to_return_to(client: Fla
         assert r.status_code == 303, page
         assert r.headers["Location"].startswith("/ui/login?next=/ui/"), page
     assert client.post(f"/ui/releases/{world['release']}/stop").status_code == 403
+    for asset in ("/ui/static/console.css", "/ui/static/console.js"):
+        assert client.get(asset).status_code == 200, asset
     login = client.get("/ui/login").data.decode()
     assert '<input type="password" name="token" id="token"' in login and 'id="sign-in"' in login
 
@@ -159,6 +161,8 @@ def test_every_page_renders_signed_in_escaped_and_without_the_token(ctx: Context
         assert "admin (admin)" in body
     version = client.get("/ui/models/iris/versions/1").data.decode()
     assert 'id="evaluations"' in version and "accuracy=0.9667" in version
+    missing = client.get("/ui/no/such/page")
+    assert missing.status_code == 404 and missing.mimetype == "text/html"
     model = client.get("/ui/models/iris").data.decode()
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in model  # shown as text
     release = client.get(f"/ui/releases/{world['release']}").data.decode()

@@ -263,3 +263,9 @@ def policies() -> str:
             abort(404, e.message)
     return render("policies.html", policies=listed, shown=shown, draft="", result=None, who_admin=principal().can(
         "admin"))
+
+
+@bp.get("/<path:rest>")
+def not_found(rest: str) -> str:
+    """Any other /ui/ address: the console's own 404 page, not the API's JSON."""
+    abort(404, f"no page /ui/{rest[:80]}; start from the models")
