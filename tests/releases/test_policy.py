@@ -158,7 +158,7 @@ environments:
 smoke:
   p95_ms: -5
   timeout_s: soon
-gates: []
+hooks: []
 """
     assert problems(text) == [
         (1, "name", "must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit "
@@ -171,12 +171,12 @@ gates: []
         (11, "environments[0].stratgy",
          "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, step_hold_s, "
          "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, resources, env, network, auth, "
-         "shadow_s, sample_rate, mirror, analysis, watch"),
+         "shadow_s, sample_rate, mirror, analysis, watch, gates"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
         (15, "smoke.timeout_s", "must be a number (got 'soon')"),
-        (16, "gates", "unknown key; known keys: name, match, runner, auto, environments, smoke, retention, "
-                      "pipeline"),
+        (16, "hooks", "unknown key; known keys: name, match, runner, auto, environments, smoke, retention, "
+                      "pipeline, gates"),
     ]
 
 
@@ -349,7 +349,7 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
                                   "approval_timeout_s": None, "scoring_workers": 2,
                                   "resources": {"cpu": None, "memory": None}, "env": {}, "network": None,
                                   "auth": "key", "shadow_s": None, "sample_rate": 1.0, "mirror": False,
-                                  "analysis": None, "watch": None}]
+                                  "analysis": None, "watch": None, "gates": {"evaluation": None}}]
     assert d["match"] == {"models": ["iris*"], "tags": {"deploy": "true"}, "sources": ["native", "mlflow"]}
     assert Policy.from_dict(d) == p
     snap = p.snapshot()
@@ -482,3 +482,32 @@ def test_bad_secret_references_name_the_field(value: object, message: str) -> No
     with pytest.raises(InvalidPolicy) as e:
         Policy.from_dict({"name": "p", "environments": [{"name": "production", "env": {"B": value}}]})
     assert message in str(e.value)
+
+
+# --- the evaluation gate -------------------------------------------------------------------------
+
+
+def test_evaluation_gate_thresholds_follow_the_metrics_direction():
+    p = parse_policy("name: gated\ngates:\n  evaluation: {data: s3://eval/iris.csv, label: species, metric: accuracy, "
+                     "min: 0.9, max_drop_vs_champion: 0.01, max_age_s: 86400}\n")
+    gate = p.evaluation_gate(p.environments[0])
+    assert gate is not None and gate.thresholds() == "accuracy >= 0.9, at most 0.01 below the champion's"
+    own = parse_policy("name: own\ngates:\n  evaluation: {data: a.csv, label: y, min: 0.5}\nenvironments:\n"
+                       "  - name: production\n    gates:\n      evaluation: {data: b.csv, label: y, metric: rmse, "
+                       "max: 2, max_rise_vs_champion: 0.1}\n")
+    assert own.evaluation_gate(own.environments[0]).data == "b.csv"  # the environment's own wins
+    assert problems("name: g\ngates:\n  evaluation: {data: x.csv, label: y, metric: rmse, min: 0.3}\n") == [
+        (3, "gates.evaluation", "rmse is an error metric (lower is better): use max and max_rise_vs_champion "
+                                "instead of min")]
+    assert problems("name: g\ngates:\n  evaluation: {data: x.csv, label: y, max_rise_vs_champion: 0.1}\n") == [
+        (3, "gates.evaluation", "accuracy: higher is better: use min and max_drop_vs_champion instead of "
+                                "max_rise_vs_champion")]
+    assert problems("name: g\ngates:\n  evaluation: {data: x.csv, label: y, metric: auc, min: 0.3}\n") == [
+        (3, "gates.evaluation.metric", "must be one of accuracy, f1, precision, recall, roc_auc, rmse, mae, r2 "
+                                       "(got 'auc')")]
+    assert problems("name: g\ngates:\n  evaluation: {data: x.csv, label: y}\n") == [
+        (3, "gates.evaluation", "set min or max_drop_vs_champion: a gate without a limit never fails")]
+    assert problems("name: g\nrunner: github\npipeline: {repo: a/b}\ngates:\n  evaluation: {data: x.csv, label: y, "
+                    "min: 0.9}\n")[0][1:] == (
+        "gates.evaluation", "evaluation gates run with runner local: the service scores the labelled data between "
+                            "build and deploy; use runner: local or drop the gate")

@@ -213,11 +213,14 @@ def s3_client(settings: Any) -> Any:
 
 
 def s3_keys(client: Any, bucket: str, prefix: str) -> list[str]:
-    """Every key under ``prefix`` (temporaries and ``.``/``_`` names skipped), sorted."""
+    """Every key under ``prefix`` (temporaries and ``.``/``_`` names skipped), sorted; only
+    ``prefix`` itself when it names one object (``s3://bucket/data/iris.csv``)."""
     keys: list[str] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             key = item["Key"]
+            if key == prefix and prefix and not prefix.endswith("/"):
+                return [key]
             rest = key[len(prefix):].lstrip("/")
             if not rest or key.endswith("/") or any(_skipped(p) for p in rest.split("/")):
                 continue

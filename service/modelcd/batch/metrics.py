@@ -23,14 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from modelcd.batch.metric_names import CLASSIFICATION, LOWER_IS_BETTER, METRICS, REGRESSION
 from modelcd.errors import InvalidInput
 
-CLASSIFICATION = ("accuracy", "f1", "precision", "recall", "roc_auc")
-REGRESSION = ("rmse", "mae", "r2")
-METRICS = CLASSIFICATION + REGRESSION
 DEFAULT_CLASSIFICATION = ("accuracy", "f1", "precision", "recall")
 DEFAULT_REGRESSION = REGRESSION
-LOWER_IS_BETTER = frozenset({"rmse", "mae"})  # error metrics: a gate sets max and max_rise_vs_champion
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 RESERVOIR = 100_000  # residuals kept for the quantiles
 MAX_CLASSES = 1000  # distinct labels (truth or prediction) before the data is judged not a classification

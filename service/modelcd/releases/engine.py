@@ -26,14 +26,18 @@ from modelcd.releases.stages import STAGES, StageRun
 
 
 def _stage_order() -> tuple[Phase, ...]:
-    """The phases a successful release goes through, from the state machine's table."""
+    """The phases a successful release goes through, from the state machine's table; a stage
+    only some releases take (evaluating) sits before the phase it leads to."""
     order = [Phase.BUILDING]
     while order[-1] in NEXT_ON_SUCCESS:
         order.append(NEXT_ON_SUCCESS[order[-1]])
+    for phase, nxt in NEXT_ON_SUCCESS.items():
+        if phase not in order and nxt in order:
+            order.insert(order.index(nxt), phase)
     return tuple(order)
 
 
-STAGE_ORDER = _stage_order()  # building → deploying → smoke_testing → promoting → succeeded
+STAGE_ORDER = _stage_order()  # building → (evaluating) → deploying → smoke_testing → promoting → succeeded
 STAGE_PHASE: dict[str, Phase] = {str(job): phase for phase, job in STAGE_OF.items()}  # "build" → BUILDING …
 
 _guard = threading.Lock()
@@ -148,8 +152,10 @@ def end_stage(ctx: Context, release_id: str, phase: Phase, job_id: str, error: E
     ctx.jobs.transition(job_id, JobState.SUCCEEDED)
     if phase is Phase.ROLLING_BACK:
         return ctx.releases.advance(rel.id, after_rollback(rel.cancel_requested), "rolled back; production as before")
-    # a rollback a person asked for redeploys what served before: no second question
-    nxt = after_success(phase, rel.environment_policy.approval and rel.trigger != "rollback")
+    # a rollback a person asked for redeploys what served before: no second question, no evaluation
+    asked = rel.trigger != "rollback"
+    nxt = after_success(phase, rel.environment_policy.approval and asked,
+                        evaluation=asked and rel.policy.evaluation_gate(rel.environment_policy) is not None)
     message = f"{STAGE_OF[phase]} succeeded"
     if nxt is Phase.AWAITING_APPROVAL:
         message += "; waiting for a person to approve (modelcd releases approve) before traffic moves"

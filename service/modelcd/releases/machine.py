@@ -12,6 +12,7 @@ from modelcd.errors import Conflict
 class Phase(StrEnum):
     QUEUED = "queued"  # waiting for its endpoint: one release per endpoint runs at a time
     BUILDING = "building"  # bundle/image being made (cached by requirements)
+    EVALUATING = "evaluating"  # the evaluation gate: the version (and the champion) scored on labelled data
     DEPLOYING = "deploying"  # new deployment starting next to production, no traffic
     SMOKE_TESTING = "smoke_testing"  # checks against the new deployment's own URI
     AWAITING_APPROVAL = "awaiting_approval"  # smoke passed; a person approves (or rejects) before traffic moves
@@ -36,7 +37,8 @@ TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED, Phase.SUPE
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.QUEUED: frozenset({Phase.BUILDING, Phase.SUPERSEDED, Phase.CANCELLED}),
-    Phase.BUILDING: frozenset({Phase.DEPLOYING, Phase.ROLLING_BACK}),
+    Phase.BUILDING: frozenset({Phase.EVALUATING, Phase.DEPLOYING, Phase.ROLLING_BACK}),
+    Phase.EVALUATING: frozenset({Phase.DEPLOYING, Phase.ROLLING_BACK}),
     Phase.DEPLOYING: frozenset({Phase.SMOKE_TESTING, Phase.ROLLING_BACK}),
     Phase.SMOKE_TESTING: frozenset({Phase.PROMOTING, Phase.AWAITING_APPROVAL, Phase.ROLLING_BACK}),
     Phase.AWAITING_APPROVAL: frozenset({Phase.PROMOTING, Phase.ROLLING_BACK}),
@@ -51,16 +53,18 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 # the job type that does each phase's work
 STAGE_OF: dict[Phase, JobType] = {
     Phase.BUILDING: JobType.BUILD,
+    Phase.EVALUATING: JobType.EVALUATE,
     Phase.DEPLOYING: JobType.DEPLOY,
     Phase.SMOKE_TESTING: JobType.SMOKE,
     Phase.PROMOTING: JobType.PROMOTE,
     Phase.ROLLING_BACK: JobType.ROLLBACK,
 }
 
-# where each stage leads when it succeeds (smoke: to AWAITING_APPROVAL when the environment
-# has an approval gate; see ``after_success``)
+# where each stage leads when it succeeds (build: to EVALUATING when the environment has an
+# evaluation gate; smoke: to AWAITING_APPROVAL when it has an approval gate; see ``after_success``)
 NEXT_ON_SUCCESS: dict[Phase, Phase] = {
     Phase.BUILDING: Phase.DEPLOYING,
+    Phase.EVALUATING: Phase.DEPLOYING,
     Phase.DEPLOYING: Phase.SMOKE_TESTING,
     Phase.SMOKE_TESTING: Phase.PROMOTING,
     Phase.PROMOTING: Phase.SUCCEEDED,
@@ -78,9 +82,11 @@ def after_rollback(cancel_requested: bool) -> Phase:
     return Phase.CANCELLED if cancel_requested else Phase.FAILED
 
 
-def after_success(phase: Phase, approval: bool) -> Phase:
-    """The phase a stage leads to when it succeeds: smoke stops at the approval gate when the
-    release's environment has one."""
+def after_success(phase: Phase, approval: bool, evaluation: bool = False) -> Phase:
+    """The phase a stage leads to when it succeeds: build goes through the evaluation gate and
+    smoke stops at the approval gate when the release's environment has them."""
+    if phase is Phase.BUILDING and evaluation:
+        return Phase.EVALUATING
     if phase is Phase.SMOKE_TESTING and approval:
         return Phase.AWAITING_APPROVAL
     return NEXT_ON_SUCCESS[phase]

@@ -110,6 +110,7 @@ class EnvironmentPlan:
     policy: dict[str, Any]  # the environment's step as the policy has it, every field (env values hidden)
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  # what would make this release fail
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the evaluation gate between build and deploy
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,8 @@ def _environment_plan(ctx: Context, policy: Policy, env: Environment, index: int
         name=env.name, position=index + 1, target=str(env.target), strategy=_strategy(env, traffic, reuse),
         approval=_approval(env), smoke=_smoke(policy, env, v, stages["smoke"]),
         deployment=_deployment(ctx, env), stages=stages, artifact=artifact, endpoint=endpoint, retire=retire,
-        rollback=rollback, policy=public_environment(env), notes=tuple(notes), warnings=tuple(warnings))
+        rollback=rollback, policy=public_environment(env), notes=tuple(notes), warnings=tuple(warnings),
+        evaluation=_evaluation(ctx, policy, env, v))
 
 
 def public_environment(env: Environment) -> dict[str, Any]:
@@ -325,6 +327,20 @@ def _strategy(env: Environment, traffic: Mapping[str, int], reuse: str | None) -
     else:
         doc["how"] = "the new version starts beside the serving one; all traffic moves at once after smoke"
     return doc
+
+
+def _evaluation(ctx: Context, policy: Policy, env: Environment, v: ModelVersion) -> dict[str, Any]:
+    """The evaluation gate with its thresholds, and the version's latest stored figure on its data."""
+    gate = policy.evaluation_gate(env)
+    if gate is None:
+        return {"required": False}
+    stored = ctx.registry.evaluations(v.model, v.version, limit=1, data_uri=gate.data, label=gate.label)
+    latest = ({"value": stored[0]["metrics"].get(gate.metric), "rows": stored[0]["rows"],
+               "created_at": stored[0]["created_at"], "job_id": stored[0]["job_id"]} if stored else None)
+    return {"required": True, **gate.model_dump(mode="json"), "thresholds": gate.thresholds(), "latest": latest,
+            "how": f"after the build, {v.model} v{v.version} and the version serving {env.name} are evaluated on "
+                   f"{gate.data} (a stored evaluation of the same data younger than {gate.max_age_s:g} s is used); "
+                   "a figure outside the limits fails the release before anything is deployed"}
 
 
 def _approval(env: Environment) -> dict[str, Any]:

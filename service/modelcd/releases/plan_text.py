@@ -62,7 +62,7 @@ def _strategy(s: Mapping[str, Any]) -> str:
     return text
 
 
-STAGE_ORDER = ("build", "deploy", "smoke", "promote", "rollback")
+STAGE_ORDER = ("build", "evaluate", "deploy", "smoke", "promote", "rollback")
 
 
 def _stages(stages: Mapping[str, str]) -> str:
@@ -97,6 +97,13 @@ def release_plan_lines(plan: Mapping[str, Any]) -> list[str]:
         lines.append(f"  smoke:     {smoke['requests']} requests within p95 {smoke['p95_ms']:g} ms, tolerance "
                      f"{smoke['tolerance']:g}, timeout {smoke['timeout_s']:g} s"
                      + ("" if smoke.get("sample") else " (no sample: /healthz only)"))
+        evaluation = env.get("evaluation") or {}
+        if evaluation.get("required"):
+            latest = evaluation.get("latest")
+            lines.append(f"  evaluate:  {evaluation['thresholds']} on {evaluation['data']} (label "
+                         f"{evaluation['label']}; a stored result younger than {evaluation['max_age_s']:g} s is reused)"
+                         + (f"; latest {evaluation['metric']} {latest['value']:.4g} on {latest['rows']} rows"
+                            if latest and latest.get("value") is not None else ""))
         approval = env["approval"]
         lines.append("  approval:  " + (f"a person approves after smoke (timeout {approval['timeout_s']:g} s)"
                                         if approval.get("required") else "none"))

@@ -40,6 +40,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from modelcd.batch.metric_names import LOWER_IS_BETTER
+from modelcd.batch.metric_names import METRICS as METRIC_NAMES
 from modelcd.domain import Source
 from modelcd.errors import InvalidInput
 
@@ -271,6 +273,81 @@ class Resources(_Edge):
     memory: Annotated[str | None, BeforeValidator(_check_memory)] = None  # e.g. 512m, 1Gi
 
 
+_DATA_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
+_COLUMN_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
+DEFAULT_EVALUATION_MAX_AGE_S = 86_400.0  # a stored evaluation younger than this (same data) is reused
+
+
+def _check_metric(value: Any) -> Any:
+    if not isinstance(value, str) or value not in METRIC_NAMES:
+        raise PydanticCustomError("choice", "must be one of {allowed} (got {got})",
+                                  {"allowed": ", ".join(METRIC_NAMES), "got": _show(value)})
+    return value
+
+
+class EvaluationGate(_Edge):
+    """Before deploying, the version is evaluated on labelled data (``modelcd evaluate``), or a
+    stored evaluation of the same data younger than ``max_age_s`` is used; the version serving
+    the environment (the champion) is judged on the same data. Higher-is-better metrics take
+    ``min`` and ``max_drop_vs_champion``; error metrics (rmse, mae) ``max`` and
+    ``max_rise_vs_champion``."""
+
+    data: Annotated[str, _pattern(_DATA_RE, "a local path, s3://bucket/prefix/ or sql://CONNECTION/TABLE")]
+    label: Annotated[str, _pattern(_COLUMN_RE, "the name of the column holding the true values")]
+    metric: Annotated[str, BeforeValidator(_check_metric)] = "accuracy"
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
+    max_drop_vs_champion: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_rise_vs_champion: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_age_s: float = Field(default=DEFAULT_EVALUATION_MAX_AGE_S, ge=0, le=365 * 86_400, allow_inf_nan=False)
+    format: Literal["csv", "parquet", "jsonl"] | None = None
+    max_errors: int = Field(default=0, ge=0, le=2**31)  # rows the model may fail to score (left out)
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in LOWER_IS_BETTER
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> EvaluationGate:
+        if self.lower_is_better:
+            wrong = [k for k in ("min", "max_drop_vs_champion") if getattr(self, k) is not None]
+            if wrong:
+                raise PydanticCustomError(
+                    "evaluation_direction", "{metric} is an error metric (lower is better): use max and "
+                    "max_rise_vs_champion instead of {wrong}", {"metric": self.metric, "wrong": " and ".join(wrong)})
+        else:
+            wrong = [k for k in ("max", "max_rise_vs_champion") if getattr(self, k) is not None]
+            if wrong:
+                raise PydanticCustomError(
+                    "evaluation_direction", "{metric}: higher is better: use min and max_drop_vs_champion instead "
+                    "of {wrong}", {"metric": self.metric, "wrong": " and ".join(wrong)})
+        if not any(getattr(self, k) is not None for k in ("min", "max", "max_drop_vs_champion",
+                                                          "max_rise_vs_champion")):
+            names = "max or max_rise_vs_champion" if self.lower_is_better else "min or max_drop_vs_champion"
+            raise PydanticCustomError("evaluation_direction", "set {names}: a gate without a limit never fails",
+                                      {"names": names})
+        return self
+
+    def thresholds(self) -> str:
+        """The limits in words: ``accuracy >= 0.9, at most 0.01 below the champion``."""
+        parts = []
+        if self.min is not None:
+            parts.append(f"{self.metric} >= {self.min:g}")
+        if self.max is not None:
+            parts.append(f"{self.metric} <= {self.max:g}")
+        if self.max_drop_vs_champion is not None:
+            parts.append(f"at most {self.max_drop_vs_champion:g} below the champion's")
+        if self.max_rise_vs_champion is not None:
+            parts.append(f"at most {self.max_rise_vs_champion:g} above the champion's")
+        return ", ".join(parts)
+
+
+class Gates(_Edge):
+    """Checks a release must pass; ``evaluation`` runs between build and deploy."""
+
+    evaluation: EvaluationGate | None = None
+
+
 class Environment(_Edge):
     """One step of a release: an environment, where its deployments run and how traffic moves."""
 
@@ -294,6 +371,7 @@ class Environment(_Edge):
     mirror: bool = False  # canary only: each step also compares the candidate's answers on copies
     analysis: Analysis | None = None  # shadow, or canary with mirror: the gates on the pairs of answers
     watch: Watch | None = None  # after the release: live inputs and outputs against limits (releases.watch)
+    gates: Gates = Field(default_factory=Gates)  # unset: the policy's own gates
 
     @model_validator(mode="before")
     @classmethod
@@ -488,6 +566,21 @@ class Policy(_Edge):
     smoke: SmokePolicy = Field(default_factory=SmokePolicy)
     retention: Retention = Field(default_factory=Retention)
     pipeline: PipelineSpec | None = None  # runner github / azure: where the pipeline is and how to start it
+    gates: Gates = Field(default_factory=Gates)  # of every environment that sets none
+
+    def evaluation_gate(self, env: Environment) -> EvaluationGate | None:
+        """The evaluation gate of ``env``: its own, else the policy's."""
+        return env.gates.evaluation or self.gates.evaluation
+
+    @model_validator(mode="after")
+    def _evaluation_with_local_runner(self) -> Policy:
+        gated = [f"environments[{i}].gates.evaluation" for i, e in enumerate(self.environments)
+                 if e.gates.evaluation] + (["gates.evaluation"] if self.gates.evaluation else [])
+        if self.runner != Runner.LOCAL and gated:
+            raise PydanticCustomError("evaluation_runner", "evaluation gates run with runner local: the service "
+                                      "scores the labelled data between build and deploy; use runner: local or drop "
+                                      "the gate", {"path": gated[0]})
+        return self
 
     @model_validator(mode="after")
     def _approval_with_local_runner(self) -> Policy:
@@ -717,7 +810,8 @@ def _describe(err: ErrorDetails) -> str:
         n = ctx.get("min_length", 1)
         return f"must have at least {n} item{'s' if n != 1 else ''}"
     if kind in ("choice", "name", "steps_unused", "steps_order", "duplicate_environment", "stages_local", "stage_place",
-                "approval_runner", "mirror_canary", "shadow_only", "analysis_pairs", "watch_gate"):
+                "approval_runner", "mirror_canary", "shadow_only", "analysis_pairs", "watch_gate",
+                "evaluation_direction", "evaluation_runner"):
         return err["msg"]
     msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     msg = msg.replace("String should have", "must have")
@@ -854,4 +948,8 @@ _MODEL_AT: dict[tuple[str | int, ...], type[BaseModel]] = {
     ("retention",): Retention,
     ("pipeline",): PipelineSpec,
     ("environments", 0, "resources"): Resources,
+    ("gates",): Gates,
+    ("gates", "evaluation"): EvaluationGate,
+    ("environments", 0, "gates"): Gates,
+    ("environments", 0, "gates", "evaluation"): EvaluationGate,
 }

@@ -15,6 +15,7 @@ from modelcd.context import Context
 from modelcd.domain import DeploymentState
 from modelcd.errors import BuildError, NotFound, RouterError, StageFailed
 from modelcd.releases.deployments import deploy_spec, handle_of, runner_started, spec_values, stop_deployment
+from modelcd.releases.evaluation_gate import evaluate
 from modelcd.releases.judging import CanaryMirror, shadow_phase, stop_mirror
 from modelcd.releases.machine import Phase
 from modelcd.releases.policy import Strategy, deployments_kept
@@ -255,6 +256,7 @@ def _mirrors(ctx: Context, rel: Release, dep_id: str) -> bool:
 
 STAGES: dict[Phase, Callable[[StageRun], dict[str, Any]]] = {
     Phase.BUILDING: build,
+    Phase.EVALUATING: evaluate,
     Phase.DEPLOYING: deploy,
     Phase.SMOKE_TESTING: smoke,
     Phase.PROMOTING: promote,
