@@ -52,6 +52,18 @@ def test_smoke_leads_to_the_gate_only_when_the_environment_has_one() -> None:
             assert after_success(phase, approval=True) is nxt
 
 
+def test_build_leads_to_the_evaluation_gate_only_when_the_environment_has_one() -> None:
+    from modelcd.releases.engine import STAGE_ORDER, done_before
+
+    assert after_success(Phase.BUILDING, approval=False, evaluation=True) is Phase.EVALUATING
+    assert after_success(Phase.BUILDING, approval=False, evaluation=False) is Phase.DEPLOYING
+    assert after_success(Phase.EVALUATING, approval=True, evaluation=True) is Phase.DEPLOYING
+    assert STAGE_ORDER[:3] == (Phase.BUILDING, Phase.EVALUATING, Phase.DEPLOYING)
+    assert done_before(Phase.DEPLOYING, Phase.EVALUATING) and not done_before(Phase.EVALUATING, Phase.EVALUATING)
+    assert [p for p, nxt in TRANSITIONS.items() if Phase.EVALUATING in nxt] == [Phase.BUILDING]
+    assert STAGE_OF[Phase.EVALUATING] is JobType.EVALUATE
+
+
 @pytest.mark.parametrize(("current", "to"), [
     (Phase.QUEUED, Phase.PROMOTING), (Phase.BUILDING, Phase.SUCCEEDED), (Phase.SUCCEEDED, Phase.ROLLING_BACK),
     (Phase.ROLLING_BACK, Phase.SUCCEEDED), (Phase.FAILED, Phase.QUEUED),
