@@ -441,9 +441,13 @@ def _move_runtime(old: str, new: str) -> None:
 
 
 def _limit_threads(limits: Mapping[str, int]) -> None:
-    from threadpoolctl import threadpool_limits
+    """Apply thread limits (at most one per CPU: OpenBLAS ignores a larger number set at run time)."""
+    from threadpoolctl import ThreadpoolController
 
-    threadpool_limits(limits=dict(limits))
+    cpus = os.cpu_count() or 1
+    controller = ThreadpoolController()
+    for api, n in limits.items():  # by library (OpenBLAS and MKL are both "blas" to threadpoolctl)
+        controller.select(internal_api=api).limit(limits=min(n, cpus))
 
 
 def reseed() -> None:
