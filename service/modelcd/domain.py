@@ -113,6 +113,8 @@ class Deployment:
     # everything the target needs to start it again, fixed when the record is made
     # (``releases.deployments.spec_values``): bundle, workers, env, resources, network
     spec: dict[str, Any] = field(default_factory=dict)
+    # scaled to zero (``releases.idle``): ``{since, wake_timeout_s}``; its process is stopped, its route held
+    sleeping: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from modelcd.fsutil import clean_temporaries
 from modelcd.lifecycle import stop_data_plane
 from modelcd.releases.deployments import runner_started
 from modelcd.releases.external import ExternalDriver
+from modelcd.releases.idle import IdleSleeper, write_wake_file
 from modelcd.releases.reconcile import reconcile
 from modelcd.releases.runner import LocalRunner
 from modelcd.releases.watch import ProductionWatch
@@ -118,7 +119,7 @@ class Supervisor(threading.Thread):
         next reconcile tick (the router already sends its traffic to the others meanwhile)."""
         for d in self.ctx.deployments.list(live_only=True):
             if d.state in (DeploymentState.SERVING, DeploymentState.STANDBY) and not runner_started(d) \
-                    and self.ctx.target(d.target).exited(d):
+                    and not d.sleeping and self.ctx.target(d.target).exited(d):
                 log.warning("deployment %s (%s v%s, pid %s) exited; starting it again", d.id, d.model, d.version,
                             d.pid)
                 return True
@@ -156,7 +157,11 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     fail_interrupted_batch(ctx, echo)  # batch runs a dead process left running: no output was committed
     batch_scheduler = BatchScheduler(ctx).start()  # durable schedules: claims due occurrences, runs batch jobs
     # pipelines' releases are started and watched; watched endpoints' live traffic judged
-    runner = LocalRunner(ctx, also=[ExternalDriver(ctx).tick, ProductionWatch(ctx).tick])
+    wake_secret = write_wake_file(ctx.router, settings.host, settings.port)  # the router's way to wake a sleeper
+    if wake_secret:
+        ctx.redact.add(wake_secret)
+    # idle deployments of policies with `idle` sleep (releases.idle)
+    runner = LocalRunner(ctx, also=[ExternalDriver(ctx).tick, ProductionWatch(ctx).tick, IdleSleeper(ctx).tick])
     runner.start()
     supervisor = Supervisor(ctx)
     supervisor.start()
@@ -173,6 +178,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     ctx.inbox.start_group_commit()
     flask_app = create_app(ctx, token)
     flask_app.extensions["modelcd_data_plane_stop"] = supervisor.stop_data_plane  # POST /api/v1/data-plane/stop
+    from modelcd.app import wake
+
+    flask_app.register_blueprint(wake.bp)  # POST /-/wake/<id>: the router wakes a sleeping deployment
     app = ControlPlaneASGI(flask_app)
     server = http_server(app, settings.host, settings.port, settings.http_header_timeout_s)
 

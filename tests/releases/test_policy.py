@@ -170,7 +170,8 @@ hooks: []
         (10, "environments[0].scoring_workers", "must be greater than or equal to 1 (got 0)"),
         (11, "environments[0].stratgy",
          "unknown key (did you mean 'strategy'?); known keys: name, target, strategy, steps, step_hold_s, "
-         "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, resources, env, network, auth, "
+         "max_error_rate, max_p95_ms, approval, approval_timeout_s, scoring_workers, idle, resources, env, network, "
+         "auth, "
          "shadow_s, sample_rate, mirror, analysis, watch, gates"),
         (12, "environments[1].name", "required"),
         (14, "smoke.p95_ms", "must be greater than 0 (got -5)"),
@@ -346,7 +347,7 @@ def test_to_dict_round_trips_and_revision_is_content_hash():
     assert d["environments"] == [{"name": "production", "target": "process", "strategy": "blue-green",
                                   "steps": None, "step_hold_s": None, "max_error_rate": None, "max_p95_ms": None,
                                   "approval": False,
-                                  "approval_timeout_s": None, "scoring_workers": 2,
+                                  "approval_timeout_s": None, "scoring_workers": 2, "idle": None,
                                   "resources": {"cpu": None, "memory": None}, "env": {}, "network": None,
                                   "auth": "key", "shadow_s": None, "sample_rate": 1.0, "mirror": False,
                                   "analysis": None, "watch": None, "gates": {"evaluation": None}}]

@@ -30,6 +30,7 @@ def deployment_from_row(row: Any) -> Deployment:
         id=m["id"], model=m["model"], version=m["version"], environment=m["environment"], target=m["target"],
         state=DeploymentState(m["state"]), url=m["url"], pid=m["pid"], port=m["port"], bundle=m["bundle"],
         release_id=m["release_id"], created_at=m["created_at"], spec=dict(m["spec"] or {}),
+        sleeping=m["sleeping"] or None,
     )
 
 

@@ -361,6 +361,7 @@ class Environment(_Edge):
     approval: bool = False  # a person approves (modelcd releases approve) after smoke, before traffic moves
     approval_timeout_s: float | None = Field(default=None, gt=0, le=30 * 86_400, allow_inf_nan=False)
     scoring_workers: int | None = Field(default=None, ge=1, le=64)  # None: the service's setting
+    idle: Idle | None = None  # scale to zero when no request comes for a while (releases.idle); None: never
     resources: Resources = Field(default_factory=Resources)
     env: Annotated[dict[str, EnvValue], BeforeValidator(_check_env)] = Field(default_factory=dict)  # for scoring
     network: Annotated[Network | None, _optional(_choice(Network))] = None  # docker only; None: docker_network
@@ -446,6 +447,13 @@ class Analysis(_Edge):
     max_input_psi: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)  # inputs vs training
 
 
+def _check_whole_seconds(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PydanticCustomError("choice", "must be a positive whole number of seconds, e.g. 300 (got {got})",
+                                  {"got": _show(value)})
+    return value
+
+
 class OnBreach(StrEnum):
     ALERT = "alert"  # an event, a metric and a signed notification
     ROLLBACK = "rollback"  # the same, and traffic returns to the previous version
@@ -470,6 +478,21 @@ class Watch(_Edge):
             raise PydanticCustomError("watch_gate", "set max_input_psi, max_prediction_psi or both: a watch "
                                       "without a limit never breaches", {})
         return self
+
+
+class IdleStandby(StrEnum):
+    KEEP = "keep"  # the standby a rollback returns to stays warm (instant rollback)
+    SLEEP = "sleep"  # it sleeps too once idle; a rollback then waits for its wake
+
+
+class Idle(_Edge):
+    """Scale to zero (``releases.idle``): a deployment with no request for
+    ``scale_to_zero_after_s`` seconds is stopped; the router holds the next request while a
+    warm start brings it back, up to ``wake_timeout_s``, then answers 503 with Retry-After."""
+
+    scale_to_zero_after_s: Annotated[int, BeforeValidator(_check_whole_seconds)] = Field(ge=1, le=30 * 86_400)
+    wake_timeout_s: float = Field(default=10.0, gt=0, le=300, allow_inf_nan=False)
+    standby: Annotated[IdleStandby, _choice(IdleStandby)] = IdleStandby.KEEP
 
 
 def _production() -> tuple[Environment, ...]:

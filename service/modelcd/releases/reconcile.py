@@ -37,6 +37,8 @@ def reconcile(ctx: Context, say: Callable[[str], None] = log.info) -> ReconcileR
     for d in ctx.deployments.list(live_only=True):
         if d.state not in (DeploymentState.SERVING, DeploymentState.STANDBY):
             continue  # READY ones belong to an in-flight release, which resumes them
+        if d.sleeping:
+            continue  # scaled to zero (releases.idle): stopped on purpose; a request wakes it
         if runner_started(d):
             continue  # its runner started it where this service may not reach; the router's health checks watch it
         target = ctx.target(d.target)

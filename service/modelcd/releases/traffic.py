@@ -79,13 +79,21 @@ def build_table(conn: Connection, generation: int) -> RoutingTable:
                 continue
             if d.state is DeploymentState.READY and d.id not in traffic:
                 continue  # under smoke test: reached on its own URI only
-            backends.append(Backend(id=d.id, version=d.version, url=d.url, weight=int(traffic.get(d.id, 0))))
+            backends.append(Backend(id=d.id, version=d.version, url=d.url, weight=int(traffic.get(d.id, 0)),
+                                    **_asleep(d)))
         auth = m["auth"] or "none"  # endpoints made before keys existed stay open until a release sets auth
         routes[endpoint_key(m["model"], m["environment"])] = EndpointRoute(
             backends=tuple(backends), auth=auth,
             key_hashes=keys.get((m["model"], m["environment"]), ()) if auth == "key" else (),
             mirror=_mirror(m["mirror"], live), sample_rate=float(m["sample_rate"] or 0.0))
     return RoutingTable(generation=generation, endpoints=routes, retired=retired)
+
+
+def _asleep(d: Deployment) -> dict[str, Any]:
+    """A sleeping deployment's backend fields (``releases.idle``): the router holds its requests and wakes it."""
+    if not d.sleeping:
+        return {}
+    return {"sleeping": True, "wake_timeout_s": float(d.sleeping.get("wake_timeout_s") or 10.0)}
 
 
 def _mirror(spec: Mapping[str, Any] | None, live: Sequence[Deployment]) -> Mirror | None:

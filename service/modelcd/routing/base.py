@@ -13,6 +13,7 @@ imports that module, not this one) and are re-exported here.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelcd.errors import RouterError
@@ -87,6 +88,17 @@ class Router(ABC):
         ms}, truncated}`` after ``after``, oldest first, with the counters. Raises RouterError
         when the router does not answer or the endpoint samples nothing."""
         raise RouterError(f"router {self.name} does not sample traffic")
+
+    def idle_seconds(self) -> dict[str, float]:
+        """Scale to zero: seconds since the router last sent a request to each backend (deployment
+        id) of its table, or since it first routed to it. Raises RouterError when the router does
+        not answer or does not tell."""
+        raise RouterError(f"router {self.name} does not report idle backends")
+
+    def wake_file(self) -> Path | None:
+        """Where the control plane tells this router how to ask for a wake (``routing.wake``);
+        None: the router cannot hold requests for a sleeping backend, so nothing sleeps."""
+        return None
 
     def supervise(self) -> bool:
         """Called periodically by the control plane: repair the router if it died (restart

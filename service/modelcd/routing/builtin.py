@@ -25,6 +25,7 @@ from urllib.parse import quote, urlencode
 
 from modelcd.errors import InvalidInput, RouterError
 from modelcd.routing.base import Router, RoutingTable
+from modelcd.routing.wake import WAKE_FILE
 
 if TYPE_CHECKING:
     from modelcd.config import Settings
@@ -129,6 +130,17 @@ class BuiltinRouter(Router):
             message = body.get("message", body) if isinstance(body, dict) else body
             raise RouterError(f"the router answered {status} for the {what} of {model}/{env}: {message}")
         return dict(body)
+
+    def idle_seconds(self) -> dict[str, float]:
+        """See ``Router.idle_seconds`` (``GET /-/activity``)."""
+        status, body = self._admin("GET", "/-/activity")
+        if status != 200 or not isinstance(body, dict):
+            raise RouterError(f"the router answered {status} to GET /-/activity: {body}")
+        return {str(k): float(v) for k, v in dict(body.get("idle_s") or {}).items()}
+
+    def wake_file(self) -> Path:
+        """See ``Router.wake_file``: ``home/router/wake.json``."""
+        return self.dir / WAKE_FILE
 
     def endpoint_uri(self, model: str, env: str) -> str:
         """``http://host:port/model/env`` (host 127.0.0.1 when bound to every address)."""

@@ -54,6 +54,7 @@ from modelcd.routing.mirror import MirrorState, MirrorWorker, SampleState
 from modelcd.routing.options import OPEN_SETTING, Options
 from modelcd.routing.table import Backend, RoutingTable, listen_is_loopback, next_candidate
 from modelcd.routing.upstream import UpstreamPool
+from modelcd.routing.wake import Waker
 
 __all__ = ["Options", "RouterServer", "key_accepted", "main", "parse_args", "serve"]
 
@@ -80,6 +81,8 @@ class RouterServer:
         self.mirrors: dict[tuple[bytes, str], MirrorState] = {}  # shadow traffic per (endpoint, candidate)
         self.samplers: dict[bytes, SampleState] = {}  # sampled live traffic per endpoint (production watch)
         self.worker = MirrorWorker(self)  # the process that sends the copies and keeps the pairs and samples
+        self.seen: dict[str, float] = {}  # backend id → when a request last went to it (/-/activity)
+        self.waker = Waker(loop, options.table, self.dispatch, lambda: self.poll(True), self.asleep)
         exposed = options.exposed if options.exposed is not None else not listen_is_loopback(options.host)
         self.refuse_open = exposed and not options.allow_open_endpoints
 
@@ -120,6 +123,8 @@ class RouterServer:
                 samplers[bkey] = sampler
             routes[bkey] = Route(bkey, route, targets, state, sampler)
         old = self.state.table.generation
+        now, ids = self.loop.time(), {b.id for r in table.endpoints.values() for b in r.backends}
+        self.seen = {i: self.seen.get(i, now) for i in ids}  # idle since it was first routed, at worst
         self.state = AppliedTable(table, routes)
         self.mirrors, self.samplers = mirrors, samplers
         self.worker.configure()
@@ -250,6 +255,10 @@ class RouterServer:
             client.respond_error(req, 503, "no_backend", f"endpoint {route.name!r} has no backend with weight > 0")
             client.request_done()
             return
+        self.seen[target.backend.id] = self.loop.time()
+        if target.backend.sleeping:  # scaled to zero: held while the control plane wakes it
+            self.waker.hold(client, req, target)
+            return
         rest = b"/" + parts[3] if len(parts) == 4 else b"/"
         if sep:
             rest += b"?" + query
@@ -257,6 +266,11 @@ class RouterServer:
         if route.mirror is not None or route.sampler is not None:
             forward.keep(target)
         forward.send(target)
+
+    def asleep(self, backend_id: str) -> bool:
+        """Whether the applied table marks this backend sleeping (scaled to zero)."""
+        return any(t.backend.sleeping and t.backend.id == backend_id
+                   for r in self.state.routes.values() for t in r.targets)
 
     def refused(self, client: ClientConnection, req: Request, route: Route) -> bool:
         """The access check, the only one: answer 401 (keyed endpoint, no valid key) or 403
@@ -286,12 +300,16 @@ class RouterServer:
         method = req.method
         if path == b"/-/healthz" and method in (b"GET", b"HEAD"):
             client.respond_json(req, 200, self.health())
-        elif path not in (b"/-/table", b"/-/reload", b"/-/mirror", b"/-/mirror/pairs", b"/-/samples"):
+        elif path not in (b"/-/table", b"/-/reload", b"/-/mirror", b"/-/mirror/pairs", b"/-/samples", b"/-/activity"):
             client.respond_error(req, 404, "not_found", f"no admin route {path.decode('latin-1')!r}")
         elif not _is_loopback(client.peer):
             client.respond_error(req, 403, "forbidden", "admin routes answer loopback clients only")
         elif path == b"/-/table" and method in (b"GET", b"HEAD"):
             client.respond(req, 200, json.dumps(self.state.table.to_dict()).encode())
+        elif path == b"/-/activity" and method == b"GET":
+            now = self.loop.time()
+            client.respond_json(req, 200, {"idle_s": {i: round(now - t, 3) for i, t in self.seen.items()},
+                                           **self.waker.counters()})
         elif path == b"/-/mirror" and method == b"GET":
             if not self.mirrors:
                 client.respond_json(req, 200, {"mirrors": [], "worker": self.worker.counters()})

@@ -100,12 +100,29 @@ class Backend:
     version: int  # model version, echoed to clients as X-Modelcd-Version
     url: str  # base URL of the deployment; the request's path after model/env is appended
     weight: int
+    # scaled to zero: its process is stopped; a request is held while the control plane wakes it
+    # (routing.wake), at most ``wake_timeout_s``, then answered 503 with Retry-After
+    sleeping: bool = False
+    wake_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        _raise(_backend_problems("backend", self.id, self.version, self.url, self.weight))
+        _raise(_backend_problems("backend", self.id, self.version, self.url, self.weight)
+               + _sleep_problems("backend", self.sleeping, self.wake_timeout_s))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "version": self.version, "url": self.url, "weight": self.weight}
+        out: dict[str, Any] = {"id": self.id, "version": self.version, "url": self.url, "weight": self.weight}
+        if self.sleeping:  # only then: a table without sleepers reads as before
+            out.update(sleeping=True, wake_timeout_s=self.wake_timeout_s)
+        return out
+
+
+def _sleep_problems(where: str, sleeping: object, wake_timeout_s: object) -> list[str]:
+    problems = [] if isinstance(sleeping, bool) else [f"{where}.sleeping: must be true or false (got {sleeping!r})"]
+    if isinstance(wake_timeout_s, bool) or not isinstance(wake_timeout_s, int | float) \
+            or not 0 < wake_timeout_s <= 3600:
+        problems.append(f"{where}.wake_timeout_s: must be a number of seconds above 0, at most 3600 "
+                        f"(got {wake_timeout_s!r})")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -273,6 +290,7 @@ def _retired_problems(retired: Mapping[Any, Any], endpoints: Collection[str]) ->
 
 ROUTE_FIELDS = frozenset({"backends", "auth", "key_hashes", "mirror", "sample_rate"})
 MIRROR_FIELDS = frozenset({"id", "version", "url", "sample_rate"})
+BACKEND_FIELDS = frozenset({"id", "version", "url", "weight", "sleeping", "wake_timeout_s"})
 
 
 def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[str]]:
@@ -293,13 +311,14 @@ def _parse_route(key: object, raw: object) -> tuple[EndpointRoute | None, list[s
             problems.append(f"{at}: must be an object {{id, version, url, weight}}")
             continue
         values = [item.get(k) for k in ("id", "version", "url", "weight")]
-        extra = sorted(set(item) - {"id", "version", "url", "weight"})
+        extra = sorted(set(item) - BACKEND_FIELDS)
         if extra:
             problems.append(f"{at}: unknown field(s) {', '.join(map(str, extra))}")
-        found = _backend_problems(at, *values)
+        sleep = [item.get("sleeping", False), item.get("wake_timeout_s", 10.0)]
+        found = _backend_problems(at, *values) + _sleep_problems(at, *sleep)
         problems += found
         if not found:
-            backends.append(Backend(*values))  # type: ignore[arg-type]
+            backends.append(Backend(*values, *sleep))  # type: ignore[arg-type]
     problems += _route_problems(where, backends)
     mirror, raw_mirror = None, raw.get("mirror")
     if raw_mirror is not None:

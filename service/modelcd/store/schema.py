@@ -231,6 +231,7 @@ deployments = Table(
     Column("release_id", String(32)),
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
+    Column("sleeping", JSON),  # scaled to zero (releases.idle): {since, wake_timeout_s}; its process is stopped
 )
 Index("ix_deployments_endpoint", deployments.c.model, deployments.c.environment, deployments.c.state)
 

@@ -36,6 +36,7 @@ class DeploySpec:
     cpu: float | None = None  # CPUs (docker: enforced; process: not enforced)
     memory: str | None = None  # memory limit, e.g. "512m" (docker: enforced; process: not enforced)
     network: str | None = None  # docker: bridge | host; None: the target's default
+    port: int | None = None  # process: the port to take again (a wake from sleep); taken meanwhile: another one
 
 
 @dataclass(frozen=True)

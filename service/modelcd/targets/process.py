@@ -117,7 +117,7 @@ class ProcessTarget(Target):
         for attempt in (1, 2):
             if cancel.is_set():
                 raise Cancelled(f"deployment {spec.deployment_id} stopped before it started")
-            port = free_port()
+            port = spec.port if attempt == 1 and spec.port else free_port()
             proc, offset, how = self._start(spec, bundle, port, attempt, log)
             log(f"started scoring process {proc.pid} for {spec.model} v{spec.version} on {HOST}:{port} ({how})")
             started = time.monotonic()

@@ -1,0 +1,201 @@
+"""Scale to zero: a policy environment's ``idle: {scale_to_zero_after_s: N}`` puts a deployment
+that got no request for N seconds to sleep, and the router wakes it on the next request.
+
+- **Sleep** (``IdleSleeper.tick``, on the release runner's loop): the router says how long each
+  backend has been idle (``Router.idle_seconds``). A serving deployment idle for N seconds, and
+  the standby a rollback returns to only with ``idle.standby: sleep``, is recorded ``sleeping``
+  (``{since, wake_timeout_s}``) and its route marked sleeping in the same applied change
+  (``Traffic.change``), then its process is stopped. Its route keeps its version, URL and
+  weight. Endpoints with a release in flight or shadow traffic are left alone.
+- **Wake** (``wake``, called by the router through the loopback route ``POST /-/wake/<id>``
+  with the secret of ``home/router/wake.json``): the deployment is started again from its spec
+  on its own port (a warm start on the process target), and once healthy the record and the
+  table say it is awake; the router then sends it the requests it held.
+
+A sleeping deployment is neither adopted nor restarted by reconcile, and a restart of the
+service leaves it asleep and wakeable (the table is built from the record)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from modelcd.context import Context
+from modelcd.domain import Deployment, DeploymentState
+from modelcd.errors import Conflict, DeployError
+from modelcd.releases.deployments import deploy_spec, handle_of, runner_started, stop_deployment
+from modelcd.releases.machine import Phase
+from modelcd.releases.policy import Idle, IdleStandby
+from modelcd.routing.base import Router
+from modelcd.store.db import now
+
+log = logging.getLogger(__name__)
+
+WAKE_ROUTE = "/-/wake"
+_locks: dict[str, threading.Lock] = {}  # per deployment: one sleep or wake at a time
+_locks_guard = threading.Lock()
+
+
+def _lock(dep_id: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(dep_id, threading.Lock())
+
+
+# -- the router's way back to us --------------------------------------------------------------
+
+
+def write_wake_file(router: Router, host: str, port: int) -> str | None:
+    """Tell the router where to ask for wakes and with which secret (``router.wake_file()``,
+    mode 0600; the secret is kept across restarts). Returns the secret (None: this router
+    cannot hold requests, so nothing sleeps)."""
+    path = router.wake_file()
+    if path is None:
+        return None
+    secret = wake_secret(path) or secrets.token_urlsafe(32)
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}{WAKE_ROUTE}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url, "secret": secret}, f)
+    os.replace(tmp, path)
+    return secret
+
+
+def wake_secret(path: Path | None) -> str | None:
+    """The secret of the wake file at ``path``, if there is one."""
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text()).get("secret")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+# -- sleep --------------------------------------------------------------------------------------
+
+
+class IdleSleeper:
+    """Puts idle deployments to sleep (see the module docstring); ``tick`` every ``every_s``."""
+
+    def __init__(self, ctx: Context, every_s: float = 0.5) -> None:
+        self.ctx = ctx
+        self.every_s = every_s
+        self._next = 0.0
+
+    def tick(self) -> None:
+        if time.monotonic() < self._next or self.ctx.router.wake_file() is None:
+            return
+        self._next = time.monotonic() + self.every_s
+        due = self._candidates()
+        if not due:
+            return
+        idle_s = self.ctx.router.idle_seconds()
+        for d, idle in due:
+            idle_for = idle_s.get(d.id)
+            if idle_for is not None and idle_for >= idle.scale_to_zero_after_s:
+                try:
+                    put_to_sleep(self.ctx, d, idle, idle_for)
+                except Exception:
+                    log.exception("putting deployment %s to sleep", d.id)
+
+    def _candidates(self) -> list[tuple[Deployment, Idle]]:
+        """Awake deployments whose endpoint's policy lets them sleep, with that policy's ``idle``."""
+        ctx = self.ctx
+        busy = {(r.model, r.environment) for r in ctx.releases.in_phases({p for p in Phase if p.active})}
+        out: list[tuple[Deployment, Idle]] = []
+        for ep in ctx.traffic.list():
+            if ep.retired_at or ep.mirror or (ep.model, ep.environment) in busy:
+                continue
+            live = {d.id: d for d in ctx.deployments.list(model=ep.model, environment=ep.environment,
+                                                          live_only=True)}
+            serving = max(ep.traffic.items(), key=lambda kv: kv[1], default=(None, 0))
+            idle = endpoint_idle(ctx, live.get(serving[0] or ""))
+            if idle is None:
+                continue
+            for d in live.values():
+                if d.sleeping or runner_started(d) or d.state not in (DeploymentState.SERVING, DeploymentState.STANDBY):
+                    continue
+                if d.state is DeploymentState.SERVING or idle.standby is IdleStandby.SLEEP:
+                    out.append((d, idle))
+        return out
+
+
+def endpoint_idle(ctx: Context, serving: Deployment | None) -> Idle | None:
+    """The ``idle`` of the policy environment that released the serving deployment."""
+    if serving is None or not serving.release_id:
+        return None
+    try:
+        return ctx.releases.get(serving.release_id).environment_policy.idle
+    except Exception:  # a release row from an older policy format: leave it awake
+        log.debug("no policy for %s", serving.id, exc_info=True)
+        return None
+
+
+def put_to_sleep(ctx: Context, d: Deployment, idle: Idle, idle_for: float) -> bool:
+    """Record ``d`` sleeping and mark its route so (one applied change), then stop its process."""
+    with _lock(d.id):
+        d = ctx.deployments.get(d.id)
+        if d.sleeping or not d.state.live:
+            return False
+        sleeping = {"since": now(), "wake_timeout_s": idle.wake_timeout_s}
+        ctx.traffic.change(f"sleep of deployment {d.id}",
+                           lambda conn: ctx.deployments.update(d.id, conn, sleeping=sleeping, pid=None))
+        stop_deployment(ctx.target(d.target), d, ctx.home, log.info)
+    ctx.jobs.event(None, d.release_id, "deployment.slept",
+                   f"deployment {d.id} ({d.model} v{d.version}, {d.state}) scaled to zero after {idle_for:.1f}s "
+                   f"without a request (idle.scale_to_zero_after_s {idle.scale_to_zero_after_s}); the next request "
+                   "wakes it")
+    log.info("deployment %s (%s v%s) is asleep", d.id, d.model, d.version)
+    return True
+
+
+# -- wake ---------------------------------------------------------------------------------------
+
+
+def wake(ctx: Context, dep_id: str, timeout_s: float) -> dict[str, Any]:
+    """Start the sleeping deployment ``dep_id`` again (on its own port when free) and, once
+    healthy, record it awake and apply the table that routes to it. One already awake is left
+    as it is. DeployError when it cannot start within ``timeout_s``: it stays asleep."""
+    started = time.monotonic()
+    lock = _lock(dep_id)
+    if not lock.acquire(timeout=timeout_s):
+        raise Conflict(f"deployment {dep_id} is being put to sleep or woken; retry", field="deployment_id")
+    try:
+        d = ctx.deployments.get(dep_id)
+        if not d.sleeping:
+            return {"deployment_id": dep_id, "woke": False, "state": str(d.state), "took_s": 0.0}
+        if not d.state.live:
+            raise Conflict(f"deployment {dep_id} is {d.state}: only a serving or standby deployment wakes",
+                           field="deployment_id")
+        target = ctx.target(d.target)
+        spec = dataclasses.replace(deploy_spec(d, ctx.settings), health_timeout_s=timeout_s, port=d.port)
+        try:
+            rd = target.create(spec, log.info, threading.Event())
+        except DeployError as e:
+            ctx.jobs.event(None, d.release_id, "deployment.wake_failed",
+                           f"deployment {d.id} ({d.model} v{d.version}) could not wake: {e.message}")
+            raise
+        try:
+            ctx.traffic.change(f"wake of deployment {d.id}", lambda conn: ctx.deployments.update(
+                d.id, conn, url=rd.url, pid=rd.pid, port=rd.port, log_path=str(rd.log_path), sleeping=None))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                target.delete(handle_of(dataclasses.replace(d, pid=rd.pid), ctx.home))
+            raise
+    finally:
+        lock.release()
+    took = time.monotonic() - started
+    ctx.jobs.event(None, d.release_id, "deployment.woke",
+                   f"deployment {d.id} ({d.model} v{d.version}) woke on a request in {took * 1000:.0f} ms at {rd.url}")
+    return {"deployment_id": dep_id, "woke": True, "state": str(d.state), "url": rd.url, "took_s": round(took, 4)}
