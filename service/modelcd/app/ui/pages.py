@@ -37,7 +37,8 @@ from modelcd.sources.base import KNOWN_SOURCES
 
 RELEASE_ID = re.compile(r"r-[0-9a-z]{1,30}")
 JOB_ID = re.compile(r"j-[0-9a-z]{1,30}")
-STAGES = ("build", "deploy", "smoke", "promote")
+STAGES = ("build", "evaluate", "deploy", "smoke", "promote", "rollback")  # in the order a release runs them
+OPTIONAL_STAGES = frozenset({"evaluate", "rollback"})
 MAX_FILES = 200
 LOG_LINES = 500
 
@@ -150,12 +151,13 @@ def releases() -> str:
                   phases=[str(p) for p in Phase])
 
 
-def stage_rows(jobs: list[Any]) -> list[dict[str, Any]]:
-    """The release's stages in order, each with its latest job (pending: none yet)."""
+def stage_rows(jobs: list[Any], evaluated: bool = False) -> list[dict[str, Any]]:
+    """The release's stages in order, each with its latest job (pending: none yet); evaluate when
+    the environment has an evaluation gate (or ran it), rollback when it ran."""
     by_type: dict[str, Any] = {}
     for job in jobs:
         by_type[str(job.type)] = job
-    names = list(STAGES) + (["rollback"] if "rollback" in by_type else [])
+    names = [s for s in STAGES if s not in OPTIONAL_STAGES or s in by_type or (s == "evaluate" and evaluated)]
     return [{"stage": s, "job": by_type.get(s), "state": str(by_type[s].state) if s in by_type else "pending"}
             for s in names]
 
@@ -179,7 +181,8 @@ def release(release_id: str) -> str:
     last_event = events[-1]["id"] if events else 0
     last_log = max((rows[-1]["id"] for rows in logs.values() if rows), default=0)
     can_stop = not rel.phase.terminal
-    return render("release.html", rel=rel, jobs=jobs, stages=stage_rows(jobs), events=events, logs=logs,
+    gated = rel.policy.evaluation_gate(rel.environment_policy) is not None
+    return render("release.html", rel=rel, jobs=jobs, stages=stage_rows(jobs, gated), events=events, logs=logs,
                   steps=steps, charts=charts, cursor=f"{last_event}-{last_log}", can_stop=can_stop,
                   gate=rel.phase is Phase.AWAITING_APPROVAL, policy=public_policy(rel.policy.to_dict()))
 

@@ -1,6 +1,7 @@
 /* modelcd console: times in the reader's zone, and the live parts (server-sent events). */
 "use strict";
 (function () {
+  var STAGES = ["build", "evaluate", "deploy", "smoke", "promote", "rollback"];
   function localTimes(root) {
     root.querySelectorAll("time[datetime]").forEach(function (t) {
       var d = new Date(t.getAttribute("datetime"));
@@ -91,7 +92,10 @@
         li.appendChild(text("span", "stage-state", ""));
         li.appendChild(document.createTextNode(" "));
         li.appendChild(text("span", "stage-duration", ""));
-        list.appendChild(li);
+        var later = Array.from(list.children).find(function (other) {
+          return STAGES.indexOf(other.getAttribute("data-stage")) > STAGES.indexOf(d.stage);
+        });
+        list.insertBefore(li, later || null);
       }
       li.setAttribute("data-state", d.state);
       li.setAttribute("data-job", d.job_id);
