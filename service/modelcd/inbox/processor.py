@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
-BATCH = 100  # deliveries taken from the inbox at a time
+BATCH = 50  # deliveries taken from the inbox at a time (and the most one write transaction records)
 
 
 def backoff(attempt: int) -> float:
