@@ -205,8 +205,8 @@ def wait_http(port: int, path: str, timeout: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def process(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         yield proc
     finally:

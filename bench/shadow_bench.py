@@ -3,7 +3,7 @@ costs the live request.
 
     python bench/shadow_bench.py [--duration 3] [--rounds 5] [--endpoints mirrored,hung,sampled]
                                  [--concurrency 1,16] [--pin [only|both]] [--perf DIR]
-                                 [--profile-router FILE]
+                                 [--profile-router FILE] [--baseline DIR]
 
 One fast backend (``router_bench.py``'s asyncio + httptools stub, fixed answer) serves every
 endpoint of one router process, started directly (``python -m modelcd.routing.proxy --table
@@ -39,6 +39,13 @@ the order alternating), so the two layouts are compared within one run. ``--perf
 the router with ``perf record -g`` during each wrk run (one file per run); ``--profile-router
 FILE`` runs the router under ``cProfile`` (written when it stops). Both slow the router: use
 them for where its time goes, not for the latency figures.
+
+``--baseline DIR`` runs a second router from another source tree side by side (``DIR/service``
+on its ``PYTHONPATH``, e.g. ``git archive COMMIT service | tar -x -C DIR``), with the same table,
+backend and candidates: every run of this router is followed or preceded by the same run on
+the baseline (the order alternating), so the two are compared within one run; its rows are
+labelled ``baseline``. A baseline router without a mirror worker has no worker to pin or
+measure.
 """
 
 from __future__ import annotations
@@ -108,9 +115,17 @@ def admin(router_port: int, path: str) -> dict[str, Any]:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
 
-def worker_pid(router_port: int) -> int:
-    """The router's mirror worker process (it may have been restarted: asked each run)."""
-    return int(admin(router_port, "/-/mirror")["worker"]["pid"])
+def worker_pid(router_port: int) -> int | None:
+    """The router's mirror worker process (it may have been restarted: asked each run); None for
+    a router without one (a baseline from before it)."""
+    worker = admin(router_port, "/-/mirror").get("worker") or {}
+    return int(worker["pid"]) if worker.get("pid") else None
+
+
+def baseline_env(src: Path) -> dict[str, str]:
+    """The environment of a router from another source tree (``src/service`` first on its path)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(src / "service"),
+                                                                    os.environ.get("PYTHONPATH")) if p)}
 
 
 def mirror_counters(router_port: int) -> dict[str, dict[str, int]]:
@@ -170,6 +185,7 @@ def main() -> int:
                    help="router alone on one CPU, the rest on the others; 'both': every run also on shared CPUs")
     p.add_argument("--perf", metavar="DIR", help="record the router with perf during each wrk run, into DIR")
     p.add_argument("--profile-router", metavar="FILE", help="run the router under cProfile, stats into FILE")
+    p.add_argument("--baseline", metavar="DIR", help="also run the router of this source tree, side by side")
     p.add_argument("--serve-hung", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_hung:
@@ -190,7 +206,7 @@ def main() -> int:
 
 
 def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> None:
-    backend, candidate, hung, rport = free_port(), free_port(), free_port(), free_port()
+    backend, candidate, hung, rport, bport = free_port(), free_port(), free_port(), free_port(), free_port()
     backend_proc = stack.enter_context(process(ROUTER_BENCH, "--serve-backend", str(backend)))
     candidate_proc = stack.enter_context(process(ROUTER_BENCH, "--serve-backend", str(candidate)))
     hung_proc = stack.enter_context(process(__file__, "--serve-hung", str(hung)))
@@ -212,9 +228,14 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     table = tmp / "table.json"
     table.write_text(json.dumps({"generation": 1, "endpoints": endpoints}))
     profile = ("-m", "cProfile", "-o", str(Path(args.profile_router).resolve())) if args.profile_router else ()
-    router = stack.enter_context(process(*profile, "-m", "modelcd.routing.proxy", "--table", str(table),
-                                         "--port", str(rport), "--mirror-pending", str(MIRROR_PENDING),
-                                         "--mirror-timeout", f"{MIRROR_TIMEOUT_S:g}"))
+    settings = ("--table", str(table), "--mirror-pending", str(MIRROR_PENDING), "--mirror-timeout",
+                f"{MIRROR_TIMEOUT_S:g}")
+    router = stack.enter_context(process(*profile, "-m", "modelcd.routing.proxy", "--port", str(rport), *settings))
+    routers = {"": (router, rport)}  # by the label's suffix: this router, and the baseline's
+    if args.baseline:
+        baseline = process("-m", "modelcd.routing.proxy", "--port", str(bport), *settings,
+                           env=baseline_env(Path(args.baseline).resolve()))
+        routers[" baseline"] = (stack.enter_context(baseline), bport)
     known = [key.split("/", 1)[1] for key in endpoints]
     chosen = [n.strip() for n in args.endpoints.split(",") if n.strip() and n.strip() != "plain"]
     unknown = sorted(set(chosen) - set(known))
@@ -223,17 +244,27 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     names = ["plain", *chosen]  # every endpoint is in the table; these are measured
     levels = [int(c) for c in args.concurrency.split(",")]
     for name in known:
-        wait_http(rport, f"/bench/{name}/score")
+        for _, port in routers.values():
+            wait_http(port, f"/bench/{name}/score")
     allowed = sorted(os.sched_getaffinity(0))
     router_cpus, other_cpus = {allowed[0]}, set(allowed[1:])
-    layouts = {None: ["shared"], "only": ["pinned"], "both": ["shared", "pinned"]}[args.pin]
+    pins = {None: ["shared"], "only": ["pinned"], "both": ["shared", "pinned"]}[args.pin]
+    layouts = [pin + suffix for pin in pins for suffix in routers]  # e.g. "pinned", "pinned baseline"
+
+    def port_of(layout: str) -> int:
+        return routers[" baseline" if layout.endswith(" baseline") else ""][1]
 
     def apply(layout: str) -> None:
-        """Pinned: the router alone on ``router_cpus``; everything else, wrk included (started
-        by this process), on ``other_cpus``. Shared: all on every CPU this process may use."""
-        for pid in (backend_proc.pid, candidate_proc.pid, hung_proc.pid, os.getpid(), worker_pid(rport)):
-            set_affinity(pid, other_cpus if layout == "pinned" else set(allowed))
-        set_affinity(router.pid, router_cpus if layout == "pinned" else set(allowed))
+        """Pinned: the measured router alone on ``router_cpus``; everything else, wrk and the
+        other router included, on ``other_cpus``. Shared: all on every CPU this process may use."""
+        pinned, measured = layout.startswith("pinned"), port_of(layout)
+        for proc, port in routers.values():
+            worker = worker_pid(port)
+            if worker:
+                set_affinity(worker, other_cpus if pinned else set(allowed))
+            set_affinity(proc.pid, (router_cpus if port == measured else other_cpus) if pinned else set(allowed))
+        for pid in (backend_proc.pid, candidate_proc.pid, hung_proc.pid, os.getpid()):
+            set_affinity(pid, other_cpus if pinned else set(allowed))
 
     servers = {"plain": None, "mirrored": candidate_proc.pid, "hung": hung_proc.pid, "sampled": None}
     perf_dir = Path(args.perf).resolve() if args.perf else None
@@ -254,9 +285,11 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
           + (f" Pinned: the router alone on CPU {', '.join(map(str, sorted(router_cpus)))}; wrk, the backend, the "
              f"candidates, the mirror worker and this script on CPU {', '.join(map(str, sorted(other_cpus)))} "
              "(other load on the machine is not pinned); CPU busy: each side's CPUs over the run, whatever ran there."
-             if "pinned" in layouts else "")
-          + (" Each endpoint runs shared then pinned, or pinned then shared, alternating." if len(layouts) > 1
-             else "") + "\n", flush=True)
+             if "pinned" in pins else "")
+          + (" Each endpoint runs shared then pinned, or pinned then shared, alternating." if len(pins) > 1
+             else "")
+          + (f" Baseline: the router of {args.baseline}, run side by side (same table, backend, candidates)."
+             if args.baseline else "") + "\n", flush=True)
 
     Key = tuple[str, str, int]  # layout, endpoint, concurrency
     runs: dict[Key, list[dict[str, float]]] = {(lay, n, c): [] for lay in layouts for n in names for c in levels}
@@ -269,23 +302,24 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
             for i, name in enumerate(order):
                 for layout in layouts if (r + i) % 2 == 0 else layouts[::-1]:
                     apply(layout)
-                    before = mirror_counters(rport).get(name, {})
-                    pids = {"backend": backend_proc.pid, "candidate": servers[name], "worker": worker_pid(rport)}
+                    port = port_of(layout)
+                    rpid = next(proc.pid for proc, p in routers.values() if p == port)
+                    before = mirror_counters(port).get(name, {})
+                    pids = {"backend": backend_proc.pid, "candidate": servers[name], "worker": worker_pid(port)}
                     cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items() if pid}
-                    busy0, wall0, router0 = cpu_busy(), time.monotonic(), cpu_seconds(router.pid)
+                    busy0, wall0, router0 = cpu_busy(), time.monotonic(), cpu_seconds(rpid)
                     recorder = None
                     if perf_dir:
                         recorder = subprocess.Popen(
-                            ["perf", "record", "-q", "-F", "999", "-g", "-p", str(router.pid), "-o",
+                            ["perf", "record", "-q", "-F", "999", "-g", "-p", str(rpid), "-o",
                              str(perf_dir / f"{layout}-{name}-c{c}-r{r + 1}.data")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    result = wrk(f"http://127.0.0.1:{rport}/bench/{name}/score", c, args.duration, script,
-                                 router.pid)
+                    result = wrk(f"http://127.0.0.1:{port}/bench/{name}/score", c, args.duration, script, rpid)
                     if recorder:
                         recorder.send_signal(signal.SIGINT)
                         recorder.wait(30)
                     total = result["rps"] * args.duration
-                    result["router_busy"] = (cpu_seconds(router.pid) - router0) / (time.monotonic() - wall0)
+                    result["router_busy"] = (cpu_seconds(rpid) - router0) / (time.monotonic() - wall0)
                     busy1 = cpu_busy()
                     result["busy_router_cpu"] = busy_share(busy0, busy1, router_cpus)
                     result["busy_other_cpus"] = busy_share(busy0, busy1, other_cpus)
@@ -293,10 +327,10 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
                         result[f"{k}_us"] = (cpu_seconds(pids[k]) - cpu0[k]) * 1e6 / max(total, 1) if k in cpu0 \
                             else 0.0
                     # the copies still pending settle (the hung candidate's are cut) before the next run
-                    waited = wait_no_pending(rport, MIRROR_TIMEOUT_S + 3)
+                    waited = wait_no_pending(port, MIRROR_TIMEOUT_S + 3)
                     if name == "hung":
                         settle.append(waited)
-                    after = mirror_counters(rport).get(name, {})
+                    after = mirror_counters(port).get(name, {})
                     runs[layout, name, c].append(result)
                     d = deltas[layout, name, c]
                     d["requests"] += total
@@ -306,7 +340,7 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     apply("shared")
 
     med = {key: {k: statistics.median(x[k] for x in v) for k in v[0]} for key, v in runs.items()}
-    pinned_cols = "pinned" in layouts
+    pinned_cols = "pinned" in pins
     print(("| layout " if len(layouts) > 1 else "")
           + "| endpoint | concurrency | p50 | p99 | req/s | added p50 vs plain (goal ≤ 0.1 ms) "
           "| added p99 vs plain (goal ≤ 0.5 ms) | added p50, per round (min … max) | added p99, per round "
@@ -329,12 +363,28 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
                                         for k in ("p50", "p99"))
                 candidate_us = f"{m['candidate_us']:.0f} µs" if servers[name] else "—"
                 busy = (f"| {m['busy_router_cpu']:.0%} / {m['busy_other_cpus']:.0%} "
-                        if pinned_cols and lay == "pinned" else "| — " if pinned_cols else "")
+                        if pinned_cols and lay.startswith("pinned") else "| — " if pinned_cols else "")
                 print((f"| {lay} " if len(layouts) > 1 else "")
                       + f"| {name} | {c} | {fmt(m['p50'])} | {fmt(m['p99'])} | {m['rps']:.0f} | {added50} "
                       f"| {added99} | {spread} | {spread99} | {m['cpu_us']:.0f} µs | {m['worker_us']:.0f} µs "
                       f"| {m['backend_us']:.0f} µs "
                       f"| {candidate_us} | {m['router_busy']:.0%} {busy}| {failed} |")
+    if args.baseline:
+        print("\nThis router against the baseline, in the same rounds (medians; added: against plain of the same "
+              "router and layout):\n")
+        print("| layout | endpoint | concurrency | added p50: this / baseline | added p99: this / baseline "
+              "| router CPU/req: this / baseline | router + mirror worker CPU/req: this / baseline |")
+        print("|---" * 7 + "|")
+        for pin in pins:
+            for c in levels:
+                for name in names[1:]:
+                    this, old = med[pin, name, c], med[f"{pin} baseline", name, c]
+                    this0, old0 = med[pin, "plain", c], med[f"{pin} baseline", "plain", c]
+                    print(f"| {pin} | {name} | {c} | {fmt(this['p50'] - this0['p50'])} / "
+                          f"{fmt(old['p50'] - old0['p50'])} "
+                          f"| {fmt(this['p99'] - this0['p99'])} / {fmt(old['p99'] - old0['p99'])} "
+                          f"| {this['cpu_us']:.0f} / {old['cpu_us']:.0f} µs "
+                          f"| {this['cpu_us'] + this['worker_us']:.0f} / {old['cpu_us'] + old['worker_us']:.0f} µs |")
     print("\nRouter counters (`GET /-/mirror`), summed over the runs of each cell:\n")
     print(("| layout " if len(layouts) > 1 else "")
           + "| endpoint | concurrency | requests answered (about req/s x duration) | mirrored | dropped "
