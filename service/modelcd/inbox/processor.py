@@ -1,5 +1,7 @@
 """Draining the inbox: normalise each stored delivery with its source adapter, import what it
-announces, and record the outcome. Transient failures retry with exponential backoff; after
+announces, and record the outcome, a batch at a time in the order the deliveries were stored:
+the deliveries with nothing to fetch in one transaction per run (``inbox.batch``), one with
+files to fetch on its own. Transient failures retry with exponential backoff; after
 ``hooks_max_attempts`` tries (or at once for a failure that cannot heal) the delivery goes to
 the dead letter, with its error, for `modelcd inbox retry`."""
 
