@@ -2,11 +2,10 @@
 (the cookie holds the id, the store only its digest, so a copy of the database signs nobody in),
 with the principal's name and role, the token it signed in with (by id, never the token), a
 CSRF secret and an expiry. Sign-out deletes the row; a revoked token ends its sessions on their
-next request (``alive``)."""
+next request (``app.ui.current_principal``)."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import time
@@ -17,13 +16,10 @@ from sqlalchemy import delete, select, update
 from modelcd.access import Principal
 from modelcd.store import schema
 from modelcd.store.db import Database, now
+from modelcd.users import token_hash
 
 SESSION_S = 12 * 3600
 COOKIE = "modelcd_session"
-
-
-def _digest(session_id: str) -> str:
-    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -35,7 +31,8 @@ class Session:
     expires_at: float
 
     def csrf_ok(self, given: str | None) -> bool:
-        return bool(given) and hmac.compare_digest(self.csrf.encode(), (given or "").encode("utf-8", "surrogatepass"))
+        given_bytes = (given or "").encode("utf-8", "surrogatepass")
+        return bool(given) and hmac.compare_digest(self.csrf.encode(), given_bytes)
 
 
 class Sessions:
@@ -48,9 +45,10 @@ class Sessions:
         t = schema.ui_sessions
         with self.db.write() as conn:
             conn.execute(delete(t).where(t.c.expires_at < time.time()))  # sweep the expired
-            conn.execute(t.insert().values(id_hash=_digest(session_id), principal=principal.name, role=principal.role,
-                                           token_id=principal.token_id, csrf=secrets.token_urlsafe(32),
-                                           created_at=now(), expires_at=time.time() + ttl_s))
+            conn.execute(t.insert().values(id_hash=token_hash(session_id), principal=principal.name,
+                                           role=principal.role, token_id=principal.token_id,
+                                           csrf=secrets.token_urlsafe(32), created_at=now(),
+                                           expires_at=time.time() + ttl_s))
         return session_id
 
     def get(self, session_id: str | None) -> Session | None:
@@ -58,7 +56,7 @@ class Sessions:
             return None
         t = schema.ui_sessions
         with self.db.read() as conn:
-            row = conn.execute(select(t).where(t.c.id_hash == _digest(session_id))).first()
+            row = conn.execute(select(t).where(t.c.id_hash == token_hash(session_id))).first()
         if row is None or row.expires_at < time.time():
             return None
         return Session(row.id_hash, Principal(row.principal, row.role, row.token_id), row.csrf, row.flash,
@@ -68,12 +66,6 @@ class Sessions:
         t = schema.ui_sessions
         with self.db.write() as conn:
             conn.execute(delete(t).where(t.c.id_hash == session.id_hash))
-
-    def end_for_token(self, token_id: str) -> None:
-        """End every session signed in with ``token_id`` (the token was revoked)."""
-        t = schema.ui_sessions
-        with self.db.write() as conn:
-            conn.execute(delete(t).where(t.c.token_id == token_id))
 
     def set_flash(self, session: Session, message: str | None) -> None:
         t = schema.ui_sessions
