@@ -77,7 +77,7 @@ def test_approve_then_reject_with_production_untouched_until_approved(gated_serv
     done = svc.client.wait_release(first["id"], timeout_s=120)
     assert done["phase"] == "succeeded", svc.job_log(first["id"])
     events = {e["kind"]: e["message"] for e in svc.release_detail(first["id"])["events"]}
-    assert events["release.approved"] == "approved by a person: looks good"
+    assert events["release.approved"] == "approved by admin: looks good"
     assert svc.endpoint("gt-iris")["traffic"] == {"1": 100}
 
     second = _at_gate(svc, "gt-iris", tmp_path / "v2", c=0.05)
@@ -86,7 +86,7 @@ def test_approve_then_reject_with_production_untouched_until_approved(gated_serv
     r = svc.api("POST", f"/releases/{second['id']}/reject", json={"comment": "not this week"})
     assert r.status_code == 200 and r.json()["phase"] == "rolling_back", r.text
     done = svc.client.wait_release(second["id"], timeout_s=120)
-    assert done["phase"] == "failed" and done["error"] == "rejected by a person: not this week", done
+    assert done["phase"] == "failed" and done["error"] == "rejected by admin: not this week", done
     assert svc.endpoint("gt-iris")["traffic"] == {"1": 100} and _live_versions(svc, "gt-iris") == [1]
     # only a release at its gate can be answered, and only with the token
     r = svc.api("POST", f"/releases/{second['id']}/approve")
@@ -143,4 +143,4 @@ def test_cli_register_wait_returns_at_the_gate(gated_service: Service, tmp_path:
     answered = json.loads(result.output)
     assert answered["id"] == rel["id"] and answered["phase"] == "rolling_back"
     done = _finished(svc, rel["id"])
-    assert done["phase"] == "failed" and done["error"] == "rejected by a person"
+    assert done["phase"] == "failed" and done["error"] == "rejected by admin"

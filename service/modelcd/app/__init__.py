@@ -43,9 +43,10 @@ def create_app(ctx: Context, token: str) -> Flask:
     app.extensions["modelcd_metrics"] = {}
     app.extensions["modelcd_intake"] = Intake(ctx)
 
-    from modelcd.app import api, hooks, ops, ui
+    from modelcd.app import api, hooks, ops, ui, users_api
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(users_api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(hooks.bp)
     ui.register(app)

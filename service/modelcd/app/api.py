@@ -48,7 +48,9 @@ AUTH = "modelcd_auth"  # attribute of a view function: what it needs (see ``requ
 OPEN = "open"  # no token ever (health checks)
 RELEASE = "release"  # deploy, or the pipeline token of the release in the path
 RELEASE_READ = "release_read"  # read, or the pipeline token of the release in the path
-_RELEASE_ACTIONS = {RELEASE: "deploy", RELEASE_READ: "read"}
+SIGNED_IN = "token"  # any user's token, even when reads are open (their own tokens)
+_KIND_ACTIONS = {RELEASE: "deploy", RELEASE_READ: "read", SIGNED_IN: "read"}
+_RELEASE_KINDS = (RELEASE, RELEASE_READ)
 
 
 def auth_kind(view: Callable[..., Any] | None) -> str | None:
@@ -65,24 +67,24 @@ def admit(ctx: Context, kind: str, header: str | None, release_id: str | None = 
         return None
     token = bearer(header)
     principal = principal_for(ctx, token)
-    action = _RELEASE_ACTIONS.get(kind, kind)
-    if action == "read" and principal is None and ctx.settings.reads_open:
+    if kind in ("read", RELEASE_READ) and principal is None and ctx.settings.reads_open:
         return None
     if principal is None:
-        if kind in _RELEASE_ACTIONS and release_id is not None and ctx.pipeline_runs.token_valid(release_id, token):
+        if kind in _RELEASE_KINDS and release_id is not None and ctx.pipeline_runs.token_valid(release_id, token):
             # a pipeline token is a secret in every log and error it reaches (minted by an earlier
             # process, after a restart, it is known here only now)
             ctx.redact.add(token)
             return None
-        raise Unauthorized(RELEASE_TOKEN_HINT if kind in _RELEASE_ACTIONS else API_TOKEN_HINT)
-    why = refusal(principal, action)
+        raise Unauthorized(RELEASE_TOKEN_HINT if kind in _RELEASE_KINDS else API_TOKEN_HINT)
+    why = refusal(principal, _KIND_ACTIONS.get(kind, kind))
     if why is not None:
         raise Forbidden(why)
     return principal
 
 
-def requires(action: Action) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A view needing ``action`` (``access.ACTIONS``); ``flask.g.principal`` is who asks."""
+def requires(action: Action | str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A view needing ``action`` (``access.ACTIONS``, or ``SIGNED_IN``); ``flask.g.principal``
+    is who asks."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -111,7 +113,7 @@ def open_route(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _for_release(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A view of the release in the path that its pipeline's run may call with the release's
     own token (it drives that release's stages and nothing else), as well as a person whose
-    role grants ``_RELEASE_ACTIONS[kind]``."""
+    role grants ``_KIND_ACTIONS[kind]``."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -134,6 +136,11 @@ def by() -> str | None:
     request causes."""
     principal: Principal | None = g.get("principal")
     return principal.name if principal is not None else None
+
+
+def audit(kind: str, message: str) -> None:
+    """An event naming who asked, for a change whose domain call records none itself."""
+    _ctx().jobs.event(None, None, kind, message, actor=by())
 
 
 MAX_INT = 2**63 - 1  # SQLite's INTEGER: a larger number names nothing stored
@@ -304,13 +311,13 @@ def _job_doc(job_id: str) -> dict[str, Any]:
 @write
 def archive(name: str) -> Response:
     """Stop new releases of the model (409 while one runs); versions are still recorded."""
-    return jsonify(_job_doc(archive_model(_ctx(), name, who="a person (API)").id))
+    return jsonify(_job_doc(archive_model(_ctx(), name, who="a person (API)", by=by()).id))
 
 
 @bp.post("/models/<name>/unarchive")
 @write
 def unarchive(name: str) -> Response:
-    return jsonify(_job_doc(unarchive_model(_ctx(), name, who="a person (API)").id))
+    return jsonify(_job_doc(unarchive_model(_ctx(), name, who="a person (API)", by=by()).id))
 
 
 @bp.get("/models/<name>/versions")
@@ -346,6 +353,7 @@ def register_version(name: str) -> tuple[Response, int]:
     meta = parse_metadata(request.form.get("metadata"))
     ctx = _ctx()
     version = ctx.registry.register(name, upload.stream, meta)
+    audit("version.registered", f"{name} v{version.version} registered")
     ctx.wake.set()
     return jsonify(version_to_dict(version)), 201
 
@@ -361,7 +369,7 @@ def compute_version_statistics(name: str, number: int) -> tuple[Response, int]:
     if upload is None:
         raise InvalidInput("missing the `data` part: send multipart/form-data with the training data (CSV with a "
                            "header row, Parquet or JSON lines) as `data`", field="data")
-    job = start_statistics_job(_ctx(), name, number, upload.stream, upload.filename)
+    job = start_statistics_job(_ctx(), name, number, upload.stream, upload.filename, by=by())
     return jsonify(job.to_dict()), 202
 
 
@@ -417,20 +425,20 @@ def create_release() -> tuple[Response, int]:
             raise InvalidInput(f"missing `{key}`: send {{model, version, environment}}", field=key)
     model = validate_model_name(body["model"], field="model")
     environment = validate_environment_name(body["environment"], field="environment")
-    rid = start_release(_ctx(), model, _int(body["version"], "version"), environment)
+    rid = start_release(_ctx(), model, _int(body["version"], "version"), environment, by=by())
     return jsonify(_release_doc(_ctx().releases.get(rid))), 202
 
 
 @bp.post("/releases/<release_id>/stop")
 @write
 def stop_release(release_id: str) -> tuple[Response, int]:
-    return jsonify(_release_doc(_ctx().releases.request_cancel(release_id))), 202
+    return jsonify(_release_doc(_ctx().releases.request_cancel(release_id, by=by()))), 202
 
 
 @bp.post("/releases/<release_id>/approve")
 @approve
 def approve_release(release_id: str) -> tuple[Response, int]:
-    rel = _ctx().releases.approve(release_id, _comment())
+    rel = _ctx().releases.approve(release_id, _comment(), by=by())
     _ctx().wake.set()
     return jsonify(_release_doc(rel)), 200
 
@@ -438,7 +446,7 @@ def approve_release(release_id: str) -> tuple[Response, int]:
 @bp.post("/releases/<release_id>/reject")
 @approve
 def reject_release(release_id: str) -> tuple[Response, int]:
-    rel = _ctx().releases.reject(release_id, _comment())
+    rel = _ctx().releases.reject(release_id, _comment(), by=by())
     _ctx().wake.set()
     return jsonify(_release_doc(rel)), 200
 
@@ -575,8 +583,8 @@ def stop_job(job_id: str) -> tuple[Response, int]:
     ctx = _ctx()
     job = ctx.jobs.get(job_id)
     if job.release_id:
-        ctx.releases.request_cancel(job.release_id)
-    return jsonify(ctx.jobs.request_cancel(job_id).to_dict()), 202
+        ctx.releases.request_cancel(job.release_id, by=by())
+    return jsonify(ctx.jobs.request_cancel(job_id, by=by()).to_dict()), 202
 
 
 # endpoints and deployments
@@ -596,21 +604,21 @@ def get_endpoint(model: str, environment: str) -> Response:
 @write
 def promote(model: str, environment: str) -> tuple[Response, int]:
     body = _json_body()
-    rid = start_release(_ctx(), model, _int(body.get("version"), "version"), environment)
+    rid = start_release(_ctx(), model, _int(body.get("version"), "version"), environment, by=by())
     return jsonify(_release_doc(_ctx().releases.get(rid))), 202
 
 
 @bp.post("/endpoints/<model>/<environment>/rollback")
 @write
 def rollback(model: str, environment: str) -> Response:
-    return jsonify(rollback_endpoint(_ctx(), model, environment))
+    return jsonify(rollback_endpoint(_ctx(), model, environment, by=by()))
 
 
 @bp.post("/endpoints/<model>/<environment>/retire")
 @write
 def retire(model: str, environment: str) -> Response:
     """Drain the endpoint (409 while a release of it runs): traffic to zero, deployments stopped."""
-    return jsonify(_job_doc(retire_endpoint(_ctx(), model, environment, who="a person (API)").id))
+    return jsonify(_job_doc(retire_endpoint(_ctx(), model, environment, who="a person (API)", by=by()).id))
 
 
 @bp.post("/endpoints/<model>/<environment>/keys")
@@ -620,7 +628,10 @@ def keys(model: str, environment: str) -> Response:
     slot = _json_body().get("regenerate")
     if slot is not None and not isinstance(slot, str):
         raise InvalidInput(f"regenerate must be primary or secondary (got {slot!r})", field="regenerate")
-    return jsonify(endpoint_keys(_ctx(), model, environment, slot).to_dict())
+    keys_now = endpoint_keys(_ctx(), model, environment, slot)
+    if keys_now.shown:
+        audit("keys.shown", f"keys of {model}/{environment}: " + (f"{slot} regenerated" if slot else "made"))
+    return jsonify(keys_now.to_dict())
 
 
 @bp.get("/deployments")
@@ -639,6 +650,7 @@ def stop_data_plane() -> Response:
     if stop is None:
         raise Conflict("this server does not supervise a data plane (only `modelcd serve` does); "
                        "run `modelcd shutdown` where no service runs")
+    audit("data_plane.stopped", "router and deployments stopped until the service restarts")
     return jsonify({"stopped": stop()})
 
 
@@ -658,6 +670,7 @@ def connect_mlflow_source() -> Response:
     if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
         raise InvalidInput("url: where MLflow reaches modelcd, an http(s) URL (default MODELCD_URL)", field="url")
     done = connect_mlflow(_ctx().settings, uri, url)
+    audit("source.connected", f"MLflow webhook at {uri.rstrip('/')} connected")
     overridden = reload_sources(_ctx(), current_app.extensions["modelcd_intake"],
                                 {"mlflow_tracking_uri": uri.rstrip("/")})
     return jsonify({**done.to_dict(), "overridden": list(overridden), "live": True})
@@ -689,6 +702,7 @@ def put_policy() -> tuple[Response, int]:
         policy, revision = _ctx().policies.put(text, "request body")
     except RecursionError:
         raise InvalidInput("request body: the policy YAML is nested too deeply", field="body") from None
+    audit("policy.applied", f"policy {policy.name} revision {revision} applied")
     return jsonify({"name": policy.name, "revision": revision, "policy": public_policy(policy.to_dict())}), 200
 
 
@@ -713,6 +727,7 @@ def plan_policy() -> Response:
 @admin
 def delete_policy(name: str) -> tuple[Response, int]:
     _ctx().policies.delete(name)
+    audit("policy.deleted", f"policy {name} deleted")
     return jsonify({"deleted": name}), 200
 
 
@@ -737,6 +752,7 @@ def get_inbox(row_id: int) -> Response:
 def retry_inbox(row_id: int) -> tuple[Response, int]:
     ctx = _ctx()
     delivery = ctx.inbox.revive(row_id)
+    audit("delivery.retried", f"webhook delivery {row_id} sent back for processing")
     ctx.inbox_wake.set()
     return jsonify(delivery.to_dict()), 202
 
@@ -754,6 +770,7 @@ def create_batch() -> tuple[Response, int]:
     from modelcd.batch.scheduler import wake
 
     deployment = _batch().create(_json_body())
+    audit("batch.created", f"batch deployment {deployment.name} created")
     wake()
     return jsonify(_batch().show(deployment.name)), 201
 
@@ -776,6 +793,7 @@ def get_batch(name: str) -> Response:
 @write
 def delete_batch(name: str) -> tuple[Response, int]:
     _batch().delete(name)
+    audit("batch.deleted", f"batch deployment {name} deleted")
     return jsonify({"deleted": name}), 200
 
 
@@ -784,7 +802,7 @@ def delete_batch(name: str) -> tuple[Response, int]:
 def run_batch(name: str) -> tuple[Response, int]:
     from modelcd.batch.scheduler import wake
 
-    job_id = _batch().run_now(name)
+    job_id = _batch().run_now(name, by=by())
     wake()
     return jsonify(_ctx().jobs.get(job_id).to_dict()), 202
 
@@ -792,7 +810,9 @@ def run_batch(name: str) -> tuple[Response, int]:
 @bp.post("/batch/<name>/pause")
 @write
 def pause_batch(name: str) -> Response:
-    return jsonify(_batch().set_paused(name, True).to_dict())
+    paused = _batch().set_paused(name, True)
+    audit("batch.paused", f"batch deployment {name} paused")
+    return jsonify(paused.to_dict())
 
 
 @bp.post("/batch/<name>/resume")
@@ -801,6 +821,7 @@ def resume_batch(name: str) -> Response:
     from modelcd.batch.scheduler import wake
 
     deployment = _batch().set_paused(name, False)
+    audit("batch.resumed", f"batch deployment {name} resumed")
     wake()
     return jsonify(deployment.to_dict())
 
@@ -815,7 +836,9 @@ def add_connection() -> tuple[Response, int]:
     if "url" in body:
         raise InvalidInput("give url_env, the name of the environment variable holding the URL, not the URL",
                            field="url")
-    return jsonify(Connections(_ctx().db).add(body.get("name"), body.get("url_env"))), 201  # type: ignore[arg-type]
+    added = Connections(_ctx().db).add(body.get("name"), body.get("url_env"))  # type: ignore[arg-type]
+    audit("connection.added", f"connection {added['name']} added (URL in ${added['url_env']})")
+    return jsonify(added), 201
 
 
 @bp.get("/connections")
@@ -832,4 +855,5 @@ def remove_connection(name: str) -> Response:
     from modelcd.batch.datasets import Connections
 
     Connections(_ctx().db).remove(name)
+    audit("connection.removed", f"connection {name} removed")
     return jsonify({"deleted": name})

@@ -100,6 +100,16 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
      "of the service holding the SQLAlchemy URL (the URL itself is never stored or shown)", True, "json"),
     ("get", "/connections", "List connections: name, url_env and whether that variable is set", False, None),
     ("delete", "/connections/{name}", "Remove a connection", True, None),
+    ("get", "/users", "List users and their roles (admin)", True, None),
+    ("post", "/users", "Add a user {name, role}; role: viewer, deployer, approver or admin (admin)", True, "json"),
+    ("post", "/users/{user}/role", "Change a user's role {role} (admin)", True, "json"),
+    ("delete", "/users/{user}", "Remove a user; their tokens are revoked (admin)", True, None),
+    ("post", "/tokens", "Make an API token {user, name}: the answer's `token` is shown this once and stored only "
+     "as a hash (admin: anyone's; a user: their own)", True, "json"),
+    ("get", "/tokens", "List tokens (?user=): id, user, label, prefix, created, last used, revoked; never the token "
+     "(admin: anyone's; a user: their own)", True, None),
+    ("delete", "/tokens/{token_id}", "Revoke a token: refused from the next request on (admin: anyone's; a user: "
+     "their own)", True, None),
     ("get", "/openapi.json", "This document", False, None),
 ]
 
@@ -133,6 +143,8 @@ def _operation(method: str, path: str, summary: str, write: bool, body: str | No
         op["security"] = [{"bearer": []}]
         op["responses"]["401"] = {"description": "Missing or wrong token",
                                   "content": {"application/json": {"schema": ERROR}}}
+        op["responses"]["403"] = {"description": "The token's role does not grant this (the message names the "
+                                  "roles that do)", "content": {"application/json": {"schema": ERROR}}}
     if body:
         op["requestBody"] = {"required": True, "content": BODIES[body]}
     return op

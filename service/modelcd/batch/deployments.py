@@ -246,11 +246,12 @@ class BatchDeployments:
             conn.execute(delete(schema.batch_deployments).where(schema.batch_deployments.c.name == name))
 
     def claim(self, name: str, occurrence: str, trigger: str, *, cursor: float | None = None,
-              check: Any = None, job_id: str | None = None) -> str | None:
+              check: Any = None, job_id: str | None = None, by: str | None = None) -> str | None:
         """In one write transaction: the deployment still wants this run (``check(deployment,
         conn)``, when given), no run of it is in progress, then the run row (unique on
         deployment + occurrence), its job (scheduled) and the deployment's new ``cursor``.
-        Returns the job id, or None when the occurrence is not (or no longer) to run."""
+        Returns the job id, or None when the occurrence is not (or no longer) to run. ``by``: the
+        user who asked for a manual run."""
         job_id = job_id or new_id("j")
         ts = now()
         try:
@@ -273,7 +274,7 @@ class BatchDeployments:
                 what = "manual run" if trigger == "manual" else f"{trigger} occurrence {occurrence}"
                 conn.execute(schema.events.insert().values(
                     release_id=None, job_id=job_id, ts=ts, kind="job.created",
-                    message=f"batch_prediction job created: {name} ({what})"))
+                    message=f"batch_prediction job created: {name} ({what})", actor=by))
                 conn.execute(schema.events.insert().values(
                     release_id=None, job_id=job_id, ts=ts, kind="job.scheduled",
                     message=f"{what} of batch deployment {name}"))
@@ -291,10 +292,10 @@ class BatchDeployments:
                 schema.batch_deployments.c.name == name, schema.batch_deployments.c.cursor < cursor)
                 .values(cursor=cursor))
 
-    def run_now(self, name: str) -> str:
-        """A manual run: the job (scheduled) that the scheduler starts."""
+    def run_now(self, name: str, by: str | None = None) -> str:
+        """A manual run (``by``: who asked): the job (scheduled) that the scheduler starts."""
         job_id = new_id("j")
-        claimed = self.claim(name, f"manual:{job_id}", "manual", job_id=job_id)
+        claimed = self.claim(name, f"manual:{job_id}", "manual", job_id=job_id, by=by)
         assert claimed is not None
         return claimed
 

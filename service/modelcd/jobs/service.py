@@ -87,7 +87,9 @@ class Jobs:
         self._lock = threading.Lock()
 
     def create(self, type_: JobType, *, release_id: str | None = None, model: str | None = None,
-               version: int | None = None, environment: str | None = None, runs_in: str | None = None) -> Job:
+               version: int | None = None, environment: str | None = None, runs_in: str | None = None,
+               actor: str | None = None) -> Job:
+        """A new job (``actor``: the user who asked for it; None: the engine)."""
         job_id = new_id("j")
         ts = now()
         with self.db.write() as conn:
@@ -97,7 +99,8 @@ class Jobs:
                 runs_in=runs_in, created_at=ts))
             conn.execute(schema.events.insert().values(
                 release_id=release_id, job_id=job_id, ts=ts, kind="job.created",
-                message=f"{type_} job created" + (" (runs in the pipeline's runner)" if runs_in == "runner" else "")))
+                message=f"{type_} job created" + (" (runs in the pipeline's runner)" if runs_in == "runner" else ""),
+                actor=actor))
         return self.get(job_id)
 
     def transition(self, job_id: str, state: JobState, message: str = "", error: str | None = None) -> Job:
@@ -184,12 +187,13 @@ class Jobs:
             for k in keys:
                 self._cancel_events.pop(k, None)
 
-    def request_cancel(self, job_id: str) -> Job:
+    def request_cancel(self, job_id: str, by: str | None = None) -> Job:
         job = self.get(job_id)
         if job.state.terminal:
             raise Conflict(f"job {job_id} already {job.state}; nothing to stop")
         with self.db.write() as conn:
             conn.execute(update(schema.jobs).where(schema.jobs.c.id == job_id).values(cancel_requested=True))
-        self.event(job_id, job.release_id, "job.stop_requested", "stop requested")
+        self.event(job_id, job.release_id, "job.stop_requested", f"stop requested by {by}" if by else "stop requested",
+                   actor=by)
         self.cancel_event(job.release_id or job_id).set()
         return self.get(job_id)

@@ -59,9 +59,11 @@ def _suffix(name: str) -> str:
     return "".join(s.lower() for s in Path(name).suffixes[-2:] if _SUFFIX.fullmatch(s))
 
 
-def start_statistics_job(ctx: Context, model: str, version: int, upload: IO[bytes], filename: str | None) -> Job:
-    """Save ``upload`` (the training data) in a locked temporary, create the job, and compute
-    on a worker thread; returns the job, scheduled. NotFound when the version does not exist."""
+def start_statistics_job(ctx: Context, model: str, version: int, upload: IO[bytes], filename: str | None,
+                         by: str | None = None) -> Job:
+    """Save ``upload`` (the training data) in a locked temporary, create the job (``by``: who
+    asked), and compute on a worker thread; returns the job, scheduled. NotFound when the
+    version does not exist."""
     ctx.registry.get_version(model, version)
     source = display_name(filename)
     stack = contextlib.ExitStack()
@@ -70,7 +72,7 @@ def start_statistics_job(ctx: Context, model: str, version: int, upload: IO[byte
         path = work / f"training-data{_suffix(source)}"
         with path.open("wb") as f:
             shutil.copyfileobj(upload, f, 1024 * 1024)
-        job = ctx.jobs.create(JobType.STATISTICS, model=model, version=version)
+        job = ctx.jobs.create(JobType.STATISTICS, model=model, version=version, actor=by)
         ctx.jobs.transition(job.id, JobState.SCHEDULED, f"statistics of {source} ({path.stat().st_size} bytes)")
         thread = threading.Thread(target=_in_thread, args=(ctx, job.id, path, source, stack),
                                   name=f"statistics-{job.id}", daemon=True)

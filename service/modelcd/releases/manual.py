@@ -15,9 +15,11 @@ from modelcd.releases.retirement import archived_refusal
 from modelcd.releases.rollback_event import rollback_moved, write_rollback_event
 
 
-def start_release(ctx: Context, model: str, version: int, environment: str, trigger: str = "manual") -> str:
+def start_release(ctx: Context, model: str, version: int, environment: str, trigger: str = "manual",
+                  by: str | None = None) -> str:
     """Queue a release of ``model`` v``version`` to ``environment`` under the model's policy
-    (the environment's step in it, or blue-green on the process target if it has none)."""
+    (the environment's step in it, or blue-green on the process target if it has none);
+    ``by``: the user who asked (None: the engine)."""
     validate_model_name(model)
     validate_environment_name(environment, field="environment")
     v = ctx.registry.get_version(model, version)
@@ -34,12 +36,12 @@ def start_release(ctx: Context, model: str, version: int, environment: str, trig
         if refused is not None:
             raise refused
         rid = ctx.releases.create_in(conn, model=model, version=version, environment=environment, policy=policy,
-                                     env_index=index, trigger=trigger)
+                                     env_index=index, trigger=trigger, by=by)
     ctx.wake.set()
     return rid
 
 
-def rollback_endpoint(ctx: Context, model: str, environment: str) -> dict[str, Any]:
+def rollback_endpoint(ctx: Context, model: str, environment: str, by: str | None = None) -> dict[str, Any]:
     """Send the endpoint back to what served before its last release (or rollback) began.
     Instant when those deployments are still warm (retention keeps them), and then the split
     being left becomes the previous one, so a second rollback returns; otherwise a release of
@@ -61,8 +63,9 @@ def rollback_endpoint(ctx: Context, model: str, environment: str) -> dict[str, A
                and ctx.target(records[dep_id].target).is_alive(handle_of(records[dep_id], ctx.home))
                for dep_id in previous)
     version = None if warm else _previous_version(model, environment, endpoint.versions, previous, records)
-    job = ctx.jobs.create(JobType.ROLLBACK, model=model, environment=environment)
-    ctx.jobs.transition(job.id, JobState.RUNNING, f"rolling back {model}/{environment} to {previous}")
+    job = ctx.jobs.create(JobType.ROLLBACK, model=model, environment=environment, actor=by)
+    ctx.jobs.transition(job.id, JobState.RUNNING, f"rolling back {model}/{environment} to {previous}"
+                        + (f" (asked by {by})" if by else ""))
     log = ctx.jobs.logger(job.id)
     try:
         if version is None:
@@ -73,7 +76,7 @@ def rollback_endpoint(ctx: Context, model: str, environment: str) -> dict[str, A
             ctx.jobs.transition(job.id, JobState.SUCCEEDED, "traffic restored")
             ep = ctx.traffic.get(model, environment)
             return {"job_id": job.id, "release_id": None, "traffic": ep.to_dict()["traffic"]}
-        rid = start_release(ctx, model, version, environment, trigger="rollback")
+        rid = start_release(ctx, model, version, environment, trigger="rollback", by=by)
         log(f"the previous deployment was stopped; queued release {rid} of v{version}")
         ctx.jobs.transition(job.id, JobState.SUCCEEDED, f"queued release {rid}")
         return {"job_id": job.id, "release_id": rid, "traffic": endpoint.to_dict()["traffic"]}

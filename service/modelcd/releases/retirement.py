@@ -77,8 +77,9 @@ def _finish(ctx: Context, job: Job, error: ModelcdError | None, message: str = "
     return ctx.jobs.transition(job.id, JobState.SUCCEEDED, message)
 
 
-def retire_endpoint(ctx: Context, model: str, environment: str, who: str = "a person") -> Job:
-    """Drain ``model``'s endpoint in ``environment`` (see the module); the finished job."""
+def retire_endpoint(ctx: Context, model: str, environment: str, who: str = "a person", by: str | None = None) -> Job:
+    """Drain ``model``'s endpoint in ``environment`` (see the module); the finished job (``by``:
+    the user who asked, recorded on its events)."""
     validate_model_name(model, field="model")
     validate_environment_name(environment, field="environment")
     key = f"{model}/{environment}"
@@ -90,8 +91,8 @@ def retire_endpoint(ctx: Context, model: str, environment: str, who: str = "a pe
         running = _releases(conn, ACTIVE, model, environment)
     if running:
         raise _busy(f"retire {key}", running, "environment")
-    job = ctx.jobs.create(JobType.RETIRE, model=model, environment=environment)
-    ctx.jobs.transition(job.id, JobState.RUNNING, f"retiring {key} (asked by {who})")
+    job = ctx.jobs.create(JobType.RETIRE, model=model, environment=environment, actor=by)
+    ctx.jobs.transition(job.id, JobState.RUNNING, f"retiring {key} (asked by {by or who})")
     log = ctx.jobs.logger(job.id)
     serving = {f"v{v}": w for v, w in endpoint.versions.items()}
     log(f"{key} serves {serving or 'nothing'}; draining it: traffic to zero, then its deployments stop")
@@ -112,7 +113,7 @@ def retire_endpoint(ctx: Context, model: str, environment: str, who: str = "a pe
         for dep in stopping:  # before the processes stop, so nothing starts them again
             ctx.deployments.update(dep.id, conn, state=DeploymentState.STOPPED)
         conn.execute(schema.events.insert().values(
-            job_id=job.id, ts=ts, kind="endpoint.retired",
+            job_id=job.id, ts=ts, kind="endpoint.retired", actor=by,
             message=f"{key}: traffic to zero, the router answers 410; {len(stopping)} deployment(s) to stop"))
         return stopping, said, None
 
@@ -152,8 +153,8 @@ def _stop_all(ctx: Context, job: Job, deployments: list[Deployment]) -> list[str
     return failed
 
 
-def archive_model(ctx: Context, model: str, who: str = "a person") -> Job:
-    """Stop new releases of ``model`` (see the module); the finished job."""
+def archive_model(ctx: Context, model: str, who: str = "a person", by: str | None = None) -> Job:
+    """Stop new releases of ``model`` (see the module); the finished job (``by``: who asked)."""
     validate_model_name(model, field="name")
     found = ctx.registry.get_model(model)  # NotFound names `modelcd models`
     if found.get("archived_at"):
@@ -163,8 +164,8 @@ def archive_model(ctx: Context, model: str, who: str = "a person") -> Job:
         running = _releases(conn, ACTIVE, model)
     if running:
         raise _busy(f"archive model {model}", running, "name")
-    job = ctx.jobs.create(JobType.ARCHIVE, model=model)
-    ctx.jobs.transition(job.id, JobState.RUNNING, f"archiving model {model} (asked by {who})")
+    job = ctx.jobs.create(JobType.ARCHIVE, model=model, actor=by)
+    ctx.jobs.transition(job.id, JobState.RUNNING, f"archiving model {model} (asked by {by or who})")
     log = ctx.jobs.logger(job.id)
     refused: Conflict | None = None
     said: list[str] = []
@@ -178,7 +179,7 @@ def archive_model(ctx: Context, model: str, who: str = "a person") -> Job:
             ts = now()
             conn.execute(update(schema.models).where(schema.models.c.name == model).values(archived_at=ts))
             conn.execute(schema.events.insert().values(
-                job_id=job.id, ts=ts, kind="model.archived",
+                job_id=job.id, ts=ts, kind="model.archived", actor=by,
                 message=f"model {model} archived: versions are still recorded, no release starts"))
     if refused is not None:
         _finish(ctx, job, refused)
@@ -191,7 +192,7 @@ def archive_model(ctx: Context, model: str, who: str = "a person") -> Job:
     return _finish(ctx, job, None, f"model {model} archived")
 
 
-def unarchive_model(ctx: Context, model: str, who: str = "a person") -> Job:
+def unarchive_model(ctx: Context, model: str, who: str = "a person", by: str | None = None) -> Job:
     """Let releases of ``model`` start again. Versions recorded while it was archived are not
     released by this: the log names them, to promote by hand."""
     validate_model_name(model, field="name")
@@ -199,14 +200,15 @@ def unarchive_model(ctx: Context, model: str, who: str = "a person") -> Job:
     since = found.get("archived_at")
     if not since:
         raise Conflict(f"model {model} is not archived; nothing to unarchive", field="name")
-    job = ctx.jobs.create(JobType.UNARCHIVE, model=model)
-    ctx.jobs.transition(job.id, JobState.RUNNING, f"unarchiving model {model} (asked by {who})")
+    job = ctx.jobs.create(JobType.UNARCHIVE, model=model, actor=by)
+    ctx.jobs.transition(job.id, JobState.RUNNING, f"unarchiving model {model} (asked by {by or who})")
     log = ctx.jobs.logger(job.id)
     with ctx.db.write() as conn:
         ts = now()
         conn.execute(update(schema.models).where(schema.models.c.name == model).values(archived_at=None))
         conn.execute(schema.events.insert().values(
-            job_id=job.id, ts=ts, kind="model.unarchived", message=f"model {model} unarchived: releases start again"))
+            job_id=job.id, ts=ts, kind="model.unarchived", actor=by,
+            message=f"model {model} unarchived: releases start again"))
         v, r = schema.versions.c, schema.releases.c
         released = select(r.version).where(r.model == model)
         waiting = [int(n) for (n,) in conn.execute(select(v.version).where(

@@ -98,9 +98,10 @@ class Releases:
         self.jobs = jobs
 
     def create_in(self, conn: Any, *, model: str, version: int, environment: str, policy: Policy, env_index: int,
-                  trigger: str) -> str:
-        """Insert a queued release inside the caller's transaction. Older queued releases of the
-        same endpoint are superseded: only the newest waiting version matters."""
+                  trigger: str, by: str | None = None) -> str:
+        """Insert a queued release inside the caller's transaction (``by``: the user who asked,
+        None for the engine). Older queued releases of the same endpoint are superseded: only
+        the newest waiting version matters."""
         rid = new_id("r")
         ts = now()
         older = conn.execute(select(schema.releases.c.id).where(
@@ -111,14 +112,14 @@ class Releases:
                 phase=str(Phase.SUPERSEDED), updated_at=ts, finished_at=ts,
                 error=f"superseded by {model} v{version} ({rid})"))
             conn.execute(schema.events.insert().values(
-                release_id=old_id, ts=ts, kind="release.superseded", message=f"superseded by release {rid}"))
+                release_id=old_id, ts=ts, kind="release.superseded", message=f"superseded by release {rid}", actor=by))
         conn.execute(schema.releases.insert().values(
             id=rid, model=model, version=version, environment=environment, policy_name=policy.name,
             policy=policy.to_dict(), env_index=env_index, trigger=trigger, phase=str(Phase.QUEUED),
             cancel_requested=False, created_at=ts, updated_at=ts))
         conn.execute(schema.events.insert().values(
             release_id=rid, ts=ts, kind="release.queued",
-            message=f"{model} v{version} → {environment} ({trigger}, policy {policy.name})"))
+            message=f"{model} v{version} → {environment} ({trigger}, policy {policy.name})", actor=by))
         return rid
 
     def get(self, release_id: str) -> Release:
@@ -167,8 +168,10 @@ class Releases:
             _moved(conn, release_id, ts)
         return True
 
-    def advance(self, release_id: str, to: Phase, message: str = "", **values: Any) -> Release:
-        """Move a release to ``to`` (refusing an illegal move), store ``values``, write an event."""
+    def advance(self, release_id: str, to: Phase, message: str = "", *, by: str | None = None,
+                **values: Any) -> Release:
+        """Move a release to ``to`` (refusing an illegal move), store ``values``, write an event
+        (``by``: the user who caused the move; None: the engine)."""
         ts = now()
         with self.db.write() as conn:
             row = conn.execute(select(schema.releases).where(schema.releases.c.id == release_id)).first()
@@ -182,7 +185,7 @@ class Releases:
                 values["error"] = self.jobs.redact(values["error"])
             conn.execute(update(schema.releases).where(schema.releases.c.id == release_id).values(**values))
             conn.execute(schema.events.insert().values(
-                release_id=release_id, ts=ts, kind=f"release.{to}", message=self.jobs.redact(message)))
+                release_id=release_id, ts=ts, kind=f"release.{to}", message=self.jobs.redact(message), actor=by))
             _moved(conn, release_id, ts)
         return self.get(release_id)
 
@@ -191,31 +194,31 @@ class Releases:
             conn.execute(update(schema.releases).where(schema.releases.c.id == release_id)
                          .values(updated_at=now(), **values))
 
-    def approve(self, release_id: str, comment: str = "") -> Release:
-        """A person lets a release waiting at its approval gate move traffic."""
-        return self._answer_gate(release_id, Phase.PROMOTING, "approved", comment)
+    def approve(self, release_id: str, comment: str = "", by: str | None = None) -> Release:
+        """A person (``by``) lets a release waiting at its approval gate move traffic."""
+        return self._answer_gate(release_id, Phase.PROMOTING, "approved", comment, by)
 
-    def reject(self, release_id: str, comment: str = "") -> Release:
-        """A person refuses a release waiting at its approval gate: it rolls back and fails."""
-        return self._answer_gate(release_id, Phase.ROLLING_BACK, "rejected", comment)
+    def reject(self, release_id: str, comment: str = "", by: str | None = None) -> Release:
+        """A person (``by``) refuses a release waiting at its approval gate: it rolls back and fails."""
+        return self._answer_gate(release_id, Phase.ROLLING_BACK, "rejected", comment, by)
 
-    def _answer_gate(self, release_id: str, to: Phase, verb: str, comment: str) -> Release:
+    def _answer_gate(self, release_id: str, to: Phase, verb: str, comment: str, by: str | None) -> Release:
         if not isinstance(comment, str) or len(comment) > 1000:
             raise InvalidInput("comment must be text of at most 1000 characters", field="comment")
         rel = self.get(release_id)
         if rel.phase is not Phase.AWAITING_APPROVAL:
             raise Conflict(f"release {release_id} is {rel.phase}, not awaiting approval; only a release waiting at "
                            "its approval gate can be approved or rejected", field="release_id")
-        said = f"{verb} by a person" + (f": {comment}" if comment else "")
+        said = f"{verb} by {by or 'a person'}" + (f": {comment}" if comment else "")
         try:
             values = {} if to is Phase.PROMOTING else {"error": said}
-            rel = self.advance(release_id, to, said, **values)
+            rel = self.advance(release_id, to, said, by=by, **values)
         except Conflict:
             raise Conflict(f"release {release_id} left the approval gate meanwhile; nothing {verb}",
                            field="release_id") from None
         with self.db.write() as conn:
             conn.execute(schema.events.insert().values(release_id=release_id, ts=now(), kind=f"release.{verb}",
-                                                       message=self.jobs.redact(said)))
+                                                       message=self.jobs.redact(said), actor=by))
         return rel
 
     def cancel_queued_in(self, conn: Any, release_id: str, why: str) -> None:
@@ -231,8 +234,9 @@ class Releases:
                 release_id=release_id, ts=ts, kind=f"release.{Phase.CANCELLED}", message=self.jobs.redact(why)))
             _moved(conn, release_id, ts)
 
-    def request_cancel(self, release_id: str) -> Release:
-        """Stop a release: queued ones end at once; running ones roll back at the next check."""
+    def request_cancel(self, release_id: str, by: str | None = None) -> Release:
+        """Stop a release (``by``: who asked): queued ones end at once; running ones roll back at
+        the next check."""
         rel = self.get(release_id)
         if rel.phase.terminal:
             raise Conflict(f"release {release_id} already {rel.phase}; nothing to stop")
@@ -243,10 +247,11 @@ class Releases:
             conn.execute(update(schema.releases).where(schema.releases.c.id == release_id)
                          .values(cancel_requested=True, updated_at=now()))
             conn.execute(schema.events.insert().values(
-                release_id=release_id, ts=now(), kind="release.stop_requested", message="stop requested"))
+                release_id=release_id, ts=now(), kind="release.stop_requested",
+                message=f"stop requested by {by}" if by else "stop requested", actor=by))
         if rel.phase is Phase.QUEUED:
             try:
-                self.advance(release_id, Phase.CANCELLED, "stopped before it started")
+                self.advance(release_id, Phase.CANCELLED, "stopped before it started", by=by)
             except Conflict:
                 pass  # the runner claimed it meanwhile; it sees cancel_requested
         self.jobs.cancel_event(release_id).set()
