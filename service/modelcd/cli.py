@@ -434,7 +434,12 @@ def releases_show(obj: Obj, release_id: str, as_json: bool) -> None:
     _table(rel["jobs"], ["id", "type", "state", "runs_in", "started_at", "finished_at", "error"])
     click.echo("events:")
     for ev in rel["events"]:
-        click.echo(f"  {ev['ts']}  {ev['kind']:<24} {ev['message']}")
+        click.echo(f"  {ev['ts']}  {ev['kind']:<24} {_actor(ev):<12} {ev['message']}")
+
+
+def _actor(event: dict[str, Any]) -> str:
+    """Who caused an event: the user, or ``modelcd`` for the engine itself."""
+    return str(event.get("actor") or "modelcd")
 
 
 @releases.command("stop")
@@ -519,7 +524,7 @@ def jobs_show(obj: Obj, job_id: str, as_json: bool) -> None:
         return
     click.echo(f"job {job['id']} ({job['type']}): {job['state']}" + (f" — {job['error']}" if job["error"] else ""))
     for ev in job["events"]:
-        click.echo(f"  {ev['ts']}  {ev['kind']:<20} {ev['message']}")
+        click.echo(f"  {ev['ts']}  {ev['kind']:<20} {_actor(ev):<12} {ev['message']}")
 
 
 @jobs.command("logs")
@@ -1283,3 +1288,8 @@ def connections_remove(obj: Obj, name: str) -> None:
     obj.client.request("DELETE", api_path("connections", name))
     click.echo(f"removed connection {name}")
 
+
+from modelcd.cli_users import tokens, users  # noqa: E402 (they use the helpers above)
+
+main.add_command(users)
+main.add_command(tokens)
