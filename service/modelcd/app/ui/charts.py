@@ -12,29 +12,32 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+BAR_W, BAR_H = 200, 12  # the traffic bar's units: it keeps this shape at any width
 COLOURS = ("#2f6db5", "#e08a1e", "#3a9a5b", "#b5452f", "#7b5bb5", "#5b8a9a")
 
 
 def traffic_bar(segments: Sequence[tuple[str, float]], label: str) -> Markup:
-    """One horizontal bar split by weight (``[(name, weight)]``), each part named with its share."""
+    """One horizontal bar split by weight (``[(name, weight)]``), each part named with its share
+    (inside it when it is wide enough, in its tooltip always)."""
     total = sum(w for _, w in segments if w > 0)
     parts: list[str] = []
     x = 0.0
     if total <= 0:
-        parts.append('<rect x="0" y="0" width="100" height="8" fill="#ddd"/>'
-                     '<text x="50" y="5.5" font-size="3.5" text-anchor="middle">no traffic</text>')
+        parts.append(f'<rect x="0" y="0" width="{BAR_W}" height="{BAR_H}" fill="#ddd"/>'
+                     f'<text x="{BAR_W / 2}" y="{BAR_H * 0.68:.1f}" font-size="6" text-anchor="middle">'
+                     'no traffic</text>')
     for i, (name, weight) in enumerate(s for s in segments if s[1] > 0):
-        width = 100.0 * weight / total if total else 0
+        width = BAR_W * weight / total
         share = f"{100.0 * weight / total:.0f}%"
         colour = COLOURS[i % len(COLOURS)]
-        parts.append(f'<rect x="{x:.2f}" y="0" width="{width:.2f}" height="8" fill="{colour}">'
+        parts.append(f'<rect x="{x:.2f}" y="0" width="{width:.2f}" height="{BAR_H}" fill="{colour}">'
                      f'<title>{escape(name)}: {share}</title></rect>')
-        if width >= 12:
-            parts.append(f'<text x="{x + width / 2:.2f}" y="5.4" font-size="3.5" fill="#fff" text-anchor="middle">'
-                         f'{escape(name)} {share}</text>')
+        if width >= 24:
+            parts.append(f'<text x="{x + width / 2:.2f}" y="{BAR_H * 0.68:.1f}" font-size="6" fill="#fff" '
+                         f'text-anchor="middle">{escape(name)} {share}</text>')
         x += width
-    return Markup(f'<svg class="bar" viewBox="0 0 100 8" preserveAspectRatio="none" role="img" '
-                  f'aria-label="{escape(label)}">{"".join(parts)}</svg>')
+    return Markup(f'<svg class="bar" viewBox="0 0 {BAR_W} {BAR_H}" role="img" aria-label="{escape(label)}">'
+                  f'{"".join(parts)}</svg>')
 
 
 @dataclass(frozen=True)
