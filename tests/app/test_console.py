@@ -252,7 +252,9 @@ def test_deploy_approve_retry_stop_and_policies_from_the_console(ctx: Context, c
     assert r.status_code == 303
     assert ctx.releases.get(world["release"]).phase is Phase.PROMOTING
     events = client.get(f"/ui/releases/{world['release']}").data.decode()
-    assert "looks good" in events
+    approved = re.search(r'<li class="event" data-kind="release.approved".*?</li>', events, re.S)
+    assert approved is not None and '<span class="actor">alice</span>' in approved.group(0)
+    assert "looks good" in approved.group(0)
 
     client.delete_cookie("modelcd_session", path="/ui")
     csrf = sign_in(client, TOKEN)
@@ -273,6 +275,11 @@ def test_deploy_approve_retry_stop_and_policies_from_the_console(ctx: Context, c
     assert 'id="validation-ok"' in good.data.decode()
     r = client.post("/ui/policies/apply", data={"csrf_token": csrf, "policy": "name: web2\n"})
     assert r.status_code == 303 and ctx.policies.get("web2")["revision"] == 1
+    with ctx.db.read() as conn:
+        ev = schema.events
+        audit = {(e.kind, e.actor) for e in conn.execute(select(ev).where(ev.c.release_id.is_(None)))}
+    assert {("policy.applied", "admin"), ("delivery.retried", "admin")} <= audit
+    assert ("job.stop_requested", "admin") in {(e["kind"], e.get("actor")) for e in ctx.jobs.events(job_id=job.id)}
 
 
 def test_long_lists_paginate(ctx: Context, client: FlaskClient) -> None:

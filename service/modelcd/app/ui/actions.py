@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Response, g, make_response, redirect, render_template, request
 
-from modelcd.app.ui import bp, ctx, flash_and_redirect, principal_for_token, require, safe_next, sessions
+from modelcd.app.ui import bp, ctx, flash_and_redirect, principal, principal_for_token, require, safe_next, sessions
 from modelcd.app.ui.pages import JOB_ID, RELEASE_ID, _id, render
 from modelcd.app.ui.sessions import COOKIE, SESSION_S
 from modelcd.errors import ModelcdError
@@ -59,20 +59,20 @@ def _act(back: str, done: Callable[[], str]) -> Response:
     return flash_and_redirect(message, back)
 
 
-def _by(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a domain action as the signed-in person (``by``: their name, recorded in its events)."""
-    return fn(*args, **kwargs)
+def _audit(kind: str, message: str) -> None:
+    """An event naming who did it, for a change whose domain call records none itself (as the API)."""
+    ctx().jobs.event(None, None, kind, message, actor=principal().name)
 
 
 @bp.post("/models/<name>/versions/<int:number>/deploy")
 def deploy(name: str, number: int) -> Response:
     from modelcd.releases.manual import start_release
 
-    require("deploy")
+    who = require("deploy")
     validate_model_name(name, field="name")
     environment = validate_environment_name(request.form.get("environment") or "", field="environment")
     try:
-        rid = start_release(ctx(), name, number, environment)
+        rid = start_release(ctx(), name, number, environment, by=who.name)
     except ModelcdError as e:
         return flash_and_redirect(f"Refused: {e.message}", f"/ui/models/{name}/versions/{number}/deploy"
                                   f"?environment={environment}")
@@ -81,25 +81,25 @@ def deploy(name: str, number: int) -> Response:
 
 @bp.post("/releases/<release_id>/stop")
 def stop_release(release_id: str) -> Response:
-    require("deploy")
+    who = require("deploy")
     _id(release_id, RELEASE_ID, "release")
 
     def done() -> str:
-        rel = _by(ctx().releases.request_cancel, release_id)
+        rel = ctx().releases.request_cancel(release_id, by=who.name)
         return f"Stop requested: release {release_id} is {rel.phase}"
 
     return _act(f"/ui/releases/{release_id}", done)
 
 
 def _answer(release_id: str, verb: str) -> Response:
-    require("approve")
+    who = require("approve")
     _id(release_id, RELEASE_ID, "release")
     comment = request.form.get("comment") or ""
     c = ctx()
     fn = c.releases.approve if verb == "approve" else c.releases.reject
 
     def done() -> str:
-        rel = _by(fn, release_id, comment)
+        rel = fn(release_id, comment, by=who.name)
         c.wake.set()
         return f"Release {release_id} {verb}d: now {rel.phase}"
 
@@ -120,7 +120,7 @@ def _rollback(model: str, environment: str, back: str) -> Response:
     from modelcd.releases.manual import rollback_endpoint
 
     def done() -> str:
-        result = _by(rollback_endpoint, ctx(), model, environment)
+        result = rollback_endpoint(ctx(), model, environment, by=principal().name)
         if result.get("release_id"):
             return f"Rolling back {model}/{environment}: release {result['release_id']} queued"
         split = ", ".join(f"v{v} {w}%" for v, w in result["traffic"].items())
@@ -156,6 +156,7 @@ def regenerate(model: str, environment: str) -> Response:
 
     try:
         shown = endpoint_keys(ctx(), model, environment, slot).shown
+        _audit("keys.shown", f"keys of {model}/{environment}: {slot} regenerated")
     except ModelcdError as e:
         return flash_and_redirect(f"Refused: {e.message}", f"/ui/endpoints/{model}/{environment}")
     # the new key is shown on this answer only (never stored, never in a redirect's flash)
@@ -167,15 +168,15 @@ def regenerate(model: str, environment: str) -> Response:
 
 @bp.post("/jobs/<job_id>/stop")
 def stop_job(job_id: str) -> Response:
-    require("deploy")
+    who = require("deploy")
     _id(job_id, JOB_ID, "job")
     c = ctx()
 
     def done() -> str:
         job = c.jobs.get(job_id)
         if job.release_id and not c.releases.get(job.release_id).phase.terminal:
-            _by(c.releases.request_cancel, job.release_id)
-        return f"Stop requested for job {_by(c.jobs.request_cancel, job_id).id}"
+            c.releases.request_cancel(job.release_id, by=who.name)
+        return f"Stop requested for job {c.jobs.request_cancel(job_id, by=who.name).id}"
 
     return _act(f"/ui/jobs/{job_id}", done)
 
@@ -188,6 +189,7 @@ def retry(row_id: int) -> Response:
     def done() -> str:
         d = c.inbox.revive(row_id)
         c.inbox_wake.set()
+        _audit("delivery.retried", f"webhook delivery {row_id} sent back for processing")
         return f"Delivery {d.id} ({d.source}) sent back for processing"
 
     return _act("/ui/inbox", done)
@@ -229,6 +231,7 @@ def apply_policy() -> Response:
         except ValueError as e:
             return f"Refused: {e}"
         policy, revision = ctx().policies.put(text, "the policy")
+        _audit("policy.applied", f"policy {policy.name} revision {revision} applied")
         return f"Policy {policy.name} applied (revision {revision})"
 
     return _act("/ui/policies", done)
