@@ -22,14 +22,14 @@ from sklearn import metrics as sk
 from sklearn.datasets import load_iris
 
 from modelcd.batch.evaluation import data_identity, evaluate_dataset
-from modelcd.config import load_settings
-from modelcd.context import Context, build_context
+from modelcd.context import Context
 from modelcd.domain import JobState
 from modelcd.errors import Cancelled, InvalidInput, NotFound
 from modelcd.jobs.evaluation import evaluation_spec, start_evaluation_job
 from modelcd.registry.archive import pack_tree
 from modelcd.registry.service import parse_metadata
-from tests.conftest import free_port, iris_model
+from tests.batch.test_scoring import _context
+from tests.conftest import iris_model
 from tests.registry.conftest import aws_env, moto_endpoint  # noqa: F401 - fixtures
 
 COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -56,11 +56,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     noisy.to_parquet(root / "noisy.parquet", index=False)
     return {"home": root / "home", "model": model, "iris": root / "iris.csv", "noisy": root / "noisy.parquet",
             "x": x, "y": y, "rows": noisy}
-
-
-def _context(home: Path, **env: str) -> Context:
-    return build_context(load_settings(environ={"MODELCD_HOME": str(home), "MODELCD_TOKEN": "t" * 24,
-                                                "MODELCD_ROUTER_PORT": str(free_port()), **env}))
 
 
 @pytest.fixture

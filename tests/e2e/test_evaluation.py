@@ -5,8 +5,6 @@ stays on v1), a v3 as good as the champion passes, using the champion's stored r
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,18 +15,11 @@ import pytest
 from sklearn.datasets import load_iris
 
 from tests.conftest import Service, iris_model, running_service
+from tests.e2e.test_batch_schedule import cli
 from tests.registry.conftest import aws_env, moto_endpoint  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
-
-
-def cli(svc: Service, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", "modelcd", *args], env=svc.env, capture_output=True, text=True,
-                          timeout=300)
-    if check:
-        assert done.returncode == 0, done.stdout + done.stderr
-    return done
 
 
 def serving_versions(svc: Service) -> set[int]:
