@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -11,6 +12,13 @@ from modelcd.registry.names import validate_model_name
 from modelcd.releases.policy import DEFAULT_POLICY, Policy, parse_policy, select_policy
 from modelcd.store import schema
 from modelcd.store.db import Database, now
+
+
+@lru_cache(maxsize=256)
+def _parsed(name: str, text: str) -> Policy:
+    """A stored policy's text parsed once per process (a Policy is frozen): matching a version and
+    planning a release read every stored policy."""
+    return parse_policy(text, f"policy {name}")
 
 
 class Policies:
@@ -43,7 +51,7 @@ class Policies:
                 return {"name": name, "revision": 0, "text": "", "builtin": True, "policy": DEFAULT_POLICY.to_dict()}
             raise NotFound(f"policy {name!r} not found; list them with `modelcd policies list`", field="name")
         m = dict(row._mapping)
-        m["policy"] = parse_policy(m["text"], f"policy {name}").to_dict()
+        m["policy"] = _parsed(name, m["text"]).to_dict()
         return m
 
     def delete(self, name: str) -> None:
@@ -55,7 +63,7 @@ class Policies:
     def all(self) -> list[Policy]:
         with self.db.read() as conn:
             rows = conn.execute(select(schema.policies.c.name, schema.policies.c.text)).all()
-        return [parse_policy(text, f"policy {name}") for name, text in rows]
+        return [_parsed(name, text) for name, text in rows]
 
     def list(self) -> list[dict[str, Any]]:
         with self.db.read() as conn:

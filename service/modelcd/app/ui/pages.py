@@ -132,8 +132,8 @@ def deploy_form(name: str, number: int) -> str:
         validate_environment_name(environment, field="environment")
     c = ctx()
     v = c.registry.get_version(name, number)
-    chain = [e.name for e in c.policies.select(name, v.tags, str(v.source)).environments]
     plan = plan_release(c, name, number, environment).to_dict() if environment else None
+    chain = plan["chain"] if plan else [e.name for e in c.policies.select(name, v.tags, str(v.source)).environments]
     return render("deploy.html", v=v, chain=chain, environment=environment, plan=plan)
 
 
