@@ -41,7 +41,9 @@ ENV_MARKER = "modelcd-env.json"
 HEAVY_MODULES: dict[str, tuple[str, ...]] = {
     "numpy": ("numpy", "numpy.random"),
     "scipy": ("scipy", "scipy.sparse", "scipy.special", "scipy.linalg"),
-    "pandas": ("pandas",),
+    # with scikit-learn, a DataFrame input goes through narwhals' pandas layer (imported on first use)
+    "pandas": ("pandas", "narwhals._pandas_like.dataframe", "narwhals._pandas_like.namespace",
+               "narwhals._interchange.dataframe", "narwhals.stable.v2._namespace"),
     "joblib": ("joblib",),
     "scikit-learn": ("numpy", "numpy.random", "scipy", "scipy.sparse", "joblib", "threadpoolctl", "sklearn",
                      "sklearn.base", "sklearn.utils.validation", "sklearn.linear_model", "sklearn.ensemble",
@@ -130,9 +132,9 @@ class WarmStarts:
         """Start the parent of ``bundle``'s environment unless one runs; wait until it answers
         and return its hello."""
         key = self.key(python, bundle)
-        self.spawn(python, bundle, base_env)
         deadline = time.monotonic() + timeout_s
         while True:
+            self.spawn(python, bundle, base_env)  # again if one that was starting exited
             hello = self._usable(key)
             if hello is not None:
                 return hello
@@ -162,7 +164,8 @@ class WarmStarts:
             return None
 
     def stop_all(self) -> list[int]:
-        """Ask every parent of this home to exit (their deployments keep running); their pids."""
+        """Ask every parent of this home to exit and wait (5 s at most) until they did (their
+        deployments keep running); return their pids."""
         stopped = []
         for sock in sorted(self.dir.glob("*.sock")) if self.dir.is_dir() else []:
             with contextlib.suppress(WarmUnavailable):
@@ -173,6 +176,9 @@ class WarmStarts:
             for proc in self._started.values():
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5.0)
+        deadline = time.monotonic() + 5.0
+        while any(_running(pid) for pid in stopped) and time.monotonic() < deadline:
+            time.sleep(0.02)
         return stopped
 
     # -- parents -------------------------------------------------------------------------
@@ -256,6 +262,13 @@ def _requirements(env_dir: Path) -> list[str]:
         return []
     reqs = marker.get("requirements") if isinstance(marker, dict) else None
     return [r for r in reqs if isinstance(r, str)] if isinstance(reqs, list) else []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _starting(pid_file: Path, key: str) -> bool:
