@@ -184,3 +184,16 @@ def test_from_a_moto_s3_prefix(shared: dict[str, Any], moto_endpoint: str, aws_e
         assert data_identity(ctx, f"s3://{bucket}/iris/") != got["data_digest"]  # the data changed: another identity
     finally:
         ctx.db.dispose()
+
+
+def test_the_gate_judges_each_limit_with_its_figures() -> None:
+    from modelcd.releases.evaluation_gate import judge
+    from modelcd.releases.policy import EvaluationGate
+
+    gate = EvaluationGate(data="d.csv", label="y", metric="accuracy", min=0.9, max_drop_vs_champion=0.01)
+    assert judge(gate, 0.95, 0.955) == []
+    assert judge(gate, 0.95, None) == []  # nothing serves: only min applies
+    assert judge(gate, 0.7133, 0.97) == ["accuracy 0.7133 < min 0.9", "accuracy 0.7133 < champion 0.97 - 0.01"]
+    errors = EvaluationGate(data="d.csv", label="y", metric="rmse", max=1.5, max_rise_vs_champion=0.1)
+    assert judge(errors, 1.2, 1.15) == []
+    assert judge(errors, 1.6, 1.2) == ["rmse 1.6 > max 1.5", "rmse 1.6 > champion 1.2 + 0.1"]
