@@ -130,7 +130,7 @@
     });
     on("state", function (d) {
       var el = document.getElementById("job-state");
-      if (el) {
+      if (el && el.getAttribute("data-state") !== d.state) {
         el.setAttribute("data-state", d.state);
         el.className = "state state-" + d.state;
         el.textContent = d.state;
