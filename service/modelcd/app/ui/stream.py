@@ -77,12 +77,12 @@ def _stream(body: Callable[[Callable[[], bool]], Iterator[str]], cursor: str) ->
 def job_log_stream(job_id: str) -> Response:
     _id(job_id, JOB_ID, "job")
     c = ctx()
-    job = c.jobs.get(job_id)
+    c.jobs.get(job_id)  # 404 for an unknown job
     _, after = _cursor("0-0")
 
     def body(stopped: Callable[[], bool]) -> Iterator[str]:
         nonlocal after
-        state = str(job.state)
+        state = ""  # the first look sends the state: the job may have moved since the page was rendered
         tick = 0
         while not stopped():
             rows = logs_after(c.db, [job_id], after)
