@@ -227,15 +227,12 @@ threading.Event().wait()
     args = {"home": str(shared_home), "deployments": [
         {"bundle": str(s.bundle.path), "python": str(s.bundle.python), "env_key": s.bundle.env_key,
          "id": s.deployment_id, "model": s.model} for s in specs]}
-    launcher = subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert launcher.stdout is not None
-        started = json.loads(launcher.stdout.readline())
-    finally:
-        launcher.send_signal(signal.SIGKILL)
-        launcher.wait()
-        assert launcher.stdout is not None
-        launcher.stdout.close()
+    with subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], stdout=subprocess.PIPE,
+                          text=True) as launcher:  # the control plane, killed once it started them
+        try:
+            started = json.loads(launcher.stdout.readline()) if launcher.stdout else []
+        finally:
+            launcher.kill()
     handles = [RunningDeployment(s.deployment_id, "process", d["url"], d["pid"], d["port"],
                                  target.log_path(s.deployment_id)) for s, d in zip(specs, started, strict=True)]
     try:

@@ -181,7 +181,7 @@ class Zygote:
         """Answer one request on ``conn``; True when it asked the parent to stop."""
         conn.settimeout(10.0)
         try:
-            request = _read_line(conn)
+            request = read_message(conn)
         except (OSError, ValueError) as e:
             _reply(conn, {"ok": False, "error": f"bad request: {e}"})
             return False
@@ -479,7 +479,8 @@ def _run_child(body: Callable[[], int]) -> None:
         os._exit(code if 0 <= code <= 255 else 1)
 
 
-def _read_line(conn: socket.socket) -> dict[str, Any]:
+def read_message(conn: socket.socket) -> dict[str, Any]:
+    """One JSON object sent as a line on ``conn`` (either way: request or reply); ValueError if it is not."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = conn.recv(65536)
@@ -487,10 +488,13 @@ def _read_line(conn: socket.socket) -> dict[str, Any]:
             break
         data += chunk
         if len(data) > MAX_REQUEST:
-            raise ValueError("request too large")
-    value = json.loads(data or b"{}")
+            raise ValueError("message too large")
+    try:
+        value = json.loads(data or b"{}")
+    except ValueError:
+        raise ValueError(f"not JSON: {data[:200]!r}") from None
     if not isinstance(value, dict):
-        raise ValueError("a request is a JSON object")
+        raise ValueError(f"not a JSON object: {data[:200]!r}")
     return value
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from modelcd.scoring.zygote import PAD_ENV, THREAD_ENV
+from modelcd.scoring.zygote import PAD_ENV, THREAD_ENV, read_message
 
 PARENT_MODULE = "modelcd.scoring.zygote"
 ENV_ROOM = 32768  # bytes of environment a forked deployment may show in /proc
@@ -189,6 +189,8 @@ class WarmStarts:
         with self._lock:
             digest = self._digests.get(bundle) or runtime_digest(bundle / "runtime")
             self._digests[bundle] = digest
+        if not (bundle / "runtime" / "modelcd" / "scoring" / "zygote.py").is_file():
+            raise WarmUnavailable("the bundle's scoring runtime predates warm starts; build the version again")
         key = zygote_key(python, digest)
         sock = self.socket_path(key)
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
@@ -238,21 +240,11 @@ def call(sock: Path, request: Mapping[str, Any], timeout: float) -> dict[str, An
             conn.settimeout(timeout)
             conn.connect(str(sock))
             conn.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            return read_message(conn)
     except OSError as e:
         raise WarmUnavailable(f"cannot reach the parent at {sock}: {e.strerror or e}") from None
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        raise WarmUnavailable(f"the parent at {sock} answered {data[:200]!r}") from None
-    if not isinstance(reply, dict):
-        raise WarmUnavailable(f"the parent at {sock} answered {data[:200]!r}")
-    return reply
+    except ValueError as e:
+        raise WarmUnavailable(f"the parent at {sock} answered {e}") from None
 
 
 def _requirements(env_dir: Path) -> list[str]:
