@@ -445,6 +445,16 @@ def test_a_regenerated_key_is_shown_once_and_never_stored(served: Any) -> None:
         db.dispose()
 
 
+def test_a_session_of_the_api_token_ends_when_the_token_changes(app: Any, ctx: Context, client: FlaskClient) -> None:
+    sign_in(client, TOKEN)
+    with ctx.db.read() as conn:
+        refs = [r.token_id for r in conn.execute(select(schema.ui_sessions))]
+    assert len(refs) == 1 and refs[0].startswith("api-") and TOKEN not in refs[0]
+    assert client.get("/ui/models").status_code == 200
+    app.extensions["modelcd_token"] = ctx.users.api_token = "another-token-0123456789"  # as a restart with a new one
+    assert client.get("/ui/models").status_code == 303
+
+
 def test_a_stale_session_row_expires(ctx: Context, client: FlaskClient) -> None:
     sign_in(client, TOKEN)
     with ctx.db.write() as conn:

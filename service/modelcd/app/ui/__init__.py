@@ -21,7 +21,7 @@ from markupsafe import Markup, escape
 from werkzeug.exceptions import HTTPException
 
 from modelcd.access import Action, Principal
-from modelcd.app.ui.sessions import COOKIE, Session, Sessions
+from modelcd.app.ui.sessions import COOKIE, Session, Sessions, api_token_ref
 from modelcd.context import Context
 from modelcd.errors import ModelcdError, NotFound
 from modelcd.users import principal_for
@@ -47,10 +47,12 @@ def principal_for_token(token: str) -> Principal | None:
 
 def current_principal(session: Session) -> Principal | None:
     """The session's principal as the store has it now: None once the token it signed in with
-    is revoked or its user disabled or removed; a changed role applies at once."""
+    is revoked (or the service's API token changed) or its user disabled or removed; a changed
+    role applies at once."""
     who = session.principal
-    if who.token_id is None:
-        return who
+    if who.token_id is None:  # the service's API token: as long as it is still the same token
+        same = session.token_ref == api_token_ref(current_app.extensions["modelcd_token"])
+        return who if same else None
     users = ctx().users
     try:
         token = users.get_token(who.token_id)

@@ -11,7 +11,7 @@ from flask import Response, g, make_response, redirect, render_template, request
 
 from modelcd.app.ui import bp, ctx, flash_and_redirect, principal, principal_for_token, require, safe_next, sessions
 from modelcd.app.ui.pages import JOB_ID, RELEASE_ID, _id, render
-from modelcd.app.ui.sessions import COOKIE, SESSION_S
+from modelcd.app.ui.sessions import COOKIE, SESSION_S, api_token_ref
 from modelcd.errors import ModelcdError
 from modelcd.registry.names import validate_environment_name, validate_model_name
 
@@ -35,7 +35,7 @@ def login_post() -> Response:
     if who is None:
         return _login_page(401, "That token is not valid (or was revoked). Paste an API token: `modelcd tokens "
                                 "create` makes one, or use the service's token in $MODELCD_HOME/token.")
-    session_id = sessions().create(who)
+    session_id = sessions().create(who, who.token_id or api_token_ref(token))
     resp = redirect(safe_next(request.form.get("next")), code=303)
     resp.set_cookie(COOKIE, session_id, max_age=SESSION_S, path="/ui", httponly=True, samesite="Strict",
                     secure=request.is_secure)

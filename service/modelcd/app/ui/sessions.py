@@ -22,10 +22,19 @@ SESSION_S = 12 * 3600
 COOKIE = "modelcd_session"
 
 
+API_REF = "api-"  # token_id of a session signed in with the service's API token: "api-" + its digest's start
+
+
+def api_token_ref(token: str) -> str:
+    """What a session signed in with the API token keeps of it: a change of token ends the session."""
+    return API_REF + token_hash(token)[:16]
+
+
 @dataclass(frozen=True)
 class Session:
     id_hash: str
     principal: Principal
+    token_ref: str | None  # the user token's id, or api_token_ref of the API token
     csrf: str
     flash: str | None
     expires_at: float
@@ -39,14 +48,15 @@ class Sessions:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create(self, principal: Principal, ttl_s: float = SESSION_S) -> str:
-        """A new session for ``principal``; returns the id the cookie carries."""
+    def create(self, principal: Principal, token_ref: str, ttl_s: float = SESSION_S) -> str:
+        """A new session for ``principal`` signed in with ``token_ref`` (a user token's id or
+        ``api_token_ref``); returns the id the cookie carries."""
         session_id = secrets.token_urlsafe(32)
         t = schema.ui_sessions
         with self.db.write() as conn:
             conn.execute(delete(t).where(t.c.expires_at < time.time()))  # sweep the expired
             conn.execute(t.insert().values(id_hash=token_hash(session_id), principal=principal.name,
-                                           role=principal.role, token_id=principal.token_id,
+                                           role=principal.role, token_id=token_ref,
                                            csrf=secrets.token_urlsafe(32), created_at=now(),
                                            expires_at=time.time() + ttl_s))
         return session_id
@@ -59,7 +69,8 @@ class Sessions:
             row = conn.execute(select(t).where(t.c.id_hash == token_hash(session_id))).first()
         if row is None or row.expires_at < time.time():
             return None
-        return Session(row.id_hash, Principal(row.principal, row.role, row.token_id), row.csrf, row.flash,
+        token_id = None if (row.token_id or "").startswith(API_REF) else row.token_id
+        return Session(row.id_hash, Principal(row.principal, row.role, token_id), row.token_id, row.csrf, row.flash,
                        row.expires_at)
 
     def end(self, session: Session) -> None:
