@@ -420,6 +420,31 @@ def _served_session(served: Any) -> tuple[requests.Session, str]:
 
 
 @pytest.mark.timeout(120)
+def test_streams_whose_browser_left_give_their_slot_back_through_the_server(served: Any) -> None:
+    """Through uvicorn: streams closed by the client end at once (the bridge tells them), so
+    the next page's stream is served rather than told to come back."""
+    from modelcd.context import build_context
+
+    ctx = build_context(served.settings)
+    try:
+        job = ctx.jobs.create(JobType.STATISTICS, model="iris")
+        ctx.jobs.transition(job.id, JobState.RUNNING)
+        session, _ = _served_session(served)
+        url = f"{served.url}/ui/jobs/{job.id}/log/stream"
+        for _ in range(2):
+            opened = [session.get(url, stream=True, timeout=10) for _ in range(stream.MAX_STREAMS)]
+            firsts = [next(r.iter_lines(decode_unicode=True)) for r in opened]
+            assert all(f == "retry: 500" for f in firsts), firsts
+            for r in opened:
+                r.close()
+            time.sleep(0.5)  # a poll or two: each stream sees its client gone
+        with session.get(url, stream=True, timeout=10) as r:
+            assert next(r.iter_lines(decode_unicode=True)) == "retry: 500"  # served, not "come back later"
+    finally:
+        ctx.db.dispose()
+
+
+@pytest.mark.timeout(120)
 def test_a_regenerated_key_is_shown_once_and_never_stored(served: Any) -> None:
     from modelcd.store.db import Database
 
