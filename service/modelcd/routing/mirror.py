@@ -6,8 +6,8 @@ microsecond it spends there is one every other request waits behind. Once the se
 backend's response was relayed to the client, a request that is mirrored (``MirrorState.take``:
 the route's ``sample_rate``) or sampled becomes one tuple of bytes appended to a list
 (``MirrorWorker.add``); a batch of them goes to the **mirror worker**, a process of its own
-(``routing.mirror_worker``), in one write on a Unix socket every ``BATCH_S`` (or sooner when
-``BATCH_MAX`` items are waiting). The worker sends the copies to the candidates, reads their
+(``routing.mirror_worker``, at a lower scheduling priority), in one write on a Unix socket every
+``BATCH_S`` (or sooner when ``BATCH_MAX`` items are waiting). The worker sends the copies to the candidates, reads their
 answers, matches each with the champion's, and keeps the bounded rings of pairs and samples;
 the admin routes ``/-/mirror``, ``/-/mirror/pairs`` and ``/-/samples`` are questions the router
 passes on to it on the same socket (so they see every batch sent before them) and whose JSON
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelcd.router")
 
-BATCH_S = 0.002  # the first item of a batch waits at most this long for others
+BATCH_S = 0.005  # the first item of a batch waits at most this long for others
 BATCH_MAX = 256  # items in one batch; more are sent at once (or, the worker down, dropped)
 RESTART_MIN_S = 1.0  # a worker that died is restarted at once, unless it started less than this ago
 PING_S = 1.0  # how often an idle worker is asked whether it answers

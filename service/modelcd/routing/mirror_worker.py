@@ -14,7 +14,9 @@ connections (at most ``--mirror-pending`` copies in progress per endpoint: more 
 counted; a copy not answered within ``--mirror-timeout`` counts as the candidate's error) and
 keeps the pair (champion's answer, candidate's answer) in a bounded ring per endpoint; every
 sampled request is kept with its answer in another. Records stay raw bytes in the rings: their
-JSON is made only when they are read.
+JSON is made only when they are read. It runs at a lower scheduling priority than the router
+(``--nice``, 5): when the CPUs are busy, serving clients comes first and copies wait (or, past
+``--mirror-pending``, are dropped and counted).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from modelcd.routing.table import Backend
 from modelcd.routing.upstream import UpstreamConnection, UpstreamPool
 
 SWEEP_S = 0.25  # how often copies are checked for the timeout
+NICE = 5  # the worker's scheduling priority below the router's: copies must not take CPU from serving
 NOTHING = (0, 0, [0, 0, 0, 0])  # what the router adds to a candidate's counters when it has nothing to add
 CONNECTING_MAX = 4  # new connections being opened to one candidate at once; more copies wait for one
 
@@ -302,12 +305,11 @@ class Worker(asyncio.Protocol):
             pool = self.pools.get(addr)
             if pool is None:
                 pool = self.pools[addr] = UpstreamPool(addr[0], addr[1], self.options)
+            target = Target(Backend(id, version, url, 0), pool)
             state = self.mirrors.get(key)
-            if state is None or state.id != id:
-                state = Candidate(key, id, version, Target(Backend(id, version, url, 0), pool),
-                                  self.options.mirror_pairs, floor)
-            state.version, state.rate = version, rate
-            state.target = Target(Backend(id, version, url, 0), pool)
+            if state is None or state.id != id:  # a new candidate; the same one keeps its ring
+                state = Candidate(key, id, version, target, self.options.mirror_pairs, floor)
+            state.version, state.rate, state.target = version, rate, target
             mirrors[key] = state
         samplers: dict[bytes, Sampled] = {}
         for key, rate, floor in config["samples"]:
@@ -399,8 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mirror-timeout", type=float, default=Options.mirror_timeout)
     p.add_argument("--mirror-body-cap", type=int, default=Options.mirror_body_cap)
     p.add_argument("--connect-timeout", type=float, default=Options.connect_timeout)
+    p.add_argument("--nice", type=int, default=NICE, help="added to this process's nice value (0: none)")
     a = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C stops the router; the router stops us
+    if a.nice:
+        os.nice(a.nice)  # the copies are best effort: on a busy machine serving gets the CPU first
     options = Options(table=Path(os.devnull), mirror_pending=a.mirror_pending, mirror_pairs=a.mirror_pairs,
                       mirror_timeout=a.mirror_timeout, mirror_body_cap=a.mirror_body_cap,
                       connect_timeout=a.connect_timeout)
