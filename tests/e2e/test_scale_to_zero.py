@@ -82,6 +82,15 @@ def _asleep(svc: Service, version: int = 2) -> dict[str, Any] | None:
     return d if d["sleeping"] else None
 
 
+def _event(svc: Service, released: dict[str, Any], kind: str, dep_id: str) -> str:
+    """The message of the newest ``kind`` event naming ``dep_id`` (waited for)."""
+    def find() -> str | None:
+        events = svc.release_detail(released["release"]["id"])["events"]
+        return next((e["message"] for e in reversed(events) if e["kind"] == kind and dep_id in e["message"]), None)
+
+    return wait_until(find, timeout_s=10)
+
+
 def _score(uri: str, headers: dict[str, str], value: float) -> requests.Response:
     return requests.post(uri, json={"data": [[value, 1.0]]}, headers=headers, timeout=30)
 
@@ -109,8 +118,7 @@ def test_idle_deployment_sleeps_and_the_first_requests_wake_it(svc: Service, rel
     asleep = _sleep_and_check(svc)
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                timeout_s=15)
-    events = svc.release_detail(released["release"]["id"])["events"]
-    assert any(e["kind"] == "deployment.slept" and asleep["id"] in e["message"] for e in events), events[-5:]
+    _event(svc, released, "deployment.slept", asleep["id"])
     route = requests.get(f"{svc.router_url}/-/table", timeout=5).json()["endpoints"]["stz-sum/production"]
     by_version = {b["version"]: b for b in route["backends"]}
     assert by_version[2]["sleeping"] is True and by_version[2]["weight"] == 100
@@ -124,10 +132,10 @@ def test_idle_deployment_sleeps_and_the_first_requests_wake_it(svc: Service, rel
     assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
     assert {r.headers["x-modelcd-version"] for r in answers} == {"2"}
     assert sorted(r.json()[0] for r in answers) == [201.0 + i for i in range(8)]
-    woke = _deployments(svc)[2]
-    assert not woke["sleeping"] and woke["pid"] and woke["pid"] != pid and woke["port"] == awake["port"]
-    events = svc.release_detail(released["release"]["id"])["events"]
-    assert any(e["kind"] == "deployment.woke" for e in events)
+    # the router forwards once the deployment answers its health check; the service records it awake
+    woke = wait_until(lambda: (d := _deployments(svc)[2])["pid"] and not d["sleeping"] and d, timeout_s=10)
+    assert woke["pid"] != pid and woke["port"] == awake["port"]
+    assert "woke on a request in" in _event(svc, released, "deployment.woke", asleep["id"])
     assert _score(uri, headers, 5.0).json() == [206.0]
 
 
@@ -161,4 +169,4 @@ def test_a_restarted_service_keeps_it_asleep_and_wakeable(svc: Service, released
     assert _asleep(svc) is not None and _deployments(svc)[2]["pid"] is None
     r = _score(uri, headers, 3.0)
     assert r.status_code == 200 and r.json() == [204.0], r.text
-    assert not _deployments(svc)[2]["sleeping"]
+    wait_until(lambda: not _deployments(svc)[2]["sleeping"], timeout_s=10)

@@ -1,21 +1,30 @@
 """``POST /-/wake/<deployment_id>``: the built-in router asks the control plane to wake a
 sleeping deployment (``releases.idle``). Loopback clients only, with the secret of the router's
 wake file (``Authorization: Bearer <secret>``), not an API token: the router holds no token.
-Answers once the deployment is healthy and the table that routes to it is applied."""
+
+The answer is a stream of server-sent events, one per step of ``wake_steps``: ``starting`` (no
+sleep is stopping its process any more: a healthy answer on its port is the new process), then
+``awake`` once it is healthy and the table that routes to it is applied, or ``failed`` with a
+message. A deployment that cannot wake at all is refused before the stream (404/409)."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, request
 
 from modelcd.app.api import open_route
 from modelcd.auth import bearer
 from modelcd.context import Context
-from modelcd.errors import Forbidden, InvalidInput, Unauthorized
-from modelcd.releases.idle import WAKE_ROUTE, wake, wake_secret
+from modelcd.errors import Forbidden, InvalidInput, ModelcdError, Unauthorized
+from modelcd.releases.idle import WAKE_ROUTE, wake_secret, wake_steps
 
+log = logging.getLogger(__name__)
 bp = Blueprint("wake", __name__)
 MAX_WAKE_TIMEOUT_S = 300.0
 
@@ -35,7 +44,25 @@ def wake_deployment(deployment_id: str) -> Response:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_WAKE_TIMEOUT_S:
         raise InvalidInput(f"timeout_s: must be a number of seconds above 0, at most {MAX_WAKE_TIMEOUT_S:g}",
                            field="timeout_s")
-    return jsonify(wake(ctx, deployment_id, float(timeout)))
+    steps = wake_steps(ctx, deployment_id, float(timeout))
+    first = next(steps)  # refusals before the stream starts are plain HTTP errors
+
+    def stream() -> Iterator[bytes]:
+        yield _event(first)
+        try:
+            for step in steps:
+                yield _event(step)
+        except ModelcdError as e:
+            yield _event({"phase": "failed", "message": ctx.redact(e.message)})
+        except Exception as e:  # the router must hear the end either way
+            log.exception("waking %s", deployment_id)
+            yield _event({"phase": "failed", "message": f"internal error ({type(e).__name__})"})
+
+    return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+def _event(step: dict[str, Any]) -> bytes:
+    return f"event: {step['phase']}\ndata: {json.dumps(step)}\n\n".encode()
 
 
 def _loopback(host: str) -> bool:

@@ -7,10 +7,11 @@ that got no request for N seconds to sleep, and the router wakes it on the next 
   (``{since, wake_timeout_s}``) and its route marked sleeping in the same applied change
   (``Traffic.change``), then its process is stopped. Its route keeps its version, URL and
   weight. Endpoints with a release in flight or shadow traffic are left alone.
-- **Wake** (``wake``, called by the router through the loopback route ``POST /-/wake/<id>``
-  with the secret of ``home/router/wake.json``): the deployment is started again from its spec
-  on its own port (a warm start on the process target), and once healthy the record and the
-  table say it is awake; the router then sends it the requests it held.
+- **Wake** (``wake_steps``, called by the router through the loopback route ``POST
+  /-/wake/<id>`` with the secret of ``home/router/wake.json``; ``app.wake`` streams its steps):
+  once no sleep is stopping it any more the router hears "starting" and may poll its health;
+  the deployment is started again from its spec on its own port (a warm start on the process
+  target), and once healthy the record and the table say it is awake.
 
 A sleeping deployment is neither adopted nor restarted by reconcile, and a restart of the
 service leaves it asleep and wakeable (the table is built from the record)."""
@@ -25,6 +26,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,10 +165,14 @@ def put_to_sleep(ctx: Context, d: Deployment, idle: Idle, idle_for: float) -> bo
 # -- wake ---------------------------------------------------------------------------------------
 
 
-def wake(ctx: Context, dep_id: str, timeout_s: float) -> dict[str, Any]:
-    """Start the sleeping deployment ``dep_id`` again (on its own port when free) and, once
-    healthy, record it awake and apply the table that routes to it. One already awake is left
-    as it is. DeployError when it cannot start within ``timeout_s``: it stays asleep."""
+def wake_steps(ctx: Context, dep_id: str, timeout_s: float) -> Iterator[dict[str, Any]]:
+    """Wake the sleeping deployment ``dep_id``, step by step. The first step comes once nothing
+    else sleeps or wakes it (a sleep in progress has stopped its process): ``{"phase":
+    "starting"}``, or ``{"phase": "awake", "woke": false}`` for one that is not asleep (the
+    end). Then it starts again from its spec (on its own port when free) and, once healthy,
+    is recorded awake and the table that routes to it applied: ``{"phase": "awake", "woke":
+    true, ...}``. Conflict before the first step when it cannot wake; DeployError after it
+    when it does not start within ``timeout_s`` (it stays asleep)."""
     started = time.monotonic()
     lock = _lock(dep_id)
     if not lock.acquire(timeout=timeout_s):
@@ -174,18 +180,22 @@ def wake(ctx: Context, dep_id: str, timeout_s: float) -> dict[str, Any]:
     try:
         d = ctx.deployments.get(dep_id)
         if not d.sleeping:
-            return {"deployment_id": dep_id, "woke": False, "state": str(d.state), "took_s": 0.0}
+            yield {"phase": "awake", "deployment_id": dep_id, "woke": False, "state": str(d.state)}
+            return
         if not d.state.live:
             raise Conflict(f"deployment {dep_id} is {d.state}: only a serving or standby deployment wakes",
                            field="deployment_id")
+        yield {"phase": "starting", "deployment_id": dep_id, "port": d.port}
         target = ctx.target(d.target)
         spec = dataclasses.replace(deploy_spec(d, ctx.settings), health_timeout_s=timeout_s, port=d.port)
+        starting = time.monotonic()
         try:
             rd = target.create(spec, log.info, threading.Event())
         except DeployError as e:
             ctx.jobs.event(None, d.release_id, "deployment.wake_failed",
                            f"deployment {d.id} ({d.model} v{d.version}) could not wake: {e.message}")
             raise
+        healthy = time.monotonic()
         try:
             ctx.traffic.change(f"wake of deployment {d.id}", lambda conn: ctx.deployments.update(
                 d.id, conn, url=rd.url, pid=rd.pid, port=rd.port, log_path=str(rd.log_path), sleeping=None))
@@ -195,7 +205,10 @@ def wake(ctx: Context, dep_id: str, timeout_s: float) -> dict[str, Any]:
             raise
     finally:
         lock.release()
-    took = time.monotonic() - started
-    ctx.jobs.event(None, d.release_id, "deployment.woke",
-                   f"deployment {d.id} ({d.model} v{d.version}) woke on a request in {took * 1000:.0f} ms at {rd.url}")
-    return {"deployment_id": dep_id, "woke": True, "state": str(d.state), "url": rd.url, "took_s": round(took, 4)}
+    done = time.monotonic()
+    took = {"total": done - started, "start_to_healthy": healthy - starting, "table": done - healthy}
+    ctx.jobs.event(None, d.release_id, "deployment.woke", (
+        f"deployment {d.id} ({d.model} v{d.version}) woke on a request in {took['total'] * 1000:.0f} ms at {rd.url} "
+        f"(start → healthy {took['start_to_healthy'] * 1000:.0f} ms, routing table {took['table'] * 1000:.0f} ms)"))
+    yield {"phase": "awake", "deployment_id": dep_id, "woke": True, "state": str(d.state), "url": rd.url,
+           "took_s": {k: round(v, 4) for k, v in took.items()}}

@@ -126,6 +126,7 @@ class RouterServer:
         now, ids = self.loop.time(), {b.id for r in table.endpoints.values() for b in r.backends}
         self.seen = {i: self.seen.get(i, now) for i in ids}  # idle since it was first routed, at worst
         self.state = AppliedTable(table, routes)
+        self.waker.awake.clear()  # the table says again who sleeps
         self.mirrors, self.samplers = mirrors, samplers
         self.worker.configure()
         for addr in set(self.pools) - used:
@@ -256,8 +257,8 @@ class RouterServer:
             client.request_done()
             return
         self.seen[target.backend.id] = self.loop.time()
-        if target.backend.sleeping:  # scaled to zero: held while the control plane wakes it
-            self.waker.hold(client, req, target)
+        if target.backend.sleeping and target.backend.id not in self.waker.awake:  # scaled to zero: wake it
+            self.waker.hold(client, req, target, route.name.partition("/")[0])
             return
         rest = b"/" + parts[3] if len(parts) == 4 else b"/"
         if sep:
