@@ -22,6 +22,7 @@ from modelcd.config import Settings, load_settings, save_home_settings
 from modelcd.context import Context, build_context
 from modelcd.sources.connect import reload_sources
 from modelcd.store import schema
+from modelcd.store.db import now
 from modelcd.worker import LOCK_NAME, SettingsFile
 from tests.conftest import free_port, wait_until
 
@@ -75,7 +76,14 @@ def test_worker_processes_when_woken_reports_outbox_work_and_exits_with_its_serv
         _wake(proc)
         wait_until(lambda: _done(ctx) == 5, timeout_s=30, poll_s=0.05)
         assert sorted(v.external_ref for v in ctx.registry.list_versions("w")) == [f"w:{i}" for i in range(5)]
+        with ctx.db.write() as conn:  # an event for the dispatcher (referenced versions ask for no release)
+            event_id = conn.execute(schema.outbox.insert().values(kind="probe", payload={}, created_at=now())
+                                    ).inserted_primary_key[0]
+        _wake(proc)
         assert proc.stdout is not None and proc.stdout.read1(100)  # notices: the outbox was dispatched
+        with ctx.db.read() as conn:
+            note = conn.execute(select(schema.outbox.c.error).where(schema.outbox.c.id == event_id)).scalar()
+        assert note == "ignored: unknown event kind probe"
         assert proc.stdin is not None
         proc.stdin.close()  # the service went away
         assert proc.wait(timeout=10) == 0
@@ -154,7 +162,7 @@ def test_a_worker_killed_in_the_middle_of_a_run_leaves_every_delivery_to_be_proc
     with ctx.db.read() as conn:
         events = conn.execute(select(schema.outbox.c.payload, schema.outbox.c.processed_at)).all()
     assert sorted(p["version"] for p, _ in events) == list(range(1, 32))  # one outbox event per version
-    assert all(done is not None for _, done in events)  # dispatched (referenced: recorded without a release)
+    assert all(done is not None for _, done in events)  # referenced: recorded without a release
 
 
 def test_worker_started_for_a_parent_that_is_gone_exits_at_once(env: dict[str, str]) -> None:

@@ -28,6 +28,7 @@ from modelcd.store.db import Database, now
 from modelcd.strict_json import strict_json_loads
 
 REGISTERED = "model_version.registered"
+NOT_RELEASED = "recorded without a release (referenced only, or not approved yet)"
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,8 @@ def reference_row(name: str, meta: RegisterMetadata) -> dict[str, Any]:
 def record_versions(conn: Connection, rows: list[dict[str, Any]], release: list[bool]) -> None:
     """Insert ``rows`` (``version_row``s) in their order inside the caller's write transaction:
     each gets the next number of its model (set in the row), and its ``model_version.registered``
-    outbox event (a release is asked when ``release[i]`` and the version is ready). A few
+    outbox event, which asks for a release when ``release[i]`` and the version is ready (else it
+    is written already processed: there is nothing for the dispatcher to decide). A few
     statements for the whole list, however long."""
     names = list(dict.fromkeys(r["model"] for r in rows))
     last = {m: int(v or 0) for m, v in conn.execute(_LAST_VERSIONS, {"names": names})}
@@ -375,10 +377,14 @@ def record_versions(conn: Connection, rows: list[dict[str, Any]], release: list[
     for r in rows:
         r["version"] = last[r["model"]] = last.get(r["model"], 0) + 1
     conn.execute(_INSERT_VERSIONS, rows)
-    conn.execute(_INSERT_OUTBOX, [
-        {"kind": REGISTERED, "created_at": r["created_at"],
-         "payload": {"model": r["model"], "version": r["version"], "source": r["source"], "tags": r["tags"],
-                     "release": rel and r["status"] == "ready"}} for r, rel in zip(rows, release, strict=True)])
+    events = []
+    for r, rel in zip(rows, release, strict=True):
+        releasing = rel and r["status"] == "ready"
+        events.append({"kind": REGISTERED, "created_at": r["created_at"], "processed_at": None if releasing
+                       else r["created_at"], "error": None if releasing else NOT_RELEASED,
+                       "payload": {"model": r["model"], "version": r["version"], "source": r["source"],
+                                   "tags": r["tags"], "release": releasing}})
+    conn.execute(_INSERT_OUTBOX, events)
 
 
 def find_external_in(conn: Connection, keys: list[tuple[str, str, str]]) -> dict[tuple[str, str, str], ModelVersion]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select, update
 
 from modelcd.context import Context
-from modelcd.registry.service import REGISTERED
+from modelcd.registry.service import NOT_RELEASED, REGISTERED
 from modelcd.releases.observers import RELEASE_PHASE, notify
 from modelcd.releases.retirement import skip_if_archived
 from modelcd.releases.rollback_event import ENDPOINT_ROLLED_BACK
@@ -27,23 +27,11 @@ def dispatch_outbox(ctx: Context, limit: int = 100) -> int:
     with ctx.db.read() as conn:
         rows = conn.execute(select(schema.outbox).where(schema.outbox.c.processed_at.is_(None))
                             .order_by(schema.outbox.c.id).limit(limit)).all()
-    events = [dict(row._mapping) for row in rows]
-    unreleased = {e["id"] for e in events if e["kind"] == REGISTERED and e["payload"].get("release") is False}
-    if unreleased:  # nothing to decide for these: marked together (a flood of referenced versions)
-        with ctx.db.write() as conn:
-            conn.execute(_MARK_UNRELEASED, [{"event_id": i, "at": now()} for i in unreleased])
-    for event in events:
-        if event["id"] not in unreleased:
-            _handle(ctx, event)
+    for row in rows:
+        _handle(ctx, dict(row._mapping))
     if rows:
         ctx.wake.set()
     return len(rows)
-
-
-NOT_RELEASED = "recorded without a release (referenced only, or not approved yet)"
-_MARK_UNRELEASED = (update(schema.outbox).where(schema.outbox.c.id == bindparam("event_id"),
-                                                schema.outbox.c.processed_at.is_(None))
-                    .values(processed_at=bindparam("at"), error=NOT_RELEASED))
 
 
 def _handle(ctx: Context, event: dict[str, Any]) -> None:
@@ -80,6 +68,9 @@ def _on_registered(ctx: Context, event_id: int, payload: dict[str, Any]) -> str 
         done = conn.execute(select(schema.outbox.c.processed_at).where(schema.outbox.c.id == event_id)).scalar()
         if done is not None:
             return None  # another dispatcher got here first
+        if payload.get("release") is False:
+            _mark(ctx, event_id, NOT_RELEASED, conn)  # written so by an earlier version
+            return None
         skipped = skip_if_archived(conn, model, version)  # an event on the archive job says so
         if skipped is not None:
             _mark(ctx, event_id, skipped, conn)
