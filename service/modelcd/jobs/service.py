@@ -85,6 +85,7 @@ class Jobs:
         self.redact = redact or Redactor()
         self._cancel_events: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._logged = threading.Condition()  # notified when this process writes a log line
 
     def create(self, type_: JobType, *, release_id: str | None = None, model: str | None = None,
                version: int | None = None, environment: str | None = None, runs_in: str | None = None,
@@ -129,6 +130,14 @@ class Jobs:
     def log(self, job_id: str, line: str) -> None:
         with self.db.write() as conn:
             conn.execute(schema.job_logs.insert().values(job_id=job_id, ts=now(), line=self.redact(line)))
+        with self._logged:
+            self._logged.notify_all()
+
+    def wait_for_log(self, timeout_s: float) -> None:
+        """Wait until this process logs a line, or ``timeout_s`` (what a follower of the logs
+        sleeps on between reads: lines written here wake it at once, others are read on time)."""
+        with self._logged:
+            self._logged.wait(timeout_s)
 
     def logger(self, job_id: str) -> Callable[[str], None]:
         """A ``log(line)`` callable bound to one job, splitting multi-line text."""

@@ -27,7 +27,7 @@ from modelcd.app.wsgi_bridge import DISCONNECTED
 from modelcd.context import Context
 from modelcd.store import schema
 
-POLL_S = 0.05  # new log lines are read this often
+POLL_S = 0.05  # new log lines are read this often (at once when this process writes one)
 SLOW_EVERY = 5  # phase, stages, events and a job's state every 5th read (250 ms)
 TERMINAL_JOB = frozenset({"succeeded", "failed", "cancelled"})
 TERMINAL_RELEASE = frozenset({"succeeded", "failed", "cancelled", "superseded"})
@@ -99,7 +99,7 @@ def job_log_stream(job_id: str) -> Response:
                     return
             tick += 1
             if not rows:
-                time.sleep(POLL_S)
+                c.jobs.wait_for_log(POLL_S)
 
     return _stream(body, f"0-{after}")
 
@@ -172,6 +172,6 @@ def release_stream(release_id: str) -> Response:
                 yield sse("end", phase, f"{after_event}-{after_log}")
                 return
             if not sent:
-                time.sleep(POLL_S)
+                c.jobs.wait_for_log(POLL_S)
 
     return _stream(body, f"{after_event}-{after_log}")
