@@ -114,5 +114,5 @@ def user_token(svc: Service, name: str, role: str) -> str:
     result = CliRunner().invoke(main, ["tokens", "create", "--user", name, "--json"], env=svc.env,
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return str(json.loads(result.output)["token"])
+    return str(json.loads(result.stdout)["token"])
 
