@@ -71,6 +71,7 @@ def test_an_evaluation_job_scores_stores_and_shows(client: FlaskClient, ctx: Con
         time.sleep(0.05)
     job = ctx.jobs.get(r.json["id"])
     assert job.state is JobState.SUCCEEDED, job.error
+    assert ("job.created", "admin") in {(e["kind"], e.get("actor")) for e in ctx.jobs.events(job_id=job.id)}
     [stored] = client.get(PATH).json["evaluations"]
     assert stored["job_id"] == job.id and stored["rows"] == 150 and set(stored["metrics"]) == {"accuracy", "f1"}
     assert stored["confusion_matrix"]["labels"] == [0, 1, 2] and stored["data_digest"].startswith("sha256:")

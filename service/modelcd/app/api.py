@@ -386,7 +386,7 @@ def evaluate_version(name: str, number: int) -> tuple[Response, int]:
     max_errors}) in an `evaluate` job: 202 with the job."""
     from modelcd.jobs.evaluation import start_evaluation_job
 
-    job = start_evaluation_job(_ctx(), name, number, _json_body())
+    job = start_evaluation_job(_ctx(), name, number, _json_body(), by=by())
     return jsonify(job.to_dict()), 202
 
 

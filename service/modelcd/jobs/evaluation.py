@@ -91,10 +91,11 @@ def _with_connection(data: str, connection: Any) -> str:
     raise InvalidInput(f"data: {data[:80]!r} is neither a table name nor a SELECT query", field="data")
 
 
-def start_evaluation_job(ctx: Context, model: str, version: int, body: Any) -> Job:
-    """Check the request, create the job and evaluate on a worker thread; returns the job, scheduled."""
+def start_evaluation_job(ctx: Context, model: str, version: int, body: Any, by: str | None = None) -> Job:
+    """Check the request, create the job (``by``: who asked) and evaluate on a worker thread;
+    returns the job, scheduled."""
     spec = evaluation_spec(ctx, model, version, body)
-    job = ctx.jobs.create(JobType.EVALUATE, model=model, version=version)
+    job = ctx.jobs.create(JobType.EVALUATE, model=model, version=version, actor=by)
     ctx.jobs.transition(job.id, JobState.SCHEDULED, f"evaluation of {model} v{version} on {spec['data']} "
                                                     f"(label {spec['label']})")
     threading.Thread(target=_in_thread, args=(ctx, job.id, spec), name=f"evaluate-{job.id}", daemon=True).start()
