@@ -197,3 +197,18 @@ def test_the_gate_judges_each_limit_with_its_figures() -> None:
     errors = EvaluationGate(data="d.csv", label="y", metric="rmse", max=1.5, max_rise_vs_champion=0.1)
     assert judge(errors, 1.2, 1.15) == []
     assert judge(errors, 1.6, 1.2) == ["rmse 1.6 > max 1.5", "rmse 1.6 > champion 1.2 + 0.1"]
+
+
+def test_a_restart_ends_the_evaluate_jobs_a_dead_process_left_open(ctx: Context) -> None:
+    from modelcd.domain import JobType
+    from modelcd.jobs.evaluation import fail_interrupted
+
+    running = ctx.jobs.create(JobType.EVALUATE, model="iris", version=1)
+    ctx.jobs.transition(running.id, JobState.SCHEDULED)
+    ctx.jobs.transition(running.id, JobState.RUNNING)
+    waiting = ctx.jobs.create(JobType.EVALUATE, model="iris", version=1)
+    told: list[str] = []
+    assert set(fail_interrupted(ctx, told.append)) == {running.id, waiting.id}
+    assert ctx.jobs.get(running.id).state is JobState.FAILED and ctx.jobs.get(waiting.id).state is JobState.CANCELLED
+    assert "run the evaluation again (`modelcd evaluate`)" in (ctx.jobs.get(running.id).error or "")
+    assert len(told) == 2 and fail_interrupted(ctx) == []

@@ -16,11 +16,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
 from modelcd.domain import JobState, JobType
 from modelcd.errors import Cancelled, InvalidInput, ModelcdError
-from modelcd.store import schema
 
 if TYPE_CHECKING:  # the CLI imports evaluation_line: keep the service's wiring out of its start
     from modelcd.context import Context
@@ -169,17 +166,5 @@ def evaluation_line(e: dict[str, Any]) -> str:
 def fail_interrupted(ctx: Context, echo: Callable[[str], None] | None = None) -> list[str]:
     """At start: evaluate jobs of no release that a dead process left open end (failed when
     running, else cancelled). Returns their ids."""
-    open_states = [str(JobState.CREATED), str(JobState.SCHEDULED), str(JobState.RUNNING)]
-    with ctx.db.read() as conn:
-        rows = conn.execute(select(schema.jobs.c.id, schema.jobs.c.state).where(
-            schema.jobs.c.type == str(JobType.EVALUATE), schema.jobs.c.release_id.is_(None),
-            schema.jobs.c.state.in_(open_states))).all()
-    ended = []
-    for job_id, state in rows:
-        error = "interrupted by a restart of the service; run the evaluation again (`modelcd evaluate`)"
-        ctx.jobs.transition(job_id, JobState.FAILED if state == str(JobState.RUNNING) else JobState.CANCELLED,
-                            error=error)
-        ended.append(job_id)
-        if echo is not None:
-            echo(f"evaluation job {job_id}: {error}")
-    return ended
+    return ctx.jobs.end_interrupted(JobType.EVALUATE, "interrupted by a restart of the service; run the "
+                                    "evaluation again (`modelcd evaluate`)", echo, of_releases=False)

@@ -186,6 +186,25 @@ class Jobs:
         with self.db.read() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
+    def end_interrupted(self, type_: JobType, error: str, echo: Callable[[str], None] | None = None, *,
+                        of_releases: bool = True) -> list[str]:
+        """At start: the open jobs of ``type_`` a dead process left end with ``error`` (failed
+        when running, else cancelled); only those of no release when ``of_releases`` is False.
+        Each is told to ``echo``; returns their ids."""
+        open_states = [str(JobState.CREATED), str(JobState.SCHEDULED), str(JobState.RUNNING)]
+        q = select(schema.jobs.c.id, schema.jobs.c.state).where(schema.jobs.c.type == str(type_),
+                                                                schema.jobs.c.state.in_(open_states))
+        if not of_releases:
+            q = q.where(schema.jobs.c.release_id.is_(None))
+        with self.db.read() as conn:
+            rows = conn.execute(q).all()
+        for job_id, state in rows:
+            self.transition(job_id, JobState.FAILED if state == str(JobState.RUNNING) else JobState.CANCELLED,
+                            error=error)
+            if echo is not None:
+                echo(f"{type_} job {job_id}: {error}")
+        return [job_id for job_id, _ in rows]
+
     # cancellation: an in-process Event for speed, a column for other processes and restarts
     def cancel_event(self, key: str) -> threading.Event:
         with self._lock:

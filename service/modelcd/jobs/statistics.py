@@ -22,11 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
 from modelcd.domain import JobState, JobType, ModelVersion
 from modelcd.fsutil import scratch_dir
-from modelcd.store import schema
 
 if TYPE_CHECKING:  # the CLI imports feature_line: keep the service's wiring out of its start
     from modelcd.context import Context
@@ -193,16 +190,5 @@ def statistics_after_import(ctx: Context, version: ModelVersion, files: Path) ->
 def fail_interrupted(ctx: Context, echo: Callable[[str], None] | None = None) -> list[str]:
     """At start: statistics jobs a dead process left open end (failed when running, else
     cancelled); their upload is gone. Returns their ids."""
-    open_states = [str(JobState.CREATED), str(JobState.SCHEDULED), str(JobState.RUNNING)]
-    with ctx.db.read() as conn:
-        rows = conn.execute(select(schema.jobs.c.id, schema.jobs.c.state).where(
-            schema.jobs.c.type == str(JobType.STATISTICS), schema.jobs.c.state.in_(open_states))).all()
-    ended = []
-    for job_id, state in rows:
-        error = "interrupted by a restart of the service; upload the training data again"
-        ctx.jobs.transition(job_id, JobState.FAILED if state == str(JobState.RUNNING) else JobState.CANCELLED,
-                            error=error)
-        ended.append(job_id)
-        if echo is not None:
-            echo(f"statistics job {job_id}: {error}")
-    return ended
+    return ctx.jobs.end_interrupted(JobType.STATISTICS, "interrupted by a restart of the service; upload the "
+                                    "training data again", echo)
