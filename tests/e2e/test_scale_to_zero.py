@@ -2,12 +2,14 @@
 for 2 s is stopped (state kept, route marked sleeping, an event); the router holds the next
 requests while a warm start brings it back, and every one of them succeeds; the standby a
 rollback needs stays warm; a wake that cannot finish in `wake_timeout_s` answers 503 with
-Retry-After; a restart of the service leaves a sleeping deployment asleep and wakeable.
+Retry-After, as does a control plane that is down; a restart of the service leaves a sleeping
+deployment asleep and wakeable.
 Real service, real router, real scoring processes forked from their environment's parent."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,7 +109,13 @@ def _sleep_and_check(svc: Service) -> dict[str, Any]:
     assert asleep["state"] == "serving" and asleep["sleeping"]["wake_timeout_s"] == 3
     assert asleep["pid"] is None
     assert time.monotonic() - started < 15
+    wait_until(lambda: _closed(asleep["port"]), timeout_s=15, poll_s=0.05)  # its process stopped
     return asleep
+
+
+def _closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def test_idle_deployment_sleeps_and_the_first_requests_wake_it(svc: Service, released: dict[str, Any]) -> None:
@@ -158,12 +166,18 @@ def test_a_wake_that_cannot_finish_answers_503_with_retry_after(svc: Service, re
     assert _asleep(svc) is not None  # still asleep; the next request tries again, and the model loads now
     wait_until(lambda: _score(uri, headers, 1.0).status_code == 200, timeout_s=20, poll_s=0.5)
     assert _score(uri, headers, 1.0).json() == [202.0]
+    wait_until(lambda: _asleep(svc) is None, timeout_s=10)  # recorded awake
 
 
 def test_a_restarted_service_keeps_it_asleep_and_wakeable(svc: Service, released: dict[str, Any]) -> None:
     uri, headers = released["endpoint"]["scoring_uri"], released["headers"]
     _sleep_and_check(svc)
     svc.stop()
+    # the control plane is down: nobody may start it, so the router says so at once
+    down = _score(uri, headers, 3.0)
+    assert down.status_code == 503 and int(down.headers["retry-after"]) >= 3, down.text
+    assert "the control plane is down" in down.json()["message"]
+    assert requests.get(f"{svc.router_url}/-/healthz", timeout=5).status_code == 200
     svc.start()
     time.sleep(1.0)  # the start's reconcile and a supervisor tick: neither may start it
     assert _asleep(svc) is not None and _deployments(svc)[2]["pid"] is None

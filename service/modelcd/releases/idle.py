@@ -32,7 +32,7 @@ from typing import Any
 
 from modelcd.context import Context
 from modelcd.domain import Deployment, DeploymentState
-from modelcd.errors import Conflict, DeployError
+from modelcd.errors import Conflict, DeployError, ModelcdError
 from modelcd.releases.deployments import deploy_spec, handle_of, runner_started, stop_deployment
 from modelcd.releases.machine import Phase
 from modelcd.releases.policy import Idle, IdleStandby
@@ -94,6 +94,8 @@ class IdleSleeper:
         self.ctx = ctx
         self.every_s = every_s
         self._next = 0.0
+        self._idle_of: dict[str, Idle | None] = {}  # release id → its environment's idle (a snapshot: fixed)
+        self._router_down = False
 
     def tick(self) -> None:
         if time.monotonic() < self._next or self.ctx.router.wake_file() is None:
@@ -102,7 +104,14 @@ class IdleSleeper:
         due = self._candidates()
         if not due:
             return
-        idle_s = self.ctx.router.idle_seconds()
+        try:
+            idle_s = self.ctx.router.idle_seconds()
+        except ModelcdError as e:  # the supervisor restarts it; nothing sleeps meanwhile
+            if not self._router_down:
+                log.warning("idle deployments stay awake while the router does not answer: %s", e.message)
+            self._router_down = True
+            return
+        self._router_down = False
         for d, idle in due:
             idle_for = idle_s.get(d.id)
             if idle_for is not None and idle_for >= idle.scale_to_zero_after_s:
@@ -115,14 +124,20 @@ class IdleSleeper:
         """Awake deployments whose endpoint's policy lets them sleep, with that policy's ``idle``."""
         ctx = self.ctx
         busy = {(r.model, r.environment) for r in ctx.releases.in_phases({p for p in Phase if p.active})}
+        by_endpoint: dict[tuple[str, str], list[Deployment]] = {}
+        for d in ctx.deployments.list(live_only=True):
+            by_endpoint.setdefault((d.model, d.environment), []).append(d)
         out: list[tuple[Deployment, Idle]] = []
+        known, self._idle_of = self._idle_of, {}  # kept for the releases that serve now, no others
         for ep in ctx.traffic.list():
             if ep.retired_at or ep.mirror or (ep.model, ep.environment) in busy:
                 continue
-            live = {d.id: d for d in ctx.deployments.list(model=ep.model, environment=ep.environment,
-                                                          live_only=True)}
-            serving = max(ep.traffic.items(), key=lambda kv: kv[1], default=(None, 0))
-            idle = endpoint_idle(ctx, live.get(serving[0] or ""))
+            live = {d.id: d for d in by_endpoint.get((ep.model, ep.environment), [])}
+            serving = live.get(max(ep.traffic.items(), key=lambda kv: kv[1], default=("", 0))[0])
+            if serving is None or not serving.release_id:
+                continue
+            rid = serving.release_id
+            idle = self._idle_of[rid] = known[rid] if rid in known else release_idle(ctx, rid)
             if idle is None:
                 continue
             for d in live.values():
@@ -133,14 +148,12 @@ class IdleSleeper:
         return out
 
 
-def endpoint_idle(ctx: Context, serving: Deployment | None) -> Idle | None:
-    """The ``idle`` of the policy environment that released the serving deployment."""
-    if serving is None or not serving.release_id:
-        return None
+def release_idle(ctx: Context, release_id: str) -> Idle | None:
+    """The ``idle`` of the policy environment a release ran under (what released the serving deployment)."""
     try:
-        return ctx.releases.get(serving.release_id).environment_policy.idle
+        return ctx.releases.get(release_id).environment_policy.idle
     except Exception:  # a release row from an older policy format: leave it awake
-        log.debug("no policy for %s", serving.id, exc_info=True)
+        log.debug("no policy for release %s", release_id, exc_info=True)
         return None
 
 
@@ -160,6 +173,22 @@ def put_to_sleep(ctx: Context, d: Deployment, idle: Idle, idle_for: float) -> bo
                    "wakes it")
     log.info("deployment %s (%s v%s) is asleep", d.id, d.model, d.version)
     return True
+
+
+def stop_leftover(ctx: Context, d: Deployment) -> None:
+    """A sleeping deployment whose process outlived its sleep (the service died between
+    recording the sleep and stopping it): stop it now, unless a wake is under way."""
+    lock = _lock(d.id)
+    if not lock.acquire(blocking=False):
+        return
+    try:
+        d = ctx.deployments.get(d.id)
+        if d.sleeping:  # not woken meanwhile
+            ctx.target(d.target).delete(handle_of(d, ctx.home))
+    except ModelcdError as e:
+        log.warning("could not stop what is left of sleeping deployment %s: %s", d.id, e.message)
+    finally:
+        lock.release()
 
 
 # -- wake ---------------------------------------------------------------------------------------

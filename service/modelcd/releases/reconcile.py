@@ -16,6 +16,7 @@ from modelcd.context import Context
 from modelcd.domain import DeploymentState
 from modelcd.errors import ModelcdError
 from modelcd.releases.deployments import deploy_spec, handle_of, runner_started
+from modelcd.releases.idle import stop_leftover
 from modelcd.releases.traffic import build_table
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ def reconcile(ctx: Context, say: Callable[[str], None] = log.info) -> ReconcileR
     for d in ctx.deployments.list(live_only=True):
         if d.state not in (DeploymentState.SERVING, DeploymentState.STANDBY):
             continue  # READY ones belong to an in-flight release, which resumes them
-        if d.sleeping:
-            continue  # scaled to zero (releases.idle): stopped on purpose; a request wakes it
+        if d.sleeping:  # scaled to zero (releases.idle): stopped on purpose; a request wakes it
+            stop_leftover(ctx, d)
+            continue
         if runner_started(d):
             continue  # its runner started it where this service may not reach; the router's health checks watch it
         target = ctx.target(d.target)
