@@ -103,6 +103,17 @@ def start_service(tmp: Path, **extra_env: str) -> tuple[subprocess.Popen[bytes],
     return proc, env, client
 
 
+def first_release(client: Client, tmp: Path) -> dict[str, Any]:
+    """Store the open policy and release v1 of ``bench`` (it builds the environment, so it is not
+    measured); return v1's metadata."""
+    client.request("PUT", "/api/v1/policies", data=OPEN_POLICY.encode(), headers={"Content-Type": "application/yaml"})
+    meta = make_model(tmp / "v1", 1.0)
+    client.register("bench", tmp / "v1", meta)
+    rel = client.find_release("bench", 1)
+    assert rel and client.wait_release(rel["id"])["phase"] == "succeeded"
+    return meta
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", type=int, default=6)
@@ -111,13 +122,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="modelcd-bench-"))
     proc, env, client = start_service(tmp)
     try:
-        client.request("PUT", "/api/v1/policies", data=OPEN_POLICY.encode(),
-                       headers={"Content-Type": "application/yaml"})
-        # v1: cold environment (not measured), then warm versions
-        meta = make_model(tmp / "v1", 1.0)
-        client.register("bench", tmp / "v1", meta)
-        rel = client.find_release("bench", 1)
-        assert rel and client.wait_release(rel["id"])["phase"] == "succeeded"
+        meta = first_release(client, tmp)
         uri = client.get("/api/v1/endpoints/bench/production")["scoring_uri"]
         reg_to_serving, promote_job = [], []
         for i in range(2, args.versions + 2):
