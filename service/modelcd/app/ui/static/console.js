@@ -63,6 +63,16 @@
     }).catch(function () {});
   }
 
+  /* A release's phase or a job's state changed: show it, and fetch the buttons it now allows. */
+  function showState(id, attr, value) {
+    var el = document.getElementById(id);
+    if (!el || el.getAttribute(attr) === value) { return; }
+    el.setAttribute(attr, value);
+    el.className = "state state-" + value;
+    el.textContent = value;
+    refreshActions();
+  }
+
   function follow(live) {
     var url = live.getAttribute("data-stream") + "?after=" + encodeURIComponent(live.getAttribute("data-after"));
     var es = new EventSource(url);
@@ -70,13 +80,7 @@
       es.addEventListener(name, function (e) { fn(JSON.parse(e.data)); });
     };
     on("phase", function (d) {
-      var el = document.getElementById("release-phase");
-      if (el && el.getAttribute("data-phase") !== d.phase) {
-        el.setAttribute("data-phase", d.phase);
-        el.className = "state state-" + d.phase;
-        el.textContent = d.phase;
-        refreshActions();
-      }
+      showState("release-phase", "data-phase", d.phase);
       var err = document.getElementById("release-error");
       if (err) { err.textContent = d.error || ""; err.hidden = !d.error; }
     });
@@ -128,15 +132,7 @@
       var pre = document.getElementById("log") || logFor(d.job_id);
       if (pre) { appendLine(pre, d.line); }
     });
-    on("state", function (d) {
-      var el = document.getElementById("job-state");
-      if (el && el.getAttribute("data-state") !== d.state) {
-        el.setAttribute("data-state", d.state);
-        el.className = "state state-" + d.state;
-        el.textContent = d.state;
-        refreshActions();
-      }
-    });
+    on("state", function (d) { showState("job-state", "data-state", d.state); });
     on("end", function () { es.close(); });
   }
 
