@@ -137,7 +137,7 @@ def wait_no_pending(router_port: int, timeout_s: float) -> float:
     """Wait (bounded) until no copy is pending on any endpoint; the seconds it took."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        if all(m["pending"] == 0 for m in mirror_counters(router_port).values()):
+        if all(m["pending"] == 0 and not m.get("queued") for m in mirror_counters(router_port).values()):
             break
         time.sleep(0.05)
     return time.monotonic() - t0

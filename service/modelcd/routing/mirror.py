@@ -360,6 +360,7 @@ class MirrorWorker:
         cmd = [sys.executable, "-m", "modelcd.routing.mirror_worker", "--fd", str(theirs.fileno()),
                "--mirror-pending", str(options.mirror_pending), "--mirror-pairs", str(options.mirror_pairs),
                "--mirror-timeout", str(options.mirror_timeout), "--mirror-body-cap", str(options.mirror_body_cap),
+               "--mirror-backlog", str(options.mirror_backlog),
                "--connect-timeout", str(options.connect_timeout)]
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])

@@ -10,8 +10,10 @@ closes (the router stopped or died). From the router it reads, in order: the end
 the body as it is.
 
 For every mirrored request it sends the copy to the endpoint's candidate over keep-alive
-connections (at most ``--mirror-pending`` copies in progress per endpoint: more are dropped and
-counted; a copy not answered within ``--mirror-timeout`` counts as the candidate's error) and
+connections (at most ``--mirror-pending`` copies in progress per endpoint; more wait, at most
+``--mirror-backlog`` of them and for ``--mirror-timeout`` at most, else they are dropped and
+counted — a batch brings many at once; a copy not answered within ``--mirror-timeout`` counts as
+the candidate's error) and
 keeps the pair (champion's answer, candidate's answer) in a bounded ring per endpoint; every
 sampled request is kept with its answer in another. Records stay raw bytes in the rings: their
 JSON is made only when they are read. It runs at a lower scheduling priority than the router
@@ -85,9 +87,9 @@ class Candidate(Ring):
         super().__init__(capacity, floor)
         self.key, self.id, self.version, self.target = key, id, version, target
         self.rate = 1.0
-        self.pending = 0  # copies in progress: waiting for a connection, or for the candidate's answer
+        self.pending = 0  # copies in progress: sent (or their connection opening), the answer awaited
         self.connecting = 0  # connections being opened
-        self.queue: deque[tuple[Copy, bytes]] = deque()  # copies waiting for a connection
+        self.queue: deque[tuple[Copy, bytes]] = deque()  # copies waiting for a slot or a connection
         self.mirrored = 0  # pairs completed (the candidate answered, failed or timed out)
         self.dropped = 0  # copies not sent because ``mirror_pending`` were in progress
         self.candidate_errors = 0  # copies the candidate failed (no answer, cut, timeout, 5xx)
@@ -102,6 +104,26 @@ class Candidate(Ring):
     def report(self) -> list[int]:
         return [self.mirrored, self.dropped, self.candidate_errors, self.truncated]
 
+    def pump(self, pending_max: int) -> None:
+        """Start waiting copies while fewer than ``pending_max`` are in progress: each on an idle
+        connection, or a new one (at most ``CONNECTING_MAX`` opening at once; beyond, it waits for
+        a connection another copy is done with)."""
+        queue = self.queue
+        while queue and self.pending < pending_max:
+            conn = self.target.pool.take()
+            if conn is None and self.connecting >= CONNECTING_MAX:
+                return
+            copy, payload = queue.popleft()
+            self.pending += 1
+            copy.start(conn, payload)
+
+    def expire(self, late: float) -> None:
+        """Copies that waited since before ``late`` are dropped (the candidate is too slow for them)."""
+        queue = self.queue
+        while queue and queue[0][0].started < late:
+            queue.popleft()
+            self.dropped += 1
+
     def counters(self, router: tuple[int, int, list[int]]) -> dict[str, Any]:
         """``router``: the copies the router dropped (handoff), lost (in a worker that died), and
         the counters of the workers before this one (``report``'s fields)."""
@@ -110,7 +132,7 @@ class Candidate(Ring):
                 "sample_rate": self.rate, "mirrored": self.mirrored + mirrored,
                 "dropped": self.dropped + dropped + handoff + lost, "dropped_handoff": handoff, "lost_in_worker": lost,
                 "candidate_errors": self.candidate_errors + errors, "truncated": self.truncated + truncated,
-                "pending": self.pending, "seq": self.seq, "kept": len(self.records)}
+                "pending": self.pending, "queued": len(self.queue), "seq": self.seq, "kept": len(self.records)}
 
 
 class Sampled(Ring):
@@ -161,21 +183,17 @@ class Copy:
         self.size = 0
         self.status = 0
         self.done = False
-        self.started = worker.loop.time()
+        self.started = worker.loop.time()  # when it came; once started, when it was sent
 
-    def start(self, payload: bytes) -> None:
-        """On an idle connection; else on a new one (at most ``CONNECTING_MAX`` opening at once:
-        beyond, the copy waits for a connection another copy is done with)."""
+    def start(self, conn: UpstreamConnection | None, payload: bytes) -> None:
+        """Send on ``conn``, or on a new connection (``Candidate.pump`` decides)."""
         self.worker.copies.add(self)
-        state = self.state
-        conn = state.target.pool.take()
+        self.started = self.worker.loop.time()
         if conn is not None:
             self._send(conn, payload)
-        elif state.connecting < CONNECTING_MAX:
-            state.connecting += 1
-            self.worker.loop.create_task(self._connect(payload))
         else:
-            state.queue.append((self, payload))
+            self.state.connecting += 1
+            self.worker.loop.create_task(self._connect(payload))
 
     async def _connect(self, payload: bytes) -> None:
         try:
@@ -186,6 +204,7 @@ class Copy:
         finally:
             self.state.connecting -= 1
         self._send(conn, payload)
+        self.state.pump(self.worker.options.mirror_pending)  # another connection may open now
 
     def _send(self, conn: UpstreamConnection, payload: bytes) -> None:
         if self.done:
@@ -251,13 +270,7 @@ class Copy:
                   None if error is not None else self.status, ms,
                   None if capped or error is not None else b"".join(self.body), error, capped)
         del self.parser  # it holds bound methods: break the cycle
-        queue = state.queue
-        while queue:  # the next copy waiting for a connection takes this one's (or opens one)
-            copy, payload = queue.popleft()
-            if not copy.done:
-                worker.copies.discard(copy)
-                copy.start(payload)
-                break
+        state.pump(worker.options.mirror_pending)  # the next waiting copy takes this one's place
 
 
 class Worker(asyncio.Protocol):
@@ -334,15 +347,17 @@ class Worker(asyncio.Protocol):
                     sampler.add(now, body, status, seconds, answer, False)
             if mid is None or (state := mirrors.get(key)) is None or state.id != mid:
                 continue
-            if state.pending >= self.options.mirror_pending:
+            if len(state.queue) >= self.options.mirror_backlog:
                 state.dropped += 1
                 continue
-            state.pending += 1
             target = state.target
             payload = b"".join((method, b" ", target.prefix, rest, b" HTTP/1.1\r\n", headers,
                                 b"" if has_host else target.host_line, b"\r\n", body))
-            Copy(self, state, None if capped else body, (status, seconds, None if capped else answer),
-                 capped).start(payload)
+            state.queue.append((Copy(self, state, None if capped else body,
+                                     (status, seconds, None if capped else answer), capped), payload))
+        pending_max = self.options.mirror_pending
+        for state in mirrors.values():
+            state.pump(pending_max)
 
     def query(self, what: str, endpoint: bytes, after: int, limit: int, extra: dict[str, Any]) -> tuple[int, bytes]:
         """An admin question: ``mirror`` (every candidate's counters), ``pairs`` or ``samples``
@@ -370,10 +385,13 @@ class Worker(asyncio.Protocol):
 
     # -- periodic ------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Cut copies the candidate did not answer in time; close idle connections."""
+        """Drop copies that waited too long, cut those the candidate did not answer in time; close
+        idle connections."""
         self.loop.call_later(SWEEP_S, self.tick)
         now = self.loop.time()
         late = now - self.options.mirror_timeout
+        for state in self.mirrors.values():
+            state.expire(late)
         for copy in [c for c in self.copies if c.started < late]:
             copy.finish("timed out")
         for pool in self.pools.values():
@@ -400,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mirror-pairs", type=int, default=Options.mirror_pairs)
     p.add_argument("--mirror-timeout", type=float, default=Options.mirror_timeout)
     p.add_argument("--mirror-body-cap", type=int, default=Options.mirror_body_cap)
+    p.add_argument("--mirror-backlog", type=int, default=Options.mirror_backlog)
     p.add_argument("--connect-timeout", type=float, default=Options.connect_timeout)
     p.add_argument("--nice", type=int, default=NICE, help="added to this process's nice value (0: none)")
     a = p.parse_args(argv)
@@ -408,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(a.nice)  # the copies are best effort: on a busy machine serving gets the CPU first
     options = Options(table=Path(os.devnull), mirror_pending=a.mirror_pending, mirror_pairs=a.mirror_pairs,
                       mirror_timeout=a.mirror_timeout, mirror_body_cap=a.mirror_body_cap,
-                      connect_timeout=a.connect_timeout)
+                      mirror_backlog=a.mirror_backlog, connect_timeout=a.connect_timeout)
     try:
         import uvloop
         factory = uvloop.new_event_loop

@@ -29,7 +29,8 @@ class Options:
     max_headers: int = 100  # header lines; more gets 431
     header_timeout: float = 10.0  # a request head (or a new connection's first) not complete by then gets 408
     backend_down_time: float = 1.0  # a backend that refused a connection is skipped this long (passive health)
-    mirror_pending: int = 64  # shadow copies in progress per endpoint; more are dropped (counted), never queued
+    mirror_pending: int = 64  # shadow copies in progress per endpoint; more wait (in the mirror worker)
+    mirror_backlog: int = 512  # shadow copies waiting per endpoint (a batch brings many at once); more are dropped
     mirror_pairs: int = 20_000  # pairs of answers kept per endpoint for the control plane
     mirror_timeout: float = 10.0  # a candidate's answer to a copy, at most; then the copy counts as failed
     mirror_body_cap: int = 256 * 1024  # request or answer bodies larger than this are not kept (pair truncated)

@@ -460,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
                    help="seconds a candidate may take to answer a copy")
     p.add_argument("--mirror-body-cap", type=int, default=Options.mirror_body_cap,
                    help="bytes of a request or answer kept in a pair")
+    p.add_argument("--mirror-backlog", type=int, default=Options.mirror_backlog,
+                   help="shadow copies waiting per endpoint while --mirror-pending are in progress; more are dropped")
     p.add_argument("--mirror-handoff-bytes", type=int, default=Options.mirror_handoff_bytes,
                    help="request bytes not yet taken by the mirror worker; beyond, copies are dropped")
     p.add_argument("--mirror-worker-timeout", type=float, default=Options.mirror_worker_timeout,
@@ -478,6 +480,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
                       backend_down_time=a.backend_down_time, allow_open_endpoints=a.allow_open_endpoints,
                       mirror_pending=a.mirror_pending, mirror_pairs=a.mirror_pairs, mirror_timeout=a.mirror_timeout,
                       mirror_body_cap=a.mirror_body_cap, mirror_handoff_bytes=a.mirror_handoff_bytes,
+                      mirror_backlog=a.mirror_backlog,
                       mirror_worker_timeout=a.mirror_worker_timeout,
                       exposed={"auto": None, "yes": True, "no": False}[a.exposed])
     return options, a.loop
