@@ -107,7 +107,7 @@ def _signed_in() -> Response | None:
         elif who != session.principal:
             session = replace(session, principal=who)
     if session is None:
-        if request.method != "GET":
+        if request.method not in ("GET", "HEAD"):
             abort(403, "sign in first")
         return redirect(url_for("ui.login", next=request.full_path.rstrip("?")), code=303)
     g.ui_session = session
