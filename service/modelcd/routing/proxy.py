@@ -5,8 +5,10 @@ deployments, run as its own process so it keeps serving while the control plane 
 
 ``ANY /{model}/{env}/{rest}`` goes to ``{backend.url}/{rest}`` of a backend picked by weight;
 ``/-/healthz``, ``/-/table``, ``POST /-/reload``, ``/-/mirror[/pairs]`` and ``/-/samples``
-(shadow and sampled traffic, kept by the mirror worker process: ``routing.mirror``) are the
-admin routes (model names cannot start with '-'). The table comes from a JSON file that the
+(shadow and sampled traffic, kept by the mirror worker process: ``routing.mirror``) and
+``/-/activity`` (seconds since each backend's last request, for scale to zero) are the admin
+routes (model names cannot start with '-'). A request for a backend the table marks sleeping
+is held while the control plane wakes it (``routing.wake``). The table comes from a JSON file that the
 control plane replaces atomically; it is re-read on ``/-/reload``, on SIGHUP and when the file
 changes (polled), and an invalid file leaves the old table serving. One table is one immutable
 ``AppliedTable``: a request takes the reference once, so it sees the old or the new table,
