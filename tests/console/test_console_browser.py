@@ -3,7 +3,8 @@
 the stages live to production; Stop of a running canary from the jobs page; an approval gate
 answered by an `approver`, whose name the events show; a `viewer` who sees no actions and whose
 writes the API refuses; a dead letter retried from the inbox page; and in the browser: the
-session cookie's flags, CSRF, an XSS probe rendering inert, and no token in a page, a URL or a log.
+session cookie's flags, CSRF, an XSS probe rendering inert, and no token in a page, a URL or a log;
+and the pages used by keyboard alone and at 200 % zoom.
 
 The tests share one service and run in order (the canary stopped is the deployed model's next
 version)."""
@@ -373,3 +374,37 @@ def test_csrf_xss_and_no_token_in_pages_urls_or_logs(console: Console, driver: A
         text = log.read_text(errors="replace")
         for who, token in console.tokens.items():
             assert token not in text, f"{who}'s token in {log.name}"
+
+
+def test_keyboard_alone_and_200_percent_zoom(console: Console, driver: Any) -> None:
+    """Last: the pages hold what the tests before made."""
+    from selenium.webdriver.common.keys import Keys
+
+    driver.delete_all_cookies()
+    console.open(driver, "/ui/login?next=/ui/models")
+    driver.switch_to.active_element.send_keys(TOKEN, Keys.ENTER)  # the token field has the focus
+    wait_for(driver, lambda d: d.current_url.endswith("/ui/models"), "the models page, signed in by keyboard")
+    body = driver.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.TAB)
+    assert driver.switch_to.active_element.text == "Skip to content"
+    for _ in range(12):  # Tab along the navigation to Jobs, then Enter
+        driver.switch_to.active_element.send_keys(Keys.TAB)
+        if driver.switch_to.active_element.text == "Jobs":
+            break
+    driver.switch_to.active_element.send_keys(Keys.ENTER)
+    wait_for(driver, lambda d: d.current_url.endswith("/ui/jobs"), "the jobs page, reached by keyboard")
+
+    # 200 % zoom of a 1280 px window: a 640 px wide viewport at twice the pixels; nothing spills sideways
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 640, "height": 900, "deviceScaleFactor": 2, "mobile": False})
+    try:
+        rel = _release_of(console.svc, "cs-live", 2)  # the stopped canary: stages, steps, charts, logs
+        job = console.svc.release_detail(rel["id"])["jobs"][-1]
+        for path in ("/ui/models", "/ui/models/cs-live", "/ui/models/cs-live/versions/1", "/ui/releases",
+                     f"/ui/releases/{rel['id']}", "/ui/endpoints", "/ui/endpoints/cs-live/production", "/ui/jobs",
+                     f"/ui/jobs/{job['id']}", "/ui/inbox", "/ui/policies"):
+            console.open(driver, path)
+            wide = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+            assert wide <= 0, f"{path} is {wide}px wider than the window at 200 %"
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
