@@ -387,3 +387,32 @@ def test_refusal_is_none_for_granted_actions() -> None:
 
     assert refusal(Principal("a", "admin"), "admin") is None
     assert refusal(Principal("v", "viewer"), "read") is None
+
+
+def test_a_pipeline_token_drives_its_own_release_only_even_with_reads_closed(tmp_path: Path) -> None:
+    ctx, app = _app(tmp_path, MODELCD_OPEN_READS="false")
+    try:
+        client = app.test_client()
+        _register(ctx, tmp_path)
+        mine, other = (start_release(ctx, "iris", 1, env) for env in ("production", "staging"))
+        pipeline = _bearer(ctx.pipeline_runs.mint(mine, "github"))
+        # its own release's stage status (a read) and files (a write route): past the check
+        assert client.get(f"/api/v1/releases/{mine}/stages/build?wait=0", headers=pipeline).status_code == 200
+        assert client.get(f"/api/v1/releases/{mine}/files", headers=pipeline).status_code == 200
+        # another release's, any other read or write: 401 (it is no user's token)
+        assert client.get(f"/api/v1/releases/{other}/stages/build?wait=0", headers=pipeline).status_code == 401
+        assert client.get(f"/api/v1/releases/{other}/files", headers=pipeline).status_code == 401
+        assert client.get("/api/v1/models", headers=pipeline).status_code == 401
+        assert client.post(f"/api/v1/releases/{mine}/stop", headers=pipeline).status_code == 401
+    finally:
+        ctx.db.dispose()
+
+
+def test_the_openapi_document_names_the_roles_of_each_operation(client: FlaskClient) -> None:
+    paths = client.get("/api/v1/openapi.json").json["paths"]
+    assert paths["/releases"]["post"]["x-modelcd-roles"] == ["deployer", "admin"]
+    assert paths["/releases/{release_id}/approve"]["post"]["x-modelcd-roles"] == ["approver", "admin"]
+    assert paths["/policies"]["put"]["x-modelcd-roles"] == ["admin"]
+    assert paths["/models/{name}/versions/{version}"]["get"]["x-modelcd-action"] == "read"
+    assert paths["/releases/{release_id}/stages/{stage}"]["post"]["x-modelcd-action"] == RELEASE
+    assert all("x-modelcd-roles" in op for ops in paths.values() for op in ops.values())

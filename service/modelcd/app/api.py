@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_file
 
-from modelcd.access import Action, Principal, refusal
+from modelcd.access import Action, Principal, refusal, roles_for
 from modelcd.auth import bearer
 from modelcd.context import Context
 from modelcd.domain import JobState
@@ -282,9 +282,23 @@ def _release_doc(rel: Release | dict[str, Any]) -> dict[str, Any]:
 @bp.get("/openapi.json")
 @read
 def openapi() -> Response:
+    """The OpenAPI document, each operation marked with what its route declares it needs:
+    ``x-modelcd-action`` (read, deploy, approve, admin, release...) and ``x-modelcd-roles``."""
     from modelcd.app.openapi import document
 
-    return jsonify(document())
+    doc = document()
+    for rule in current_app.url_map.iter_rules():
+        if not rule.rule.startswith(bp.url_prefix or ""):
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule.removeprefix(bp.url_prefix or ""))
+        kind = auth_kind(current_app.view_functions[rule.endpoint])
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
+            op = doc["paths"].get(path.replace("{number}", "{version}").replace("{row_id}", "{id}"), {}).get(
+                method.lower())
+            if op is not None and kind is not None:
+                op["x-modelcd-action"] = kind
+                op["x-modelcd-roles"] = roles_for(_KIND_ACTIONS.get(kind, kind))
+    return jsonify(doc)
 
 
 # models and versions
