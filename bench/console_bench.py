@@ -23,9 +23,7 @@ import json
 import os
 import random
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +40,9 @@ from modelcd.store import schema
 from modelcd.store.db import Database, now
 from modelcd.targets.process import free_port
 
-TOKEN = "console-bench-token-0123456789abcdef"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.conftest import TOKEN, make_service  # the tests' service: its own home, ports and token
+
 CHUNK = 5000
 JOB_TYPES = ("build", "deploy", "smoke", "promote")
 TEAMS = ("fraud", "churn", "search", "ads", "risk")
@@ -165,40 +165,6 @@ class Seeder:
                 "attempts": 5 if dead else 1, "next_attempt_at": 0.0,
                 "last_error": "no objects under s3://models/late/" if dead else None,
                 "result": None if dead else [{"model": model, "version": v}], "processed_at": self.ts()}
-
-
-class Serve:
-    """``modelcd serve`` on the seeded home."""
-
-    def __init__(self, home: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")},
-                    "MODELCD_HOME": str(home), "MODELCD_PORT": str(self.port),
-                    "MODELCD_ROUTER_PORT": str(free_port()), "MODELCD_TOKEN": TOKEN}
-        self.log = home / "serve.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "modelcd", "serve"], env=self.env,
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                     start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"modelcd serve exited:\n{self.log.read_text()}")
-            try:
-                if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"modelcd serve not ready:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 class InProcess:
@@ -341,10 +307,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100, help="timed requests per page")
     ap.add_argument("--lines", type=int, default=50, help="log lines timed on the live stream")
     ap.add_argument("--home", type=Path,
-                    help="keep the seeded home here, or reuse one seeded there before (default: a temporary folder)")
+                    help="keep the seeded home in DIR/home, or reuse one seeded there (default: a temporary folder)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="console-bench-") as tmp:
-        home = args.home or Path(tmp) / "home"
+        root = args.home or Path(tmp)  # the service's home is root/home
+        home = root / "home"
         home.mkdir(parents=True, exist_ok=True)
         db = Database(f"sqlite:///{home.resolve() / 'modelcd.db'}")
         with db.read() as conn:
@@ -361,11 +328,13 @@ def main() -> None:
             rows = page_table(app, args.models, args.requests)
         finally:
             app.close()
-        svc = Serve(home)
+        svc = make_service(root)
+        svc.start()
         try:
             lags = live_log(svc.url, sign_in(svc.url), db, args.lines)
         finally:
             svc.stop()
+            svc.shutdown_data_plane()  # the router too
             db.dispose()
     print(f"\n{args.requests} GETs per page, in process (the app's test client, one thread), after 3 warm-up; "
           f"ms on the wall and on the thread's CPU; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
