@@ -189,7 +189,9 @@ def test_invalid_table_keeps_the_old_one(start_proxy: Callable[..., ProxyProcess
     deadline = time.monotonic() + 5
     while call(p.port, "GET", "/-/healthz").json()["generation"] != 3 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert call(p.port, "GET", "/-/healthz").json() | {"pid": 0} == {
+    health = call(p.port, "GET", "/-/healthz").json()
+    assert health.pop("mirror_worker")["connected"] is True
+    assert health | {"pid": 0} == {
         "status": "ok", "router": "modelcd", "generation": 3, "pid": 0, "table": str(p.table_path),
         "table_error": None, "open_endpoints": "served"}
     assert _names(p.port, 5) == Counter({"b": 5})
