@@ -1,10 +1,10 @@
 """Scale to zero (issue 14): with `idle: {scale_to_zero_after_s: 2}` a deployment with no request
 for 2 s is stopped (state kept, route marked sleeping, an event); the router holds the next
 requests while a warm start brings it back, and every one of them succeeds; the standby a
-rollback needs stays warm; a wake that cannot finish in `wake_timeout_s` answers 503 with
-Retry-After, as does a control plane that is down; a restart of the service leaves a sleeping
-deployment asleep and wakeable.
-Real service, real router, real scoring processes forked from their environment's parent."""
+rollback needs stays warm (unless `standby: sleep`: then a rollback to it wakes it); a wake that
+cannot finish in `wake_timeout_s` answers 503 with Retry-After, as does a control plane that is
+down; a restart of the service leaves a sleeping deployment asleep and wakeable. Real service,
+real router, real scoring processes forked from their environment's parent."""
 
 from __future__ import annotations
 
@@ -167,6 +167,44 @@ def test_a_wake_that_cannot_finish_answers_503_with_retry_after(svc: Service, re
     wait_until(lambda: _score(uri, headers, 1.0).status_code == 200, timeout_s=20, poll_s=0.5)
     assert _score(uri, headers, 1.0).json() == [202.0]
     wait_until(lambda: _asleep(svc) is None, timeout_s=10)  # recorded awake
+
+
+SLEEPY_STANDBY = """\
+name: sleepy-standby
+match: {models: ["stzs-*"]}
+environments:
+  - name: production
+    auth: none
+    idle: {scale_to_zero_after_s: 2, standby: sleep}
+smoke: {requests: 2}
+"""
+
+
+def test_with_standby_sleep_the_standby_sleeps_too_and_a_rollback_wakes_it(
+        svc: Service, tmp_path: Path) -> None:
+    svc.apply_policy(SLEEPY_STANDBY)
+    for offset in (10, 20):
+        folder = tmp_path / f"v{offset}"
+        version = svc.register("stzs-sum", folder, custom_model(folder, MODEL.replace("{offset}", str(offset))))
+        rel = svc.wait_release_for("stzs-sum", version["version"])
+        assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
+
+    def both_asleep() -> dict[int, dict[str, Any]] | None:
+        deps = svc.api("GET", "/deployments", params={"model": "stzs-sum", "live": "true"}).json()["deployments"]
+        by_version = {d["version"]: d for d in deps}
+        return by_version if all(d["sleeping"] for d in by_version.values()) else None
+
+    asleep = wait_until(both_asleep, timeout_s=30, poll_s=0.2)
+    assert {v: d["state"] for v, d in asleep.items()} == {1: "standby", 2: "serving"}
+    wait_until(lambda: _closed(asleep[1]["port"]) and _closed(asleep[2]["port"]), timeout_s=15, poll_s=0.05)
+    # a rollback to the sleeping standby is a table change; its first request wakes it
+    r = svc.api("POST", "/endpoints/stzs-sum/production/rollback")
+    assert r.status_code == 200, r.text
+    answers = _burst(svc.endpoint("stzs-sum")["scoring_uri"], {}, 4)
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert {a.headers["x-modelcd-version"] for a in answers} == {"1"}
+    assert sorted(a.json()[0] for a in answers) == [11.0, 12.0, 13.0, 14.0]
+    assert _closed(asleep[2]["port"])  # v2, now the standby, sleeps on
 
 
 def test_a_restarted_service_keeps_it_asleep_and_wakeable(svc: Service, released: dict[str, Any]) -> None:

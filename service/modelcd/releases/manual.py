@@ -60,7 +60,8 @@ def rollback_endpoint(ctx: Context, model: str, environment: str, by: str | None
                        field="environment")
     records = {d.id: d for d in ctx.deployments.list(model=model, environment=environment)}
     warm = all(dep_id in records and records[dep_id].state.live
-               and ctx.target(records[dep_id].target).is_alive(handle_of(records[dep_id], ctx.home))
+               and (records[dep_id].sleeping  # scaled to zero: the router wakes it on the first request
+                    or ctx.target(records[dep_id].target).is_alive(handle_of(records[dep_id], ctx.home)))
                for dep_id in previous)
     version = None if warm else _previous_version(model, environment, endpoint.versions, previous, records)
     job = ctx.jobs.create(JobType.ROLLBACK, model=model, environment=environment, actor=by)
