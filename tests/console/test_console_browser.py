@@ -23,7 +23,7 @@ import requests
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from tests.conftest import TOKEN, Service, iris_model, running_service, wait_until
+from tests.conftest import TOKEN, Service, iris_model, make_service, wait_until
 from tests.console.conftest import new_driver, sign_in, user_token, wait_for
 from tests.e2e.test_hooks import SECRET, _aws_env, _echo_model, _post, _upload, moto
 
@@ -94,13 +94,15 @@ def console(tmp_path_factory: pytest.TempPathFactory, moto: str) -> Iterator[Con
         s3.create_bucket(Bucket="models")
     except s3.exceptions.BucketAlreadyOwnedByYou:
         pass
-    with running_service(tmp_path_factory.mktemp("console-svc"), POLICIES[0], MODELCD_HOOKS_GENERIC_SECRET=SECRET,
-                         **env) as svc:
-        svc.apply_policy(POLICIES[1])
-        try:
-            yield Console(svc, s3)
-        finally:
-            svc.shutdown_data_plane()
+    svc = make_service(tmp_path_factory.mktemp("console-svc"), MODELCD_HOOKS_GENERIC_SECRET=SECRET, **env)
+    svc.start()
+    try:
+        for policy in POLICIES:
+            svc.apply_policy(policy)
+        yield Console(svc, s3)
+    finally:
+        svc.stop()  # first, or it would start again the deployments the data plane's shutdown stops
+        svc.shutdown_data_plane()
 
 
 def _flash(driver: Any) -> str:
