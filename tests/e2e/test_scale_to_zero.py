@@ -9,6 +9,7 @@ real router, real scoring processes forked from their environment's parent."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -167,6 +168,23 @@ def test_a_wake_that_cannot_finish_answers_503_with_retry_after(svc: Service, re
     wait_until(lambda: _score(uri, headers, 1.0).status_code == 200, timeout_s=20, poll_s=0.5)
     assert _score(uri, headers, 1.0).json() == [202.0]
     wait_until(lambda: _asleep(svc) is None, timeout_s=10)  # recorded awake
+
+
+def test_the_wake_route_needs_the_routers_secret(svc: Service) -> None:
+    wake_file = svc.home / "router" / "wake.json"
+    assert wake_file.stat().st_mode & 0o777 == 0o600
+    doc = json.loads(wake_file.read_text())
+    assert doc["url"] == f"{svc.url}/-/wake"
+    url = f"{svc.url}/-/wake/d-nothing"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {svc.env['MODELCD_TOKEN']}"}):
+        r = requests.post(url, json={"timeout_s": 1}, headers=headers, timeout=10)
+        assert r.status_code == 401 and "wake secret" in r.json()["message"], r.text
+    secret = {"Authorization": f"Bearer {doc['secret']}"}
+    r = requests.post(url, json={"timeout_s": 0}, headers=secret, timeout=10)
+    assert r.status_code == 400 and r.json()["field"] == "timeout_s", r.text
+    r = requests.post(url, json={"timeout_s": 1}, headers=secret, timeout=10)
+    assert r.status_code == 404 and "d-nothing" in r.json()["message"], r.text
+    assert doc["secret"] not in (svc.home / "router" / "router.log").read_text()
 
 
 SLEEPY_STANDBY = """\
