@@ -28,7 +28,7 @@ from modelcd.store import schema
 from modelcd.store.db import now
 from tests.app.conftest import TOKEN
 from tests.conftest import TOKEN as SERVICE_TOKEN
-from tests.conftest import iris_model, make_service
+from tests.conftest import iris_model, running_service
 
 XSS = "<script>alert('x')</script>"
 ACTION = re.compile(r'data-action="([a-z-]+)"')
@@ -370,12 +370,8 @@ def test_streams_are_capped_and_a_busy_one_asks_to_come_back(ctx: Context, clien
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    svc = make_service(tmp_path_factory.mktemp("console"))
-    svc.start()
-    try:
+    with running_service(tmp_path_factory.mktemp("console")) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.mark.timeout(120)
