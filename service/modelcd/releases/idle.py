@@ -27,6 +27,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,10 @@ class IdleSleeper:
         self._next = 0.0
         self._idle_of: dict[str, Idle | None] = {}  # release id → its environment's idle (a snapshot: fixed)
         self._router_down = False
+        # sleeps stop processes (SIGTERM, a grace period): off the runner's loop, a few at a time
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="idle")
+        self._sleeping: set[str] = set()  # deployment ids being put to sleep
+        self._guard = threading.Lock()
 
     def tick(self) -> None:
         if time.monotonic() < self._next or self.ctx.router.wake_file() is None:
@@ -115,10 +120,22 @@ class IdleSleeper:
         for d, idle in due:
             idle_for = idle_s.get(d.id)
             if idle_for is not None and idle_for >= idle.scale_to_zero_after_s:
-                try:
-                    put_to_sleep(self.ctx, d, idle, idle_for)
-                except Exception:
-                    log.exception("putting deployment %s to sleep", d.id)
+                with self._guard:
+                    if d.id in self._sleeping:
+                        continue
+                    self._sleeping.add(d.id)
+                self._pool.submit(self._sleep, d, idle, idle_for)
+
+    def _sleep(self, d: Deployment, idle: Idle, idle_for: float) -> None:
+        try:
+            idle_for = self.ctx.router.idle_seconds().get(d.id, 0.0)  # a request may have come meanwhile
+            if idle_for >= idle.scale_to_zero_after_s:
+                put_to_sleep(self.ctx, d, idle, idle_for)
+        except Exception:
+            log.exception("putting deployment %s to sleep", d.id)
+        finally:
+            with self._guard:
+                self._sleeping.discard(d.id)
 
     def _candidates(self) -> list[tuple[Deployment, Idle]]:
         """Awake deployments whose endpoint's policy lets them sleep, with that policy's ``idle``."""
