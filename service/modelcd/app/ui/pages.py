@@ -195,7 +195,10 @@ def endpoints() -> str:
     deps = deployment_versions(c.db, ids)
     bars = {}
     for row in page.rows:
-        segments = [(f"v{deps[d]['version']}" if d in deps else d, float(w)) for d, w in (row["traffic"] or {}).items()]
+        # oldest version first, as on the endpoint's page (so a version keeps its colour)
+        traffic = sorted((row["traffic"] or {}).items(), key=lambda dw: (dw[0] not in deps, deps.get(dw[0], {}).get(
+            "version", 0), dw[0]))
+        segments = [(f"v{deps[d]['version']}" if d in deps else d, float(w)) for d, w in traffic]
         bars[(row["model"], row["environment"])] = traffic_bar(segments, f"traffic of {row['model']}/"
                                                                          f"{row['environment']}")
     return render("endpoints.html", page=page, bars=bars, uri=c.router.endpoint_uri)
