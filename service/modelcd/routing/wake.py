@@ -22,9 +22,9 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 if TYPE_CHECKING:
@@ -35,19 +35,19 @@ log = logging.getLogger("modelcd.router")
 
 WAKE_FILE = "wake.json"  # {"url": "http://127.0.0.1:PORT/-/wake", "secret": "..."}, beside the table
 MAX_HELD = 1024  # requests held per sleeping backend; more are answered 503 at once
+T = TypeVar("T")
 RETRY_AFTER_S = 5  # what a 503 for a backend that could not wake asks clients to wait (at least)
 HEALTH_POLL_S = 0.005  # between failed health probes of a waking backend (a refused connection is cheap)
 HEALTH_PROBE_TIMEOUT_S = 1.0
 
 
 class _Wake:
-    """One wake in flight: the backend, when it gives up, and the requests it holds."""
+    """One wake in flight: the backend, the Retry-After its failure answers, the requests it holds."""
 
-    __slots__ = ("backend_id", "deadline", "held", "retry_after")
+    __slots__ = ("backend_id", "held", "retry_after")
 
-    def __init__(self, backend_id: str, deadline: float, retry_after: int) -> None:
+    def __init__(self, backend_id: str, retry_after: int) -> None:
         self.backend_id = backend_id
-        self.deadline = deadline
         self.retry_after = retry_after
         self.held: list[tuple[ClientConnection, Request]] = []
 
@@ -67,6 +67,7 @@ class Waker:
         self.reload = reload
         self.sleeping = sleeping
         self.waking: dict[str, _Wake] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()  # the loop keeps only weak references to tasks
         self.awake: set[str] = set()  # sleeping in the applied table, but seen healthy since (cleared by apply)
         self.woken = 0  # wakes that succeeded, for /-/activity
         self.failed = 0
@@ -78,13 +79,18 @@ class Waker:
         wake = self.waking.get(backend.id)
         if wake is None:
             timeout = backend.wake_timeout_s
-            wake = self.waking[backend.id] = _Wake(backend.id, self.loop.time() + timeout,
-                                                   max(RETRY_AFTER_S, math.ceil(timeout)))
-            self.loop.create_task(self._wake(wake, timeout, target, model))
+            wake = self.waking[backend.id] = _Wake(backend.id, max(RETRY_AFTER_S, math.ceil(timeout)))
+            self._task(self._wake(wake, timeout, target, model))
         if len(wake.held) >= MAX_HELD:
             _unavailable(client, req, wake, f"{MAX_HELD} requests already wait for deployment {backend.id} to wake")
             return
         wake.held.append((client, req))
+
+    def _task(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def counters(self) -> dict[str, Any]:
         return {"waking": {w.backend_id: len(w.held) for w in self.waking.values()}, "woken": self.woken,
@@ -92,8 +98,8 @@ class Waker:
 
     async def _wake(self, wake: _Wake, timeout: float, target: Target, model: str) -> None:
         started = asyncio.Event()  # the control plane says no sleep is stopping the old process any more
-        ask = self.loop.create_task(self._ask(wake.backend_id, timeout, started))
-        health = self.loop.create_task(self._healthy(target, model, started))
+        ask = self._task(self._ask(wake.backend_id, timeout, started))
+        health = self._task(self._healthy(target, model, started))
         why: str | None = f"waking deployment {wake.backend_id} was interrupted"
         try:
             why = await self._race(wake.backend_id, timeout, ask, health)
