@@ -173,3 +173,21 @@ def test_not_found_errors_name_the_fix(client: FlaskClient) -> None:
     assert r.status_code == 404 and "modelcd models" in r.json["message"]
     assert client.get("/api/v1/releases/r-000000000000").status_code == 404
     assert client.get("/api/v1/endpoints/nope/production").status_code == 404
+
+
+def test_endpoints_list_pages_and_filters_by_model(client: FlaskClient, ctx: Context) -> None:
+    from sqlalchemy import insert
+
+    from modelcd.store.db import now
+
+    with ctx.db.write() as conn:
+        conn.execute(insert(schema.endpoints), [{"model": f"m{i:02d}", "environment": env, "traffic": {},
+                                                 "updated_at": now()} for i in range(12) for env in ("prod", "stg")])
+    listed = client.get("/api/v1/endpoints", headers=AUTH).get_json()["endpoints"]
+    assert len(listed) == 24 and [(e["model"], e["environment"]) for e in listed[:3]] == [
+        ("m00", "prod"), ("m00", "stg"), ("m01", "prod")]
+    assert len(client.get("/api/v1/endpoints?limit=5", headers=AUTH).get_json()["endpoints"]) == 5
+    only = client.get("/api/v1/endpoints?model=m07", headers=AUTH).get_json()["endpoints"]
+    assert [(e["model"], e["environment"]) for e in only] == [("m07", "prod"), ("m07", "stg")]
+    bad = client.get("/api/v1/endpoints?limit=0", headers=AUTH)
+    assert bad.status_code == 400 and bad.get_json()["field"] == "limit"

@@ -605,7 +605,7 @@ def stop_job(job_id: str) -> tuple[Response, int]:
 @bp.get("/endpoints")
 @read
 def list_endpoints() -> Response:
-    return jsonify({"endpoints": [e.to_dict() for e in _ctx().traffic.list()]})
+    return jsonify({"endpoints": [e.to_dict() for e in _ctx().traffic.list(model=_arg_model(), limit=_limit())]})
 
 
 @bp.get("/endpoints/<model>/<environment>")

@@ -60,7 +60,7 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("get", "/jobs/{job_id}", "Show a job with its events", False, None),
     ("get", "/jobs/{job_id}/logs", "A job's log lines (after=<id> to follow)", False, None),
     ("post", "/jobs/{job_id}/stop", "Stop a job (and its release)", True, None),
-    ("get", "/endpoints", "List endpoints with their traffic", False, None),
+    ("get", "/endpoints", "List endpoints with their traffic (?model=, ?limit= 1-1000, default 100)", False, None),
     ("get", "/endpoints/{model}/{environment}", "Show an endpoint: uri and traffic {version: weight}", False, None),
     ("post", "/endpoints/{model}/{environment}/promote", "Release {version} to this endpoint", True, "json"),
     ("post", "/endpoints/{model}/{environment}/rollback", "Back to the previous version", True, None),

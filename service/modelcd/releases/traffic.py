@@ -139,10 +139,15 @@ class Traffic:
                                field="environment")
             return self._endpoint(conn, row)
 
-    def list(self) -> list[Endpoint]:
+    def list(self, *, model: str | None = None, limit: int | None = None) -> list[Endpoint]:
+        """Endpoints by model and environment (only ``model``'s; the first ``limit``)."""
+        query = select(schema.endpoints).order_by(schema.endpoints.c.model, schema.endpoints.c.environment)
+        if model is not None:
+            query = query.where(schema.endpoints.c.model == model)
+        if limit is not None:
+            query = query.limit(limit)
         with self.db.read() as conn:
-            return [self._endpoint(conn, r) for r in conn.execute(
-                select(schema.endpoints).order_by(schema.endpoints.c.model, schema.endpoints.c.environment))]
+            return [self._endpoint(conn, r) for r in conn.execute(query)]
 
     def _endpoint(self, conn: Connection, row: Any) -> Endpoint:
         m = row._mapping
