@@ -35,7 +35,7 @@ from density_bench import DEFAULT_HOME, bench_bundle, spec
 from modelcd.domain import Bundle
 from modelcd.targets.base import RunningDeployment
 from modelcd.targets.process import ProcessTarget, inherited_env
-from scoring_bench import SCENARIOS, Server, mlflow_server, run_matrix, start, stop, table, train
+from scoring_bench import SCENARIOS, Server, measure, mlflow_server, run_matrix, start, stop, table, train
 
 
 class _Root:
@@ -96,16 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hello = warm.warm.ensure(str(bundle.python.absolute()), bundle.path, inherited_env(os.environ))
         parent_s = time.monotonic() - began
         times = start_times(warm, cold, bundle, args.workers, args.starts)
-        print(f"start → healthy, {args.workers} workers per deployment, {args.starts} starts each, interleaved; "
-              f"the parent (pid {hello['pid']}, {len(hello['modules'])} modules) started once in {parent_s:.2f} s")
-        print()
-        print("| start | p50 ms | p95 ms | min ms | max ms |")
-        print("|---|---:|---:|---:|---:|")
-        for kind, values in times.items():
-            print(f"| {kind} | {statistics.median(values) * 1000:.0f} | {percentile(values, 0.95) * 1000:.0f} | "
-                  f"{min(values) * 1000:.0f} | {max(values) * 1000:.0f} |")
-        print()
-        print(f"cold/warm p50 = {statistics.median(times['cold']) / statistics.median(times['warm']):.1f}x")
+        if args.starts:
+            report_starts(times, args.workers, args.starts, hello, parent_s)
         if args.scoring:
             scoring(warm, cold, bundle, files, workdir, args)
         if args.releases:
@@ -113,6 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def report_starts(times: dict[str, list[float]], workers: int, starts: int, hello: dict[str, Any],
+                  parent_s: float) -> None:
+    print(f"start → healthy, {workers} workers per deployment, {starts} starts each, interleaved; "
+          f"the parent (pid {hello['pid']}, {len(hello['modules'])} modules) started once in {parent_s:.2f} s")
+    print()
+    print("| start | p50 ms | p95 ms | min ms | max ms |")
+    print("|---|---:|---:|---:|---:|")
+    for kind, values in times.items():
+        print(f"| {kind} | {statistics.median(values) * 1000:.0f} | {percentile(values, 0.95) * 1000:.0f} | "
+              f"{min(values) * 1000:.0f} | {max(values) * 1000:.0f} |")
+    print()
+    print(f"cold/warm p50 = {statistics.median(times['cold']) / statistics.median(times['warm']):.1f}x")
 
 
 def scoring(warm: ProcessTarget, cold: ProcessTarget, bundle: Bundle, files: Any, workdir: Path,
@@ -129,6 +135,7 @@ def scoring(warm: ProcessTarget, cold: ProcessTarget, bundle: Bundle, files: Any
         start(mlflow, workdir)
         servers.append(mlflow)
         results = run_matrix(servers, files.bodies, SCENARIOS, args.duration, args.repeat)
+        pairs = alternate(servers[0], servers[1], files.bodies, args.duration, args.repeat * 2)
     finally:
         stop(mlflow)
         for target, rd in made:
@@ -140,6 +147,30 @@ def scoring(warm: ProcessTarget, cold: ProcessTarget, bundle: Bundle, files: Any
         w, c, m = (results[(n, batch, connections)] for n in ("modelcd warm", "modelcd cold", "mlflow"))
         print(f"- batch {batch}, {connections} connections: warm/cold = {w.rps / c.rps:.2f}x requests/s, "
               f"{w.cpu_ms / c.cpu_ms:.2f}x CPU/request; warm/mlflow = {w.rps / m.rps:.1f}x requests/s")
+    print()
+    print(f"warm and cold alternating run by run ({args.repeat * 2} runs each, medians), c=16:")
+    print()
+    print("| batch | warm req/s | cold req/s | warm CPU ms/request | cold CPU ms/request | warm/cold CPU |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch, (w_runs, c_runs) in pairs.items():
+        wr, cr = statistics.median(x.rps for x in w_runs), statistics.median(x.rps for x in c_runs)
+        wc, cc = statistics.median(x.cpu_ms for x in w_runs), statistics.median(x.cpu_ms for x in c_runs)
+        print(f"| {batch} | {wr:.0f} | {cr:.0f} | {wc:.3f} | {cc:.3f} | {wc / cc:.2f}x |")
+
+
+def alternate(warm: Server, cold: Server, bodies: dict[int, Path], duration: float,
+              runs: int) -> dict[int, tuple[list[Any], list[Any]]]:
+    """wrk at c=16 against warm and cold in turns (which goes first alternates), per batch size:
+    load on a shared machine drifts over minutes, so side by side means run by run."""
+    out: dict[int, tuple[list[Any], list[Any]]] = {}
+    for batch in sorted(bodies):
+        w_runs: list[Any] = []
+        c_runs: list[Any] = []
+        for i in range(runs):
+            for server, into in ((warm, w_runs), (cold, c_runs)) if i % 2 == 0 else ((cold, c_runs), (warm, w_runs)):
+                into.append(measure(server, bodies[batch], 16, duration))
+        out[batch] = (w_runs, c_runs)
+    return out
 
 
 def releases(versions: int, workdir: Path) -> None:
