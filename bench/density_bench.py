@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 for rd in made:
                     warm.delete(rd)
+                warm.warm.stop_all()
         if "cold" not in skip:
             made = []
             try:

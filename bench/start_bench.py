@@ -86,11 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.home.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="start-bench-"))
+    warm, cold = ProcessTarget(args.home), ProcessTarget(args.home, warm_starts=False)
+    assert warm.warm is not None
     try:
         files = train(workdir)
         bundle = bench_bundle(args.home, files)
-        warm, cold = ProcessTarget(args.home), ProcessTarget(args.home, warm_starts=False)
-        assert warm.warm is not None
         warm.warm.stop_all()
         began = time.monotonic()
         hello = warm.warm.ensure(str(bundle.python.absolute()), bundle.path, inherited_env(os.environ))
@@ -103,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.releases:
             releases(args.releases, workdir)
     finally:
+        if warm.warm is not None:
+            warm.warm.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
