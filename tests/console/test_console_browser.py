@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -380,14 +381,16 @@ def test_csrf_xss_and_no_token_in_pages_urls_or_logs(console: Console, driver: A
 
 def test_keyboard_alone_and_200_percent_zoom(console: Console, driver: Any) -> None:
     """Last: the pages hold what the tests before made."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
     driver.delete_all_cookies()
     console.open(driver, "/ui/login?next=/ui/models")
     driver.switch_to.active_element.send_keys(TOKEN, Keys.ENTER)  # the token field has the focus
-    wait_for(driver, lambda d: d.current_url.endswith("/ui/models"), "the models page, signed in by keyboard")
-    body = driver.find_element(By.TAG_NAME, "body")
-    body.send_keys(Keys.TAB)
+    # the login page's own address ends with ?next=/ui/models: wait for the models page's path
+    wait_for(driver, lambda d: urllib.parse.urlsplit(d.current_url).path == "/ui/models" and d.execute_script(
+        "return document.readyState") == "complete", "the models page, signed in by keyboard")
+    ActionChains(driver).send_keys(Keys.TAB).perform()  # to the page, not an element a navigation could replace
     assert driver.switch_to.active_element.text == "Skip to content"
     for _ in range(12):  # Tab along the navigation to Jobs, then Enter
         driver.switch_to.active_element.send_keys(Keys.TAB)

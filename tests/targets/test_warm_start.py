@@ -162,6 +162,10 @@ def test_deployments_of_different_models_fork_from_one_parent_and_die_alone(
                                                                                                      "modelcd.scoring"]
         assert requests.get(f"{rd.url}/healthz", timeout=5).json()["model"] == model
         assert "modelcd-scoring listening" in target.logs(rd)
+    # healthy once one worker answers: the second may still be forking
+    deadline = time.monotonic() + 10
+    while len(psutil.Process(iris.pid).children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert len(psutil.Process(iris.pid).children()) == 2 and len(psutil.Process(tree.pid).children()) == 1
     assert _score(iris, {"data": SAMPLE})["predictions"] == [0, 2]
     assert _score(tree, {"data": SAMPLE})["predictions"] == [True, False]
