@@ -120,7 +120,11 @@ def test_dead_letter_then_retry(hook_service: tuple[Service, Any], tmp_path: Pat
     svc, s3 = hook_service
     uri = f"s3://{BUCKET}/late/1/"
     assert _post(svc, {"model": "late", "version": "1", "artifact_uri": uri}, delivery="late-1").status_code == 202
-    dead = wait_until(lambda: svc.api("GET", "/inbox", params={"state": "dead"}).json()["deliveries"])
+    try:
+        dead = wait_until(lambda: svc.api("GET", "/inbox", params={"state": "dead"}).json()["deliveries"])
+    except AssertionError as e:  # say where the delivery stands and what the service logged
+        raise AssertionError(f"{e}; inbox: {svc.api('GET', '/inbox').json()}; service log:\n"
+                             f"{svc.logs[-1].read_text(errors='replace')[-4000:]}") from e
     assert "no objects" in dead[0]["last_error"] and SECRET not in json.dumps(dead)
     shown = svc.api("GET", f"/inbox/{dead[0]['id']}").json()
     assert json.loads(shown["body"])["model"] == "late"
