@@ -322,7 +322,7 @@ def test_a_viewer_sees_no_actions_and_the_api_refuses_their_writes(console: Cons
 def test_a_dead_letter_is_retried_from_the_inbox_page(console: Console, driver: Any, tmp_path: Path,
                                                       shots: Callable[[Any, str], Path]) -> None:
     svc = console.svc
-    uri = "s3://models/late/1/"
+    uri = "s3://models/console-late/1/"  # moto's objects are one store for the whole test process
     doc = {"model": "cs-late", "version": "1", "artifact_uri": uri, "release": False}
     assert _post(svc, doc, delivery="late-1").status_code == 202
     dead = wait_until(lambda: svc.api("GET", "/inbox", params={"state": "dead"}).json()["deliveries"], 60)[0]
@@ -333,7 +333,7 @@ def test_a_dead_letter_is_retried_from_the_inbox_page(console: Console, driver: 
     assert row.get_attribute("data-state") == "dead" and "no objects" in row.text
     shots(driver, "inbox")
     _echo_model(tmp_path / "late", 1)
-    _upload(console.s3, tmp_path / "late", "late/1")  # what was missing is there now
+    _upload(console.s3, tmp_path / "late", "console-late/1")  # what was missing is there now
     row.find_element(By.CSS_SELECTOR, "form[method=post] button[type=submit][data-action=retry]").click()
     assert "sent back for processing" in _flash(driver)
 

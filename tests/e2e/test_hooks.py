@@ -118,7 +118,8 @@ def test_signed_delivery_releases_once_and_forgeries_are_refused(hook_service: t
 
 def test_dead_letter_then_retry(hook_service: tuple[Service, Any], tmp_path: Path) -> None:
     svc, s3 = hook_service
-    uri = f"s3://{BUCKET}/late/1/"
+    prefix = f"late-{uuid.uuid4().hex[:8]}/1"  # moto's objects are one store for the whole test process
+    uri = f"s3://{BUCKET}/{prefix}/"
     assert _post(svc, {"model": "late", "version": "1", "artifact_uri": uri}, delivery="late-1").status_code == 202
     try:
         dead = wait_until(lambda: svc.api("GET", "/inbox", params={"state": "dead"}).json()["deliveries"])
@@ -129,7 +130,7 @@ def test_dead_letter_then_retry(hook_service: tuple[Service, Any], tmp_path: Pat
     shown = svc.api("GET", f"/inbox/{dead[0]['id']}").json()
     assert json.loads(shown["body"])["model"] == "late"
     _echo_model(tmp_path / "late", 1)
-    _upload(s3, tmp_path / "late", "late/1")
+    _upload(s3, tmp_path / "late", prefix)
     assert svc.api("POST", f"/inbox/{dead[0]['id']}/retry").status_code == 202
     rel = svc.wait_release_for("late", 1)
     assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
