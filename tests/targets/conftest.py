@@ -154,9 +154,9 @@ def scoring_processes(home: Path, deployment_id: str | None = None) -> list[psut
 
 
 def gone(rd: RunningDeployment) -> bool:
-    """The deployment's process no longer runs (a reparented zombie counts as gone)."""
+    """The deployment's process no longer runs (a reparented zombie, or one being reaped, counts as gone)."""
     try:
-        return bool(psutil.Process(rd.pid).status() == psutil.STATUS_ZOMBIE)
+        return psutil.Process(rd.pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)  # "X": being reaped
     except psutil.NoSuchProcess:
         return True
 

@@ -174,7 +174,7 @@ def test_deployments_of_different_models_fork_from_one_parent_and_die_alone(
 
     os.killpg(tree.pid, signal.SIGKILL)  # a crash of one deployment, workers included
     deadline = time.monotonic() + 10
-    while scoring_processes(target.home, tree.deployment_id) and time.monotonic() < deadline:
+    while (scoring_processes(target.home, tree.deployment_id) or not gone(tree)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gone(tree) and not target.is_alive(tree) and target.exited(record_of(tree, _spec_of(tree, tree_bundle)))
     assert _score(iris, {"data": SAMPLE})["predictions"] == [0, 2] and target.is_alive(iris)
