@@ -16,8 +16,11 @@ named ``admin``."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
+
+from modelcd.errors import InvalidInput
 
 Role = Literal["viewer", "deployer", "approver", "admin"]
 Action = Literal["read", "deploy", "approve", "admin"]
@@ -68,3 +71,32 @@ def refusal(principal: Principal, action: str) -> str | None:
     roles = roles_for(action)
     needed = ", ".join(roles[:-1]) + f" or {roles[-1]}" if len(roles) > 1 else roles[0]
     return f"this needs the {needed} role; your token is for {principal.role} `{principal.name}`"
+
+
+USER_NAME_MAX = 32
+USER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
+RESERVED_NAMES = frozenset({ADMIN_NAME, "modelcd"})  # the API token's principal; the engine in events
+
+
+def validate_user_name(name: object, field: str = "name") -> str:
+    """Return ``name`` if it is 1-32 lowercase letters, digits, '.', '_' or '-', starting with
+    a letter or digit, and not reserved; otherwise InvalidInput naming the rule."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"{field}: must be a string, got {type(name).__name__}; e.g. 'alice'", field=field)
+    if not USER_NAME_RE.fullmatch(name):
+        suggestion = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")[:USER_NAME_MAX] or "alice"
+        raise InvalidInput(f"{field}: {name[:80]!r} is not a valid user name: user names are 1-{USER_NAME_MAX} "
+                           "lowercase letters, digits, '.', '_' and '-', starting with a letter or digit; "
+                           f"try {suggestion!r}", field=field)
+    if name in RESERVED_NAMES:
+        raise InvalidInput(f"{field}: {name!r} is reserved ({ADMIN_NAME!r} is the service's API token, 'modelcd' the "
+                           "engine itself in events); choose another name", field=field)
+    return name
+
+
+def validate_role(role: object, field: str = "role") -> Role:
+    if role not in ROLES:
+        raise InvalidInput(f"{field}: {str(role)[:40]!r} is not a role; use one of {', '.join(ROLES)} "
+                           "(viewer reads; deployer registers, deploys, stops and rolls back; approver answers "
+                           "approval gates; admin does everything, users and tokens included)", field=field)
+    return role  # type: ignore[return-value]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import click
 
+from modelcd.access import validate_role, validate_user_name
 from modelcd.cli import Obj, _out, _table, pass_obj
 from modelcd.client import api_path
-from modelcd.users import validate_role, validate_user_name
 
 TOKEN_COLUMNS = ["id", "user", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
 

@@ -89,15 +89,17 @@ class Client:
                              files={"data": (path.name, f, "application/octet-stream")})
 
     def wait_job(self, job_id: str, timeout_s: float = 900, poll_s: float = 0.2) -> dict[str, Any]:
-        """Poll a job until it ends (succeeded, failed, cancelled); returns it."""
-        deadline = time.monotonic() + timeout_s
+        """Poll a job until it ends (succeeded, failed, cancelled); returns it. Every 50 ms for
+        its first 5 seconds (a short job's end is seen at once), then every ``poll_s``."""
+        started = time.monotonic()
         while True:
             job = self.get(api_path("jobs", job_id))
             if job["state"] in ("succeeded", "failed", "cancelled"):
                 return job
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - started
+            if waited > timeout_s:
                 raise ModelcdError(f"job {job_id} still {job['state']} after {timeout_s:.0f} s")
-            time.sleep(poll_s)
+            time.sleep(min(poll_s, 0.05) if waited < 5.0 else poll_s)
 
     def healthy(self) -> bool:
         try:

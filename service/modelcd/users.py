@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from modelcd.access import ADMIN_NAME, FIRST_ADMIN, ROLES, Principal, Role
+from modelcd.access import FIRST_ADMIN, ROLES, Principal, Role, validate_role, validate_user_name
 from modelcd.errors import Conflict, InvalidInput, NotFound
 from modelcd.store import schema
 from modelcd.store.db import Database, new_id, now
@@ -28,37 +27,10 @@ from modelcd.store.db import Database, new_id, now
 if TYPE_CHECKING:
     from modelcd.context import Context
 
-USER_NAME_MAX = 32
-USER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
-RESERVED_NAMES = frozenset({ADMIN_NAME, "modelcd"})  # the API token's principal; the engine in events
 TOKEN_PREFIX = "mcd_"  # every user token starts so (a secret scanner can recognise it)
 SHOWN_CHARS = 8  # how much of a token a list shows: the fixed prefix and 4 random characters
 LABEL_MAX = 64
 LAST_USED_EVERY = timedelta(seconds=60)  # last_used_at is written at most this often per token
-
-
-def validate_user_name(name: object, field: str = "name") -> str:
-    """Return ``name`` if it is 1-32 lowercase letters, digits, '.', '_' or '-', starting with
-    a letter or digit, and not reserved; otherwise InvalidInput naming the rule."""
-    if not isinstance(name, str):
-        raise InvalidInput(f"{field}: must be a string, got {type(name).__name__}; e.g. 'alice'", field=field)
-    if not USER_NAME_RE.fullmatch(name):
-        suggestion = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")[:USER_NAME_MAX] or "alice"
-        raise InvalidInput(f"{field}: {name[:80]!r} is not a valid user name: user names are 1-{USER_NAME_MAX} "
-                           "lowercase letters, digits, '.', '_' and '-', starting with a letter or digit; "
-                           f"try {suggestion!r}", field=field)
-    if name in RESERVED_NAMES:
-        raise InvalidInput(f"{field}: {name!r} is reserved ({ADMIN_NAME!r} is the service's API token, 'modelcd' the "
-                           "engine itself in events); choose another name", field=field)
-    return name
-
-
-def validate_role(role: object, field: str = "role") -> Role:
-    if role not in ROLES:
-        raise InvalidInput(f"{field}: {str(role)[:40]!r} is not a role; use one of {', '.join(ROLES)} "
-                           "(viewer reads; deployer registers, deploys, stops and rolls back; approver answers "
-                           "approval gates; admin does everything, users and tokens included)", field=field)
-    return role  # type: ignore[return-value]
 
 
 def _label(label: object) -> str:

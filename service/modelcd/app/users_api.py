@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from modelcd.access import Principal, refusal
+from modelcd.access import Principal, refusal, validate_user_name
 from modelcd.app.api import SIGNED_IN, _ctx, _json_body, admin, by, requires
 from modelcd.errors import Forbidden, InvalidInput
-from modelcd.users import TokenInfo, validate_user_name
+from modelcd.users import TokenInfo
 
 bp = Blueprint("users_api", __name__, url_prefix="/api/v1")
 
