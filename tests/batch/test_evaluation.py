@@ -28,6 +28,7 @@ from modelcd.errors import Cancelled, InvalidInput, NotFound
 from modelcd.jobs.evaluation import evaluation_spec, start_evaluation_job
 from modelcd.registry.archive import pack_tree
 from modelcd.registry.service import parse_metadata
+from modelcd.targets.warm import WarmStarts
 from tests.batch.test_scoring import _context
 from tests.conftest import iris_model
 from tests.registry.conftest import aws_env, moto_endpoint  # noqa: F401 - fixtures
@@ -36,9 +37,10 @@ COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One home for the module (the bundle is built once) with iris v1, and labelled data:
-    iris itself (150 rows, species as text) and 20,000 noisy rows labelled 0/1/2."""
+    iris itself (150 rows, species as text) and 20,000 noisy rows labelled 0/1/2; the warm
+    parents the runs started are stopped at the end."""
     root = tmp_path_factory.mktemp("evaluation")
     ctx = _context(root / "home")
     meta = iris_model(root / "iris")
@@ -54,8 +56,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     noisy = pd.DataFrame(rows.round(3), columns=COLUMNS)
     noisy["species"] = y[rng.integers(0, 150, 20_000)] * 0 + model.predict(x[rng.integers(0, 150, 20_000)])
     noisy.to_parquet(root / "noisy.parquet", index=False)
-    return {"home": root / "home", "model": model, "iris": root / "iris.csv", "noisy": root / "noisy.parquet",
-            "x": x, "y": y, "rows": noisy}
+    yield {"home": root / "home", "model": model, "iris": root / "iris.csv", "noisy": root / "noisy.parquet",
+           "x": x, "y": y, "rows": noisy}
+    WarmStarts(root / "home").stop_all()
 
 
 @pytest.fixture

@@ -5,6 +5,9 @@ prefix, a SQLite table through a connection; bad rows, max_errors, Stop, bad arg
 from __future__ import annotations
 
 import io
+import os
+import re
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -15,18 +18,22 @@ import boto3
 import joblib
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import sqlalchemy
 
 from modelcd.batch import datasets
 from modelcd.batch.datasets import Connections
 from modelcd.batch.scoring import BatchResult, score_dataset
+from modelcd.builders.bundle import build_bundle
 from modelcd.config import load_settings
 from modelcd.context import Context, build_context
 from modelcd.errors import BatchFailed, Cancelled, InvalidInput
 from modelcd.fsutil import is_temporary
 from modelcd.registry.archive import pack_tree
 from modelcd.registry.service import parse_metadata
+from modelcd.targets.process import inherited_env
+from modelcd.targets.warm import WarmStarts
 from tests.conftest import SUM_OF_ROWS, custom_model, free_port, iris_model
 from tests.registry.conftest import aws_env, moto_endpoint  # noqa: F401 - fixtures
 
@@ -34,9 +41,10 @@ COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One home for the module (the bundle's environment is built once), the iris model
-    registered as v1 and an entry-script model summing each row."""
+    registered as v1 and an entry-script model summing each row; the warm parents the runs
+    started are stopped at the end."""
     root = tmp_path_factory.mktemp("batch")
     ctx = _context(root / "home")
     meta = iris_model(root / "iris")
@@ -45,7 +53,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ctx.registry.register("summer", io.BytesIO(pack_tree(root / "summer")),
                           parse_metadata(custom_model(root / "summer", SUM_OF_ROWS)))
     ctx.db.dispose()
-    return {"home": root / "home", "model": joblib.load(root / "iris" / "model.joblib")}
+    yield {"home": root / "home", "model": joblib.load(root / "iris" / "model.joblib")}
+    WarmStarts(root / "home").stop_all()
 
 
 def _context(home: Path, **env: str) -> Context:
@@ -96,6 +105,76 @@ def test_csv_of_100k_rows_equals_the_models_own_predictions(ctx: Context, shared
     assert set(out["model_version"]) == {1}
     assert any("rows read 100000, rows scored 100000" in line and "rows/s" in line for line in lines)
     no_temporaries(tmp_path)
+
+
+def _worker(lines: list[str]) -> tuple[str, int]:
+    """How the run's scoring worker started (warm or cold) and its pid, from the run's log."""
+    found = [re.search(r"scoring worker started \((warm|cold), pid (\d+)", line) for line in lines]
+    match = next(m for m in found if m)
+    return match.group(1), int(match.group(2))
+
+
+def test_the_worker_forks_from_the_warm_parent_and_scores_as_a_fresh_interpreter(
+        ctx: Context, shared: dict[str, Any], tmp_path: Path) -> None:
+    """With the environment's parent running, the worker is a fork of it; with warm starts off
+    a fresh interpreter; both write the same bytes."""
+    iris_rows(50_000).to_csv(tmp_path / "in.csv", index=False)
+    parent = _parent(ctx)
+    lines: list[str] = []
+    parents: list[int] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if "scoring worker started" in line:  # it runs while the run goes on
+            parents.append(psutil.Process(_worker([line])[1]).ppid())
+
+    score_dataset(ctx, model="iris", version=1, input_uri=str(tmp_path / "in.csv"),
+                  output_uri=str(tmp_path / "warm.csv"), fmt=None, keys=["id"], max_errors=None, log=log,
+                  cancel=threading.Event(), chunk_rows=7_000)
+    assert _worker(lines)[0] == "warm" and parents == [parent["pid"]], (lines, parents, parent)
+    cold_ctx = _context(shared["home"], MODELCD_WARM_STARTS="false")
+    try:
+        cold_lines: list[str] = []
+        run(cold_ctx, str(tmp_path / "in.csv"), str(tmp_path / "cold.csv"), lines=cold_lines, chunk_rows=7_000)
+    finally:
+        cold_ctx.db.dispose()
+    assert _worker(cold_lines)[0] == "cold" and not any("warm start unavailable" in line for line in cold_lines)
+    assert (tmp_path / "warm.csv").read_bytes() == (tmp_path / "cold.csv").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["warm", "cold"])
+def test_a_worker_killed_during_a_run_fails_it_with_its_exit_code(how: str, shared: dict[str, Any],
+                                                                  tmp_path: Path) -> None:
+    """Forked from the parent or a fresh interpreter, a worker that dies mid-run is reported
+    with its exit status, and the run leaves no output."""
+    iris_rows(100_000).to_csv(tmp_path / "in.csv", index=False)
+    c = _context(shared["home"], **({"MODELCD_WARM_STARTS": "false"} if how == "cold" else {}))
+    if how == "warm":
+        _parent(c)
+    killed: list[tuple[str, int]] = []
+
+    def log(line: str) -> None:
+        if "scoring worker started" in line:
+            killed.append(_worker([line]))
+            os.killpg(killed[0][1], signal.SIGKILL)
+
+    try:
+        with pytest.raises(BatchFailed, match=r"the scoring worker exited \(code -9\)"):
+            score_dataset(c, model="iris", version=1, input_uri=str(tmp_path / "in.csv"),
+                          output_uri=str(tmp_path / "out.csv"), fmt=None, keys=["id"], max_errors=None, log=log,
+                          cancel=threading.Event(), chunk_rows=500)
+    finally:
+        c.db.dispose()
+    assert [k[0] for k in killed] == [how] and not (tmp_path / "out.csv").exists()
+    no_temporaries(tmp_path)
+
+
+def _parent(ctx: Context) -> dict[str, Any]:
+    """The hello of iris v1's environment's warm parent (started when none runs)."""
+    v = ctx.registry.get_version("iris", 1)
+    bundle = build_bundle(ctx.home, v, ctx.registry.materialize(v), lambda _: None, threading.Event())
+    return ctx.target("process").warm.ensure(os.path.abspath(bundle.python), Path(bundle.path),
+                                             inherited_env(os.environ))
 
 
 def test_folder_of_parquet_files_into_json_lines_with_row_numbers(ctx: Context, shared: dict[str, Any],

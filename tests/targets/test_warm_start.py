@@ -345,3 +345,53 @@ def test_stop_all_stops_the_parents_but_not_their_deployments(
 
 def _spec_of(rd: RunningDeployment, bundle: Bundle) -> DeploySpec:
     return DeploySpec(deployment_id=rd.deployment_id, model="flowers", version=1, environment="staging", bundle=bundle)
+
+
+def test_a_batch_worker_is_forked_on_the_pipes_passed_to_the_parent(target: ProcessTarget, parent: dict[str, Any],
+                                                                    iris_bundle: Bundle) -> None:
+    """The batch scoring worker forked from the parent talks over the three descriptors sent
+    with the request: its hello, a float matrix scored as the model itself scores it, a clean
+    exit at the end of its input; a stdio request without them, or for another module, is refused."""
+    import numpy as np
+
+    from modelcd.scoring.batch import read_frame, write_frame
+    from modelcd.targets.warm import WarmUnavailable
+
+    assert target.warm is not None
+    python, bundle = str(iris_bundle.python.absolute()), iris_bundle.path
+    argv = [python, "-m", "modelcd.scoring.batch", "--model-dir", str(bundle / "model"), "--config",
+            str(bundle / "scoring.json")]
+    env = {**inherited_env(os.environ), "PYTHONPATH": str(bundle / "runtime"), "PYTHONUNBUFFERED": "1"}
+    request = {"module": "modelcd.scoring.batch", "stdio": True, "argv": argv[3:], "title": argv, "env": env,
+               "cwd": str(bundle), "runtime": str(bundle / "runtime")}
+    with pytest.raises(WarmUnavailable, match="'stdio' needs 3 file descriptors"):
+        target.warm.fork(python, bundle, inherited_env(os.environ), request)
+    with pytest.raises(WarmUnavailable, match="'module' must be one of"):
+        target.warm.fork(python, bundle, inherited_env(os.environ), {**request, "module": "os"})
+
+    pipes = [os.pipe() for _ in range(3)]
+    pid, key = target.warm.fork(python, bundle, inherited_env(os.environ), request,
+                                fds=[pipes[0][0], pipes[1][1], pipes[2][1]])
+    for fd in (pipes[0][0], pipes[1][1], pipes[2][1]):
+        os.close(fd)
+    with os.fdopen(pipes[0][1], "wb") as stdin, os.fdopen(pipes[1][0], "rb") as stdout, \
+            os.fdopen(pipes[2][0], "rb") as stderr:
+        proc = psutil.Process(pid)
+        assert proc.ppid() == parent["pid"] and os.getpgid(pid) == pid
+        assert proc.cmdline()[1:3] == ["-m", "modelcd.scoring.batch"]
+        hello, _ = read_frame(stdout)
+        assert hello is not None and hello["ok"] and hello["fast"] and hello["flavor"] == "sklearn", hello
+        rows = np.ascontiguousarray(np.array(ROWS, dtype="float64"))
+        write_frame(stdin, {"encoding": "f8", "shape": list(rows.shape), "limit": None}, memoryview(rows).cast("B"))
+        answer, payload = read_frame(stdout)
+        assert answer is not None and answer["ok"], answer
+        got = np.frombuffer(payload, dtype=np.dtype(answer["encoding"])).reshape(answer["shape"])
+        model = joblib.load(bundle / "model" / "model.joblib")
+        assert got.tolist() == model.predict(rows).tolist()
+        stdin.write(b"\x00\x00\x00\x00")
+        stdin.flush()
+        assert stdout.read() == b""  # its end of the pipe closed: it exited
+        deadline = time.monotonic() + 10
+        while target.warm.exit_code(key, pid) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert target.warm.exit_code(key, pid) == 0, stderr.read().decode(errors="replace")

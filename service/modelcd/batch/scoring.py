@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -33,6 +32,8 @@ from modelcd.batch.datasets import CHUNK_ROWS, Connections, Sink, Source, parse_
 from modelcd.builders.bundle import build_bundle
 from modelcd.errors import BatchFailed, BuildError, Cancelled, InvalidInput
 from modelcd.scoring.batch import read_frame, write_frame
+from modelcd.targets.process import Started, inherited_env
+from modelcd.targets.warm import WarmStarts, WarmUnavailable
 
 Log = Callable[[str], None]
 FIRST_ERRORS = 20
@@ -125,7 +126,7 @@ def scored_chunks(ctx: Any, *, model: str, version: int, input_uri: str, fmt: st
             raise BatchFailed(f"cannot build the environment of {model} v{version}: {e.message}",
                               field=e.field) from e
         _check_cancel(cancel)
-        with Worker(Path(bundle.path), Path(bundle.python), log) as worker:
+        with Worker(Path(bundle.path), Path(bundle.python), log, warm=_warm_starts(ctx)) as worker:
             chunks = source.chunks()
             first = next(chunks, None)  # read while the worker loads the model
             worker.ready()
@@ -143,36 +144,82 @@ def scored_chunks(ctx: Any, *, model: str, version: int, input_uri: str, fmt: st
             yield run, frames()
 
 
+def _warm_starts(ctx: Any) -> WarmStarts | None:
+    """The process target's warm parents (None when warm starts are off): a batch worker is
+    forked from the same parent as its version's deployments."""
+    if not ctx.settings.warm_starts:
+        return None
+    return getattr(ctx.target("process"), "warm", None)
+
+
 def _check_cancel(cancel: threading.Event) -> None:
     if cancel.is_set():
         raise Cancelled("batch run stopped; no output was written")
 
 
 class Worker:
-    """``python -m modelcd.scoring.batch`` with a bundle's interpreter, in its own session."""
+    """``python -m modelcd.scoring.batch`` with a bundle's interpreter, in its own session: forked
+    from the environment's warm parent when ``warm`` is given and one can fork it (the model's
+    libraries are imported already), else a fresh interpreter."""
 
-    def __init__(self, bundle: Path, python: Path, log: Log) -> None:
+    def __init__(self, bundle: Path, python: Path, log: Log, warm: WarmStarts | None = None) -> None:
         self.bundle = bundle
         self.python = python
         self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.warm = warm
+        self.proc: Started | None = None
+        self.stdin: BinaryIO | None = None
+        self.stdout: BinaryIO | None = None
+        self.how = "cold"
         self.hello: dict[str, Any] = {}
         self.stderr: deque[str] = deque(maxlen=_STDERR_LINES)
+        self._stderr_stream: BinaryIO | None = None
         self._pump: threading.Thread | None = None
 
     def __enter__(self) -> Worker:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCD_")}
+        env = inherited_env(os.environ)
         env.update(PYTHONPATH=str(self.bundle / "runtime"), PYTHONUNBUFFERED="1")
-        argv = [str(self.python), "-m", "modelcd.scoring.batch", "--model-dir", str(self.bundle / "model"),
-                "--config", str(self.bundle / "scoring.json")]
-        try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         env=env, cwd=str(self.bundle), start_new_session=True)
-        except OSError as e:
-            raise BatchFailed(f"cannot start the scoring worker ({self.python}): {e.strerror}") from e
+        # absolute, not resolved: resolving the venv's python symlink would leave the venv
+        argv = [os.path.abspath(self.python), "-m", "modelcd.scoring.batch", "--model-dir",
+                str(self.bundle / "model"), "--config", str(self.bundle / "scoring.json")]
+        if not self._fork(argv, env):
+            self._exec(argv, env)
         self._pump = threading.Thread(target=self._read_stderr, daemon=True)
         self._pump.start()
         return self
+
+    def _fork(self, argv: list[str], env: dict[str, str]) -> bool:
+        """Fork the worker from the environment's parent, its stdio on pipes passed to it."""
+        if self.warm is None:
+            return False
+        pipes = [os.pipe() for _ in range(3)]  # (read, write): stdin, stdout, stderr
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1]]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+        request = {"module": "modelcd.scoring.batch", "stdio": True, "argv": argv[3:], "title": argv, "env": env,
+                   "cwd": str(self.bundle), "runtime": str(self.bundle / "runtime")}
+        try:
+            pid, key = self.warm.fork(argv[0], self.bundle, inherited_env(os.environ), request, fds=theirs)
+        except WarmUnavailable as e:
+            for fd in ours:
+                os.close(fd)
+            self.log(f"warm start unavailable ({e}); starting a fresh interpreter")
+            return False
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self.proc, self.how = Started(pid, warm=(self.warm, key)), "warm"
+        self.stdin, self.stdout = os.fdopen(ours[0], "wb"), os.fdopen(ours[1], "rb")
+        self._stderr_stream = os.fdopen(ours[2], "rb")
+        return True
+
+    def _exec(self, argv: list[str], env: dict[str, str]) -> None:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=env, cwd=str(self.bundle), start_new_session=True)
+        except OSError as e:
+            raise BatchFailed(f"cannot start the scoring worker ({self.python}): {e.strerror}") from e
+        self.proc = Started(proc.pid, popen=proc)
+        self.stdin, self.stdout, self._stderr_stream = proc.stdin, proc.stdout, proc.stderr
 
     def ready(self) -> None:
         """Wait for the worker's hello: the model loaded, or BatchFailed with the reason."""
@@ -181,7 +228,7 @@ class Worker:
         if not hello.get("ok"):
             raise BatchFailed(f"the model does not load in its environment: {hello.get('error')}")
         self.hello = hello
-        self.log(f"scoring worker started (pid {self.proc.pid}, flavor {hello['flavor']}"
+        self.log(f"scoring worker started ({self.how}, pid {self.proc.pid}, flavor {hello['flavor']}"
                  f"{', float arrays' if hello.get('fast') else ''})")
 
     def __exit__(self, *exc: object) -> None:
@@ -189,40 +236,37 @@ class Worker:
         if proc is None:
             return
         with contextlib.suppress(OSError, ValueError):
-            assert proc.stdin is not None
-            proc.stdin.write(b"\x00\x00\x00\x00")
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=5 if exc[0] is None else 0.5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            assert self.stdin is not None
+            self.stdin.write(b"\x00\x00\x00\x00")
+            self.stdin.close()
+        if proc.wait(5 if exc[0] is None else 0.5) is None:
+            proc.kill()
         if self._pump is not None:
             self._pump.join(timeout=2)
-        for stream in (proc.stdout, proc.stderr):
+        for stream in (self.stdin, self.stdout, self._stderr_stream):
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
 
     def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for raw in self.proc.stderr:
+        assert self._stderr_stream is not None
+        for raw in self._stderr_stream:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 self.stderr.append(line)
 
     def request(self, header: dict[str, Any], payload: bytes | memoryview) -> tuple[dict[str, Any], bytes]:
-        assert self.proc is not None and self.proc.stdin is not None
+        assert self.stdin is not None
         try:
-            write_frame(self.proc.stdin, header, payload)  # type: ignore[arg-type]
+            write_frame(self.stdin, header, payload)
         except (BrokenPipeError, OSError):
             self._died()
         return self._receive()
 
     def _receive(self) -> tuple[dict[str, Any], bytes]:
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.stdout is not None
         try:
-            header, payload = read_frame(self.proc.stdout)  # type: ignore[arg-type]
+            header, payload = read_frame(self.stdout)
         except (OSError, ValueError):
             header, payload = None, b""
         if header is None:
@@ -231,10 +275,7 @@ class Worker:
 
     def _died(self) -> None:
         assert self.proc is not None
-        try:
-            code = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            code = None
+        code = self.proc.wait(5)
         if self._pump is not None:
             self._pump.join(timeout=2)
         tail = "\n".join(list(self.stderr)[-10:])

@@ -10,6 +10,9 @@ unix socket, one JSON line each way:
 - ``{"op": "hello"}``: what it is (key, pid, modules, whether it can fork now).
 - ``{"op": "fork", "argv": [...], "title": [...], "env": {...}, "cwd": D, "log": F, "runtime": R}``:
   fork a deployment; answer ``{"ok": true, "pid": N}``.
+- ``{"op": "fork", "module": "modelcd.scoring.batch", "stdio": true, ...}`` with three file
+  descriptors passed along (``SCM_RIGHTS``: stdin, stdout, stderr): fork a batch scoring worker
+  (``python -m modelcd.scoring.batch ARGV``) that talks over those descriptors; no ``log``.
 - ``{"op": "status", "pid": N}``: ``{"running": bool, "exit_code": int | null}`` of a child.
 - ``{"op": "stop"}``: exit (the deployments it forked keep running).
 
@@ -59,12 +62,14 @@ STARTUP_ENV_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_", "OMP_", "KMP_", "O
 FORK_TIME_ENV = frozenset({"PYTHONPATH", "PYTHONUNBUFFERED", *THREAD_ENV})
 RUNTIME_MODULES = (
     "modelcd.scoring.server", "modelcd.scoring.app", "modelcd.scoring.flavors", "modelcd.scoring.metrics",
-    "modelcd.scoring.openapi", "modelcd.scoring.protocol", "modelcd.scoring.config",
+    "modelcd.scoring.openapi", "modelcd.scoring.protocol", "modelcd.scoring.config", "modelcd.scoring.batch",
     "gunicorn.arbiter", "gunicorn.workers.base", "gunicorn.glogging", "uvicorn", "uvicorn.config",
     "uvicorn.server", "uvicorn.main", "uvicorn.loops.asyncio", "uvicorn.protocols.http.httptools_impl",
     "uvicorn.lifespan.off", "asyncio", "concurrent.futures", "email.utils", "http.cookies",
 )
 MAX_REQUEST = 1024 * 1024
+# what a fork may run: the scoring server (a deployment) or the batch scoring worker
+MODULES = ("modelcd.scoring", "modelcd.scoring.batch")
 _EXITS_KEPT = 1024
 
 
@@ -180,8 +185,17 @@ class Zygote:
     def handle(self, conn: socket.socket) -> bool:
         """Answer one request on ``conn``; True when it asked the parent to stop."""
         conn.settimeout(10.0)
+        fds: list[int] = []  # descriptors passed with the request (a batch worker's stdio)
         try:
-            request = read_message(conn)
+            return self._handle(conn, fds)
+        finally:
+            for fd in fds:  # the child has its copies
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _handle(self, conn: socket.socket, fds: list[int]) -> bool:
+        try:
+            request = read_message(conn, fds)
         except (OSError, ValueError) as e:
             _reply(conn, {"ok": False, "error": f"bad request: {e}"})
             return False
@@ -195,7 +209,7 @@ class Zygote:
             _reply(conn, {"ok": True, **self.status(int(request.get("pid") or 0))})
         elif op == "fork":
             try:
-                pid = self.fork(request, conn)
+                pid = self.fork(request, conn, fds)
             except Refused as e:
                 _reply(conn, {"ok": False, "error": str(e)})
             else:
@@ -244,9 +258,9 @@ class Zygote:
 
     # forking -------------------------------------------------------------------------------
 
-    def check(self, request: Mapping[str, Any]) -> ForkRequest:
+    def check(self, request: Mapping[str, Any], fds: Sequence[int] = ()) -> ForkRequest:
         """The request as a ForkRequest, or Refused naming what does not fit."""
-        fork = ForkRequest.parse(request)
+        fork = ForkRequest.parse(request, fds)
         problems = self.problems()
         mismatch = startup_mismatch(self.startup_env, fork.env)
         if mismatch:
@@ -263,9 +277,10 @@ class Zygote:
             raise Refused("; ".join(problems))
         return fork
 
-    def fork(self, request: Mapping[str, Any], conn: socket.socket) -> int:
-        """Fork a deployment; return its pid once it is in its own session and shows its identity."""
-        fork = self.check(request)
+    def fork(self, request: Mapping[str, Any], conn: socket.socket, fds: Sequence[int] = ()) -> int:
+        """Fork a deployment (or a batch worker); return its pid once it is in its own session and
+        shows its identity."""
+        fork = self.check(request, fds)
         ready_r, ready_w = os.pipe()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -294,15 +309,26 @@ class Zygote:
         os.write(ready_w, b"1")
         os.close(ready_w)
         conn.close()
+        if fork.stdio:
+            for target, fd in enumerate(fork.stdio):
+                os.dup2(fd, target)
         self.close_inherited()
-        _redirect_output(fork.log)
+        if not fork.stdio:
+            _redirect_output(fork.log)
         os.chdir(fork.cwd)
         _move_runtime(self.args.runtime, fork.runtime)
         limits = thread_limits(fork.env)
+        self.reset_signals()
+        if fork.module == "modelcd.scoring.batch":  # one process: no workers forked from it
+            if limits:
+                _limit_threads(limits)
+            sys.argv = [os.path.join(fork.runtime, "modelcd", "scoring", "batch.py"), *fork.argv]
+            from .batch import main as batch_main
+
+            return batch_main(fork.argv)
         if limits:
             os.register_at_fork(after_in_child=lambda: _limit_threads(limits))
         sys.argv = [os.path.join(fork.runtime, "modelcd", "scoring", "__main__.py"), *fork.argv]
-        self.reset_signals()
         from .server import main
 
         return main(fork.argv)
@@ -331,11 +357,12 @@ class ForkRequest:
     """A validated fork request."""
 
     def __init__(self, argv: list[str], title: list[str], env: dict[str, str], cwd: str, log: str,
-                 runtime: str) -> None:
+                 runtime: str, module: str = "modelcd.scoring", stdio: Sequence[int] = ()) -> None:
         self.argv, self.title, self.env, self.cwd, self.log, self.runtime = argv, title, env, cwd, log, runtime
+        self.module, self.stdio = module, tuple(stdio)
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> ForkRequest:
+    def parse(cls, raw: Mapping[str, Any], fds: Sequence[int] = ()) -> ForkRequest:
         def strings(name: str) -> list[str]:
             value = raw.get(name)
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -351,7 +378,16 @@ class ForkRequest:
         env = raw.get("env")
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise Refused("fork request: 'env' must map names to strings")
-        return cls(strings("argv"), strings("title"), dict(env), text("cwd"), text("log"), text("runtime"))
+        module = raw.get("module", "modelcd.scoring")
+        if module not in MODULES:
+            raise Refused(f"fork request: 'module' must be one of {', '.join(MODULES)}")
+        if raw.get("stdio"):
+            if len(fds) != 3:
+                raise Refused(f"fork request: 'stdio' needs 3 file descriptors passed with it (got {len(fds)})")
+            return cls(strings("argv"), strings("title"), dict(env), text("cwd"), "", text("runtime"), module, fds)
+        if fds:
+            raise Refused("fork request: file descriptors passed without 'stdio'")
+        return cls(strings("argv"), strings("title"), dict(env), text("cwd"), text("log"), text("runtime"), module)
 
 
 # -- pure helpers ----------------------------------------------------------------------------
@@ -479,11 +515,16 @@ def _run_child(body: Callable[[], int]) -> None:
         os._exit(code if 0 <= code <= 255 else 1)
 
 
-def read_message(conn: socket.socket) -> dict[str, Any]:
-    """One JSON object sent as a line on ``conn`` (either way: request or reply); ValueError if it is not."""
+def read_message(conn: socket.socket, fds: list[int] | None = None) -> dict[str, Any]:
+    """One JSON object sent as a line on ``conn`` (either way: request or reply); ValueError if it
+    is not. With ``fds``, file descriptors passed along (at most 3) are appended to it."""
     data = b""
     while not data.endswith(b"\n"):
-        chunk = conn.recv(65536)
+        if fds is None:
+            chunk = conn.recv(65536)
+        else:
+            chunk, passed, _flags, _addr = socket.recv_fds(conn, 65536, 3)
+            fds.extend(passed)
         if not chunk:
             break
         data += chunk

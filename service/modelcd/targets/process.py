@@ -51,8 +51,9 @@ INHERITED_ENV_PREFIXES = ("LC_", "OMP_", "KMP_", "OPENBLAS_", "GOTO_", "MKL_", "
 _POLL_S = 0.02
 
 
-class _Started:
-    """A scoring process create() started: a child of ours (cold) or of a parent (warm)."""
+class Started:
+    """A scoring process we started (a deployment, a batch worker): a child of ours (cold) or of
+    its environment's parent (warm)."""
 
     def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None,
                  warm: tuple[WarmStarts, str] | None = None) -> None:
@@ -72,6 +73,18 @@ class _Started:
         assert self.warm is not None
         code = self.warm[0].exit_code(self.warm[1], self.pid)
         return -1 if code is None else code
+
+    def wait(self, timeout: float) -> int | None:
+        """Its exit code once it exits within ``timeout`` seconds (as ``poll``), else None."""
+        if self.popen is not None:
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return code
 
     def kill(self) -> None:
         """SIGKILL its process group and wait until it is gone."""
@@ -188,7 +201,7 @@ class ProcessTarget(Target):
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _start(self, spec: DeploySpec, bundle: Path, port: int, attempt: int, log: Log) -> tuple[_Started, int, str]:
+    def _start(self, spec: DeploySpec, bundle: Path, port: int, attempt: int, log: Log) -> tuple[Started, int, str]:
         """Start the scoring process (forked from its environment's parent when warm starts are
         on and one can fork it, else a fresh interpreter); return it, where its output starts in
         the log and how it started."""
@@ -205,7 +218,7 @@ class ProcessTarget(Target):
             out.flush()
             offset = out.tell()
             forked = self._fork(bundle, argv, env, log_path)
-            if isinstance(forked, _Started):
+            if isinstance(forked, Started):
                 started, how = forked, "warm"
             else:
                 if forked is not None:  # say why, in the job's log and the deployment's
@@ -218,7 +231,7 @@ class ProcessTarget(Target):
         _write_pid(self.pid_path(spec.deployment_id), started.pid)
         return started, offset, how
 
-    def _fork(self, bundle: Path, argv: list[str], env: dict[str, str], log_path: Path) -> _Started | str | None:
+    def _fork(self, bundle: Path, argv: list[str], env: dict[str, str], log_path: Path) -> Started | str | None:
         """A deployment forked from its environment's parent; why not (warm starts on but no
         parent can fork it); None when warm starts are off."""
         if self.warm is None:
@@ -229,9 +242,9 @@ class ProcessTarget(Target):
             pid, key = self.warm.fork(argv[0], bundle, inherited_env(os.environ), request)
         except WarmUnavailable as e:
             return str(e)
-        return _Started(pid, warm=(self.warm, key))
+        return Started(pid, warm=(self.warm, key))
 
-    def _exec(self, argv: list[str], bundle: Path, env: dict[str, str], out: Any) -> _Started:
+    def _exec(self, argv: list[str], bundle: Path, env: dict[str, str], out: Any) -> Started:
         """A fresh interpreter in its own session, output appended to ``out``."""
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -240,9 +253,9 @@ class ProcessTarget(Target):
             raise DeployError(f"cannot start {argv[0]}: {e.strerror}; rebuild the bundle") from e
         with self._lock:
             self._children[proc.pid] = proc
-        return _Started(proc.pid, popen=proc)
+        return Started(proc.pid, popen=proc)
 
-    def _wait_healthy(self, spec: DeploySpec, proc: _Started, port: int, offset: int,
+    def _wait_healthy(self, spec: DeploySpec, proc: Started, port: int, offset: int,
                       cancel: threading.Event) -> None:
         """Return once the process answers /healthz for the spec's model and version; raise
         _PortTaken as soon as its output says the port is taken."""
@@ -267,7 +280,7 @@ class ProcessTarget(Target):
                                   f"{spec.health_timeout_s:g}s; last lines of {output.path}:\n{output.last(20)}")
             time.sleep(_POLL_S)
 
-    def _kill_started(self, proc: _Started) -> None:
+    def _kill_started(self, proc: Started) -> None:
         """Stop a process create() started and is giving up on, without a grace period (an
         unreaped child, ours or its parent's: its pid and group id cannot be recycled yet)."""
         proc.kill()

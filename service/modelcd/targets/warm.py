@@ -28,6 +28,7 @@ from typing import Any
 
 import psutil
 
+from modelcd.builders.imports import heavy_modules
 from modelcd.scoring.zygote import PAD_ENV, THREAD_ENV, read_message
 
 PARENT_MODULE = "modelcd.scoring.zygote"
@@ -36,42 +37,8 @@ TITLE_ROOM = 4096  # bytes of command line
 START_TIMEOUT_S = 60.0
 MAX_SOCKET_PATH = 107
 ENV_MARKER = "modelcd-env.json"
-# what a parent imports for a requirement (by its PEP 503 name); other requirements are left to
-# the deployments (importing an unknown package could start threads and make the parent unsafe)
-HEAVY_MODULES: dict[str, tuple[str, ...]] = {
-    "numpy": ("numpy", "numpy.random"),
-    "scipy": ("scipy", "scipy.sparse", "scipy.special", "scipy.linalg"),
-    # with scikit-learn, a DataFrame input goes through narwhals' pandas layer (imported on first use)
-    "pandas": ("pandas", "narwhals._pandas_like.dataframe", "narwhals._pandas_like.namespace",
-               "narwhals._interchange.dataframe", "narwhals.stable.v2._namespace"),
-    "joblib": ("joblib",),
-    "scikit-learn": ("numpy", "numpy.random", "scipy", "scipy.sparse", "joblib", "threadpoolctl", "sklearn",
-                     "sklearn.base", "sklearn.utils.validation", "sklearn.linear_model", "sklearn.ensemble",
-                     "sklearn.tree", "sklearn.pipeline", "sklearn.preprocessing", "sklearn.compose",
-                     "sklearn.impute", "sklearn.svm", "sklearn.neighbors", "sklearn.naive_bayes"),
-    "skops": ("skops.io",),
-    "onnxruntime": ("numpy", "onnxruntime"),
-    "xgboost": ("xgboost",),
-    "lightgbm": ("lightgbm",),
-    "mlflow": ("pandas", "mlflow.pyfunc", "mlflow.pyfunc.scoring_server", "mlflow.utils.proto_json_utils"),
-    "mlflow-skinny": ("pandas", "mlflow.pyfunc", "mlflow.pyfunc.scoring_server", "mlflow.utils.proto_json_utils"),
-}
-
-
 class WarmUnavailable(Exception):
     """No parent can fork this deployment; the message says why (the caller starts it cold)."""
-
-
-def heavy_modules(requirements: Sequence[str]) -> list[str]:
-    """The modules a parent imports for an environment with ``requirements``, in order, once each."""
-    out: dict[str, None] = {}
-    for line in requirements:
-        name = line.split(";")[0].strip()
-        for sep in "<>=!~[ @":
-            name = name.split(sep)[0]
-        for module in HEAVY_MODULES.get(name.lower().replace("_", "-").replace(".", "-"), ()):
-            out[module] = None
-    return list(out)
 
 
 def runtime_digest(runtime: Path) -> str:
@@ -110,10 +77,11 @@ class WarmStarts:
         return self.dir / f"{key}.sock"
 
     def fork(self, python: str, bundle: Path, base_env: Mapping[str, str],
-             request: Mapping[str, Any]) -> tuple[int, str]:
-        """Fork a deployment from the parent of ``bundle``'s environment; return its pid and the
-        parent's key. Raises WarmUnavailable: no parent answers (then one is started in the
-        background, for the next deployments), or it refused (the reason)."""
+             request: Mapping[str, Any], fds: Sequence[int] = ()) -> tuple[int, str]:
+        """Fork a deployment (or, with ``fds``, a batch worker on those stdin, stdout and stderr)
+        from the parent of ``bundle``'s environment; return its pid and the parent's key. Raises
+        WarmUnavailable: no parent answers (then one is started in the background, for the next
+        ones), or it refused (the reason)."""
         key = self.key(python, bundle)
         hello = self._usable(key)
         if hello is None:
@@ -122,7 +90,7 @@ class WarmStarts:
                                   "deployments")
         if hello.get("problems"):
             raise WarmUnavailable("; ".join(hello["problems"]))
-        reply = call(self.socket_path(key), {"op": "fork", **request}, timeout=30.0)
+        reply = call(self.socket_path(key), {"op": "fork", **request}, timeout=30.0, fds=fds)
         if not reply.get("ok"):
             raise WarmUnavailable(f"the parent refused: {reply.get('error')}")
         return int(reply["pid"]), key
@@ -233,13 +201,18 @@ class WarmStarts:
                 self._started[key] = proc
 
 
-def call(sock: Path, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-    """One request to a parent, its JSON answer; WarmUnavailable when it cannot be asked."""
+def call(sock: Path, request: Mapping[str, Any], timeout: float, fds: Sequence[int] = ()) -> dict[str, Any]:
+    """One request to a parent (``fds`` passed along with it), its JSON answer; WarmUnavailable
+    when it cannot be asked."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(timeout)
             conn.connect(str(sock))
-            conn.sendall(json.dumps(request).encode() + b"\n")
+            data = json.dumps(request).encode() + b"\n"
+            if fds:
+                sent = socket.send_fds(conn, [data], list(fds))
+                data = data[sent:]
+            conn.sendall(data)
             return read_message(conn)
     except OSError as e:
         raise WarmUnavailable(f"cannot reach the parent at {sock}: {e.strerror or e}") from None
