@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,34 @@ def test_rebuilding_the_same_version_is_idempotent(built: Built, build: Callable
     assert again.bundle.path == built.bundle.path and again.bundle.reused_env
     assert (built.bundle.path / "bundle.json").read_text() == before
     assert any(line.startswith("reusing bundle") for line in again.log.lines)
+
+
+def test_a_new_env_is_ready_with_what_serving_imports_compiled_and_the_rest_compiles_after(
+        built: Built, build: Callable[..., Built], tmp_path: Path, iris_files: Path) -> None:
+    """A new env (its wheels in uv's cache from the shared env) is installed without compiling
+    it whole: what a scoring process imports has its bytecode when the build returns, and a
+    detached low-priority process compiles the rest afterwards."""
+    fresh = build(tmp_path, iris_version(iris_files))
+    assert not fresh.bundle.reused_env
+    lines = fresh.log.lines
+    assert any(line.startswith("compiling what serving imports") for line in lines), lines
+    assert "compiling the rest of the environment in the background" in lines
+    assert not any(line.startswith("not imported:") for line in lines), lines
+    site = next((tmp_path / "envs" / fresh.bundle.env_key).glob("lib/python*/site-packages"))
+    tag = sys.implementation.cache_tag
+    for module in ("sklearn/base", "sklearn/linear_model/_logistic", "numpy/__init__", "gunicorn/arbiter",
+                   "uvicorn/main"):
+        folder, name = (site / module).parent, (site / module).name
+        assert (folder / "__pycache__" / f"{name}.{tag}.pyc").is_file(), module
+    sources = [s for s in (site / "sklearn").rglob("*.py") if "tests" not in s.parts]
+
+    def missing() -> list[Path]:
+        return [s for s in sources if not (s.parent / "__pycache__" / f"{s.stem}.{tag}.pyc").is_file()]
+
+    deadline = time.monotonic() + 180
+    while missing() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not missing(), missing()[:5]
 
 
 def test_requirement_that_cannot_install_names_it_and_leaves_no_env(build: Callable[..., Built],

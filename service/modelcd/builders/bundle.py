@@ -45,6 +45,7 @@ import yaml
 
 import modelcd
 from modelcd.builders.base import Builder, BuildSpec
+from modelcd.builders.imports import heavy_modules
 from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.errors import BuildError, Cancelled
 from modelcd.fsutil import atomic_dir, remove_abandoned, temp_file, write_atomic
@@ -62,6 +63,9 @@ _POLL_S = 0.1
 # the parts of MLflow the pyfunc flavor uses (scoring/pyfunc.py)
 PYFUNC_PROBE = ("modelcd.scoring.server", "mlflow.pyfunc", "mlflow.pyfunc.scoring_server",
                 "mlflow.utils.proto_json_utils")
+# what every scoring process imports from the runtime and the server stack (compiled at build)
+SERVING_MODULES = ("modelcd.scoring.server", "modelcd.scoring.batch", "gunicorn.arbiter", "gunicorn.workers.base",
+                   "uvicorn", "uvicorn.protocols.http.httptools_impl", "uvicorn.loops.asyncio")
 
 
 def build_bundle(home: Path, version: ModelVersion, files_dir: Path, log: Log,
@@ -191,8 +195,11 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
     """Return (python of env ``key``, reused?) building the env first if it is not complete.
 
     Two builders of one key serialise on an fcntl lock; the loser finds the env complete.
-    A new env must import the modules ``probe`` names before it counts as complete; such an
-    env is not byte-compiled whole: that import compiles what serving imports.
+    A new env must import the modules ``probe`` names before it counts as complete. The
+    requirements are installed from uv's cache as links, not byte-compiled: what serving
+    imports (``probe``, the scoring server and the heavy modules of the requirements) is
+    imported once, which compiles it, and the rest of the env is compiled afterwards by a
+    background process at low priority, off the critical path.
     """
     final = home / "envs" / key
     if _env_complete(final):
@@ -207,14 +214,19 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
         remove_abandoned(final.parent)  # e.g. an earlier build of this env that was killed
         started = time.monotonic()
         with atomic_dir(final) as tmp:
-            _create_env(tmp, requirements, interpreter, log, cancel, compile_all=not probe)
+            compile_all = _create_env(tmp, requirements, interpreter, log, cancel)
             _probe_imports(tmp, probe, log, cancel)
+            if not compile_all:
+                _warm_imports(tmp, [m for m in (*SERVING_MODULES, *heavy_modules(requirements)) if m not in probe],
+                              log, cancel)
             _retarget_scripts(tmp, final)
             marker = {"env_key": key, "python": str(interpreter), "requirements": list(requirements),
                       "created_at": now_iso()}
             (tmp / ENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
             check_cancel(cancel)
         log(f"environment {key[:12]} ready in {time.monotonic() - started:.1f}s")
+        if not compile_all:
+            compile_in_background(final, log)
         return final / "bin" / "python", False
 
 
@@ -247,9 +259,10 @@ def exclusive_lock(home: Path, key: str, log: Log, cancel: threading.Event) -> I
 
 
 def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: Log,
-                cancel: threading.Event, compile_all: bool = True) -> None:
-    """Create a virtualenv at ``tmp`` (an empty folder) and install ``requirements`` into it,
-    byte-compiled unless ``compile_all`` is false."""
+                cancel: threading.Event) -> bool:
+    """Create a virtualenv at ``tmp`` (an empty folder) and install ``requirements`` into it;
+    return whether the installer byte-compiled it whole (pip does; uv links files from its
+    cache and compiles nothing, unless UV_COMPILE_BYTECODE asks it to)."""
     with temp_file(tmp.parent, "requirements.txt") as reqs_file:
         reqs_file.write_text("".join(f"{r}\n" for r in requirements))
         uv = find_uv()
@@ -258,18 +271,55 @@ def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: 
             _run_step([uv, "venv", "--relocatable", "--python", str(interpreter), str(tmp)],
                       "create the virtualenv", log, cancel)
             log(f"installing {len(requirements)} requirements")
-            # Compiled once here, so every scoring start imports fast even under
-            # PYTHONDONTWRITEBYTECODE (as pip does); UV_COMPILE_BYTECODE=0 opts out.
-            compile_all = compile_all and "UV_COMPILE_BYTECODE" not in os.environ
-            compile_flag = ["--compile-bytecode"] if compile_all else []
-            _run_step([uv, "pip", "install", *compile_flag, "--python", str(tmp / "bin" / "python"),
-                       "-r", str(reqs_file)], "install the requirements", log, cancel, requirements)
-        else:
-            log(f"uv not found; creating environment with {interpreter} -m venv")
-            _run_step([str(interpreter), "-m", "venv", str(tmp)], "create the virtualenv", log, cancel)
-            log(f"installing {len(requirements)} requirements with pip")
-            _run_step([str(tmp / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                       "-r", str(reqs_file)], "install the requirements", log, cancel, requirements)
+            _run_step([uv, "pip", "install", "--python", str(tmp / "bin" / "python"), "-r", str(reqs_file)],
+                      "install the requirements", log, cancel, requirements)
+            return os.environ.get("UV_COMPILE_BYTECODE", "").lower() in ("1", "true", "yes", "on")
+        log(f"uv not found; creating environment with {interpreter} -m venv")
+        _run_step([str(interpreter), "-m", "venv", str(tmp)], "create the virtualenv", log, cancel)
+        log(f"installing {len(requirements)} requirements with pip")
+        _run_step([str(tmp / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+                   "-r", str(reqs_file)], "install the requirements", log, cancel, requirements)
+        return True
+
+
+def _warm_imports(env: Path, modules: Sequence[str], log: Log, cancel: threading.Event) -> None:
+    """Import ``modules`` once with the env's interpreter so that their bytecode is written (a
+    module that does not import is only reported: the model's own load says whether it matters)."""
+    if not modules:
+        return
+    log(f"compiling what serving imports ({len(modules)} modules)")
+    code = ("import importlib, sys, warnings\nwarnings.simplefilter('ignore')\nfor name in sys.argv[1:]:\n"
+            "    try:\n        importlib.import_module(name)\n    except Exception as e:\n"
+            "        print(f'not imported: {name} ({type(e).__name__})')\n")
+    with tempfile.TemporaryDirectory(prefix="modelcd-probe-") as runtime:
+        _copy_runtime(Path(runtime) / "rt")
+        rc, tail = run_streaming([str(env / "bin" / "python"), "-c", code, *modules], log, cancel,
+                                 env=_compile_env(Path(runtime) / "rt"))
+    if rc != 0:
+        log(f"compiling what serving imports stopped (exit code {rc}): {install_error_excerpt(tail, 3)}")
+
+
+def compile_in_background(env: Path, log: Log) -> None:
+    """Byte-compile the whole env in a detached process at the lowest priority (nice 19); a
+    scoring process that imports a module first compiles it itself, as Python always does."""
+    site = sorted(env.glob("lib/python*/site-packages"))
+    if not site:
+        return
+    with contextlib.suppress(OSError):
+        subprocess.Popen(["nice", "-n", "19", str(env / "bin" / "python"), "-m", "compileall", "-q", "-j", "0",
+                          *map(str, site)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                         env=_compile_env(None))
+        log("compiling the rest of the environment in the background")
+
+
+def _compile_env(runtime: Path | None) -> dict[str, str]:
+    """The environment of an interpreter that writes bytecode (whatever modelcd's own says)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX",
+                                                            "PYTHONPATH")}
+    if runtime is not None:
+        env["PYTHONPATH"] = str(runtime)
+    return env
 
 
 def _probe_imports(env: Path, modules: Sequence[str], log: Log, cancel: threading.Event) -> None:
@@ -281,12 +331,11 @@ def _probe_imports(env: Path, modules: Sequence[str], log: Log, cancel: threadin
     if not modules:
         return
     log(f"checking the environment: import {', '.join(modules)}")
-    probe_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
     code = "import warnings; warnings.simplefilter('ignore'); " + "; ".join(f"import {m}" for m in modules)
     with tempfile.TemporaryDirectory(prefix="modelcd-probe-") as runtime:
         _copy_runtime(Path(runtime) / "rt")  # the scoring runtime as bundles hold it, never modelcd's site
-        probe_env["PYTHONPATH"] = str(Path(runtime) / "rt")
-        rc, tail = run_streaming([str(env / "bin" / "python"), "-c", code], log, cancel, env=probe_env)
+        rc, tail = run_streaming([str(env / "bin" / "python"), "-c", code], log, cancel,
+                                 env=_compile_env(Path(runtime) / "rt"))
     if rc != 0:
         raise BuildError(f"the requirements installed, but `import {', '.join(modules)}` fails in the environment "
                          f"(exit code {rc}):\n{install_error_excerpt(tail)}\nfix the model's requirements "
