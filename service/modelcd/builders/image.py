@@ -4,32 +4,30 @@ The build context holds the same files as a ``process`` bundle (``model/``, ``ru
 ``scoring.json``) plus the resolved ``requirements.lock``, the wheels it names and a
 Dockerfile rendered from ``pipeline_templates/docker/Dockerfile.j2``. The engine builds with
 no network (``network_mode=none``): dependencies install from the wheelhouse with
-``--no-index``. Layers go base → system setup → dependencies → runtime → model, and the tar
-sent to the engine is deterministic (sorted, fixed owners, modes and times), so a new version
-with unchanged requirements reuses every layer but the model's.
+``--no-index``. Layers go base → dependencies → runtime → model. The dependencies (the
+virtualenv of the lock) are an image of their own, made once per lock and base image
+(``builders/image_deps.py``: on the host when it has the image's Python, else inside the
+engine); a version's image is ``FROM`` it, so its context holds only the Dockerfile, the runtime
+and the model. That tar is deterministic (sorted, fixed owners, modes and times), so a new
+version with unchanged requirements reuses every layer but the model's.
 
 Registry-supplied strings never reach the Dockerfile: the model's name, version, digest and
 description travel only as labels set through the API. Layout under ``home``::
 
     images/{model}/{version}-{digest12}/    build context (model/, runtime/, scoring.json,
                                             requirements.lock, Dockerfile, bundle.json)
-    images/.python-{image id}.json          what the interpreter of a base image is
+    images/.python-{image id}.json          what the interpreter of a base image is (and its path)
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import tarfile
-import tempfile
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from queue import Empty, Queue
 from typing import IO, Any
 
 from modelcd.builders.base import Builder, BuildSpec
@@ -44,10 +42,12 @@ from modelcd.builders.bundle import (
     runtime_requirements,
     write_scoring_files,
 )
-from modelcd.builders.wheelhouse import ImagePython, Wheelhouse, ensure_wheelhouse
-from modelcd.docker_engine import check_reference, connect, engine_url, repository_component
+from modelcd.builders.engine_build import add, add_tree, api_message, build
+from modelcd.builders.image_deps import ensure_dependencies_image
+from modelcd.builders.wheelhouse import ImagePython, ensure_wheelhouse
+from modelcd.docker_engine import check_reference, connect, repository_component
 from modelcd.domain import Bundle, Flavor, ModelVersion
-from modelcd.errors import BuildError, Cancelled
+from modelcd.errors import BuildError
 from modelcd.fsutil import atomic_dir, write_atomic
 from modelcd.templating import render
 
@@ -57,12 +57,10 @@ UID = 10001  # unprivileged user the scoring service runs as
 PYTHON_IN_IMAGE = f"{ROOT}/venv/bin/python"
 MARKER = "bundle.json"
 LABEL_PREFIX = "io.modelcd."
-_PROBE = ("import json, platform, sys, venv, ensurepip; "
+_PROBE = ("import json, os, platform, sys, venv, ensurepip; "
           "print(json.dumps({'version': '%d.%d' % sys.version_info[:2], 'implementation': sys.implementation.name, "
           "'machine': platform.machine(), 'libc': platform.libc_ver()[1] if platform.libc_ver()[0] == 'glibc' "
-          "else ''}))")
-_STEP = re.compile(r"^Step (\d+)/(\d+) :")
-_POLL_S = 0.1
+          "else '', 'executable': os.path.realpath(sys.executable)}))")
 
 
 @dataclass(frozen=True)
@@ -77,6 +75,9 @@ class ImageOptions:
     registry_password: str | None = field(default=None, repr=False)
     build_timeout_s: float = 1800.0
     no_cache: bool = False  # build every layer again (a cold build), e.g. to pick up a changed base image
+    # how the dependencies image's venv is made (builders/image_deps.py): auto (on the host when
+    # it has the image's Python, else inside the engine), host, engine (uv in the engine) or pip
+    dependencies: str = "auto"
 
     @classmethod
     def from_settings(cls, settings: Any) -> ImageOptions:
@@ -128,11 +129,11 @@ def image_labels(version: ModelVersion, base_image: str) -> dict[str, str]:
     return dict(zip(LABEL_KEYS, values, strict=True))
 
 
-def render_dockerfile(base_image: str, python: ImagePython) -> str:
-    check_reference(base_image, "docker_base_image", BuildError)
+def render_dockerfile(dependencies_image: str) -> str:
+    check_reference(dependencies_image, "docker_repository", BuildError)
     labels = [{"key": key, "arg": label_arg(key)} for key in LABEL_KEYS]
-    return render("docker/Dockerfile.j2", {"generator": "modelcd", "base_image": base_image, "labels": labels,
-                                           "python": python.command, "root": ROOT, "port": PORT, "uid": UID})
+    return render("docker/Dockerfile.j2", {"generator": "modelcd", "dependencies_image": dependencies_image,
+                                           "labels": labels, "root": ROOT, "port": PORT, "uid": UID})
 
 
 def build_image(home: Path, version: ModelVersion, files_dir: Path, options: ImageOptions, log: Log,
@@ -151,17 +152,19 @@ def build_image(home: Path, version: ModelVersion, files_dir: Path, options: Ima
     client = connect(options.docker_host, BuildError)
     try:
         base = _ensure_base(client, options.base_image, log)
-        python = _probe_python(client, home, base, options.base_image, log)
+        python, executable = _probe_python(client, home, base, options.base_image, log)
         if version.flavor == Flavor.PYFUNC:
             check_model_python(Path(files_dir), version, python.version, f"the base image {options.base_image}")
         requirements = [*normalise_requirements(version.requirements), *runtime_requirements()]
         wheelhouse = ensure_wheelhouse(home, normalise_requirements(requirements), python, log, cancel)
+        dependencies = ensure_dependencies_image(client, home, base, python, executable, wheelhouse, options, log,
+                                                 cancel)
         context = _ensure_context(home, version, Path(files_dir), cancel)
-        dockerfile = render_dockerfile(options.base_image, python)
-        _write_if_changed(context / "Dockerfile", dockerfile)
+        _write_if_changed(context / "Dockerfile", render_dockerfile(dependencies))
         _write_if_changed(context / "requirements.lock", wheelhouse.lock.read_text())
-        image_id = _build(client, context, wheelhouse, tag, image_labels(version, options.base_image), options,
-                          log, cancel)
+        buildargs = {label_arg(key): value for key, value in image_labels(version, options.base_image).items()}
+        image_id = build(client, lambda out: context_tar(context, out), tag, buildargs, options.docker_host,
+                         options.build_timeout_s, options.no_cache, log, cancel)
         ref, digest = tag, None
         if options.registry:
             ref, digest = push_image(client, image_id, tag, options, log)
@@ -202,38 +205,40 @@ def _ensure_base(client: Any, base_image: str, log: Log) -> Any:
         return client.images.pull(base_image)
     except (APIError, ImageNotFound) as e:
         raise BuildError(f"base image {base_image} is not on the engine and cannot be pulled "
-                         f"({_api_message(e)}); build one offline with `modelcd base-image build` and set "
+                         f"({api_message(e)}); build one offline with `modelcd base-image build` and set "
                          "docker_base_image (MODELCD_DOCKER_BASE_IMAGE) to its tag",
                          field="docker_base_image") from e
 
 
-def _probe_python(client: Any, home: Path, base: Any, base_image: str, log: Log) -> ImagePython:
-    """What interpreter the base image has (cached per image id)."""
+def _probe_python(client: Any, home: Path, base: Any, base_image: str, log: Log) -> tuple[ImagePython, str]:
+    """What interpreter the base image has, and its path (cached per image id)."""
     from docker.errors import ContainerError, DockerException
 
     cache = home / "images" / f".python-{base.id.split(':')[-1][:24]}.json"
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        return ImagePython(**json.loads(cache.read_text()))
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        known = json.loads(cache.read_text())
+        executable = str(known.pop("executable"))
+        return ImagePython(**known), executable
     problems = []
     for command in ("python3", "python"):
         try:
             out = client.containers.run(base.id, [command, "-c", _PROBE], remove=True, network_mode="none",
                                         stdout=True, stderr=True, entrypoint=[])
         except ContainerError as e:
-            problems.append(f"{command}: {_api_message(e)}")
+            problems.append(f"{command}: {api_message(e)}")
             continue
         except DockerException as e:
-            raise BuildError(f"cannot run the base image {base_image}: {_api_message(e)}",
+            raise BuildError(f"cannot run the base image {base_image}: {api_message(e)}",
                              field="docker_base_image") from e
         info = json.loads(out.decode().strip().splitlines()[-1])
         impl = {"cpython": "cp", "pypy": "pp"}.get(info["implementation"], info["implementation"])
         python = ImagePython(command=command, version=info["version"], implementation=impl,
                              machine=info["machine"], libc=info["libc"])
         cache.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache, json.dumps(asdict(python)))
+        write_atomic(cache, json.dumps({**asdict(python), "executable": info["executable"]}))
         log(f"base image {base_image}: {command} {python.version} ({python.abi}, {python.machine}, "
-            f"glibc {python.libc or 'none'})")
-        return python
+            f"glibc {python.libc or 'none'}) at {info['executable']}")
+        return python, str(info["executable"])
     raise BuildError(f"base image {base_image} has no usable Python with venv and ensurepip "
                      f"({'; '.join(problems)}); use an image with python3 and python3-venv, e.g. python:3.11-slim "
                      "or one from `modelcd base-image build`", field="docker_base_image")
@@ -265,122 +270,19 @@ def _write_if_changed(path: Path, text: str) -> None:
     write_atomic(path, text)
 
 
-def context_tar(context: Path, wheelhouse: Wheelhouse, out: IO[bytes]) -> None:
-    """Write the build context as a tar the engine's layer cache can rely on: sorted entries,
-    root-owned, fixed modes and a fixed time, so equal content gives equal layers."""
+def context_tar(context: Path, out: IO[bytes]) -> None:
+    """Write the version's build context (Dockerfile, runtime, model) as a tar the engine's
+    layer cache can rely on: sorted entries, root-owned, fixed modes and a fixed time, so equal
+    content gives equal layers. The dependencies are in the image it builds ``FROM``."""
     with tarfile.open(fileobj=out, mode="w|") as tar:
-        for name in ("Dockerfile", "requirements.lock"):
-            _add(tar, context / name, name)
-        _add_tree(tar, wheelhouse.wheels, "wheels")
-        _add_tree(tar, context / "runtime", "runtime")
-        _add(tar, context, "app")
-        _add(tar, context / "scoring.json", "app/scoring.json")
-        _add_tree(tar, context / "model", "app/model")
+        add(tar, context / "Dockerfile", "Dockerfile")
+        add_tree(tar, context / "runtime", "runtime")
+        add(tar, context, "app")
+        add(tar, context / "scoring.json", "app/scoring.json")
+        add_tree(tar, context / "model", "app/model")
 
 
-def _add_tree(tar: tarfile.TarFile, root: Path, arcroot: str) -> None:
-    _add(tar, root, arcroot)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel = Path(dirpath).relative_to(root)
-        for name in [*sorted(dirnames), *sorted(filenames)]:
-            _add(tar, Path(dirpath) / name, f"{arcroot}/{(rel / name).as_posix()}".replace("/./", "/"))
-
-
-def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
-    info = tar.gettarinfo(str(path), arcname=arcname)
-    if not (info.isfile() or info.isdir()):
-        return  # links and devices never enter an image (the registry refuses them on upload too)
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.mtime = 0
-    info.mode = 0o755 if info.isdir() or (info.mode & 0o111) else 0o644
-    if info.isfile():
-        with open(path, "rb") as fh:
-            tar.addfile(info, fh)
-    else:
-        tar.addfile(info)
-
-
-# -- build and push ----------------------------------------------------------------------
-
-
-def _build(client: Any, context: Path, wheelhouse: Wheelhouse, tag: str, labels: dict[str, str],
-           options: ImageOptions, log: Log, cancel: threading.Event) -> str:
-    """Send the context, stream the engine's output into ``log``, return the image id."""
-    import docker
-
-    api = docker.APIClient(base_url=engine_url(options.docker_host), timeout=int(options.build_timeout_s),
-                           version=client.api.api_version)
-    started = time.monotonic()
-    steps = cached = 0
-    image_id = None
-    with tempfile.TemporaryFile() as tar_file:
-        context_tar(context, wheelhouse, tar_file)
-        size = tar_file.tell()
-        tar_file.seek(0)
-        log(f"building {tag} ({size / 1e6:.1f} MB context)")
-        buildargs = {label_arg(key): value for key, value in labels.items()}
-        stream = api.build(fileobj=tar_file, custom_context=True, tag=tag, buildargs=buildargs, rm=True,
-                           forcerm=True, network_mode="none", decode=True, pull=False, nocache=options.no_cache)
-        error: str | None = None
-        last: list[str] = []
-        for chunk in _pump(stream, api, cancel):
-            if "error" in chunk or "errorDetail" in chunk:
-                error = str(chunk.get("error") or chunk.get("errorDetail", {}).get("message", "")).strip()
-                continue
-            if "aux" in chunk and isinstance(chunk["aux"], dict) and "ID" in chunk["aux"]:
-                image_id = str(chunk["aux"]["ID"])
-            for line in str(chunk.get("stream") or chunk.get("status") or "").splitlines():
-                line = line.rstrip()
-                if not line:
-                    continue
-                log(line)
-                last = [*last[-19:], line]
-                if _STEP.match(line):
-                    steps += 1
-                elif "Using cache" in line:
-                    cached += 1
-                elif line.startswith("Successfully built ") and image_id is None:
-                    image_id = line.split()[-1]
-    api.close()
-    if error is not None or image_id is None:
-        detail = error or "the engine ended the build without an image"
-        raise BuildError(f"image build of {tag} failed: {detail}\nlast lines:\n" + "\n".join(last))
-    image = client.images.get(image_id)
-    log(f"built {tag} ({image.id[:19]}) in {time.monotonic() - started:.1f}s; {cached} of {steps} steps from cache")
-    return str(image.id)
-
-
-def _pump(stream: Iterator[dict[str, Any]], api: Any, cancel: threading.Event) -> Iterator[dict[str, Any]]:
-    """Yield the engine's build output; on ``cancel`` drop the connection (the engine then
-    stops the build) and raise Cancelled."""
-    chunks: Queue[Any] = Queue()
-    done = object()
-
-    def read() -> None:
-        try:
-            for chunk in stream:
-                chunks.put(chunk)
-        except Exception as e:
-            chunks.put(e)
-        chunks.put(done)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    while True:
-        if cancel.is_set():
-            api.close()
-            raise Cancelled("image build stopped")
-        try:
-            item = chunks.get(timeout=_POLL_S)
-        except Empty:
-            continue
-        if item is done:
-            return
-        if isinstance(item, Exception):
-            raise BuildError(f"lost the engine during the build: {_api_message(item)}") from item
-        yield item
+# -- push --------------------------------------------------------------------------------
 
 
 def push_image(client: Any, image_id: str, tag: str, options: ImageOptions, log: Log) -> tuple[str, str]:
@@ -408,7 +310,7 @@ def push_image(client: Any, image_id: str, tag: str, options: ImageOptions, log:
             elif chunk.get("status") and "id" not in chunk:
                 log(str(chunk["status"]))
     except APIError as e:
-        error = _api_message(e)
+        error = api_message(e)
     if error:
         secret = options.registry_password
         if secret:
@@ -420,16 +322,6 @@ def push_image(client: Any, image_id: str, tag: str, options: ImageOptions, log:
                          field="docker_registry")
     log(f"pushed {repo}:{version_tag} ({digest})")
     return f"{repo}:{version_tag}", digest
-
-
-def _api_message(e: BaseException) -> str:
-    explanation = getattr(e, "explanation", None)
-    if explanation:
-        return str(explanation.decode() if isinstance(explanation, bytes) else explanation)
-    stderr = getattr(e, "stderr", None)
-    if stderr:
-        return (stderr.decode(errors="replace") if isinstance(stderr, bytes) else str(stderr)).strip()[-500:]
-    return str(e).strip() or type(e).__name__
 
 
 __all__ = ["PORT", "ROOT", "ImageOptions", "build_image", "context_tar", "image_labels", "image_tag", "push_image",
