@@ -19,6 +19,7 @@ iris; the CSV holds 4 uniform random float columns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -73,7 +74,10 @@ def setup(work: Path) -> dict[str, Any]:
 
 
 def ours(work: Path, data: Path, out: Path) -> None:
-    """One modelcd run in this process; prints a JSON line."""
+    """One modelcd run in this process; prints a JSON line. A forked worker is not this
+    process's child, so its peak RSS is sampled (every 20 ms) while it runs."""
+    import psutil
+
     from modelcd.batch.scoring import score_dataset
     from modelcd.config import load_settings
     from modelcd.context import build_context
@@ -81,13 +85,31 @@ def ours(work: Path, data: Path, out: Path) -> None:
     started = time.monotonic()
     ctx = build_context(load_settings(environ={"MODELCD_HOME": str(work / "home"), "MODELCD_TOKEN": "b" * 24}))
     lines: list[str] = []
+    peak = [0]
+    done = threading.Event()
+
+    def sample(pid: int) -> None:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.02)
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("scoring worker started (warm, pid "):
+            threading.Thread(target=sample, args=(int(line.split("pid ")[1].split(",")[0]),), daemon=True).start()
+
     result = score_dataset(ctx, model="iris", version=1, input_uri=str(data), output_uri=str(out), fmt=None, keys=(),
-                           max_errors=None, log=lines.append, cancel=threading.Event())
+                           max_errors=None, log=log, cancel=threading.Event())
     seconds = time.monotonic() - started  # from the context's making: what a running service spends
+    done.set()
     how = "warm" if any("scoring worker started (warm" in line for line in lines) else "cold"
-    print(json.dumps({"seconds": seconds, "rows": result.rows_scored, "how": how,
+    why = next((line for line in lines if "warm start unavailable" in line), "")
+    worker_mb = max(peak[0] / 2**20, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    print(json.dumps({"seconds": seconds, "rows": result.rows_scored, "how": how, "why": why,
                       "rss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                      "rss_worker_mb": worker_mb}))
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
@@ -143,8 +165,9 @@ class Service:
         job = json.loads(out)
         assert job["state"] == "succeeded", job
         logs = self.cli("jobs", "logs", job["id"])
+        why = next((line.strip() for line in logs.splitlines() if "warm start unavailable" in line), "")
         return {"seconds": seconds, "job_seconds": iso_seconds(job["finished_at"]) - iso_seconds(job["started_at"]),
-                "how": "warm" if "scoring worker started (warm" in logs else "cold", "cli_rss_mb": rss}
+                "how": "warm" if "scoring worker started (warm" in logs else "cold", "why": why, "cli_rss_mb": rss}
 
     def stop(self) -> None:
         from release_bench import stop_service
@@ -197,10 +220,11 @@ def main() -> None:
                 mine.append(run_ours(work, data))
                 theirs.append(run_mlflow(work, data))
                 print(f"round {i + 1}: `batch run --wait` {served[-1]['seconds']:.2f} s (job "
-                      f"{served[-1]['job_seconds']:.2f} s, worker {served[-1]['how']}); score_dataset "
+                      f"{served[-1]['job_seconds']:.2f} s, worker {served[-1]['how']} {served[-1]['why']}); "
+                      "score_dataset "
                       f"{mine[-1]['seconds']:.2f} s (reader {mine[-1]['rss_self_mb']:.0f} MB, worker "
-                      f"{mine[-1]['rss_worker_mb']:.0f} MB, {mine[-1]['how']}); mlflow {theirs[-1]['seconds']:.2f} s "
-                      f"({theirs[-1]['rss_mb']:.0f} MB)", flush=True)
+                      f"{mine[-1]['rss_worker_mb']:.0f} MB, {mine[-1]['how']} {mine[-1]['why']}); "
+                      f"mlflow {theirs[-1]['seconds']:.2f} s ({theirs[-1]['rss_mb']:.0f} MB)", flush=True)
             print(f"predictions equal on every row: service {check_equal(work, service.out)}, "
                   f"score_dataset {check_equal(work, work / 'ours-out.csv')}")
             big: dict[str, Any] = {}
