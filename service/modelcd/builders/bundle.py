@@ -196,7 +196,9 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
 
     Two builders of one key serialise on an fcntl lock; the loser finds the env complete.
     A new env must import the modules ``probe`` names before it counts as complete. The
-    requirements are installed from uv's cache as links, not byte-compiled: what serving
+    requirements are installed from uv's cache alone when it holds a solution (``--offline``:
+    an unpinned requirement gets the newest version the cache knows), else against the index;
+    as links, not byte-compiled: what serving
     imports (``probe``, the scoring server and the heavy modules of the requirements) is
     imported once, which compiles it, and the rest of the env is compiled afterwards by a
     background process at low priority, off the critical path.
@@ -270,9 +272,13 @@ def _create_env(tmp: Path, requirements: Sequence[str], interpreter: Path, log: 
             log(f"creating environment with uv ({interpreter})")
             _run_step([uv, "venv", "--relocatable", "--python", str(interpreter), str(tmp)],
                       "create the virtualenv", log, cancel)
-            log(f"installing {len(requirements)} requirements")
-            _run_step([uv, "pip", "install", "--python", str(tmp / "bin" / "python"), "-r", str(reqs_file)],
-                      "install the requirements", log, cancel, requirements)
+            install = [uv, "pip", "install", "--python", str(tmp / "bin" / "python"), "-r", str(reqs_file)]
+            # from uv's cache alone first (no index round trips: 0.1 s instead of 1.4 s here)
+            if run_streaming([*install, "--offline"], lambda _line: None, cancel)[0] == 0:
+                log(f"installed {len(requirements)} requirements from uv's cache")
+            else:
+                log(f"installing {len(requirements)} requirements")
+                _run_step(install, "install the requirements", log, cancel, requirements)
             return os.environ.get("UV_COMPILE_BYTECODE", "").lower() in ("1", "true", "yes", "on")
         log(f"uv not found; creating environment with {interpreter} -m venv")
         _run_step([str(interpreter), "-m", "venv", str(tmp)], "create the virtualenv", log, cancel)
@@ -300,17 +306,30 @@ def _warm_imports(env: Path, modules: Sequence[str], log: Log, cancel: threading
 
 
 def compile_in_background(env: Path, log: Log) -> None:
-    """Byte-compile the whole env in a detached process at the lowest priority (nice 19); a
-    scoring process that imports a module first compiles it itself, as Python always does."""
+    """Byte-compile the whole env in a detached process that runs only on idle CPU
+    (``SCHED_IDLE``, else nice 19) and idle disk time (``ionice -c 3`` where it exists), one
+    module at a time; a scoring process that imports a module first compiles it itself, as
+    Python always does."""
     site = sorted(env.glob("lib/python*/site-packages"))
     if not site:
         return
+    ionice = shutil.which("ionice")
+    argv = [*([ionice, "-c", "3"] if ionice else []), str(env / "bin" / "python"), "-c", _COMPILE_IDLE,
+            *map(str, site)]
     with contextlib.suppress(OSError):
-        subprocess.Popen(["nice", "-n", "19", str(env / "bin" / "python"), "-m", "compileall", "-q", "-j", "0",
-                          *map(str, site)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                         env=_compile_env(None))
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True, env=_compile_env(None))
         log("compiling the rest of the environment in the background")
+
+
+_COMPILE_IDLE = """import compileall, os, sys
+try:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except (AttributeError, OSError):
+    os.nice(19)
+for folder in sys.argv[1:]:
+    compileall.compile_dir(folder, quiet=1)
+"""
 
 
 def _compile_env(runtime: Path | None) -> dict[str, str]:
