@@ -1,14 +1,18 @@
 """Docker target timings on a real engine, side by side with the process target:
 
-- cold image build (empty wheelhouse, no layer cache) vs warm build (a new version with the
-  same requirements: only the model layer is new), each next to the process target's bundle
-  build of the same version;
+- cold image build with the wheels cached (the wheelhouse is there, no layer cache, no
+  dependencies image): the venv built on the host (``dependencies: auto``) side by side with
+  the old recipe (pip inside the engine, ``pip``) and the fallback (uv inside the engine,
+  ``engine``), interleaved; the host recipe with an empty uv cache and in a fresh home (the
+  wheelhouse filled first); a process bundle in a fresh home;
+- warm build (a new version with the same requirements: only the model layer is new), next to
+  the process target's bundle build of the same version;
 - register → serving through a real `modelcd serve` (warm: the wheelhouse and layers of the
   previous version are there), a docker-target model and a process-target model alternately;
 - rollback: from the API call to the endpoint answering with the other version.
 
-Usage: python bench/docker_bench.py [--cold 2] [--warm 5] [--versions 5] [--switches 20]
-       [--base-image modelcd/python:3.11-bookworm]
+Usage: python bench/docker_bench.py [--cold 3] [--warm 5] [--versions 5] [--switches 20]
+       [--base-image modelcd/python:3.11-bookworm] [--no-releases]
 Needs a Docker engine (scripts/docker-engine). Prints markdown tables. Loopback only; every
 loop is bounded.
 """
@@ -16,6 +20,8 @@ loop is bounded.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -68,15 +74,33 @@ def timed(fn: Any, *args: Any) -> float:
     return time.monotonic() - t0
 
 
+RECIPES = {"auto": "host venv (auto)", "pip": "old recipe: pip inside the engine", "engine": "uv inside the engine"}
+
+
 def builds(tmp: Path, base: str, cold: int, warm: int) -> None:
     quiet, cancel = (lambda _: None), threading.Event()
-    cold_image, cold_bundle, warm_image, warm_bundle = [], [], [], []
-    for i in range(cold):  # a fresh home: empty wheelhouse and venv cache; no layer cache
-        home = tmp / f"cold-{i}"
-        v = version_of(tmp / f"cold-files-{i}", "bench", 1, 1.0 + i)
-        options = ImageOptions(base_image=base, repository="modelcd-bench", no_cache=True)
+    cold_by: dict[str, list[float]] = {mode: [] for mode in RECIPES}
+    cold_uv, cold_fresh, cold_bundle, warm_image, warm_bundle = [], [], [], [], []
+    cached = tmp / "cold-cached"  # one home: its wheelhouse is filled before the timed builds
+    first = version_of(tmp / "cold-files", "bench", 1, 1.0)
+    build_image(cached, first, tmp / "cold-files", ImageOptions(base_image=base, repository="modelcd-bench"), quiet,
+                cancel)
+    for i in range(cold):
+        v = version_of(tmp / f"cold-files-{i}", "bench", 2 + i, 1.0 + i)
         files = tmp / f"cold-files-{i}"
-        cold_image.append(timed(build_image, home, v, files, options, quiet, cancel))
+        for mode in RECIPES:  # interleaved, so the machine's load hits each alike; no layer cache for any
+            options = ImageOptions(base_image=base, repository=f"modelcd-bench-{mode}", no_cache=True,
+                                   dependencies=mode)
+            cold_by[mode].append(timed(build_image, cached, v, files, options, quiet, cancel))
+        os.environ["UV_CACHE_DIR"] = str(tmp / f"uv-cache-{i}")  # uv unpacks every wheel again
+        try:
+            options = ImageOptions(base_image=base, repository="modelcd-bench-uv", no_cache=True)
+            cold_uv.append(timed(build_image, cached, v, files, options, quiet, cancel))
+        finally:
+            del os.environ["UV_CACHE_DIR"]
+        home = tmp / f"cold-{i}"  # a fresh home: empty wheelhouse and venv cache
+        options = ImageOptions(base_image=base, repository="modelcd-bench-fresh", no_cache=True)
+        cold_fresh.append(timed(build_image, home, v, files, options, quiet, cancel))
         cold_bundle.append(timed(build_bundle, home, v, files, quiet, cancel))
     home = tmp / "warm"
     options = ImageOptions(base_image=base, repository="modelcd-bench")
@@ -90,11 +114,16 @@ def builds(tmp: Path, base: str, cold: int, warm: int) -> None:
         warm_bundle.append(timed(build_bundle, home, v, files, quiet, cancel))
     print("| build | n | median | p90 | p99 | min | max |")
     print("|---|---|---|---|---|---|---|")
-    print(row("cold: docker image (new wheelhouse, --no-cache)", cold_image, "s", 1))
-    print(row("cold: process bundle (new venv), same version", cold_bundle, "s", 1))
+    for mode, name in RECIPES.items():
+        print(row(f"cold, wheels cached: docker image, {name}", cold_by[mode], "s", 1))
+    print(row("cold, wheels cached: docker image, host venv, empty uv cache", cold_uv, "s", 1))
+    print(row("cold: docker image, host venv, fresh home (wheelhouse filled)", cold_fresh, "s", 1))
+    print(row("cold: process bundle (new venv), fresh home", cold_bundle, "s", 1))
     print(row("warm: docker image, new version, same requirements", warm_image, "s", 1))
     print(row("warm: process bundle, same versions", warm_bundle))
-    print()
+    old, new = statistics.median(cold_by["pip"]), statistics.median(cold_by["auto"])
+    print(f"\ncold with the wheels cached, medians: host venv {new:.1f} s, old recipe {old:.1f} s "
+          f"({old / new:.1f}x faster)\n")
 
 
 def releases(tmp: Path, base: str, versions: int, switches: int) -> None:
@@ -150,11 +179,12 @@ def releases(tmp: Path, base: str, versions: int, switches: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cold", type=int, default=2)
+    ap.add_argument("--cold", type=int, default=3)
     ap.add_argument("--warm", type=int, default=5)
     ap.add_argument("--versions", type=int, default=5)
     ap.add_argument("--switches", type=int, default=20)
     ap.add_argument("--base-image", default="modelcd/python:3.11-bookworm")
+    ap.add_argument("--no-releases", action="store_true", help="time the builds only")
     args = ap.parse_args()
     import docker
 
@@ -165,7 +195,8 @@ def main() -> None:
         build_base_image(args.base_image, "bookworm", None, None, lambda _: None, threading.Event())
     tmp = Path(tempfile.mkdtemp(prefix="modelcd-docker-bench-"))
     builds(tmp, args.base_image, args.cold, args.warm)
-    releases(tmp, args.base_image, args.versions, args.switches)
+    if not args.no_releases:
+        releases(tmp, args.base_image, args.versions, args.switches)
 
 
 if __name__ == "__main__":

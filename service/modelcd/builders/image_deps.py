@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 MODES = ("auto", "host", "engine", "pip")
 RECIPE = "1"  # part of the key: a change of how the venv is made gives new dependencies images
 KEY_LABEL = "io.modelcd.dependencies"
-_CHUNK = 1 << 20
+SKIP_COMPILE = r"/tests?/"  # compileall -x: the test suites packages ship (a third of scipy's files) never serve
 
 
 def dependencies_key(wheelhouse: Wheelhouse, base_id: str) -> str:
@@ -146,6 +146,7 @@ def _from_host(client: Any, home: Path, base: Any, python: ImagePython, executab
         check_cancel(cancel)
         with temp_file(images, "dependencies.tar") as archive_path, open(archive_path, "w+b") as archive:
             write_image_archive(archive, base, venv, wheelhouse.lock, tag, key, cancel)
+            log(f"loading the venv into the engine as a layer on {base.short_id} ({archive.tell() / 1e6:.0f} MB)")
             archive.seek(0)
             _load(client, archive, tag)
 
@@ -169,8 +170,8 @@ def host_venv(venv: Path, wheelhouse: Wheelhouse, python: ImagePython, interpret
             raise BuildError(f"cannot {what} on the host (exit code {rc}):\n{install_error_excerpt(tail)}",
                              field="requirements")
     site = venv / "lib" / f"python{python.version}" / "site-packages"
-    log(f"compiling the bytecode of {site.relative_to(venv)} (unchecked-hash)")
-    rc, tail = run_streaming([str(venv / "bin" / "python"), "-m", "compileall", "-q", "-j", "0",
+    log(f"compiling the bytecode of {site.relative_to(venv)} (unchecked-hash; packages' tests left as source)")
+    rc, tail = run_streaming([str(venv / "bin" / "python"), "-m", "compileall", "-q", "-j", "0", "-x", SKIP_COMPILE,
                               "--invalidation-mode", "unchecked-hash", str(site)], log, cancel)
     if rc != 0:  # a file that does not compile (say, a Python 2 test) is left as source, as pip does
         log(f"compileall: some files were left uncompiled (exit code {rc})")
@@ -275,7 +276,7 @@ def _in_engine(client: Any, how: str, python: ImagePython, wheelhouse: Wheelhous
 
     dockerfile = render("docker/Dockerfile.deps.j2", {"generator": "modelcd", "base_image": options.base_image,
                                                       "python": python.command, "root": ROOT, "installer": how,
-                                                      "key_label": KEY_LABEL})
+                                                      "key_label": KEY_LABEL, "skip_compile": SKIP_COMPILE})
     uv = find_uv() if how == "uv" else None
 
     def write_context(out: IO[bytes]) -> None:
