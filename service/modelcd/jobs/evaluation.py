@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from modelcd.domain import JobState, JobType
-from modelcd.errors import Cancelled, InvalidInput, ModelcdError
+from modelcd.errors import InvalidInput
 
 if TYPE_CHECKING:  # the CLI imports evaluation_line: keep the service's wiring out of its start
     from modelcd.context import Context
@@ -110,33 +110,13 @@ def _in_thread(ctx: Context, job_id: str, spec: dict[str, Any]) -> None:
 def run_evaluation_job(ctx: Context, job_id: str, spec: dict[str, Any]) -> bool:
     """Evaluate and store for the job's version; the job ends succeeded, failed (the cause in
     its error and log) or cancelled. True when stored."""
-    job = ctx.jobs.get(job_id)
-    assert job.model is not None and job.version is not None
-    cancel = ctx.jobs.cancel_event(job_id)
-    write = ctx.jobs.logger(job_id)
-    try:
-        if cancel.is_set() or job.cancel_requested:
-            ctx.jobs.transition(job_id, JobState.CANCELLED, "stopped before it ran")
-            return False
-        ctx.jobs.transition(job_id, JobState.RUNNING, f"scoring {spec['data']}")
+
+    def body(job: Job, write: Callable[[str], None], cancel: threading.Event) -> str:
+        assert job.model is not None and job.version is not None
         stored = evaluate_and_store(ctx, job.model, job.version, spec, job_id=job_id, log=write, cancel=cancel)
-        ctx.jobs.transition(job_id, JobState.SUCCEEDED, f"{evaluation_line(stored)}; stored with {job.model} "
-                                                        f"v{job.version}")
-        return True
-    except Cancelled as e:
-        write(f"stopped: {e.message}")
-        ctx.jobs.transition(job_id, JobState.CANCELLED, e.message)
-    except ModelcdError as e:
-        message = e.message + (f" [{e.field}]" if e.field and f"{e.field}:" not in e.message else "")
-        write(message)
-        ctx.jobs.transition(job_id, JobState.FAILED, error=message)
-    except Exception as e:
-        message = f"evaluation failed: {type(e).__name__}: {e}"
-        write(message)
-        ctx.jobs.transition(job_id, JobState.FAILED, error=message)
-    finally:
-        ctx.jobs.forget_cancel([job_id])
-    return False
+        return f"{evaluation_line(stored)}; stored with {job.model} v{job.version}"
+
+    return ctx.jobs.run_to_end(job_id, f"scoring {spec['data']}", body, "evaluation")
 
 
 def evaluate_and_store(ctx: Context, model: str, version: int, spec: dict[str, Any], *, job_id: str | None,

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from modelcd.domain import JobState, JobType
-from modelcd.errors import Conflict, NotFound
+from modelcd.errors import Cancelled, Conflict, ModelcdError, NotFound
 from modelcd.store import schema
 from modelcd.store.db import Database, new_id, now
 
@@ -206,6 +206,38 @@ class Jobs:
         return [job_id for job_id, _ in rows]
 
     # cancellation: an in-process Event for speed, a column for other processes and restarts
+    def run_to_end(self, job_id: str, running: str, body: Callable[[Job, Callable[[str], None], threading.Event], str],
+                   what: str) -> bool:
+        """Run a scheduled job of this process to its end: cancelled when Stop came first; else
+        running (``running`` as the message), ``body(job, log, cancel)`` and succeeded with the
+        message it returns; cancelled on ``Cancelled``; failed on a ModelcdError (its message,
+        and its field when the message does not name it) or any other error ("``what`` failed:
+        ..."), the cause written to the job's log too. True when it succeeded."""
+        job = self.get(job_id)
+        cancel = self.cancel_event(job_id)
+        write = self.logger(job_id)
+        try:
+            if cancel.is_set() or job.cancel_requested:
+                self.transition(job_id, JobState.CANCELLED, "stopped before it ran")
+                return False
+            self.transition(job_id, JobState.RUNNING, running)
+            self.transition(job_id, JobState.SUCCEEDED, body(job, write, cancel))
+            return True
+        except Cancelled as e:
+            write(f"stopped: {e.message}")
+            self.transition(job_id, JobState.CANCELLED, e.message)
+        except ModelcdError as e:
+            message = e.message + (f" [{e.field}]" if e.field and f"{e.field}:" not in e.message else "")
+            write(message)
+            self.transition(job_id, JobState.FAILED, error=message)
+        except Exception as e:
+            message = f"{what} failed: {type(e).__name__}: {e}"
+            write(message)
+            self.transition(job_id, JobState.FAILED, error=message)
+        finally:
+            self.forget_cancel([job_id])
+        return False
+
     def cancel_event(self, key: str) -> threading.Event:
         with self._lock:
             return self._cancel_events.setdefault(key, threading.Event())

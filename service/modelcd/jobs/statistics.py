@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from modelcd.domain import JobState, JobType, ModelVersion
+from modelcd.errors import Cancelled
 from modelcd.fsutil import scratch_dir
 
 if TYPE_CHECKING:  # the CLI imports feature_line: keep the service's wiring out of its start
@@ -38,10 +39,6 @@ PROGRESS_EVERY_S = 5.0
 _slots = threading.BoundedSemaphore(MAX_RUNNING)
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,12}")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class _Stopped(Exception):
-    pass
 
 
 def display_name(filename: str | None) -> str:
@@ -91,17 +88,10 @@ def _in_thread(ctx: Context, job_id: str, path: Path, source: str, stack: contex
 def run_statistics_job(ctx: Context, job_id: str, path: Path, source: str) -> bool:
     """Compute the statistics of ``path`` for the job's version and store them; the job ends
     succeeded, failed (the cause in its error and log) or cancelled. True when stored."""
-    from modelcd.analysis.statistics import CATEGORICAL, StatisticsError, statistics_from_file
+    from modelcd.analysis.statistics import CATEGORICAL, statistics_from_file
 
-    job = ctx.jobs.get(job_id)
-    assert job.model is not None and job.version is not None
-    cancel = ctx.jobs.cancel_event(job_id)
-    write = ctx.jobs.logger(job_id)
-    try:
-        if cancel.is_set() or job.cancel_requested:
-            ctx.jobs.transition(job_id, JobState.CANCELLED, "stopped before it ran")
-            return False
-        ctx.jobs.transition(job_id, JobState.RUNNING, f"reading {source}")
+    def body(job: Job, write: Callable[[str], None], cancel: threading.Event) -> str:
+        assert job.model is not None and job.version is not None
         started = time.monotonic()
         write(f"reading {source} ({path.stat().st_size} bytes) for {job.model} v{job.version}")
         stats = statistics_from_file(path, name=source, progress=_progress(cancel, write, started))
@@ -112,22 +102,10 @@ def run_statistics_job(ctx: Context, job_id: str, path: Path, source: str) -> bo
         for feature in stats.features[:100]:
             write("  " + feature_line(feature.to_dict()))
         ctx.registry.put_statistics(job.model, job.version, stats.to_dict(), source=source, job_id=job_id)
-        ctx.jobs.transition(job_id, JobState.SUCCEEDED, f"statistics of {stats.rows} rows x {len(stats.features)} "
-                                                        f"features stored with {job.model} v{job.version}")
-        return True
-    except _Stopped:
-        write("stopped by a person")
-        ctx.jobs.transition(job_id, JobState.CANCELLED, "stopped by a person")
-    except StatisticsError as e:
-        write(e.message)
-        ctx.jobs.transition(job_id, JobState.FAILED, error=e.message)
-    except Exception as e:
-        message = f"statistics of {source} failed: {type(e).__name__}: {e}"
-        write(message)
-        ctx.jobs.transition(job_id, JobState.FAILED, error=message)
-    finally:
-        ctx.jobs.forget_cancel([job_id])
-    return False
+        return (f"statistics of {stats.rows} rows x {len(stats.features)} features stored with {job.model} "
+                f"v{job.version}")
+
+    return ctx.jobs.run_to_end(job_id, f"reading {source}", body, f"statistics of {source}")
 
 
 def _progress(cancel: threading.Event, write: Callable[[str], None], started: float) -> Callable[[int], None]:
@@ -135,7 +113,7 @@ def _progress(cancel: threading.Event, write: Callable[[str], None], started: fl
 
     def progress(rows: int) -> None:
         if cancel.is_set():
-            raise _Stopped
+            raise Cancelled("stopped by a person")
         now = time.monotonic()
         if now - last[0] >= PROGRESS_EVERY_S:
             last[0] = now
