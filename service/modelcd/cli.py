@@ -626,8 +626,11 @@ def deployments(obj: Obj, model: str | None, environment: str | None, live: bool
     """List deployments."""
     data = obj.client.get("/api/v1/deployments", params={"model": model, "environment": environment,
                                                           "live": "1" if live else None})
-    _out(data) if as_json else _table(data["deployments"], ["id", "model", "version", "environment", "state",
-                                                             "url", "pid"])
+    if as_json:
+        _out(data)
+        return
+    rows = [{**d, "state": f"{d['state']} (asleep)" if d.get("sleeping") else d["state"]} for d in data["deployments"]]
+    _table(rows, ["id", "model", "version", "environment", "state", "url", "pid"])
 
 
 # -- stages: one command per stage, for pipelines (--release) and people ---------------------

@@ -481,3 +481,18 @@ def test_a_stale_session_row_expires(ctx: Context, client: FlaskClient) -> None:
     with ctx.db.write() as conn:
         conn.execute(update(schema.ui_sessions).values(expires_at=time.time() - 1))
     assert client.get("/ui/models").status_code == 303
+
+
+def test_a_sleeping_deployment_shows_asleep_and_is_not_asked_for_its_figures(ctx: Context, client: FlaskClient,
+                                                                           world: dict[str, Any]) -> None:
+    """Scaled to zero: the endpoint page says so (and does not report it as not answering,
+    since nothing is asked of a process that is not there)."""
+    with ctx.db.write() as conn:
+        conn.execute(update(schema.deployments).where(schema.deployments.c.id == "d-0123456789ab").values(
+            url="http://127.0.0.1:9", sleeping={"since": now(), "wake_timeout_s": 3}))
+    sign_in(client, TOKEN)
+    page = client.get("/ui/endpoints/iris/production").data.decode()
+    row = page[page.index('data-deployment="d-0123456789ab"'):]
+    row = row[:row.index("</tr>")]
+    assert "state-serving" in row and "state-asleep" in row, row
+    assert "asleep: the next request wakes it" in row and "not answering" not in row, row

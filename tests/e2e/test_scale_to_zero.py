@@ -11,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,6 +137,9 @@ def test_idle_deployment_sleeps_and_the_first_requests_wake_it(svc: Service, rel
     standby = _deployments(svc)[1]
     assert standby["state"] == "standby" and not standby["sleeping"] and psutil.pid_exists(standby["pid"])
     assert "sleeping" not in by_version[1]
+    listed = subprocess.run([sys.executable, "-m", "modelcd", "deployments", "--model", "stz-sum", "--live"],
+                            env=svc.env, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert [line for line in listed.splitlines() if asleep["id"] in line and "serving (asleep)" in line], listed
 
     # 8 concurrent requests while it sleeps: held by the router, all answered by v2
     answers = _burst(uri, headers, 8)

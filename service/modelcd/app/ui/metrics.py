@@ -20,6 +20,9 @@ _lock = threading.Lock()
 def deployment_figures(deployment: dict[str, Any]) -> dict[str, Any]:
     """{health, requests, errors, p95_ms, rps} of one deployment row (None: not measured)."""
     out: dict[str, Any] = {"health": "unknown", "requests": None, "errors": None, "p95_ms": None, "rps": None}
+    if deployment.get("sleeping"):  # scaled to zero: nothing to ask, and asking must not wake it
+        out["health"] = "asleep: the next request wakes it"
+        return out
     url = deployment.get("url")
     if not url:
         return out
