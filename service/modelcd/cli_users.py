@@ -58,6 +58,27 @@ def users_set_role(obj: Obj, name: str, role: str, as_json: bool) -> None:
     _out(user) if as_json else click.echo(f"user {user['name']} is now {user['role']}")
 
 
+@users.command("disable")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def users_disable(obj: Obj, name: str, as_json: bool) -> None:
+    """Refuse every token of user NAME from the next request on (user and tokens kept;
+    `modelcd users enable NAME` undoes it)."""
+    user = obj.client.post(api_path("users", _name(name), "disable"))
+    _out(user) if as_json else click.echo(f"user {user['name']} disabled: their tokens are refused")
+
+
+@users.command("enable")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def users_enable(obj: Obj, name: str, as_json: bool) -> None:
+    """Accept the tokens of user NAME again."""
+    user = obj.client.post(api_path("users", _name(name), "enable"))
+    _out(user) if as_json else click.echo(f"user {user['name']} enabled: their tokens work again")
+
+
 @users.command("remove")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)

@@ -191,8 +191,17 @@ def test_a_role_change_and_a_disabled_user_take_effect_on_the_next_request(
     r = client.post("/api/v1/users/viewer-user/role", json={"role": "deployer"}, headers=AUTH)
     assert r.status_code == 200 and r.json["role"] == "deployer"
     assert client.post("/api/v1/policies/plan", data="x", headers=viewer).status_code == 400  # past the check
-    ctx.users.set_disabled("viewer-user", True)
+    r = client.post("/api/v1/users/viewer-user/disable", headers=viewer)
+    assert r.status_code == 403  # a deployer may not
+    r = client.post("/api/v1/users/viewer-user/disable", headers=AUTH)
+    assert r.status_code == 200 and r.json["disabled"] is True
     assert client.get("/api/v1/tokens", headers=viewer).status_code == 401
+    assert client.post("/api/v1/users/nobody/disable", headers=AUTH).status_code == 404
+    r = client.post("/api/v1/users/viewer-user/enable", headers=AUTH)
+    assert r.status_code == 200 and r.json["disabled"] is False
+    assert client.get("/api/v1/tokens", headers=viewer).status_code == 200
+    kinds = [e["kind"] for e in ctx.jobs.events()]
+    assert "user.disabled" in kinds and "user.enabled" in kinds
 
 
 # -- tokens ----------------------------------------------------------------------------------

@@ -89,6 +89,15 @@ def test_users_and_tokens_through_the_cli(svc: Service, tmp_path: Path) -> None:
     assert table.split()[:7] == ["ID", "USER", "NAME", "PREFIX", "CREATED_AT", "LAST_USED_AT", "REVOKED_AT"]
     assert "alice" in table and "dan" in table and alice not in table and dan not in table
 
+    # disabled: refused from the next command, accepted again once enabled
+    done = modelcd(svc, "users", "disable", "dan")
+    assert done.returncode == 0 and "user dan disabled" in done.stdout, done.stderr
+    assert modelcd(svc, "models", token=dan).returncode != 0
+    listed = modelcd(svc, "users", "list").stdout
+    assert ["dan", "deployer", "True"] in [line.split()[:3] for line in listed.splitlines()], listed
+    assert modelcd(svc, "users", "enable", "dan").returncode == 0
+    assert modelcd(svc, "models", token=dan).returncode == 0
+
     # revoked: refused on the very next command
     assert modelcd(svc, "tokens", "revoke", own[0]["id"]).returncode == 0
     done = modelcd(svc, "models", token=alice)

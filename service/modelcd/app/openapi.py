@@ -103,6 +103,9 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
     ("get", "/users", "List users and their roles (admin)", True, None),
     ("post", "/users", "Add a user {name, role}; role: viewer, deployer, approver or admin (admin)", True, "json"),
     ("post", "/users/{user}/role", "Change a user's role {role} (admin)", True, "json"),
+    ("post", "/users/{user}/disable", "Refuse every token of the user from the next request; user and tokens are "
+     "kept (admin)", True, None),
+    ("post", "/users/{user}/enable", "Accept the user's tokens again (admin)", True, None),
     ("delete", "/users/{user}", "Remove a user; their tokens are revoked (admin)", True, None),
     ("post", "/tokens", "Make an API token {user, name}: the answer's `token` is shown this once and stored only "
      "as a hash (admin: anyone's; a user: their own)", True, "json"),
