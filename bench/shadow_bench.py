@@ -3,7 +3,7 @@ costs the live request.
 
     python bench/shadow_bench.py [--duration 3] [--rounds 5] [--endpoints mirrored,hung,sampled]
                                  [--concurrency 1,16] [--pin [only|both]] [--perf DIR]
-                                 [--profile-router FILE] [--baseline DIR]
+                                 [--profile-router FILE] [--baseline DIR] [--pace-ms N]
 
 One fast backend (``router_bench.py``'s asyncio + httptools stub, fixed answer) serves every
 endpoint of one router process, started directly (``python -m modelcd.routing.proxy --table
@@ -186,6 +186,9 @@ def main() -> int:
     p.add_argument("--perf", metavar="DIR", help="record the router with perf during each wrk run, into DIR")
     p.add_argument("--profile-router", metavar="FILE", help="run the router under cProfile, stats into FILE")
     p.add_argument("--baseline", metavar="DIR", help="also run the router of this source tree, side by side")
+    p.add_argument("--pace-ms", type=int, default=0,
+                   help="each wrk connection waits this long between its requests (an offered load below "
+                        "saturation, instead of a closed loop as fast as the router goes)")
     p.add_argument("--serve-hung", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_hung:
@@ -273,11 +276,14 @@ def run(tmp: Path, stack: contextlib.ExitStack, args: argparse.Namespace) -> Non
     wait_no_pending(rport, 5)
     script = tmp / "post.lua"
     script.write_text(
-        f"wrk.method = 'POST'\nwrk.body = '{BODY.decode()}'\nwrk.headers['Content-Type'] = 'application/json'\n")
+        f"wrk.method = 'POST'\nwrk.body = '{BODY.decode()}'\nwrk.headers['Content-Type'] = 'application/json'\n"
+        + (f"function delay()\n  return {args.pace_ms}\nend\n" if args.pace_ms else ""))
     load = os.getloadavg()
     print(f"# Shadow traffic: the live request's latency with and without a mirror\n\n"
           f"{os.cpu_count()} cores (load average at start: {' '.join(f'{x:.2f}' for x in load)}), wrk -t1, "
-          f"{args.duration:g} s per run, {args.rounds} rounds (each endpoint once per concurrency, order rotating), "
+          f"{args.duration:g} s per run"
+          + (f", each connection pausing {args.pace_ms} ms between its requests" if args.pace_ms else "")
+          + f", {args.rounds} rounds (each endpoint once per concurrency, order rotating), "
           f"median over rounds; router `--mirror-pending {MIRROR_PENDING} --mirror-timeout {MIRROR_TIMEOUT_S:g}`. "
           "Router CPU/req: the router process's user+system CPU time over the requests it answered "
           "(its mirror worker, the backend and the candidate likewise); router busy: its CPU seconds per "
