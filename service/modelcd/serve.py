@@ -189,6 +189,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     echo(f"modelcd serving on http://{settings.host}:{settings.port} (home {settings.home.resolve()})")
+    echo("API reads need no token (MODELCD_OPEN_READS=" + settings.open_reads + "); writes need one"
+         if settings.reads_open else
+         "API reads and writes need a token (MODELCD_OPEN_READS=" + settings.open_reads + ")")
     sys.stdout.flush()
     try:
         server.run()

@@ -63,7 +63,8 @@ def test_users_and_tokens_through_the_cli(svc: Service, tmp_path: Path) -> None:
     assert alice.startswith("mcd_") and "Store it now" in made.stderr and alice not in made.stderr
     dan = json.loads(modelcd(svc, "tokens", "create", "--user", "dan", "--json").stdout)["token"]
 
-    # reads are closed: no token 401, a viewer's token reads
+    # reads are closed (as the service said when it started): no token 401, a viewer's token reads
+    assert "API reads and writes need a token (MODELCD_OPEN_READS=false)" in svc.logs[-1].read_text()
     assert requests.get(f"{svc.url}/api/v1/models", timeout=10).status_code == 401
     assert modelcd(svc, "models", token=alice).returncode == 0
     assert modelcd(svc, "models", token="mcd_made-up").returncode != 0
