@@ -46,6 +46,9 @@ def _register(ctx: Context, tmp: Path, name: str, description: str = "", tags: d
     ctx.registry.register(name, buf, parse_metadata(meta))
 
 
+CLOSED_READS = {"MODELCD_OPEN_READS": "false"}  # a page without a session redirects to the sign-in
+
+
 def sign_in(client: FlaskClient, token: str) -> str:
     """Sign in; returns the session's CSRF token (read from a page, as a browser has it)."""
     r = client.post("/ui/login", data={"token": token})
@@ -109,6 +112,7 @@ def _pages(world: dict[str, Any]) -> list[str]:
             "/ui/inbox?state=dead", "/ui/policies", "/ui/policies?name=web"]
 
 
+@pytest.mark.parametrize("app_env", [CLOSED_READS])
 def test_unsigned_pages_redirect_to_login_with_the_page_to_return_to(client: FlaskClient, world: dict[str, Any]
                                                                      ) -> None:
     for page in _pages(world):
@@ -120,6 +124,24 @@ def test_unsigned_pages_redirect_to_login_with_the_page_to_return_to(client: Fla
         assert client.get(asset).status_code == 200, asset
     login = client.get("/ui/login").data.decode()
     assert '<input type="password" name="token" id="token"' in login and 'id="sign-in"' in login
+
+
+def test_with_open_reads_pages_show_read_only_without_signing_in(client: FlaskClient, world: dict[str, Any]
+                                                               ) -> None:
+    """Reads open (the default on loopback): every page answers without a session, as a viewer
+    sees it — no action, no form but the search filters — with a link to sign in that returns
+    here; every POST still needs a session."""
+    for page in _pages(world):
+        r = client.get(page)
+        body = r.data.decode()
+        assert r.status_code == 200, (page, body[:300])
+        assert "not signed in (read only)" in body and 'id="sign-in-link"' in body, page
+        assert 'name="csrf_token"' not in body and 'data-action="sign-out"' not in body, page
+        assert TOKEN not in body, page
+    jobs = client.get("/ui/jobs?state=failed").data.decode()
+    assert 'href="/ui/login?next=/ui/jobs%3Fstate%3Dfailed"' in jobs
+    assert client.post(f"/ui/releases/{world['release']}/stop").status_code == 403
+    assert client.post("/ui/endpoints/iris/production/rollback").status_code == 403
 
 
 def test_sign_in_sets_a_strict_http_only_cookie_and_returns_to_the_page(client: FlaskClient) -> None:
@@ -216,6 +238,7 @@ def test_a_post_without_the_right_csrf_token_is_refused(ctx: Context, client: Fl
     assert 'id="flash"' not in client.get(r.headers["Location"]).data.decode()  # shown once
 
 
+@pytest.mark.parametrize("app_env", [CLOSED_READS])
 def test_sign_out_and_a_revoked_token_end_the_session(ctx: Context, client: FlaskClient) -> None:
     csrf = sign_in(client, TOKEN)
     assert client.post("/ui/logout", data={"csrf_token": csrf}).status_code == 303
@@ -466,6 +489,7 @@ def test_a_regenerated_key_is_shown_once_and_never_stored(served: Any) -> None:
         db.dispose()
 
 
+@pytest.mark.parametrize("app_env", [CLOSED_READS])
 def test_a_session_of_the_api_token_ends_when_the_token_changes(app: Any, ctx: Context, client: FlaskClient) -> None:
     sign_in(client, TOKEN)
     with ctx.db.read() as conn:
@@ -476,6 +500,7 @@ def test_a_session_of_the_api_token_ends_when_the_token_changes(app: Any, ctx: C
     assert client.get("/ui/models").status_code == 303
 
 
+@pytest.mark.parametrize("app_env", [CLOSED_READS])
 def test_a_stale_session_row_expires(ctx: Context, client: FlaskClient) -> None:
     sign_in(client, TOKEN)
     with ctx.db.write() as conn:

@@ -95,7 +95,9 @@ def console(tmp_path_factory: pytest.TempPathFactory, moto: str) -> Iterator[Con
         s3.create_bucket(Bucket="models")
     except s3.exceptions.BucketAlreadyOwnedByYou:
         pass
-    svc = make_service(tmp_path_factory.mktemp("console-svc"), MODELCD_HOOKS_GENERIC_SECRET=SECRET, **env)
+    # reads closed: every page needs a session (open reads show pages read-only: tests/app/test_console.py)
+    svc = make_service(tmp_path_factory.mktemp("console-svc"), MODELCD_HOOKS_GENERIC_SECRET=SECRET,
+                       MODELCD_OPEN_READS="false", **env)
     svc.start()
     try:
         for policy in POLICIES:

@@ -1,8 +1,10 @@
 """The console: server-rendered pages at ``/ui/`` on the API's port (``docs/console.md``).
 
 Pages read the domain directly (``Context``), never the HTTP API. A person signs in with a
-token (``/ui/login``) and gets a server-side session (``sessions``); every page needs one,
-every POST carries the session's CSRF secret, and every action checks the principal's role
+token (``/ui/login``) and gets a server-side session (``sessions``); every page needs one
+(when API reads are open, ``MODELCD_OPEN_READS``, a page is shown read-only without one, as a
+viewer would see it, with a link to sign in), every POST carries the session's CSRF secret
+and every action checks the principal's role
 (``access.can``) — a button a role cannot use is not rendered, and its POST is refused (403)
 anyway. Templates autoescape and fail on an undefined name; charts are SVG drawn here; the
 only script (``static/console.js``) shows times in the reader's zone and follows live parts
@@ -30,6 +32,9 @@ bp = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", st
                static_url_path="/static")
 
 PUBLIC = frozenset({"ui.login", "ui.login_post", "ui.static"})
+# who reads the pages without a session while API reads are open: a viewer that may do nothing else
+ANONYMOUS = Session(id_hash="", principal=Principal("anonymous", "viewer", None), token_ref=None, csrf="",
+                    flash=None, expires_at=float("inf"))
 
 
 def ctx() -> Context:
@@ -109,7 +114,9 @@ def _signed_in() -> Response | None:
     if session is None:
         if request.method not in ("GET", "HEAD"):
             abort(403, "sign in first")
-        return redirect(url_for("ui.login", next=request.full_path.rstrip("?")), code=303)
+        if not ctx().settings.reads_open:
+            return redirect(url_for("ui.login", next=request.full_path.rstrip("?")), code=303)
+        session = ANONYMOUS
     g.ui_session = session
     if request.method == "POST" and not session.csrf_ok(request.form.get("csrf_token")):
         abort(403, "the form's CSRF token is missing or wrong; reload the page and try again")

@@ -10,7 +10,7 @@ from flask import Response, abort, g, redirect, render_template, request
 
 from modelcd.access import ACTIONS
 from modelcd.app.api import public_policy
-from modelcd.app.ui import bp, ctx, page_number, principal, sessions
+from modelcd.app.ui import ANONYMOUS, bp, ctx, page_number, principal, sessions
 from modelcd.app.ui.charts import release_steps, step_chart, traffic_bar
 from modelcd.app.ui.queries import (
     deployment_versions,
@@ -51,7 +51,7 @@ def render(template: str, **values: Any) -> str:
         sessions().set_flash(session, None)
     who = session.principal
     flash = g.get("ui_flash") or session.flash
-    return render_template(template, who=who, csrf=session.csrf, flash=flash,
+    return render_template(template, who=who, csrf=session.csrf, flash=flash, anonymous=session is ANONYMOUS,
                            may={a: who.can(a) for a in ACTIONS}, **values)
 
 
