@@ -65,8 +65,7 @@ def users_set_role(obj: Obj, name: str, role: str, as_json: bool) -> None:
 def users_disable(obj: Obj, name: str, as_json: bool) -> None:
     """Refuse every token of user NAME from the next request on (user and tokens kept;
     `modelcd users enable NAME` undoes it)."""
-    user = obj.client.post(api_path("users", _name(name), "disable"))
-    _out(user) if as_json else click.echo(f"user {user['name']} disabled: their tokens are refused")
+    _set_disabled(obj, name, "disable", as_json)
 
 
 @users.command("enable")
@@ -75,8 +74,13 @@ def users_disable(obj: Obj, name: str, as_json: bool) -> None:
 @pass_obj
 def users_enable(obj: Obj, name: str, as_json: bool) -> None:
     """Accept the tokens of user NAME again."""
-    user = obj.client.post(api_path("users", _name(name), "enable"))
-    _out(user) if as_json else click.echo(f"user {user['name']} enabled: their tokens work again")
+    _set_disabled(obj, name, "enable", as_json)
+
+
+def _set_disabled(obj: Obj, name: str, verb: str, as_json: bool) -> None:
+    user = obj.client.post(api_path("users", _name(name), verb))
+    _out(user) if as_json else click.echo(f"user {user['name']} {verb}d: their tokens "
+                                          + ("are refused" if verb == "disable" else "work again"))
 
 
 @users.command("remove")

@@ -379,8 +379,10 @@ def test_reads_are_open_only_as_the_setting_says(tmp_path: Path, env: dict[str, 
         ctx.db.dispose()
 
 
+@pytest.mark.parametrize("app_env", [{"MODELCD_OPEN_READS": "false"}])
 def test_the_console_pages_need_a_session(app: Flask, client: FlaskClient) -> None:
-    """The console's routes (their own session auth): none answers a page without signing in."""
+    """The console's routes (their own session auth), reads closed: none answers a page without
+    signing in (with reads open, pages are read only: tests/app/test_console.py)."""
     public = {"ui.login", "ui.login_post", "ui.static"}
     pages = [r for r in app.url_map.iter_rules() if r.endpoint.startswith("ui.") and r.endpoint not in public]
     for rule in pages:

@@ -66,16 +66,19 @@ def set_user_role(user: str) -> Response:
 @admin
 def disable_user(user: str) -> Response:
     """Refuse every token of the user from the next request on, keeping the user and the tokens."""
-    changed = _ctx().users.set_disabled(validate_user_name(user), True)
-    _event("user.disabled", f"user {changed.name} disabled: their tokens are refused")
-    return jsonify(changed.to_dict())
+    return _set_disabled(user, True)
 
 
 @bp.post("/users/<user>/enable")
 @admin
 def enable_user(user: str) -> Response:
-    changed = _ctx().users.set_disabled(validate_user_name(user), False)
-    _event("user.enabled", f"user {changed.name} enabled: their tokens work again")
+    return _set_disabled(user, False)
+
+
+def _set_disabled(user: str, disabled: bool) -> Response:
+    changed = _ctx().users.set_disabled(validate_user_name(user), disabled)
+    _event(f"user.{'disabled' if disabled else 'enabled'}", f"user {changed.name} "
+           + ("disabled: their tokens are refused" if disabled else "enabled: their tokens work again"))
     return jsonify(changed.to_dict())
 
 
