@@ -43,7 +43,7 @@ from modelcd.builders.bundle import (
     write_scoring_files,
 )
 from modelcd.builders.engine_build import add, add_tree, api_message, build
-from modelcd.builders.image_deps import ensure_dependencies_image
+from modelcd.builders.image_deps import check_mode, ensure_dependencies_image
 from modelcd.builders.wheelhouse import ImagePython, ensure_wheelhouse
 from modelcd.docker_engine import check_reference, connect, repository_component
 from modelcd.domain import Bundle, Flavor, ModelVersion
@@ -78,6 +78,9 @@ class ImageOptions:
     # how the dependencies image's venv is made (builders/image_deps.py): auto (on the host when
     # it has the image's Python, else inside the engine), host, engine (uv in the engine) or pip
     dependencies: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_mode(self.dependencies)
 
     @classmethod
     def from_settings(cls, settings: Any) -> ImageOptions:

@@ -80,22 +80,28 @@ def host_interpreter(python: ImagePython) -> Path | None:
 
 def plan(mode: str, python: ImagePython) -> tuple[str, Path | None, str]:
     """(how: host, uv or pip; the host interpreter for ``host``; why, for the log)."""
-    if mode not in MODES:
-        raise BuildError(f"dependencies {mode!r} is not one of {', '.join(MODES)}", field="dependencies")
+    check_mode(mode)
     if mode == "pip":
-        return "pip", None, "pip inside the engine, as asked"
-    interpreter = host_interpreter(python) if mode in ("auto", "host") else None
+        return "pip", None, "with pip inside the engine (as asked)"
+    has_uv = find_uv() is not None
+    interpreter = host_interpreter(python) if has_uv and mode in ("auto", "host") else None
     if interpreter is not None:
         return "host", interpreter, f"on the host with {interpreter} (the image's Python is {python.version})"
     if mode == "host":
-        raise BuildError(f"dependencies 'host' needs CPython {python.version} on this host ({platform.machine()}) "
-                         f"for an image with glibc on {python.machine} (the base image has {python.abi}, glibc "
-                         f"{python.libc or 'none'}); install python{python.version} here or use dependencies 'auto'",
-                         field="dependencies")
-    runs_uv = bool(python.libc) and platform.machine() == python.machine and find_uv() is not None
-    why = ("no host Python " + python.version if mode == "auto" else "as asked")
+        raise BuildError(f"dependencies 'host' needs uv and CPython {python.version} on this host "
+                         f"({platform.machine()}) for an image with glibc on {python.machine} (the base image has "
+                         f"{python.abi}, glibc {python.libc or 'none'}); install python{python.version} and uv "
+                         "(`pip install uv`) here or use dependencies 'auto'", field="dependencies")
+    runs_uv = has_uv and bool(python.libc) and platform.machine() == python.machine
+    why = f"no host Python {python.version} with uv" if mode == "auto" else "as asked"
     return ("uv", None, f"with uv inside the engine ({why})") if runs_uv else \
         ("pip", None, f"with pip inside the engine ({why}; the image cannot run the host's uv)")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise BuildError(f"dependencies {mode!r} is not one of {', '.join(MODES)}", field="dependencies")
+    return mode
 
 
 def ensure_dependencies_image(client: Any, home: Path, base: Any, python: ImagePython, executable: str,
@@ -293,4 +299,5 @@ def _in_engine(client: Any, how: str, python: ImagePython, wheelhouse: Wheelhous
                        options.build_timeout_s, options.no_cache, log, cancel)
 
 
-__all__ = ["MODES", "dependencies_key", "dependencies_tag", "ensure_dependencies_image", "host_interpreter", "plan"]
+__all__ = ["MODES", "check_mode", "dependencies_key", "dependencies_tag", "ensure_dependencies_image",
+           "host_interpreter", "plan"]
