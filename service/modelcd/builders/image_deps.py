@@ -164,10 +164,11 @@ def host_venv(venv: Path, wheelhouse: Wheelhouse, python: ImagePython, interpret
     uv = find_uv()
     if uv is None:
         raise BuildError("uv is needed to build an image's environment on the host; install it with `pip install uv`")
+    quiet = ["--quiet", "--no-config"]  # what a uv.toml on the host says (an index, a cache) has no say here
     steps = [
-        ("create the virtualenv", [uv, "venv", "--quiet", "--relocatable", "--python", str(interpreter), str(venv)]),
+        ("create the virtualenv", [uv, "venv", *quiet, "--relocatable", "--python", str(interpreter), str(venv)]),
         ("install the locked requirements from the wheelhouse",
-         [uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "--no-index", "--find-links",
+         [uv, "pip", "install", *quiet, "--python", str(venv / "bin" / "python"), "--no-index", "--find-links",
           str(wheelhouse.wheels), "--python-platform", python.uv_platform(), "--requirement", str(wheelhouse.lock)]),
     ]
     for what, argv in steps:
