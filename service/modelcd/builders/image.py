@@ -1,14 +1,13 @@
 """Build stage of the ``docker`` target: a scoring image built with the docker SDK.
 
-The build context holds the same files as a ``process`` bundle (``model/``, ``runtime/``,
-``scoring.json``) plus the resolved ``requirements.lock``, the wheels it names and a
-Dockerfile rendered from ``pipeline_templates/docker/Dockerfile.j2``. The engine builds with
-no network (``network_mode=none``): dependencies install from the wheelhouse with
-``--no-index``. Layers go base → dependencies → runtime → model. The dependencies (the
-virtualenv of the lock) are an image of their own, made once per lock and base image
-(``builders/image_deps.py``: on the host when it has the image's Python, else inside the
-engine); a version's image is ``FROM`` it, so its context holds only the Dockerfile, the runtime
-and the model. That tar is deterministic (sorted, fixed owners, modes and times), so a new
+The requirements are resolved into a lock and its wheels fetched into a wheelhouse on the
+host; the virtualenv of that lock is an image of its own, made once per lock and base image
+from the wheelhouse with no network (``builders/image_deps.py``: on the host when it has the
+image's Python, else inside the engine). A version's image is ``FROM`` it, and its build
+context holds the same files as a ``process`` bundle (``model/``, ``runtime/``,
+``scoring.json``) and a Dockerfile rendered from ``pipeline_templates/docker/Dockerfile.j2``;
+the engine builds it with ``network_mode=none``. Layers go base → dependencies → runtime →
+model, and the context's tar is deterministic (sorted, fixed owners, modes and times), so a new
 version with unchanged requirements reuses every layer but the model's.
 
 Registry-supplied strings never reach the Dockerfile: the model's name, version, digest and
