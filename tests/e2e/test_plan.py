@@ -42,12 +42,14 @@ def _rows(svc: Service) -> dict[str, int]:
 
 
 def _built(svc: Service) -> set[str]:
-    """Everything a build or a deploy leaves in the home."""
+    """Everything a build or a deploy leaves in the home (bytecode aside: a new environment's is
+    compiled in the background after its build, and any import may write it)."""
     found: set[str] = set()
     for folder in ("bundles", "envs", "images", "deployments", "locks"):
         root = svc.home / folder
         if root.is_dir():
-            found |= {str(p.relative_to(svc.home)) for p in root.rglob("*") if ".modelcd-tmp" not in p.name}
+            found |= {str(p.relative_to(svc.home)) for p in root.rglob("*")
+                      if ".modelcd-tmp" not in p.name and "__pycache__" not in p.parts}
     return found
 
 
