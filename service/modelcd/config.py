@@ -105,6 +105,9 @@ class Settings(BaseModel):
     docker_registry_username: str | None = None
     docker_registry_password: str | None = Field(None, repr=False, description="registry password or token")
     docker_build_timeout_s: float = Field(1800.0, gt=0, description="longest an image build may take")
+    docker_dependencies: Literal["auto", "host", "engine", "pip"] = Field(
+        "auto", description="how an image's virtualenv is made: on the host when it has the image's Python (host), "
+        "inside the engine with uv (engine) or pip (pip); auto: host when it can, else engine")
 
     @field_validator("hooks_sns_topic_arns", "notify_urls", mode="before")
     @classmethod

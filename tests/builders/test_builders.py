@@ -23,13 +23,22 @@ def test_every_target_kind_has_a_builder() -> None:
 
 def test_get_builder_configures_each_builder_from_the_settings(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, python="python3", docker_base_image="base:1", docker_repository="repo",
-                        docker_host="unix:///nowhere.sock", docker_build_timeout_s=60)
+                        docker_host="unix:///nowhere.sock", docker_build_timeout_s=60, docker_dependencies="engine")
     bundle = get_builder(TargetKind.PROCESS, settings)
     assert isinstance(bundle, BundleBuilder) and (bundle.home, bundle.python) == (tmp_path, "python3")
     image = get_builder("docker", settings)
     assert isinstance(image, ImageBuilder) and image.home == tmp_path
     assert image.options == ImageOptions.from_settings(settings)
-    assert (image.options.base_image, image.options.repository, image.options.build_timeout_s) == ("base:1", "repo", 60)
+    assert (image.options.base_image, image.options.repository, image.options.build_timeout_s,
+            image.options.dependencies) == ("base:1", "repo", 60, "engine")
+
+
+def test_an_unknown_dependencies_mode_is_refused_naming_the_setting_and_its_values(tmp_path: Path) -> None:
+    from modelcd.config import load_settings
+
+    with pytest.raises(ConfigError) as e:
+        load_settings(environ={"MODELCD_HOME": str(tmp_path), "MODELCD_DOCKER_DEPENDENCIES": "conda"})
+    assert "docker_dependencies" in str(e.value).lower() and "'engine'" in str(e.value), str(e.value)
 
 
 def test_an_unknown_target_is_an_error_listing_the_known_ones(tmp_path: Path) -> None:

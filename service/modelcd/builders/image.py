@@ -87,7 +87,7 @@ class ImageOptions:
                    docker_host=settings.docker_host, registry=settings.docker_registry,
                    registry_username=settings.docker_registry_username,
                    registry_password=settings.docker_registry_password,
-                   build_timeout_s=settings.docker_build_timeout_s)
+                   build_timeout_s=settings.docker_build_timeout_s, dependencies=settings.docker_dependencies)
 
 
 def image_tag(options: ImageOptions, version: ModelVersion) -> str:
