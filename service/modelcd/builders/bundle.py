@@ -197,11 +197,10 @@ def ensure_env(home: Path, key: str, requirements: Sequence[str], interpreter: P
     Two builders of one key serialise on an fcntl lock; the loser finds the env complete.
     A new env must import the modules ``probe`` names before it counts as complete. The
     requirements are installed from uv's cache alone when it holds a solution (``--offline``:
-    an unpinned requirement gets the newest version the cache knows), else against the index;
-    as links, not byte-compiled: what serving
-    imports (``probe``, the scoring server and the heavy modules of the requirements) is
-    imported once, which compiles it, and the rest of the env is compiled afterwards by a
-    background process at low priority, off the critical path.
+    an unpinned requirement gets the newest version the cache knows), else against the index,
+    as links and not byte-compiled: what serving imports (``probe``, the scoring server and
+    the heavy modules of the requirements) is imported once, which compiles it, and the rest
+    of the env is compiled afterwards by a background process on idle CPU, off the critical path.
     """
     final = home / "envs" / key
     if _env_complete(final):
@@ -297,10 +296,7 @@ def _warm_imports(env: Path, modules: Sequence[str], log: Log, cancel: threading
     code = ("import importlib, sys, warnings\nwarnings.simplefilter('ignore')\nfor name in sys.argv[1:]:\n"
             "    try:\n        importlib.import_module(name)\n    except Exception as e:\n"
             "        print(f'not imported: {name} ({type(e).__name__})')\n")
-    with tempfile.TemporaryDirectory(prefix="modelcd-probe-") as runtime:
-        _copy_runtime(Path(runtime) / "rt")
-        rc, tail = run_streaming([str(env / "bin" / "python"), "-c", code, *modules], log, cancel,
-                                 env=_compile_env(Path(runtime) / "rt"))
+    rc, tail = _run_in_env(env, [code, *modules], log, cancel)
     if rc != 0:
         log(f"compiling what serving imports stopped (exit code {rc}): {install_error_excerpt(tail, 3)}")
 
@@ -332,6 +328,15 @@ for folder in sys.argv[1:]:
 """
 
 
+def _run_in_env(env: Path, args: Sequence[str], log: Log, cancel: threading.Event) -> tuple[int, list[str]]:
+    """``python -c ARGS`` with the env's interpreter, the scoring runtime (a copy as bundles hold
+    it, never modelcd's own site) on its path and bytecode writing on."""
+    with tempfile.TemporaryDirectory(prefix="modelcd-probe-") as runtime:
+        _copy_runtime(Path(runtime) / "rt")
+        return run_streaming([str(env / "bin" / "python"), "-c", *args], log, cancel,
+                             env=_compile_env(Path(runtime) / "rt"))
+
+
 def _compile_env(runtime: Path | None) -> dict[str, str]:
     """The environment of an interpreter that writes bytecode (whatever modelcd's own says)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX",
@@ -351,10 +356,7 @@ def _probe_imports(env: Path, modules: Sequence[str], log: Log, cancel: threadin
         return
     log(f"checking the environment: import {', '.join(modules)}")
     code = "import warnings; warnings.simplefilter('ignore'); " + "; ".join(f"import {m}" for m in modules)
-    with tempfile.TemporaryDirectory(prefix="modelcd-probe-") as runtime:
-        _copy_runtime(Path(runtime) / "rt")  # the scoring runtime as bundles hold it, never modelcd's site
-        rc, tail = run_streaming([str(env / "bin" / "python"), "-c", code], log, cancel,
-                                 env=_compile_env(Path(runtime) / "rt"))
+    rc, tail = _run_in_env(env, [code], log, cancel)
     if rc != 0:
         raise BuildError(f"the requirements installed, but `import {', '.join(modules)}` fails in the environment "
                          f"(exit code {rc}):\n{install_error_excerpt(tail)}\nfix the model's requirements "
