@@ -147,8 +147,6 @@ def scored_chunks(ctx: Any, *, model: str, version: int, input_uri: str, fmt: st
 def _warm_starts(ctx: Any) -> WarmStarts | None:
     """The process target's warm parents (None when warm starts are off): a batch worker is
     forked from the same parent as its version's deployments."""
-    if not ctx.settings.warm_starts:
-        return None
     return getattr(ctx.target("process"), "warm", None)
 
 

@@ -95,9 +95,7 @@ class Started:
         if self.popen is not None:
             self.popen.wait()
             return
-        deadline = time.monotonic() + 5.0
-        while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.wait(5.0)
 
 
 class _PortTaken(Exception):
