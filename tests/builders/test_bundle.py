@@ -130,6 +130,22 @@ def test_a_new_env_is_ready_with_what_serving_imports_compiled_and_the_rest_comp
     assert not missing(), missing()[:5]
 
 
+def test_what_a_build_runs_in_the_env_gets_no_secret_of_the_service(built: Built,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The imports a build runs with an env's interpreter (the import check, the compile of what
+    serving imports: packages' and a loader module's code) see what a scoring process sees, and
+    write bytecode even when the service itself does not."""
+    for name, value in (("MODELCD_TOKEN", "service-secret-1"), ("AWS_SECRET_ACCESS_KEY", "service-secret-2"),
+                        ("GITHUB_TOKEN", "service-secret-3"), ("PYTHONDONTWRITEBYTECODE", "1")):
+        monkeypatch.setenv(name, value)
+    log = Recorder()
+    code = "import os, sys; print(sorted(os.environ.items())); print('dont_write', sys.dont_write_bytecode)"
+    rc, _tail = bundle_mod._run_in_env(built.bundle.python.parent.parent, [code], log, threading.Event())
+    assert rc == 0, log.text
+    assert "service-secret" not in log.text and "MODELCD_TOKEN" not in log.text, log.text
+    assert "('PATH'," in log.text and "dont_write False" in log.text, log.text
+
+
 def test_requirement_that_cannot_install_names_it_and_leaves_no_env(build: Callable[..., Built],
                                                                    tmp_path: Path, iris_files: Path) -> None:
     version = iris_version(iris_files, requirements=("modelcd-no-such-package-xyz==1.0",))

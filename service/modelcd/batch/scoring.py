@@ -31,8 +31,9 @@ import pandas as pd
 from modelcd.batch.datasets import CHUNK_ROWS, Connections, Sink, Source, parse_uri
 from modelcd.builders.bundle import build_bundle
 from modelcd.errors import BatchFailed, BuildError, Cancelled, InvalidInput
+from modelcd.inherited import inherited_env
 from modelcd.scoring.batch import read_frame, write_frame
-from modelcd.targets.process import Started, inherited_env
+from modelcd.targets.process import Started
 from modelcd.targets.warm import WarmStarts, WarmUnavailable
 
 Log = Callable[[str], None]

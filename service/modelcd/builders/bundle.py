@@ -49,6 +49,7 @@ from modelcd.builders.imports import heavy_modules
 from modelcd.domain import Bundle, Flavor, ModelVersion
 from modelcd.errors import BuildError, Cancelled
 from modelcd.fsutil import atomic_dir, remove_abandoned, temp_file, write_atomic
+from modelcd.inherited import inherited_env
 from modelcd.registry.requirements import python_minor
 
 Log = Callable[[str], None]
@@ -338,9 +339,11 @@ def _run_in_env(env: Path, args: Sequence[str], log: Log, cancel: threading.Even
 
 
 def _compile_env(runtime: Path | None) -> dict[str, str]:
-    """The environment of an interpreter that writes bytecode (whatever modelcd's own says)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX",
-                                                            "PYTHONPATH")}
+    """The environment of the env's interpreter at build: what a scoring process inherits (the
+    packages' code runs there, never with the service's secrets), writing bytecode whatever
+    modelcd's own setting says."""
+    env = inherited_env(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if runtime is not None:
         env["PYTHONPATH"] = str(runtime)
     return env

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import psutil
 
 from modelcd.domain import Deployment
 from modelcd.errors import Cancelled, DeployError
+from modelcd.inherited import inherited_env
 from modelcd.targets.base import DeploySpec, Log, RunningDeployment, Target
 from modelcd.targets.warm import WarmStarts, WarmUnavailable
 
@@ -36,18 +36,6 @@ ID_ENV = "MODELCD_DEPLOYMENT_ID"  # set in every scoring process: identity that 
 KEY_ENV = "MODELCD_SCORING_KEY"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PORT_TAKEN = re.compile(r"address already in use|eaddrinuse|errno 98\]|connection in use", re.IGNORECASE)
-# What a scoring process inherits from the control plane: an allow-list, because a model's
-# own code runs there and the control plane's environment holds secrets (GITHUB_TOKEN, cloud
-# keys, MODELCD_*). Kept: what any program needs (paths, locale, time zone, temp dir, trust
-# store) and the knobs numeric libraries read (threads, CPU type). A model that needs more
-# gets it from its policy's ``env``.
-INHERITED_ENV = frozenset({
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP",
-    "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "CUDA_VISIBLE_DEVICES",
-    "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8", "PYTHONHASHSEED",
-})
-INHERITED_ENV_PREFIXES = ("LC_", "OMP_", "KMP_", "OPENBLAS_", "GOTO_", "MKL_", "BLIS_", "NVPL_", "NUMEXPR_",
-                          "VECLIB_")
 _POLL_S = 0.02
 
 
@@ -398,11 +386,6 @@ def _check_bundle(spec: DeploySpec) -> Path:
             raise DeployError(f"bundle of {spec.model} v{spec.version} is incomplete: {need} is missing; "
                               "run the build stage again")
     return bundle
-
-
-def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The allow-listed part of ``environ`` (see INHERITED_ENV) that a scoring process inherits."""
-    return {k: v for k, v in environ.items() if k in INHERITED_ENV or k.startswith(INHERITED_ENV_PREFIXES)}
 
 
 def _scoring_env(spec: DeploySpec, bundle: Path) -> dict[str, str]:
