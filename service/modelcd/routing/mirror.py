@@ -57,6 +57,7 @@ log = logging.getLogger("modelcd.router")
 
 BATCH_S = 0.005  # the first item of a batch waits at most this long for others
 BATCH_MAX = 256  # items in one batch; more are sent at once (or, the worker down, dropped)
+ITEM_OVERHEAD = 96  # bytes of an item's frame beyond its variable fields (marshal's tags, the small values)
 RESTART_MIN_S = 1.0  # a worker that died is restarted at once, unless it started less than this ago
 PING_S = 1.0  # how often an idle worker is asked whether it answers
 
@@ -208,9 +209,10 @@ class Pair:
             return
         if sample is not None:
             sample.handed += 1
+        answer = None if self.capped else b"".join(self.body)
+        size = ITEM_OVERHEAD + len(key) + len(rest) + len(headers) + len(body or b"") + len(answer or b"")
         server.worker.add((key, mid, sample is not None, method, rest, headers, has_host, body, self.status,
-                           None if self.capped else b"".join(self.body), time.monotonic() - self.started),
-                          len(body) if body else 0)
+                           answer, time.monotonic() - self.started), size)
 
 
 class _Asked:
@@ -266,12 +268,17 @@ class MirrorWorker:
 
     # -- the hot path ----------------------------------------------------------------------
     def add(self, item: Item, size: int) -> None:
+        """Queue ``item`` (about ``size`` bytes once framed) for the next batch; a batch is sent
+        before it would pass ``mirror_handoff_bytes`` (so it never does, unless one item alone
+        does) or once it holds BATCH_MAX items."""
+        if self.buffer and self.size + size > self.options.mirror_handoff_bytes:
+            self.flush()
         buf = self.buffer
         buf.append(item)
         self.size += size
         if len(buf) == 1:
             self.loop.call_later(BATCH_S, self.flush)
-        elif len(buf) >= BATCH_MAX or self.size > self.options.mirror_handoff_bytes:
+        elif len(buf) >= BATCH_MAX:
             self.flush()
 
     def flush(self) -> None:

@@ -34,7 +34,7 @@ class Options:
     mirror_pairs: int = 20_000  # pairs of answers kept per endpoint for the control plane
     mirror_timeout: float = 10.0  # a candidate's answer to a copy, at most; then the copy counts as failed
     mirror_body_cap: int = 256 * 1024  # request or answer bodies larger than this are not kept (pair truncated)
-    mirror_handoff_bytes: int = 8 * 1024 * 1024  # request bytes not yet taken by the mirror worker; more: dropped
+    mirror_handoff_bytes: int = 8 * 1024 * 1024  # copies' bytes not yet taken by the mirror worker; more: dropped
     mirror_worker_timeout: float = 10.0  # the mirror worker answers within this, or it is killed and restarted
     allow_open_endpoints: bool = False  # serve auth "none" endpoints even when exposed (see ``exposed``)
     # Whether clients beyond this machine can reach the router; None: computed from ``host``.

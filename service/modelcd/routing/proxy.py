@@ -465,7 +465,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
     p.add_argument("--mirror-backlog", type=int, default=Options.mirror_backlog,
                    help="shadow copies waiting per endpoint while --mirror-pending are in progress; more are dropped")
     p.add_argument("--mirror-handoff-bytes", type=int, default=Options.mirror_handoff_bytes,
-                   help="request bytes not yet taken by the mirror worker; beyond, copies are dropped")
+                   help="bytes of copies (requests and answers) not yet taken by the mirror worker; beyond, "
+                        "copies are dropped")
     p.add_argument("--mirror-worker-timeout", type=float, default=Options.mirror_worker_timeout,
                    help="seconds the mirror worker may take to answer; then it is restarted")
     p.add_argument("--allow-open-endpoints", action="store_true",
