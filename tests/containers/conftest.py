@@ -43,8 +43,29 @@ def engine() -> Iterator[Any]:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
+    before = {image.id for image in client.images.list(all=True)}
     yield client
+    remove_new_images(client, before)
     client.close()
+
+
+def remove_new_images(client: Any, before: set[str]) -> list[str]:
+    """Remove the images this session made (tagged or not), all but the shared base image, so
+    test runs do not fill the disk; images that were there before the session stay. Returns
+    the ids removed."""
+    keep = set(before)
+    with contextlib.suppress(Exception):
+        keep.add(client.images.get(BASE_IMAGE).id)
+    removed: list[str] = []
+    for _ in range(3):  # children first: an image with dependent children goes on a later pass
+        left = [image for image in client.images.list(all=True) if image.id not in keep and image.id not in removed]
+        if not left:
+            break
+        for image in left:
+            with contextlib.suppress(Exception):
+                client.images.remove(image.id, force=True)
+                removed.append(image.id)
+    return removed
 
 
 @pytest.fixture(autouse=True)

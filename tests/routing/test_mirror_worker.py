@@ -132,3 +132,19 @@ def test_a_frozen_worker_is_bounded_then_replaced(shadowed: Callable[..., ProxyP
     got = wait_for(lambda: (p := pairs(proxy))["mirrored"] >= 10 and p)
     assert got["dropped_handoff"] > 0 and got["mirrored"] + got["dropped"] == 315, got
     assert got["pairs"][0]["seq"] > 5
+
+
+@pytest.mark.parametrize(("args", "policy", "nice"), [
+    ((), os.SCHED_IDLE, 0),  # the default: only CPU time serving does not want
+    (("--mirror-worker-priority", "low"), os.SCHED_OTHER, 5),
+    (("--mirror-worker-priority", "normal"), os.SCHED_OTHER, 0),
+])
+def test_the_worker_runs_below_the_router(shadowed: Callable[..., ProxyProcess], args: tuple[str, ...], policy: int,
+                                          nice: int) -> None:
+    proxy = shadowed(*args)
+    serve(proxy, 20)
+    assert wait_for(lambda: pairs(proxy)["mirrored"] == 20)  # copies flow at every priority on an idle machine
+    worker = health(proxy)["pid"]
+    assert os.sched_getscheduler(worker) == policy
+    assert os.getpriority(os.PRIO_PROCESS, worker) - os.getpriority(os.PRIO_PROCESS, proxy.proc.pid) == nice
+    assert os.sched_getscheduler(proxy.proc.pid) == os.SCHED_OTHER

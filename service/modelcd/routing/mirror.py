@@ -2,16 +2,17 @@
 that never answers a client, and requests kept with their answers for the production watch.
 
 The router's event loop does as little as it can for them, because at high concurrency each
-microsecond it spends there is one every other request waits behind. Once the serving
-backend's response was relayed to the client, a request that is mirrored (``MirrorState.take``:
-the route's ``sample_rate``) or sampled becomes one tuple of bytes appended to a list
+microsecond it spends there is one every other request waits behind. Once the serving backend's
+response was relayed to the client, a request that is mirrored (``MirrorState.take``: the
+route's ``sample_rate``) or sampled becomes one tuple of bytes appended to a list
 (``MirrorWorker.add``); a batch of them goes to the **mirror worker**, a process of its own
-(``routing.mirror_worker``, at a lower scheduling priority), in one write on a Unix socket every
-``BATCH_S`` (or sooner when ``BATCH_MAX`` items are waiting). The worker sends the copies to the candidates, reads their
-answers, matches each with the champion's, and keeps the bounded rings of pairs and samples;
-the admin routes ``/-/mirror``, ``/-/mirror/pairs`` and ``/-/samples`` are questions the router
-passes on to it on the same socket (so they see every batch sent before them) and whose JSON
-answer it relays as it comes (every answer also brings each ring's counters: see ``_Handed``).
+(``routing.mirror_worker``, at a lower scheduling priority: ``mirror_worker_priority``), in one
+write on a Unix socket every ``BATCH_S`` (or sooner when ``BATCH_MAX`` items are waiting). The
+worker sends the copies to the candidates, reads their answers, matches each with the
+champion's, and keeps the bounded rings of pairs and samples; the admin routes ``/-/mirror``,
+``/-/mirror/pairs`` and ``/-/samples`` are questions the router passes on to it on the same
+socket (so they see every batch sent before them) and whose JSON answer it relays as it comes
+(every answer also brings each ring's counters: see ``_Handed``).
 
 Nothing of it can hold up the client's answer: the client has it before its copy exists; a
 batch is dropped (its items counted as ``dropped`` per endpoint) when more than
@@ -368,7 +369,7 @@ class MirrorWorker:
                "--mirror-pending", str(options.mirror_pending), "--mirror-pairs", str(options.mirror_pairs),
                "--mirror-timeout", str(options.mirror_timeout), "--mirror-body-cap", str(options.mirror_body_cap),
                "--mirror-backlog", str(options.mirror_backlog),
-               "--connect-timeout", str(options.connect_timeout)]
+               "--connect-timeout", str(options.connect_timeout), "--priority", options.mirror_worker_priority]
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)

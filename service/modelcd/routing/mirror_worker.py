@@ -17,8 +17,11 @@ the candidate's error) and
 keeps the pair (champion's answer, candidate's answer) in a bounded ring per endpoint; every
 sampled request is kept with its answer in another. Records stay raw bytes in the rings: their
 JSON is made only when they are read. It runs at a lower scheduling priority than the router
-(``--nice``, 5): when the CPUs are busy, serving clients comes first and copies wait (or, past
-``--mirror-pending``, are dropped and counted).
+(``--priority``): by default ``idle`` (Linux ``SCHED_IDLE``: it runs on CPU time nothing else
+wants, so on saturated CPUs serving clients goes first and the copies that wait too long are
+dropped and counted, and the candidate only works on what the worker found time to send);
+``low`` is nice 5 (the worker gets a share of busy CPUs; more copies, more cost to the live
+path); ``normal`` leaves it as the router.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from modelcd.routing.table import Backend
 from modelcd.routing.upstream import UpstreamConnection, UpstreamPool
 
 SWEEP_S = 0.25  # how often copies are checked for the timeout
-NICE = 5  # the worker's scheduling priority below the router's: copies must not take CPU from serving
+PRIORITIES = ("idle", "low", "normal")  # the worker's scheduling priority (``set_priority``)
+LOW_NICE = 5  # ``low``: added to the worker's nice value
 NOTHING = (0, 0, [0, 0, 0, 0])  # what the router adds to a candidate's counters when it has nothing to add
 CONNECTING_MAX = 4  # new connections being opened to one candidate at once; more copies wait for one
 
@@ -411,6 +415,20 @@ async def serve(fd: int, options: Options) -> int:
     return 0
 
 
+def set_priority(priority: str) -> str:
+    """Lower this process's scheduling priority below the router's; returns what took effect
+    (``idle`` falls back to ``low`` where ``SCHED_IDLE`` is not available)."""
+    if priority == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "idle"
+        except (AttributeError, OSError):
+            priority = "low"
+    if priority == "low":
+        os.nice(LOW_NICE)
+    return priority
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m modelcd.routing.mirror_worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--fd", type=int, required=True, help="this process's end of the router's socket")
@@ -420,11 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mirror-body-cap", type=int, default=Options.mirror_body_cap)
     p.add_argument("--mirror-backlog", type=int, default=Options.mirror_backlog)
     p.add_argument("--connect-timeout", type=float, default=Options.connect_timeout)
-    p.add_argument("--nice", type=int, default=NICE, help="added to this process's nice value (0: none)")
+    p.add_argument("--priority", choices=PRIORITIES, default=Options.mirror_worker_priority,
+                   help="scheduling priority: idle (SCHED_IDLE), low (nice 5) or normal (the router's)")
     a = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C stops the router; the router stops us
-    if a.nice:
-        os.nice(a.nice)  # the copies are best effort: on a busy machine serving gets the CPU first
+    set_priority(a.priority)  # the copies are best effort: on a busy machine serving gets the CPU first
     options = Options(table=Path(os.devnull), mirror_pending=a.mirror_pending, mirror_pairs=a.mirror_pairs,
                       mirror_timeout=a.mirror_timeout, mirror_body_cap=a.mirror_body_cap,
                       mirror_backlog=a.mirror_backlog, connect_timeout=a.connect_timeout)

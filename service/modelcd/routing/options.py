@@ -36,6 +36,9 @@ class Options:
     mirror_body_cap: int = 256 * 1024  # request or answer bodies larger than this are not kept (pair truncated)
     mirror_handoff_bytes: int = 8 * 1024 * 1024  # copies' bytes not yet taken by the mirror worker; more: dropped
     mirror_worker_timeout: float = 10.0  # the mirror worker answers within this, or it is killed and restarted
+    # The mirror worker's scheduling priority: "idle" (SCHED_IDLE: only CPU time serving does not
+    # want), "low" (nice 5) or "normal". Copies it has no time for are dropped and counted.
+    mirror_worker_priority: str = "idle"
     allow_open_endpoints: bool = False  # serve auth "none" endpoints even when exposed (see ``exposed``)
     # Whether clients beyond this machine can reach the router; None: computed from ``host``.
     # Exposed routers refuse open endpoints unless allowed. Set it for a loopback listener

@@ -469,6 +469,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
                         "copies are dropped")
     p.add_argument("--mirror-worker-timeout", type=float, default=Options.mirror_worker_timeout,
                    help="seconds the mirror worker may take to answer; then it is restarted")
+    p.add_argument("--mirror-worker-priority", choices=("idle", "low", "normal"),
+                   default=Options.mirror_worker_priority,
+                   help="the mirror worker's scheduling priority: idle (SCHED_IDLE, the default: copies use only "
+                        "CPU time serving does not want), low (nice 5) or normal")
     p.add_argument("--allow-open-endpoints", action="store_true",
                    help=f"serve endpoints without a key on a non-loopback address too ({OPEN_SETTING})")
     p.add_argument("--exposed", choices=("auto", "yes", "no"), default="auto",
@@ -484,7 +488,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
                       mirror_pending=a.mirror_pending, mirror_pairs=a.mirror_pairs, mirror_timeout=a.mirror_timeout,
                       mirror_body_cap=a.mirror_body_cap, mirror_handoff_bytes=a.mirror_handoff_bytes,
                       mirror_backlog=a.mirror_backlog,
-                      mirror_worker_timeout=a.mirror_worker_timeout,
+                      mirror_worker_timeout=a.mirror_worker_timeout, mirror_worker_priority=a.mirror_worker_priority,
                       exposed={"auto": None, "yes": True, "no": False}[a.exposed])
     return options, a.loop
 
