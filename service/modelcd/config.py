@@ -35,6 +35,10 @@ class Settings(BaseModel):
     router_port: int = Field(8700, ge=1, le=65535)
     router_allow_open_endpoints: bool = Field(False, description="a router on a non-loopback host serves endpoints "
                                               "without a key (auth none) too; otherwise they answer 403")
+    router_mirror_worker_priority: Literal["idle", "low", "normal"] = Field(
+        "idle", description="CPU priority of the router's mirror worker (shadow copies, sampled traffic): idle = "
+        "only CPU time serving does not want (copies it has no time for are dropped and counted), low = nice 5, "
+        "normal = the router's")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite in home")
     artifact_store: Literal["local", "s3"] = "local"
     s3_bucket: str | None = None

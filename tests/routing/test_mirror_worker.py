@@ -11,12 +11,14 @@ import signal
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from modelcd.routing.base import EndpointRoute, Mirror, RoutingTable
-from tests.routing.conftest import Client, EchoBackend, ProxyProcess, call
+from modelcd.routing.builtin import BuiltinRouter
+from tests.routing.conftest import Client, EchoBackend, ProxyProcess, call, free_port
 
 Make = Callable[[str], EchoBackend]
 
@@ -148,3 +150,17 @@ def test_the_worker_runs_below_the_router(shadowed: Callable[..., ProxyProcess],
     assert os.sched_getscheduler(worker) == policy
     assert os.getpriority(os.PRIO_PROCESS, worker) - os.getpriority(os.PRIO_PROCESS, proxy.proc.pid) == nice
     assert os.sched_getscheduler(proxy.proc.pid) == os.SCHED_OTHER
+
+
+def test_the_service_s_router_takes_the_setting(tmp_path: Path) -> None:
+    """MODELCD_ROUTER_MIRROR_WORKER_PRIORITY reaches the worker of the router the service starts."""
+    router = BuiltinRouter(tmp_path / "home", "127.0.0.1", free_port(), mirror_worker_priority="low")
+    router.ensure_running()
+    try:
+        pid = router.pid()
+        assert pid is not None
+        worker = wait_for(lambda: call(router.port, "GET", "/-/healthz").json()["mirror_worker"]["pid"])
+        assert os.sched_getscheduler(worker) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, worker) - os.getpriority(os.PRIO_PROCESS, pid) == 5
+    finally:
+        router.stop()

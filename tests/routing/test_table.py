@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcd.config import Settings
+from modelcd.config import Settings, load_settings
 from modelcd.errors import ConfigError, InvalidInput
 from modelcd.routing.base import get_router
 from modelcd.routing.builtin import BuiltinRouter
@@ -108,13 +108,17 @@ def test_weighted_choice_skips_zero_weights() -> None:
 
 
 def test_get_router_lists_known_names(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path, router_host="127.0.0.2", router_port=8123, router_allow_open_endpoints=True)
+    settings = Settings(home=tmp_path, router_host="127.0.0.2", router_port=8123, router_allow_open_endpoints=True,
+                        router_mirror_worker_priority="low")
     with pytest.raises(ConfigError, match="unknown router 'nginx'; known routers: builtin") as e:
         get_router("nginx", settings)
     assert e.value.field == "router"
     router = get_router("builtin", settings)  # configured from the settings; nothing is started
     assert isinstance(router, BuiltinRouter)
     assert (router.host, router.port, router.allow_open_endpoints) == ("127.0.0.2", 8123, True)
+    assert router.mirror_worker_priority == "low"
+    with pytest.raises(ConfigError, match="MODELCD_ROUTER_MIRROR_WORKER_PRIORITY.*'idle', 'low' or 'normal'"):
+        load_settings(environ={"MODELCD_HOME": str(tmp_path), "MODELCD_ROUTER_MIRROR_WORKER_PRIORITY": "lowest"})
     assert router.table_path == tmp_path.resolve() / "router" / "table.json"
 
 

@@ -52,7 +52,8 @@ class BuiltinRouter(Router):
 
     def __init__(self, home: Path, host: str = "127.0.0.1", port: int = 8700, *,
                  start_timeout: float = 15.0, stop_timeout: float = 35.0, probe_timeout: float = 2.0,
-                 python: str | None = None, allow_open_endpoints: bool = False) -> None:
+                 python: str | None = None, allow_open_endpoints: bool = False,
+                 mirror_worker_priority: str = "idle") -> None:
         self.dir = Path(home).resolve() / "router"
         self.table_path = self.dir / "table.json"
         self.pid_path = self.dir / "router.pid"
@@ -67,6 +68,7 @@ class BuiltinRouter(Router):
         # Serve endpoints without a key (auth none) on a non-loopback host too
         # (MODELCD_ROUTER_ALLOW_OPEN_ENDPOINTS); a router adopted after a restart keeps the value it was started with.
         self.allow_open_endpoints = allow_open_endpoints
+        self.mirror_worker_priority = mirror_worker_priority
         self._admin_host = "127.0.0.1" if host in ("", "0.0.0.0") else ("::1" if host == "::" else host)
         self._lock = threading.RLock()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -220,7 +222,7 @@ class BuiltinRouter(Router):
 
     def _start(self) -> None:
         cmd = [self.python, "-m", "modelcd.routing.proxy", "--table", str(self.table_path),
-               "--host", self.host, "--port", str(self.port)]
+               "--host", self.host, "--port", str(self.port), "--mirror-worker-priority", self.mirror_worker_priority]
         if self.allow_open_endpoints:
             cmd.append("--allow-open-endpoints")
         env = dict(os.environ)
@@ -372,7 +374,8 @@ class BuiltinRouter(Router):
 def from_settings(settings: Settings) -> BuiltinRouter:
     """The built-in router of ``settings.home`` on ``router_host:router_port`` (``ROUTERS``' factory)."""
     return BuiltinRouter(settings.home, host=settings.router_host, port=settings.router_port,
-                         allow_open_endpoints=settings.router_allow_open_endpoints)
+                         allow_open_endpoints=settings.router_allow_open_endpoints,
+                         mirror_worker_priority=settings.router_mirror_worker_priority)
 
 def _alive(pid: int) -> bool:
     try:
