@@ -20,6 +20,7 @@ loop is bounded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -193,10 +194,19 @@ def main() -> None:
     except docker.errors.ImageNotFound:
         print(f"building base image {args.base_image}", file=sys.stderr)
         build_base_image(args.base_image, "bookworm", None, None, lambda _: None, threading.Event())
+    engine = docker.from_env()
+    before = {image.id for image in engine.images.list(all=True)} | {engine.images.get(args.base_image).id}
     tmp = Path(tempfile.mkdtemp(prefix="modelcd-docker-bench-"))
-    builds(tmp, args.base_image, args.cold, args.warm)
-    if not args.no_releases:
-        releases(tmp, args.base_image, args.versions, args.switches)
+    try:
+        builds(tmp, args.base_image, args.cold, args.warm)
+        if not args.no_releases:
+            releases(tmp, args.base_image, args.versions, args.switches)
+    finally:  # the images this run built go (the base image stays for the next run)
+        for _ in range(3):  # children first: an image with dependent children goes on a later pass
+            for image in engine.images.list(all=True):
+                if image.id not in before:
+                    with contextlib.suppress(docker.errors.APIError):
+                        engine.images.remove(image.id, force=True)
 
 
 if __name__ == "__main__":
