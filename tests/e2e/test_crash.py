@@ -91,3 +91,40 @@ def _running_deployments(home: Path) -> set[str]:
                     and any(str(home) in arg for arg in cmdline):
                 found.add(proc.environ().get("MODELCD_DEPLOYMENT_ID", "?"))
     return found
+
+
+def test_a_deployment_stopped_while_the_reconciler_restarts_it_leaves_no_process(service: Service,
+                                                                                  tmp_path: Path) -> None:
+    """The reconciler starts again a serving deployment whose process is gone; a rollback or a
+    retirement that records the deployment stopped in the meantime (they record the stop before
+    the process ends) must not leave the process the reconciler just started behind."""
+    from modelcd.context import build_context
+    from modelcd.domain import DeploymentState
+    from modelcd.releases.reconcile import reconcile
+
+    svc = service
+    meta = iris_model(tmp_path / "v1")
+    svc.register("iris", tmp_path / "v1", meta)
+    assert svc.wait_release_for("iris", 1)["phase"] == "succeeded"
+    ((dep_id, (_, pid, state)),) = _deployments(svc, "iris").items()
+    assert state == "serving"
+    svc.stop()  # this test is the control plane now
+    ctx = build_context(svc.settings)
+    proc = psutil.Process(pid)
+    proc.kill()
+    proc.wait(10)
+    said: list[str] = []
+
+    def say(line: str) -> None:  # the stop of a rollback lands while the reconciler starts it again
+        said.append(line)
+        if "is gone; starting it again" in line:
+            ctx.deployments.update(dep_id, state=DeploymentState.STOPPED)
+
+    report = reconcile(ctx, say)
+    assert report.restarted == [] and any("stopped meanwhile" in line for line in said), said
+    dep = ctx.deployments.get(dep_id)
+    assert dep.state is DeploymentState.STOPPED and dep.pid == pid  # the record untouched by the restart
+    started = [line for line in said if line.startswith("started scoring process")]
+    assert len(started) == 1, said
+    new_pid = int(started[0].split()[3])
+    assert not psutil.pid_exists(new_pid) or psutil.Process(new_pid).status() == psutil.STATUS_ZOMBIE

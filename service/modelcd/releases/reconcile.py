@@ -57,6 +57,12 @@ def reconcile(ctx: Context, say: Callable[[str], None] = log.info) -> ReconcileR
             report.failed.append(d.id)
             changed = True
             continue
+        if ctx.deployments.get(d.id).state not in (DeploymentState.SERVING, DeploymentState.STANDBY):
+            # stopped while it was being started again (a release rolled back, an endpoint retired:
+            # they record the stop before the process ends): the new process goes too
+            say(f"deployment {d.id} was stopped meanwhile; stopping the process just started")
+            target.delete(rd)
+            continue
         ctx.deployments.update(d.id, url=rd.url, pid=rd.pid, port=rd.port, log_path=str(rd.log_path))
         report.restarted.append(d.id)
         changed = True

@@ -239,8 +239,10 @@ def rollback(run: StageRun) -> dict[str, Any]:
                 tail = target.logs(rd, tail=20)
                 if tail.strip():
                     run.log("last lines of the deployment's log:\n" + tail)
-            stop_deployment(target, dep, ctx.home, run.log)
+            # recorded stopped before its process stops, so the reconciler (which starts again a serving
+            # deployment whose process is gone) does not take the stop for a crash
             ctx.deployments.update(dep_id, state=DeploymentState.STOPPED)
+            stop_deployment(target, dep, ctx.home, run.log)
             run.log(f"stopped deployment {dep_id}; production untouched")
     run.log("rollback complete")
     return {}
