@@ -1052,6 +1052,24 @@ def base_image_build(obj: Obj, tag: str | None, suite: str, mirror: str | None, 
     click.echo(f"base image ready: {tag}\nuse it with: export MODELCD_DOCKER_BASE_IMAGE={tag}")
 
 
+@main.group("images")
+def images() -> None:
+    """Scoring images on the Docker engine (docker target)."""
+
+
+@images.command("prune")
+@click.option("--dry-run", is_flag=True, help="say what would go; remove nothing")
+@click.option("--json", "as_json", is_flag=True)
+@pass_obj
+def images_prune(obj: Obj, dry_run: bool, as_json: bool) -> None:
+    """Remove the scoring images of versions nothing needs: no deployment that is not stopped, not
+    named by an endpoint's traffic, previous traffic (rollback) or shadow copies, no queued or
+    running release; then the dependencies images no image left uses. A version released again
+    is rebuilt from cached wheels and layers."""
+    job = obj.client.post("/api/v1/images/prune", json={"dry_run": dry_run}, timeout=600)
+    _out(job) if as_json else _print_job(job)
+
+
 @main.command()
 @pass_obj
 def shutdown(obj: Obj) -> None:

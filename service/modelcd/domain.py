@@ -66,6 +66,7 @@ class JobType(StrEnum):
     STATISTICS = "statistics"  # training-data statistics of a version (jobs.statistics)
     BATCH_PREDICTION = "batch_prediction"  # a run of a batch deployment (batch.scheduler)
     EVALUATE = "evaluate"  # a version scored on labelled data, its metrics stored (jobs.evaluation)
+    PRUNE_IMAGES = "prune_images"  # scoring images nothing needs removed from the engine (jobs.images)
 
 
 class JobState(StrEnum):

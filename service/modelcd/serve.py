@@ -151,6 +151,9 @@ def serve(settings: Settings, echo: Callable[[str], None] = print) -> None:
     from modelcd.jobs.evaluation import fail_interrupted as fail_interrupted_evaluations
 
     fail_interrupted_evaluations(ctx, echo)  # evaluate jobs a dead process left open: nothing was stored
+    from modelcd.jobs.images import fail_interrupted as fail_interrupted_prunes
+
+    fail_interrupted_prunes(ctx, echo)  # image prunes a dead process left running
     from modelcd.batch.scheduler import BatchScheduler
     from modelcd.batch.scheduler import fail_interrupted as fail_interrupted_batch
 

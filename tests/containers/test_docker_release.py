@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +183,49 @@ def test_a_container_started_again_after_a_crash_keeps_its_limits_and_env(docker
     host = again.attrs["HostConfig"]
     assert host["NanoCpus"] == 1_000_000_000 and host["Memory"] == 512 * 1024 * 1024, host
     assert "OMP_NUM_THREADS=1" in again.attrs["Config"]["Env"]
+
+
+def _tags(engine: Any, prefix: str) -> set[str]:
+    return {t for image in engine.images.list() for t in image.tags if t.startswith(prefix)}
+
+
+def test_images_prune_removes_what_nothing_needs_and_a_pruned_version_comes_back(
+        docker_service: Service, tmp_path: Path, engine: Any) -> None:
+    svc = docker_service
+    for n, c in ((1, 1.0), (2, 0.5), (3, 0.2)):
+        meta = iris_model(tmp_path / f"v{n}", c=c)
+        v = svc.register("dk-prune", tmp_path / f"v{n}", meta)
+        assert svc.wait_release_for("dk-prune", v["version"])["phase"] == "succeeded"
+    mine = _tags(engine, "modelcd-test/dk-prune:")
+    assert {t.split(":")[1].split("-")[0] for t in mine} == {"1", "2", "3"}
+    others = _tags(engine, "modelcd-test/") - _tags(engine, "modelcd-test/dk-")  # other services' (other tests')
+    deps = _tags(engine, "modelcd-test-deps:")
+    assert deps
+
+    refused = svc.api("POST", "/images/prune", json={"dry_run": "yes"})
+    assert refused.status_code == 400 and refused.json()["field"] == "dry_run", refused.text
+    dry = subprocess.run([sys.executable, "-m", "modelcd", "images", "prune", "--dry-run"], env=svc.env,
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    v1, v2, v3 = sorted(mine)
+    assert f"would remove {v1}: dk-prune v1: no live deployment" in dry.stdout, dry.stdout
+    assert f"keeping {v2}: deployment" in dry.stdout and f"keeping {v3}: deployment" in dry.stdout  # standby, serving
+    assert "nothing removed" in dry.stdout
+    assert _tags(engine, "modelcd-test/dk-prune:") == mine  # a dry run removes nothing
+
+    job = svc.api("POST", "/images/prune", json={}).json()
+    assert job["state"] == "succeeded" and job["type"] == "prune_images", job
+    assert f"removed {v1}: dk-prune v1: no live deployment, not on an endpoint, no release" in job["log"]
+    assert _tags(engine, "modelcd-test/dk-prune:") == mine - {v1}
+    assert others <= _tags(engine, "modelcd-test/")  # images this service did not record are not its to remove
+    assert _tags(engine, "modelcd-test-deps:") & deps  # the dependencies of the images left stay
+    ep = svc.endpoint("dk-prune")
+    assert requests.post(ep["scoring_uri"], headers=svc.auth(ep), json=meta["sample"], timeout=10).status_code == 200
+    assert svc.api("POST", "/endpoints/dk-prune/production/rollback").status_code == 200  # to v2: its image stayed
+    assert svc.endpoint("dk-prune")["traffic"] == {"2": 100}
+
+    r = svc.api("POST", "/endpoints/dk-prune/production/promote", json={"version": 1})  # built again
+    assert r.status_code == 202, r.text
+    rel = svc.client.wait_release(r.json()["id"], timeout_s=300)
+    assert rel["phase"] == "succeeded", svc.job_log(rel["id"])
+    assert v1 in _tags(engine, "modelcd-test/dk-prune:") and svc.endpoint("dk-prune")["traffic"] == {"1": 100}

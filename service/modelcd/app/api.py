@@ -21,6 +21,7 @@ from modelcd.context import Context
 from modelcd.domain import JobState
 from modelcd.errors import Conflict, Forbidden, InvalidInput, NotFound, PayloadTooLarge, Unauthorized
 from modelcd.inbox.store import DeliveryState
+from modelcd.jobs.images import prune_images
 from modelcd.registry.archive import write_tree_archive
 from modelcd.registry.names import validate_environment_name, validate_model_name
 from modelcd.registry.service import parse_metadata, version_to_dict
@@ -666,6 +667,17 @@ def stop_data_plane() -> Response:
                        "run `modelcd shutdown` where no service runs")
     audit("data_plane.stopped", "router and deployments stopped until the service restarts")
     return jsonify({"stopped": stop()})
+
+
+@bp.post("/images/prune")
+@admin
+def prune_images_route() -> Response:
+    """Remove the scoring images nothing needs (no live deployment, not on an endpoint, no release);
+    ``{"dry_run": true}`` says what would go."""
+    dry_run = _json_body().get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise InvalidInput(f"dry_run must be true or false (got {dry_run!r})", field="dry_run")
+    return jsonify(_job_doc(prune_images(_ctx(), dry_run=dry_run, by=by()).id))
 
 
 # external registries

@@ -71,6 +71,9 @@ OPERATIONS: list[tuple[str, str, str, bool, str | None]] = [
      "The endpoint's scoring keys, shown once: made on the first call, or {regenerate: primary|secondary}", True,
      "json"),
     ("get", "/deployments", "List deployments", False, None),
+    ("post", "/images/prune", "Remove the scoring images (docker target) of versions nothing needs: no deployment "
+     "that is not stopped, not on an endpoint's traffic, previous traffic or shadow copies, no pending release; "
+     "JSON {dry_run: true} says what would go (admin)", True, "json"),
     ("post", "/data-plane/stop", "Stop the router and every deployment; the service leaves them down until it "
      "restarts (what `modelcd shutdown` asks a running service)", True, None),
     ("post", "/sources/mlflow/connect", "Create or update the MLflow webhook that calls this service "
