@@ -34,9 +34,11 @@ def _layers(image: Any) -> list[str]:
     return list((image.attrs.get("RootFS") or {}).get("Layers") or [])
 
 
-def plan_prune(client: Any, repository: str, recorded: dict[Version, str], keep: dict[Version, str]) -> PrunePlan:
+def plan_prune(client: Any, repository: str, recorded: dict[Version, str], keep: dict[Version, str],
+               keep_dependencies: str | None = None) -> PrunePlan:
     """``recorded``: every version of this control plane with its digest; ``keep``: the versions
-    whose images must stay, each with the reason."""
+    whose images must stay, each with the reason; ``keep_dependencies``: why every dependencies
+    image stays (a build may be about to use one no image is built on yet), or None."""
     plan = PrunePlan()
     images = client.images.list()
     staying: list[Any] = []
@@ -63,6 +65,9 @@ def plan_prune(client: Any, repository: str, recorded: dict[Version, str], keep:
         plan.remove += [(t, f"{model} v{number}: no live deployment, not on an endpoint, no release") for t in tags]
         plan.bytes += int(image.attrs.get("Size") or 0)
     for image, dep_tags in deps:
+        if keep_dependencies is not None:
+            plan.keep += [(t, keep_dependencies) for t in dep_tags]
+            continue
         mine = _layers(image)
         users = [other for other in staying
                  if len(theirs := _layers(other)) > len(mine) and theirs[:len(mine)] == mine]

@@ -5,7 +5,8 @@ A version's image stays while the version has a deployment that is not stopped (
 warm, being started or smoke-tested, asleep), while an endpoint's traffic, previous traffic (what
 a rollback returns to) or shadow copies name one of its deployments, and while a release of it
 is queued or under way. The rest go (``builders.prune``: only this control plane's versions,
-by tag, never forced), then the dependencies images no image left was built on. A version
+by tag, never forced), then the dependencies images no image left was built on (none while a
+release of this control plane is pending: its build may be about to use one). A version
 released again later is built again (its wheels and layers are cached, so in seconds). With
 ``dry_run`` the job says what would go and removes nothing.
 """
@@ -34,8 +35,9 @@ PENDING = [str(p) for p in Phase if p.active] + [str(Phase.QUEUED)]  # releases 
 DONE = (str(DeploymentState.STOPPED), str(DeploymentState.FAILED))
 
 
-def needed_versions(ctx: Context) -> dict[Version, str]:
-    """The versions whose images must stay, each with why."""
+def needed_versions(ctx: Context) -> tuple[dict[Version, str], str | None]:
+    """The versions whose images must stay, each with why; and why the dependencies images all
+    stay (a release is pending: its build may use one no image is built on yet), or None."""
     keep: dict[Version, str] = {}
     d, e, r = schema.deployments.c, schema.endpoints.c, schema.releases.c
     with ctx.db.read() as conn:
@@ -54,7 +56,9 @@ def needed_versions(ctx: Context) -> dict[Version, str]:
                     keep.setdefault((dep.model, dep.version), f"{what} on {row.model}/{row.environment}")
     for row in releases:
         keep.setdefault((row.model, row.version), f"release {row.id} is {row.phase}")
-    return keep
+    first = releases[0] if releases else None
+    return keep, (f"release {first.id} ({first.model} v{first.version}) is {first.phase}: its build may use it"
+                  if first is not None else None)
 
 
 def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> Job:
@@ -67,10 +71,10 @@ def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> 
         with ctx.db.read() as conn:
             recorded = {(row.model, row.version): row.digest for row in conn.execute(select(v.model, v.version,
                                                                                                v.digest))}
-        keep = needed_versions(ctx)
+        keep, pending = needed_versions(ctx)
         client = connect(options.docker_host, DeployError)
         try:
-            plan = plan_prune(client, options.repository, recorded, keep)
+            plan = plan_prune(client, options.repository, recorded, keep, pending)
             for tag, why in plan.keep:
                 log(f"keeping {tag}: {why}")
             size = f"{plan.bytes / 1e6:.0f} MB"
@@ -81,7 +85,7 @@ def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> 
                            f"{len(plan.keep)} stay; nothing removed")
             else:
                 # a release may have claimed one of them since: asked again just before removing
-                again = plan_prune(client, options.repository, recorded, needed_versions(ctx))
+                again = plan_prune(client, options.repository, recorded, *needed_versions(ctx))
                 going = [(tag, why) for tag, why in plan.remove if tag in {t for t, _ in again.remove}]
                 for tag, why in plan.remove:
                     if (tag, why) not in going:
