@@ -52,7 +52,8 @@ def engine() -> Iterator[Any]:
 def remove_new_images(client: Any, before: set[str]) -> list[str]:
     """Remove the images this session made (tagged or not), all but the shared base image, so
     test runs do not fill the disk; images that were there before the session stay. Returns
-    the ids removed."""
+    the ids removed. (Images another test session on the same engine made meanwhile look new
+    too: run one session with Docker tests at a time per engine.)"""
     keep = set(before)
     with contextlib.suppress(Exception):
         keep.add(client.images.get(BASE_IMAGE).id)

@@ -60,7 +60,12 @@ SKIP_COMPILE = r"/tests?/"  # compileall -x: the test suites packages ship (a th
 
 
 def dependencies_key(wheelhouse: Wheelhouse, base_id: str) -> str:
-    return hashlib.sha256(f"{wheelhouse.key}\n{base_id}\n{RECIPE}".encode()).hexdigest()
+    return key_of(wheelhouse.key, base_id)
+
+
+def key_of(lock_key: str, base_id: str) -> str:
+    """The dependencies image's key (its ``KEY_LABEL``) of a lock's key on a base image's id."""
+    return hashlib.sha256(f"{lock_key}\n{base_id}\n{RECIPE}".encode()).hexdigest()
 
 
 def dependencies_tag(repository: str, python: ImagePython, key: str) -> str:

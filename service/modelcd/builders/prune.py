@@ -4,19 +4,23 @@ A version's image is ``{repository}/{model}:{version}-{digest12}`` with modelcd'
 (``builders.image``); the dependencies image of a lock is ``{repository}-deps:{abi}-{key}``
 (``builders.image_deps``). ``plan_prune`` looks only at those two repositories and, among the
 version images, only at the versions this control plane recorded (same model, version and
-digest: another modelcd sharing the engine and repository keeps its own); it removes a version's
-image unless ``keep`` names the version, and a dependencies image only when no image left on
-the engine was built on it (its layers are the start of another image's). Removal is by tag,
+digest: another modelcd sharing the engine and repository keeps its own), among the dependencies
+images only at those its builds used; it removes a version's image unless ``keep`` names the
+version, and a dependencies image only when no image left on the engine was built on it (its
+layers are the start of another image's). Removal is by tag,
 never forced: an image a container still uses stays (said so).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from modelcd.builders.image import LABEL_PREFIX
+from modelcd.builders.image import LABEL_PREFIX, MARKER
+from modelcd.builders.image_deps import KEY_LABEL, key_of
 
 Version = tuple[str, int]  # (model, version number)
 
@@ -27,29 +31,56 @@ class PrunePlan:
 
     remove: list[tuple[str, str]] = field(default_factory=list)  # (tag, why it goes)
     keep: list[tuple[str, str]] = field(default_factory=list)  # (tag, why it stays)
-    bytes: int = 0  # the sizes of the images that go (shared layers counted in each)
+    bytes: int = 0  # what the images that go hold on their own (not the layers they share with others)
 
 
 def _layers(image: Any) -> list[str]:
     return list((image.attrs.get("RootFS") or {}).get("Layers") or [])
 
 
+def _own_size(image: Any, images: list[Any]) -> int:
+    """Bytes only ``image`` holds: its size less that of the largest image its layers start with."""
+    mine, size = _layers(image), int(image.attrs.get("Size") or 0)
+    under = [int(o.attrs.get("Size") or 0) for o in images
+             if o.id != image.id and 0 < len(theirs := _layers(o)) < len(mine) and mine[:len(theirs)] == theirs]
+    return max(0, size - max(under, default=0))
+
+
+def our_dependency_keys(client: Any, home: Path) -> set[str]:
+    """The keys of the dependencies images this control plane's image builds used (each build
+    context's ``bundle.json``: the lock's key and the base image, whose id the key holds)."""
+    keys, base_ids = set(), {}
+    for marker in (Path(home) / "images").glob(f"*/*/{MARKER}"):
+        try:
+            meta = json.loads(marker.read_text())
+            base = meta["base_image"]
+            if base not in base_ids:
+                base_ids[base] = client.images.get(base).id
+            keys.add(key_of(meta["env_key"], base_ids[base]))
+        except Exception:  # a context half written, a base image gone: none of ours to find
+            continue
+    return keys
+
+
 def plan_prune(client: Any, repository: str, recorded: dict[Version, str], keep: dict[Version, str],
-               keep_dependencies: str | None = None) -> PrunePlan:
+               dependency_keys: set[str], keep_dependencies: str | None = None) -> PrunePlan:
     """``recorded``: every version of this control plane with its digest; ``keep``: the versions
-    whose images must stay, each with the reason; ``keep_dependencies``: why every dependencies
-    image stays (a build may be about to use one no image is built on yet), or None."""
+    whose images must stay, each with the reason; ``dependency_keys``: the dependencies images
+    this control plane built on (``our_dependency_keys``; others are not looked at);
+    ``keep_dependencies``: why every dependencies image stays (a build may be about to use one
+    no image is built on yet), or None."""
     plan = PrunePlan()
     images = client.images.list()
     staying: list[Any] = []
     deps: list[tuple[Any, list[str]]] = []
     for image in images:
         tags = [t for t in image.tags if t.startswith(f"{repository}/")]
+        labels = image.labels or {}
         dep_tags = [t for t in image.tags if t.startswith(f"{repository}-deps:")]
         if dep_tags:
-            deps.append((image, dep_tags))
+            if labels.get(KEY_LABEL) in dependency_keys:
+                deps.append((image, dep_tags))
             continue
-        labels = image.labels or {}
         model, number = labels.get(f"{LABEL_PREFIX}model"), labels.get(f"{LABEL_PREFIX}version", "")
         if not tags or not model or not number.isdigit():
             staying.append(image)  # not a version image of ours
@@ -63,7 +94,7 @@ def plan_prune(client: Any, repository: str, recorded: dict[Version, str], keep:
             staying.append(image)
             continue
         plan.remove += [(t, f"{model} v{number}: no live deployment, not on an endpoint, no release") for t in tags]
-        plan.bytes += int(image.attrs.get("Size") or 0)
+        plan.bytes += _own_size(image, images)
     for image, dep_tags in deps:
         if keep_dependencies is not None:
             plan.keep += [(t, keep_dependencies) for t in dep_tags]

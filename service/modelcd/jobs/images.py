@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from modelcd.builders.image import ImageOptions
-from modelcd.builders.prune import Version, plan_prune, remove_tags
+from modelcd.builders.prune import Version, our_dependency_keys, plan_prune, remove_tags
 from modelcd.docker_engine import connect
 from modelcd.domain import DeploymentState, JobType
 from modelcd.errors import DeployError
@@ -74,7 +74,8 @@ def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> 
         keep, pending = needed_versions(ctx)
         client = connect(options.docker_host, DeployError)
         try:
-            plan = plan_prune(client, options.repository, recorded, keep, pending)
+            ours = our_dependency_keys(client, ctx.home)
+            plan = plan_prune(client, options.repository, recorded, keep, ours, pending)
             for tag, why in plan.keep:
                 log(f"keeping {tag}: {why}")
             size = f"{plan.bytes / 1e6:.0f} MB"
@@ -85,7 +86,8 @@ def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> 
                            f"{len(plan.keep)} stay; nothing removed")
             else:
                 # a release may have claimed one of them since: asked again just before removing
-                again = plan_prune(client, options.repository, recorded, *needed_versions(ctx))
+                keep, pending = needed_versions(ctx)
+                again = plan_prune(client, options.repository, recorded, keep, ours, pending)
                 going = [(tag, why) for tag, why in plan.remove if tag in {t for t, _ in again.remove}]
                 for tag, why in plan.remove:
                     if (tag, why) not in going:
