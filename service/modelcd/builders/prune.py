@@ -63,18 +63,21 @@ def our_dependency_keys(client: Any, home: Path) -> set[str]:
 
 
 def plan_prune(client: Any, repository: str, recorded: dict[Version, str], keep: dict[Version, str],
-               dependency_keys: set[str], keep_dependencies: str | None = None) -> PrunePlan:
+               dependency_keys: set[str], keep_dependencies: str | None = None,
+               registry: str | None = None) -> PrunePlan:
     """``recorded``: every version of this control plane with its digest; ``keep``: the versions
     whose images must stay, each with the reason; ``dependency_keys``: the dependencies images
     this control plane built on (``our_dependency_keys``; others are not looked at);
     ``keep_dependencies``: why every dependencies image stays (a build may be about to use one
-    no image is built on yet), or None."""
+    no image is built on yet), or None; ``registry``: where images are pushed (their pushed tags
+    go too)."""
     plan = PrunePlan()
+    prefixes = (f"{repository}/", f"{registry}/{repository}/") if registry else (f"{repository}/",)
     images = client.images.list()
     staying: list[Any] = []
     deps: list[tuple[Any, list[str]]] = []
     for image in images:
-        tags = [t for t in image.tags if t.startswith(f"{repository}/")]
+        tags = [t for t in image.tags if t.startswith(prefixes)]
         labels = image.labels or {}
         dep_tags = [t for t in image.tags if t.startswith(f"{repository}-deps:")]
         if dep_tags:

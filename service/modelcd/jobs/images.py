@@ -75,7 +75,7 @@ def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> 
         client = connect(options.docker_host, DeployError)
         try:
             ours = our_dependency_keys(client, ctx.home)
-            plan = plan_prune(client, options.repository, recorded, keep, ours, pending)
+            plan = plan_prune(client, options.repository, recorded, keep, ours, pending, options.registry)
             for tag, why in plan.keep:
                 log(f"keeping {tag}: {why}")
             size = f"{plan.bytes / 1e6:.0f} MB"
@@ -87,7 +87,7 @@ def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> 
             else:
                 # a release may have claimed one of them since: asked again just before removing
                 keep, pending = needed_versions(ctx)
-                again = plan_prune(client, options.repository, recorded, keep, ours, pending)
+                again = plan_prune(client, options.repository, recorded, keep, ours, pending, options.registry)
                 going = [(tag, why) for tag, why in plan.remove if tag in {t for t, _ in again.remove}]
                 for tag, why in plan.remove:
                     if (tag, why) not in going:
