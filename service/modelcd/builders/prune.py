@@ -7,8 +7,8 @@ version images, only at the versions this control plane recorded (same model, ve
 digest: another modelcd sharing the engine and repository keeps its own), among the dependencies
 images only at those its builds used; it removes a version's image unless ``keep`` names the
 version, and a dependencies image only when no image left on the engine was built on it (its
-layers are the start of another image's). Removal is by tag,
-never forced: an image a container still uses stays (said so).
+layers are the start of another image's). Removal is by tag, never forced: an image a container
+still uses stays (said so).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ Version = tuple[str, int]  # (model, version number)
 
 @dataclass
 class PrunePlan:
-    """What goes (tags with the version, or None for a dependencies image) and what stays, why."""
+    """The tags that go and those that stay, each with why."""
 
     remove: list[tuple[str, str]] = field(default_factory=list)  # (tag, why it goes)
     keep: list[tuple[str, str]] = field(default_factory=list)  # (tag, why it stays)

@@ -68,12 +68,12 @@ def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> 
     def body(job: Job, log: Callable[[str], None], cancel: threading.Event) -> str:
         options = ImageOptions.from_settings(ctx.settings)
         v = schema.versions.c
-        with ctx.db.read() as conn:
-            recorded = {(row.model, row.version): row.digest for row in conn.execute(select(v.model, v.version,
-                                                                                               v.digest))}
-        keep, pending = needed_versions(ctx)
         client = connect(options.docker_host, DeployError)
-        try:
+        try:  # what the store needs is read right before the engine is looked at and the tags removed
+            with ctx.db.read() as conn:
+                recorded = {(row.model, row.version): row.digest
+                            for row in conn.execute(select(v.model, v.version, v.digest))}
+            keep, pending = needed_versions(ctx)
             ours = our_dependency_keys(client, ctx.home)
             plan = plan_prune(client, options.repository, recorded, keep, ours, pending, options.registry)
             for tag, why in plan.keep:
@@ -85,14 +85,7 @@ def prune_images(ctx: Context, dry_run: bool = False, by: str | None = None) -> 
                 summary = (f"dry run: {len(plan.remove)} image tag(s) would go (about {size}), "
                            f"{len(plan.keep)} stay; nothing removed")
             else:
-                # a release may have claimed one of them since: asked again just before removing
-                keep, pending = needed_versions(ctx)
-                again = plan_prune(client, options.repository, recorded, keep, ours, pending, options.registry)
-                going = [(tag, why) for tag, why in plan.remove if tag in {t for t, _ in again.remove}]
-                for tag, why in plan.remove:
-                    if (tag, why) not in going:
-                        log(f"keeping {tag}: a release claimed it while this job ran")
-                removed, refused = remove_tags(client, going, log)
+                removed, refused = remove_tags(client, plan.remove, log)
                 said = f"; {len(refused)} kept by the engine (in use)" if refused else ""
                 summary = f"removed {removed} image tag(s) (about {size}), {len(plan.keep)} kept{said}"
         finally:

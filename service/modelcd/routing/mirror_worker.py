@@ -43,12 +43,11 @@ import httptools
 
 from modelcd.routing.applied import Target
 from modelcd.routing.mirror import BATCH, CONFIG, QUERY, FrameReader, frame
-from modelcd.routing.options import Options
+from modelcd.routing.options import MIRROR_WORKER_PRIORITIES, Options
 from modelcd.routing.table import Backend
 from modelcd.routing.upstream import UpstreamConnection, UpstreamPool
 
 SWEEP_S = 0.25  # how often copies are checked for the timeout
-PRIORITIES = ("idle", "low", "normal")  # the worker's scheduling priority (``set_priority``)
 LOW_NICE = 5  # ``low``: added to the worker's nice value
 NOTHING = (0, 0, [0, 0, 0, 0])  # what the router adds to a candidate's counters when it has nothing to add
 CONNECTING_MAX = 4  # new connections being opened to one candidate at once; more copies wait for one
@@ -415,18 +414,17 @@ async def serve(fd: int, options: Options) -> int:
     return 0
 
 
-def set_priority(priority: str) -> str:
-    """Lower this process's scheduling priority below the router's; returns what took effect
-    (``idle`` falls back to ``low`` where ``SCHED_IDLE`` is not available)."""
+def set_priority(priority: str) -> None:
+    """Lower this process's scheduling priority below the router's (``idle`` falls back to
+    ``low`` where ``SCHED_IDLE`` is not available)."""
     if priority == "idle":
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return "idle"
+            return
         except (AttributeError, OSError):
             priority = "low"
     if priority == "low":
         os.nice(LOW_NICE)
-    return priority
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mirror-body-cap", type=int, default=Options.mirror_body_cap)
     p.add_argument("--mirror-backlog", type=int, default=Options.mirror_backlog)
     p.add_argument("--connect-timeout", type=float, default=Options.connect_timeout)
-    p.add_argument("--priority", choices=PRIORITIES, default=Options.mirror_worker_priority,
+    p.add_argument("--priority", choices=MIRROR_WORKER_PRIORITIES, default=Options.mirror_worker_priority,
                    help="scheduling priority: idle (SCHED_IDLE), low (nice 5) or normal (the router's)")
     a = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C stops the router; the router stops us

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OPEN_SETTING = "MODELCD_ROUTER_ALLOW_OPEN_ENDPOINTS"
+MIRROR_WORKER_PRIORITIES = ("idle", "low", "normal")  # ``Options.mirror_worker_priority``
 
 
 @dataclass(frozen=True)

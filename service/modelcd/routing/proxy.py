@@ -53,7 +53,7 @@ from modelcd.routing.applied import AppliedTable, Route, Target
 from modelcd.routing.client import ClientConnection, Request, key_accepted
 from modelcd.routing.forward import Exchange, Forward
 from modelcd.routing.mirror import MirrorState, MirrorWorker, SampleState
-from modelcd.routing.options import OPEN_SETTING, Options
+from modelcd.routing.options import MIRROR_WORKER_PRIORITIES, OPEN_SETTING, Options
 from modelcd.routing.table import Backend, RoutingTable, listen_is_loopback, next_candidate
 from modelcd.routing.upstream import UpstreamPool
 from modelcd.routing.wake import Waker
@@ -469,7 +469,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, str]:
                         "copies are dropped")
     p.add_argument("--mirror-worker-timeout", type=float, default=Options.mirror_worker_timeout,
                    help="seconds the mirror worker may take to answer; then it is restarted")
-    p.add_argument("--mirror-worker-priority", choices=("idle", "low", "normal"),
+    p.add_argument("--mirror-worker-priority", choices=MIRROR_WORKER_PRIORITIES,
                    default=Options.mirror_worker_priority,
                    help="the mirror worker's scheduling priority: idle (SCHED_IDLE, the default: copies use only "
                         "CPU time serving does not want), low (nice 5) or normal")
